@@ -1,0 +1,3 @@
+from s2conv.cli import main
+
+main()

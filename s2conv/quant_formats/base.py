@@ -1,0 +1,112 @@
+"""The QuantFormat base class and the format registry.
+
+A format turns a 2-D float tensor (rows = output features, columns = input features, PyTorch Linear layout) into
+bytes, row by row, and back. Every row is encoded independently into `row_bytes(n_cols)` bytes, so a GGUF tensor
+of a format is a (rows, row_bytes) byte matrix. Subclasses register themselves by name:
+
+    class Q4(QuantFormat, name="q4"):
+        ...
+
+and `get_format("q4")` finds them. Adding a format means adding one module to this package and importing it in
+`__init__.py`; the tests loop over `list_formats()`, so a new format is tested automatically.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from s2conv.errors import QuantFormatError
+
+_REGISTRY: dict[str, "QuantFormat"] = {}
+
+
+class QuantFormat:
+    """One storage format. Instances are stateless singletons held in the registry.
+
+    Class attributes a subclass sets:
+      name:        the CLI / metadata name ("q4", "q4_k", "bf16", ...)
+      block_size:  elements per block along a row; a row length must be a multiple of it. Per-row formats
+                   (one scale per row) use 1 and put the scale in `row_overhead`.
+      type_size:   bytes per block
+      row_overhead: extra bytes per row (per-row scales), 0 for block formats
+      ggml_type:   the GGUF tensor type the bytes are stored as: the format's own ggml type (Q4_K, ...), or
+                   I8 for s2conv's private layouts (decoded through `s2conv.format.<tensor>` metadata)
+      lossless:    True when dequantize(quantize(w)) == w for every float32 w representable in the format's dtype
+      kernel:      the key of a fused runtime kernel for this format, or None
+    """
+
+    name: ClassVar[str]
+    block_size: ClassVar[int] = 1
+    type_size: ClassVar[int] = 4
+    row_overhead: ClassVar[int] = 0
+    ggml_type: ClassVar[GGMLQuantizationType] = GGMLQuantizationType.I8
+    lossless: ClassVar[bool] = False
+    kernel: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, name: str | None = None, **kw):
+        super().__init_subclass__(**kw)
+        if name is None:  # an abstract intermediate class
+            return
+        if name in _REGISTRY:
+            raise TypeError(f"quant format {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls()
+
+    # ----- geometry -------------------------------------------------------------------------------------------
+    @property
+    def is_native(self) -> bool:
+        """True when the GGUF tensor type alone describes the data (any GGUF reader can decode it)."""
+        return self.ggml_type != GGMLQuantizationType.I8
+
+    def bits_per_weight(self, n_cols: int) -> float:
+        return 8.0 * self.row_bytes(n_cols) / n_cols
+
+    def row_bytes(self, n_cols: int) -> int:
+        self.check_cols(n_cols)
+        return n_cols // self.block_size * self.type_size + self.row_overhead
+
+    def check_cols(self, n_cols: int, tensor: str = "tensor") -> None:
+        if n_cols <= 0 or n_cols % self.block_size:
+            raise QuantFormatError(
+                f"{tensor}: row length {n_cols} is not a multiple of the block size {self.block_size} "
+                f"of format {self.name!r}"
+            )
+
+    # ----- conversion -----------------------------------------------------------------------------------------
+    def quantize(self, w: np.ndarray | torch.Tensor, *, method: str = "search", tensor: str = "tensor") -> np.ndarray:
+        """(rows, cols) float -> (rows, row_bytes(cols)) uint8. `method` is "rtn" or "search" where it applies."""
+        raise NotImplementedError
+
+    def dequantize(self, data: np.ndarray, n_cols: int) -> np.ndarray:
+        """(rows, row_bytes) uint8 -> (rows, n_cols) float32."""
+        raise NotImplementedError
+
+    def dequantize_torch(self, data: torch.Tensor, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Torch version of `dequantize`, on data's device. Slow fallback through numpy when not overridden."""
+        out = self.dequantize(data.cpu().numpy(), n_cols)
+        return torch.from_numpy(out).to(device=data.device, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"<QuantFormat {self.name}>"
+
+
+def get_format(name: str) -> QuantFormat:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise QuantFormatError(f"unknown format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_formats() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def format_for_ggml_type(t: GGMLQuantizationType) -> QuantFormat | None:
+    """The native format whose GGUF type is `t` (None for I8 and unknown types)."""
+    for f in _REGISTRY.values():
+        if f.ggml_type == t and f.is_native:
+            return f
+    return None
