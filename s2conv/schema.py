@@ -145,6 +145,60 @@ class S2Config:
         return dataclasses.replace(self, **kw)
 
 
+@dataclass(frozen=True)
+class CodecConfig:
+    """Hyper-parameters of the modded DAC codec. Defaults are S2 Pro's (fish_speech/configs/modded_dac_vq.yaml).
+
+    The checkpoint reader derives these from tensor shapes, so smaller synthetic codecs load with the same code.
+    """
+
+    sample_rate: int = 44100
+    encoder_dim: int = 64
+    encoder_rates: tuple[int, ...] = (2, 4, 8, 8)
+    decoder_dim: int = 1536
+    decoder_rates: tuple[int, ...] = (8, 8, 4, 2)
+    latent_dim: int = 1024  # = encoder_dim * 2 ** len(encoder_rates); also the quantizer's input dim
+    encoder_transformer_layers: tuple[int, ...] = (0, 0, 0, 4)
+    encoder_transformer_window: int = 512
+    codebook_dim: int = 8
+    semantic_codebook_size: int = 4096
+    n_residual_codebooks: int = 9
+    residual_codebook_size: int = 1024
+    downsample_factor: tuple[int, ...] = (2, 2)
+    # the quantizer's pre/post windowed transformers (and, with the same widths, the encoder transformer)
+    rvq_n_layer: int = 8
+    n_head: int = 16
+    head_dim: int = 64
+    intermediate_size: int = 3072
+    rvq_window: int = 128
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def hop_length(self) -> int:
+        """Waveform samples per encoder latent step."""
+        return _prod(self.encoder_rates)
+
+    @property
+    def frame_length(self) -> int:
+        """Waveform samples per code frame (2048 for S2 Pro)."""
+        return self.hop_length * _prod(self.downsample_factor)
+
+    @property
+    def n_codebooks(self) -> int:
+        return 1 + self.n_residual_codebooks
+
+    def replace(self, **kw) -> "CodecConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor names. "HF names" are the released safetensors names; "model names" are fish-speech's names after its
 # fish_qwen3_omni key remap, which s2.cpp's GGUF files also use.
