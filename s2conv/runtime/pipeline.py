@@ -1,0 +1,110 @@
+"""Text (and an optional reference voice) -> 44.1 kHz waveform, the way fish-speech's generate_long runs it.
+
+    tts = s2conv.runtime.load("s2-pro-q4.gguf", device="cuda")
+    wav = tts.synthesize("Hello there.")            # float32 [n_samples], tts.sample_rate Hz
+
+Long text is split at <|speaker:N|> tags into batches; each batch is generated as one more conversation turn
+conditioned on the audio codes of the previous ones, and the codes of all batches are decoded together.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime import prompt as P
+from s2conv.runtime.audio import load_audio
+from s2conv.runtime.dual_ar import generate
+from s2conv.runtime.loader import LoadedModel, load_model
+from s2conv.runtime.sampling import SamplingParams
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+PROMPT_RESERVE = 2048  # upstream refuses prompts longer than max_seq_len - 2048
+
+
+@dataclass
+class Reference:
+    """A voice-cloning reference: its transcript and its codes [num_codebooks, T]."""
+
+    text: str
+    codes: torch.Tensor
+
+
+class TTS:
+    """A loaded S2 Pro model ready to synthesize speech."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device):
+        self.loaded, self.device = loaded, device
+        self.cfg = loaded.config
+        self.sample_rate = loaded.codec.cc.sample_rate
+
+    # ----- references -------------------------------------------------------------------------------------------
+    def encode_reference(self, audio_path: str | Path, text: str) -> Reference:
+        """Reference clip (any rate / channels) + its transcript -> codes, as fish-speech's encode_audio."""
+        if not text or not text.strip():
+            raise RuntimeModelError("a reference clip needs its transcript (--ref-text)")
+        wav = load_audio(audio_path, self.sample_rate)
+        frame = self.loaded.codec.cc.frame_length
+        if wav.numel() < frame:
+            raise RuntimeModelError(f"reference audio {str(audio_path)!r} is shorter than one frame "
+                                    f"({wav.numel()} < {frame} samples)")
+        if wav.abs().max() < 1e-4:
+            raise RuntimeModelError(f"reference audio {str(audio_path)!r} is silent")
+        codes = self.loaded.codec.encode(wav.to(self.device)[None, None])[0]
+        return Reference(_clean_text(text), codes.cpu())
+
+    # ----- synthesis --------------------------------------------------------------------------------------------
+    def generate_codes(self, text: str, references: list[Reference] | None = None, *, seed: int = 0,
+                       params: SamplingParams = SamplingParams(), max_frames: int = 1024,
+                       chunk_bytes: int = 512) -> torch.Tensor:
+        """Codes [num_codebooks, n_frames] for `text` (all batches concatenated)."""
+        text = _clean_text(text)
+        if not text.strip():
+            raise RuntimeModelError("the text to synthesize is empty")
+        if max_frames < 1:
+            raise RuntimeModelError(f"--max-frames must be >= 1, got {max_frames}")
+        references = references or []
+        history = [P.system_message([r.text for r in references], [r.codes for r in references])]
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        model, cfg = self.loaded.model, self.cfg
+        all_codes = []
+        for batch in P.text_batches(text, chunk_bytes):
+            tokens = P.encode_parts(self.loaded.tokenizer, P.generation_prompt(history, batch),
+                                    semantic_begin_id=cfg.semantic_begin_id, num_codebooks=cfg.num_codebooks)
+            limit = cfg.max_seq_len - PROMPT_RESERVE
+            if tokens.shape[1] > limit:
+                raise RuntimeModelError(f"prompt of {tokens.shape[1]} tokens exceeds the model's limit of {limit}: "
+                                        "shorten the text or the reference, or split it with <|speaker:N|> tags")
+            frames = min(max_frames, cfg.max_seq_len - tokens.shape[1])
+            codes = generate(model, tokens.to(self.device), frames, params, generator)
+            all_codes.append(codes)
+            history += [P.Message("user", [batch]), P.Message("assistant", [codes.cpu()], voice=True)]
+        return torch.cat(all_codes, dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [num_codebooks, T] -> float32 waveform [T * frame_length]."""
+        if codes.shape[1] == 0:
+            return torch.zeros(0)
+        return self.loaded.codec.decode(codes.to(self.device)[None])[0, 0].float().cpu()
+
+    def synthesize(self, text: str, ref_audio: str | Path | None = None, ref_text: str | None = None, *,
+                   seed: int = 0, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 30,
+                   max_frames: int = 1024) -> torch.Tensor:
+        """Text (and optionally a reference clip with its transcript) -> waveform float32 [n_samples]."""
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        refs = [self.encode_reference(ref_audio, ref_text or "")] if ref_audio is not None else []
+        return self.decode(self.generate_codes(text, refs, seed=seed, params=params, max_frames=max_frames))
+
+
+def _clean_text(text: str) -> str:
+    """Drop control characters (other than tab and newline), which carry no speech and confuse the tokenizer."""
+    return _CONTROL_CHARS.sub("", text)
+
+
+def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> TTS:
+    """Load a GGUF for synthesis on `device` (default: cuda when available, else cpu)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return TTS(load_model(path, device=device, dtype=dtype), device)
