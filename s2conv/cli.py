@@ -22,6 +22,29 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--text", required=True, help="Text to speak; <|speaker:N|> tags split it into turns.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.wav"), show_default=True)
+@click.option("--ref", "ref_audio", type=click.Path(path_type=Path), help="Reference clip for voice cloning.")
+@click.option("--ref-text", help="Exact transcript of the reference clip.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=30, show_default=True)
+@click.option("--max-frames", type=int, default=1024, show_default=True, help="Frame limit per text batch.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Default: cuda when available.")
+def synth(model: Path, text: str, output: Path, ref_audio: Path | None, ref_text: str | None, seed: int,
+          temperature: float, top_p: float, top_k: int, max_frames: int, device: str | None) -> None:
+    """Synthesize speech from a GGUF file into a WAV file."""
+    from s2conv.runtime.pipeline import synthesize_to_file
+
+    seconds = synthesize_to_file(model, text, output, ref_audio=ref_audio, ref_text=ref_text, seed=seed,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, max_frames=max_frames,
+                                 device=device)
+    click.echo(f"wrote {output} ({seconds:.2f} s of audio)")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

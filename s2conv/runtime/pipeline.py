@@ -108,3 +108,21 @@ def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None 
     """Load a GGUF for synthesis on `device` (default: cuda when available, else cpu)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return TTS(load_model(path, device=device, dtype=dtype), device)
+
+
+def synthesize_to_file(model_path: str | Path, text: str, output: str | Path, *, ref_audio=None, ref_text=None,
+                       seed: int = 0, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 30,
+                       max_frames: int = 1024, device: str | None = None) -> float:
+    """The `s2conv synth` job: load, synthesize, write a WAV (nothing is written on failure). Returns seconds."""
+    from s2conv.runtime.audio import save_wav
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # validate before loading
+    if ref_audio is not None and not Path(ref_audio).is_file():
+        raise RuntimeModelError(f"reference audio {str(ref_audio)!r}: no such file")
+    if not _clean_text(text).strip():
+        raise RuntimeModelError("the text to synthesize is empty")
+    tts = load(model_path, device=device)
+    refs = [tts.encode_reference(ref_audio, ref_text or "")] if ref_audio is not None else []
+    wav = tts.decode(tts.generate_codes(text, refs, seed=seed, params=params, max_frames=max_frames))
+    save_wav(output, wav, tts.sample_rate)
+    return wav.numel() / tts.sample_rate
