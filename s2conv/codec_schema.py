@@ -236,23 +236,27 @@ def codec_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> CodecConfig:
             raise CheckpointError(f"codec: missing tensor {name!r}")
         return tuple(shapes[name])
 
-    def count(pattern: str) -> int:
+    def top(pattern: str) -> int:
+        # the largest index seen under any suffix (-1 if none), so one missing tensor does not hide its block
         rx = re.compile(pattern)
-        return len({m.group(1) for n in shapes if (m := rx.match(n))})
+        return max((int(m.group(1)) for n in shapes if (m := rx.match(n))), default=-1)
+
+    def count(pattern: str) -> int:
+        return top(pattern) + 1
 
     try:
         encoder_dim = weight("encoder.block.0.conv")[0]
-        n_enc = count(r"^encoder\.block\.(\d+)\.block\.4\.conv\.")
+        n_enc = max(0, top(r"^encoder\.block\.(\d+)\.block\.4\."))  # blocks 1..n
         enc_rates = tuple(weight(f"encoder.block.{b}.block.4.conv")[2] // 2 for b in range(1, n_enc + 1))
         enc_t = tuple(count(rf"^encoder\.block\.{b}\.block\.5\.layers\.(\d+)\.") for b in range(1, n_enc + 1))
         latent_dim = weight(f"encoder.block.{n_enc + 2}.conv")[0]
         decoder_dim = weight("decoder.model.0.conv")[0]
-        n_dec = count(r"^decoder\.model\.(\d+)\.block\.1\.conv\.")
+        n_dec = max(0, top(r"^decoder\.model\.(\d+)\.block\.1\."))  # blocks 1..n
         dec_rates = tuple(weight(f"decoder.model.{i}.block.1.conv")[2] // 2 for i in range(1, n_dec + 1))
         sem = plain("quantizer.semantic_quantizer.quantizers.0.codebook.weight")
-        n_res = count(r"^quantizer\.quantizer\.quantizers\.(\d+)\.codebook\.weight$")
+        n_res = count(r"^quantizer\.quantizer\.quantizers\.(\d+)\.")
         res = plain("quantizer.quantizer.quantizers.0.codebook.weight") if n_res else (d.residual_codebook_size,)
-        n_down = count(r"^quantizer\.downsample\.(\d+)\.0\.conv\.weight$")
+        n_down = count(r"^quantizer\.downsample\.(\d+)\.")
         down = tuple(plain(f"quantizer.downsample.{i}.0.conv.weight")[2] for i in range(n_down))
         rvq_layers = count(r"^quantizer\.pre_module\.layers\.(\d+)\.")
         if rvq_layers:
