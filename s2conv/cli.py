@@ -45,6 +45,97 @@ def synth(model: Path, text: str, output: Path, ref_audio: Path | None, ref_text
     click.echo(f"wrote {output} ({seconds:.2f} s of audio)")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="GGUF file to write (not needed with --dry-run).")
+@click.option("--type", "type_", help="Linear-weight type: fp8 q8 q4 q3 q2, f32 f16 bf16 q8_0 q6_k q4_0, or a "
+              "llama-quantize mix q5_k_m q5_k_s q4_k_m q4_k_s q3_k_m q3_k_s q2_k. Default bf16.")
+@click.option("--target", type=click.Choice(["slow", "all"]), help="Quantize the slow AR only (default) or both ARs.")
+@click.option("--phase", help="Shorthand for --type/--target: 1a 1b 2a 2b 2c 3a 3b.")
+@click.option("--tensor-type", multiple=True, metavar="REGEX=TYPE", help="Per-tensor type override (repeatable).")
+@click.option("--keep-type", multiple=True, metavar="REGEX", help="Keep matching tensors at source precision.")
+@click.option("--codec-type", default="f16", show_default=True, help="f16 (s2.cpp needs it), f32 or bf16.")
+@click.option("--compat", is_flag=True, help="Store q4/q3 as exact Q4_0 and q8 as Q8_0 (any GGUF reader).")
+@click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and sizes; write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--threads", type=click.IntRange(1, 2), default=2, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-tokenizer-json", is_flag=True, help="Do not write tokenizer.json next to the output.")
+def export(model, output, type_, target, phase, tensor_type, keep_type, codec_type, compat, dry_run, force, threads,
+           quiet, no_tokenizer_json) -> None:
+    """Export a checkpoint directory to one GGUF file (AR model + codec + tokenizer)."""
+    from s2conv.converter import export_report, policy_from_options
+
+    policy = policy_from_options(type=type_, target=target, phase=phase, tensor_type=tensor_type,
+                                 keep_type=keep_type, codec_type=codec_type, compat=compat)
+    click.echo(export_report(model, output, policy, dry_run=dry_run, force=force, threads=threads,
+                             progress=not quiet, tokenizer_json=not no_tokenizer_json))
+
+
+@cli.command(name="inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--full", is_flag=True, help="Do not shorten long strings and arrays.")
+def inspect_cmd(file: Path, as_json: bool, full: bool) -> None:
+    """Show a GGUF file's metadata, tensors and per-component sizes (any GGUF file)."""
+    import json
+
+    from s2conv.converter.inspect_gguf import format_inspect, inspect_gguf
+
+    info = inspect_gguf(file, full=full)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing directory.")
+def unpack(file: Path, output: Path, force: bool) -> None:
+    """Write an s2conv GGUF back to the released checkpoint layout (bf16 safetensors, codec.pth, config, tokenizer)."""
+    from s2conv.converter.unpack import unpack_gguf
+
+    r = unpack_gguf(file, output, force=force)
+    click.echo(f"wrote {r.path} ({r.n_model} model + {r.n_codec} codec tensors)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--compat", is_flag=True, help="Sizes with --compat storage.")
+def sizes(as_json: bool, compat: bool) -> None:
+    """Theoretical file size of every --type and --target for the real S2 Pro shapes."""
+    import json
+
+    from s2conv.converter.sizes import format_sizes, size_table
+
+    table = size_table(compat=compat)
+    click.echo(json.dumps(table, indent=1) if as_json else format_sizes(table))
+
+
+@cli.command(name="make-checkpoint")
+@click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True,
+              help="Model size: tiny/small for tests, full = real S2 Pro shapes (~11 GB).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
+def make_checkpoint_cmd(preset: str, seed: int, output: Path) -> None:
+    """Write a synthetic checkpoint with the released S2 Pro file layout (random, heavy-tailed weights)."""
+    from s2conv.checkpoint import make_checkpoint
+
+    click.echo(f"wrote {make_checkpoint(preset, output, seed=seed, progress=True)}")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--check", is_flag=True, help="Also scan every value for NaN/Inf (reads all data).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(checkpoint: str, check: bool, as_json: bool) -> None:
+    """Validate a checkpoint directory (or HF repo id) and summarise its parameters, dtypes and configs."""
+    import json
+
+    from s2conv.checkpoint.info import checkpoint_info, format_info
+
+    result = checkpoint_info(checkpoint, check=check)
+    click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
