@@ -1,0 +1,368 @@
+"""Shared machinery of the ggml K-quant formats (Q2_K ... Q6_K): llama.cpp's reference quantizer, vectorized.
+
+The searches of ggml-quants.c (`make_qkx2_quants`, `make_qx_quants`, `make_q3_quants`) are re-expressed over all
+sub-blocks at once: a sub-block of n weights is one column of an (n, N) float32 array, and the loops run over the
+candidate steps (or, for Q3_K, over the n elements), never over blocks. Every float32 operation happens in the same
+order as in the C code (axis-0 reductions of numpy add in sequence), so the bytes equal llama.cpp's.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from s2conv.errors import QuantFormatError
+from s2conv.quant_formats.base import QuantFormat
+
+QK_K = 256  # weights per super-block
+GROUP_MAX_EPS = np.float32(1e-15)  # below this max |x| a sub-block counts as all zero (ggml-quants.c)
+_CHUNK_WEIGHTS = 1 << 16  # weights quantized together; keeps the (n, N) work arrays in L2 cache
+_F32 = np.float32
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int (add 1.5*2^23, keep the mantissa) is round-half-to-even: np.rint. Stays float32."""
+    return np.rint(v)
+
+
+def fp16(v: np.ndarray) -> np.ndarray:
+    """float32 -> float16 (round to nearest even, like GGML_FP32_TO_FP16)."""
+    return np.asarray(v, dtype=np.float32).astype(np.float16)
+
+
+def to_u8(v: np.ndarray) -> np.ndarray:
+    """C's int -> uint8_t conversion (wraps modulo 256) of a float array holding integers."""
+    return (v.astype(np.int64) & 0xFF).astype(np.uint8)
+
+
+def sum0(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in index order, starting from 0.0f, as C's `float s = 0; for (i...) s += a[i];`."""
+    return np.add.reduce(a, axis=0, initial=_F32(0))
+
+
+def columns(x: np.ndarray, n: int) -> np.ndarray:
+    """(B, 256) super-blocks -> (n, B*256/n): sub-block k of super-block b is column b*256/n + k."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def uncolumns(a: np.ndarray, n_sub: int) -> np.ndarray:
+    """Inverse of `columns`: (n, B*n_sub) -> (B, n_sub, n)."""
+    return a.T.reshape(-1, n_sub, a.shape[0])
+
+
+# ----- the searches of ggml-quants.c ------------------------------------------------------------------------------
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric (scale, min) search of each column: x ~ scale * L - the_min with L in [0, nmax].
+
+    x, w: (n, N) float32 (weights w >= 0). Returns scale (N,), the_min (N,) (>= 0), L (n, N) float32.
+    Tries the plain min/max grid, then nstep+1 grids of (nmax + rmin + rdelta*is) steps, each refitted by weighted
+    least squares; keeps the one of lowest weighted squared (use_mad: absolute) error. As in llama.cpp, a grid
+    that wins moves the origin of the following grids to its fitted min.
+    """
+    sum_w = np.add.reduce(w, axis=0)
+    sum_x = np.add.reduce(w * x, axis=0)
+    mn = np.minimum(x.min(axis=0), _F32(0))
+    mx = x.max(axis=0)
+    flat = mx == mn  # constant column (<= 0): everything is carried by the min
+    mn[flat] = mx[flat] - 1  # any origin: flat columns are overwritten at the end
+
+    def error(scale, minimum, L):
+        diff = L * scale
+        diff += minimum
+        diff -= x
+        if use_mad:
+            np.abs(diff, out=diff)
+        else:
+            np.square(diff, out=diff)
+        diff *= w
+        return sum0(diff)
+
+    def grid(iscale, origin):
+        L = x - origin
+        L *= iscale
+        np.rint(L, out=L)  # ggml's nearest_int
+        return np.clip(L, _F32(0), _F32(nmax), out=L)
+
+    best_iscale = _F32(nmax) / (mx - mn)
+    best_origin = mn  # the origin the best grid was laid from
+    best_scale = _F32(1) / best_iscale
+    best_min = mn
+    best_err = error(best_scale, best_min, grid(best_iscale, best_origin))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(nstep + 1):
+            iscale = _F32(_F32(_F32(rmin) + _F32(rdelta) * _F32(step)) + _F32(nmax)) / (mx - best_min)
+            L = grid(iscale, best_min)
+            wl = w * L
+            sum_l = sum0(wl)
+            sum_xl = sum0(wl * x)
+            wl *= L
+            sum_l2 = sum0(wl)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            minimum = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            positive = minimum > 0  # a positive offset is not representable: refit the scale alone
+            minimum[positive] = 0
+            scale[positive] = (sum_xl / sum_l2)[positive]
+            err = error(scale, minimum, L)
+            better = (D > 0) & (err < best_err)
+            best_err = np.where(better, err, best_err)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_origin = np.where(better, best_min, best_origin)
+            best_scale = np.where(better, scale, best_scale)
+            best_min = np.where(better, minimum, best_min)
+    L = grid(best_iscale, best_origin)
+    L[:, flat] = 0
+    best_scale[flat] = 0
+    best_min[flat] = mx[flat]
+    return best_scale, -best_min, L
+
+
+def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: max |x| and the signed value where it is first reached (C's `if (ax > amax)` scan)."""
+    idx = np.abs(x).argmax(axis=0)
+    signed = np.take_along_axis(x, idx[None, :], axis=0)[0]
+    return np.abs(signed), signed
+
+
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search of each column with weights x^2 (rmse_type 1, no importance matrix).
+
+    x: (n, N) float32. Returns scale (N,) and L (n, N) float32 in [0, 2*nmax-1] (x ~ scale * (L - nmax));
+    all-zero columns get scale 0 and L = 0.
+    """
+    amax, signed_max = _abs_max(x)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = np.where(zero, _F32(1), signed_max)
+    w = x * x
+    wx = w * x
+
+    def grid(iscale):
+        L = nearest_int(x * iscale)
+        return np.clip(L, _F32(-nmax), _F32(nmax - 1), out=L)
+
+    def sums(L):
+        wl = w * L
+        wl *= L
+        return sum0(wx * L), sum0(wl)
+
+    best_iscale = _F32(-nmax) / safe_max
+    sumlx, suml2 = sums(grid(best_iscale))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -_F32(_F32(nmax) + _F32(0.1) * _F32(step)) / safe_max
+            sumlx, suml2 = sums(grid(iscale))
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+            best_iscale = np.where(better, iscale, best_iscale)
+    L = grid(best_iscale)
+    L += nmax
+    L[:, zero] = 0
+    return np.where(zero, _F32(0), scale), L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale of each column refined by coordinate descent (make_q3_quants with do_rmse).
+
+    x: (n, N) float32. Returns scale (N,) and L (n, N) float32 in [0, 2*nmax-1]; all-zero columns: 0 and L = 0.
+    Up to 5 passes; each pass visits the elements in order and moves one to the level that maximizes
+    (sum w x l)^2 / (sum w l^2), w = x^2. The passes are sequential within a column, vectorized across columns.
+    """
+    amax, signed_max = _abs_max(x)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = np.where(zero, _F32(1), signed_max)
+    iscale = _F32(-nmax) / safe_max
+    L = np.clip(nearest_int(x * iscale), _F32(-nmax), _F32(nmax - 1))
+    w = x * x
+    wx = w * x
+    sumlx = sum0(wx * L)
+    suml2 = sum0(w * L * L)
+    lo, hi = _F32(-nmax), _F32(nmax - 1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/NaN only where C compares them away
+        for _ in range(5):
+            changed = False
+            for i in range(x.shape[0]):
+                Li, wi, wxi = L[i], w[i], wx[i]
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - wi * Li * Li
+                new_l = np.clip(nearest_int(x[i] * sl2 / slx), lo, hi)
+                move = (slx > 0) & (new_l != Li)
+                slx += wxi * new_l
+                sl2 += wi * new_l * new_l
+                move &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                if move.any():
+                    changed = True
+                    L[i] = np.where(move, new_l, Li)
+                    sumlx = np.where(move, slx, sumlx)
+                    suml2 = np.where(move, sl2, suml2)
+            if not changed:  # an unchanged pass leaves the state as it was: the next would change nothing either
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0))
+    L += nmax
+    L[:, zero] = 0
+    return np.where(zero, _F32(0), scale), L
+
+
+def requantize(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+               fallback: np.ndarray) -> np.ndarray:
+    """Final levels of each sub-block from its stored (fp16-rounded) scale: clamp(nearest_int((x + dm) / d)).
+
+    x, fallback: (B, S, n); d, dm: (B, S). Sub-blocks whose d is 0 keep `fallback` (the search's levels),
+    as the C code skips them. Returns float32 levels offset by -lo (so in [0, hi - lo]).
+    """
+    d3 = d[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = x + dm[..., None] if dm is not None else x
+        L = np.clip(nearest_int(y / d3), _F32(lo), _F32(hi))
+    L -= lo
+    return np.where(d3 != 0, L, fallback)
+
+
+# ----- the 6-bit scale/min packing shared by Q4_K and Q5_K ------------------------------------------------------
+def pack_scales_mins_k4(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(B, 8) sub-block scales and mins -> (d fp16 (B,), dmin fp16 (B,), ls (B, 8), lm (B, 8), packed (B, 12) u8).
+
+    d = max scale / 63, each scale stored as a 6-bit multiple of d (likewise the mins). Byte layout of `packed`:
+    bytes 0-3: ls[0:4] | (ls[4:8] >> 4) << 6; bytes 4-7: lm[0:4] | (lm[4:8] >> 4) << 6;
+    bytes 8-11: (ls[4:8] & 15) | (lm[4:8] & 15) << 4.
+    """
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
+        inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
+    ls = np.minimum(to_u8(nearest_int(inv_scale[:, None] * scales)), 63)
+    lm = np.minimum(to_u8(nearest_int(inv_min[:, None] * mins)), 63)
+    packed = np.concatenate([
+        ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+        lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+        (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4),
+    ], axis=1)
+    return fp16(max_scale / _F32(63)), fp16(max_min / _F32(63)), ls, lm, packed
+
+
+def unpack_scales_mins_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 12) uint8 -> 6-bit scales (B, 8) and mins (B, 8), uint8 (ggml's get_scale_min_k4)."""
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = np.concatenate([a & 63, (c & 0xF) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def unpack_scales_mins_k4_torch(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = torch.cat([a & 63, (c & 0xF) | ((a >> 6) << 4)], dim=1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def half_np(b: np.ndarray) -> np.ndarray:
+    """(B, 2) uint8 little-endian halves -> (B, 1) float32."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def half_torch(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def bits_np(packed: np.ndarray, nbits: int) -> np.ndarray:
+    """(B, m) uint8 -> (B, 8/nbits, m): field k of each byte (bits k*nbits ...) in plane k."""
+    shifts = np.arange(0, 8, nbits, dtype=np.uint8)[None, :, None]
+    return (packed[:, None, :] >> shifts) & np.uint8((1 << nbits) - 1)
+
+
+def bits_torch(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)[None, :, None]
+    return (packed[:, None, :] >> shifts) & ((1 << nbits) - 1)
+
+
+# ----- the format base class --------------------------------------------------------------------------------------
+def _n_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+class KQuantFormat(QuantFormat):
+    """A ggml K-quant: 256-weight super-blocks, quantized exactly like llama.cpp's `quantize_row_*_ref`.
+
+    Subclasses implement `_quantize_blocks` ((B, 256) float32 -> (B, type_size) uint8) and the two
+    block dequantizers ((B, type_size) uint8 -> (B, 256) float32).
+    """
+
+    block_size: ClassVar[int] = QK_K
+
+    def quantize(self, w, *, method: str = "search", tensor: str = "tensor") -> np.ndarray:
+        """(rows, cols) float -> (rows, cols / 256 * type_size) uint8, bytes equal to llama.cpp's.
+
+        `method` is accepted for interface compatibility: K-quants always run llama.cpp's own search
+        ("rtn" and "search" give the same bytes). Rows are split in chunks quantized on all CPU cores.
+        """
+        if method not in ("search", "rtn"):
+            raise QuantFormatError(f"{tensor}: method must be 'search' or 'rtn' for {self.name}, got {method!r}")
+        if isinstance(w, torch.Tensor):
+            w = w.detach().to("cpu", torch.float32).numpy()
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise QuantFormatError(f"{tensor}: expected a 2-D tensor for {self.name}, got shape {tuple(w.shape)}")
+        rows, cols = w.shape
+        self.check_cols(cols, tensor)
+        if not np.isfinite(w).all():
+            bad = int(np.count_nonzero(~np.isfinite(w)))
+            raise QuantFormatError(f"{tensor}: {bad} NaN/Inf values; cannot quantize to {self.name}")
+        x = w.reshape(-1, QK_K)
+        out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
+        step = max(1, _CHUNK_WEIGHTS // QK_K)
+        starts = range(0, x.shape[0], step)
+
+        def work(s: int) -> None:
+            out[s:s + step] = self._quantize_blocks(x[s:s + step])
+
+        n_threads = _n_threads()
+        if n_threads == 1 or len(starts) == 1:
+            for s in starts:
+                work(s)
+        else:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(work, starts))
+        return out.reshape(rows, -1)
+
+    def _blocks_of(self, data, n_cols: int):
+        self.check_cols(n_cols)
+        if data.ndim != 2 or data.shape[1] != self.row_bytes(n_cols):
+            raise QuantFormatError(
+                f"{self.name}: expected (rows, {self.row_bytes(n_cols)}) bytes for {n_cols} columns, "
+                f"got shape {tuple(data.shape)}"
+            )
+        return data.reshape(-1, self.type_size)
+
+    def dequantize(self, data: np.ndarray, n_cols: int) -> np.ndarray:
+        """(rows, row_bytes) uint8 -> (rows, n_cols) float32, equal to ggml's `dequantize_row_*`."""
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        rows = data.shape[0]
+        return self._dequantize_blocks(self._blocks_of(data, n_cols)).reshape(rows, n_cols)
+
+    def dequantize_torch(self, data: torch.Tensor, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Torch `dequantize` on data's device (float32 math, then cast to dtype)."""
+        rows = data.shape[0]
+        blocks = self._blocks_of(data.contiguous(), n_cols)
+        return self._dequantize_blocks_torch(blocks).reshape(rows, n_cols).to(dtype)
+
+    def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
