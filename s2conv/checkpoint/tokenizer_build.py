@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from s2conv.checkpoint.presets import N_SPECIALS
 from s2conv.errors import CheckpointError
 
 # Qwen2's split regex (contractions, letter runs with one optional leading non-letter, single digits, punctuation
@@ -32,20 +33,10 @@ FISH_SPECIALS = (
     "<|pad|>", "<|phoneme_start|>", "<|phoneme_end|>", "<|text|>", "<|voice|>", "<|interleave|>",
     "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
 )
-N_SPECIALS = len(QWEN_SPECIALS) + len(FISH_SPECIALS)  # 35: semantic_begin_id = R + 35
 
 
 def semantic_token(i: int) -> str:
     return f"<|semantic:{i}|>"
-
-
-def token_ids(n_regular: int, codebook_size: int) -> dict[str, int]:
-    """The config.json ids implied by the layout: eos (<|im_end|>), pad, audio_pad, semantic begin/end, vocab."""
-    begin = n_regular + N_SPECIALS
-    end = begin + codebook_size - 1
-    return dict(eos_token_id=n_regular + 2, pad_token_id=n_regular + len(QWEN_SPECIALS),
-                audio_pad_token_id=begin - 1, semantic_begin_id=begin, semantic_end_id=end,
-                vocab_size=-(-(end + 1) // 8) * 8)
 
 
 _TRAINING_TEXT = """
