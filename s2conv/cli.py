@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from s2conv import __version__
+from s2conv.checkpoint.presets import PRESETS
 from s2conv.errors import S2ConvError
 
 
@@ -112,7 +113,7 @@ def sizes(as_json: bool, compat: bool) -> None:
 
 
 @cli.command(name="make-checkpoint")
-@click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
               help="Model size: tiny/small for tests, full = real S2 Pro shapes (~11 GB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
