@@ -1,0 +1,65 @@
+"""Fused dequantize-and-multiply Triton kernels for the runtime's linear layers (batch-1 GEMV, small-M GEMM).
+
+    packed = REPACK["q4"](codes, scales)        # once, at model load: kernel layout (layout.py)
+    y = KERNELS["q4"](x, packed)                # x [..., K] bf16/fp16/fp32 -> y [..., N], x's dtype
+    h = GATED_KERNELS["q4"](x, cat_rows(p1, p3))  # silu(x W1^T) * (x W3^T) in one weight pass
+
+The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
+triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from s2conv.runtime.kernels.layout import (  # noqa: F401  (public re-exports)
+    BLOCK_K, FLOAT_FORMATS, INT_SPECS, REPACK, cat_rows, dequantize_packed, padded_k, repack_bf16, repack_fp8,
+    repack_int, repack_q2, repack_q3, repack_q4, repack_q4_0, repack_q4_k, repack_q8, repack_q8_0,
+)
+
+log = logging.getLogger(__name__)
+
+KERNELS: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {}
+GATED_KERNELS: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {}
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _int_kernel(fmt: str, gated: bool):
+    spec = INT_SPECS[fmt]
+
+    def linear(x: torch.Tensor, packed: dict) -> torch.Tensor:
+        y = torch.ops.s2conv.int_linear(_flat(x), packed["qweight"], packed["scales"], packed.get("mins"),
+                                        spec.bits, spec.offset, spec.group, gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
+    linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")
+    return linear
+
+
+def _float_kernel(fmt: str, gated: bool):
+    def linear(x: torch.Tensor, packed: dict) -> torch.Tensor:
+        y = torch.ops.s2conv.float_linear(_flat(x), packed["weight"], packed.get("scales"), gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
+    linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")
+    return linear
+
+
+try:
+    from s2conv.runtime.kernels import ops  # noqa: F401  (registers the torch custom ops)
+except ImportError as e:  # triton missing: the runtime falls back to dequantize + F.linear
+    log.info("s2conv kernels unavailable: %s", e)
+else:
+    for _fmt in INT_SPECS:
+        KERNELS[_fmt] = _int_kernel(_fmt, False)
+        GATED_KERNELS[_fmt] = _int_kernel(_fmt, True)
+    for _fmt in FLOAT_FORMATS:
+        KERNELS[_fmt] = _float_kernel(_fmt, False)
+        GATED_KERNELS[_fmt] = _float_kernel(_fmt, True)

@@ -1,0 +1,256 @@
+"""Kernel-side weight layouts: format specs, `repack_<fmt>` (codes + scales -> packed tensors) and the inverse.
+
+These layouts exist only in GPU memory at run time; the files on disk keep the storage formats of
+`s2conv.quant_formats`. Pure torch, no triton: the model can repack (and fall back to `dequantize_packed`)
+on machines without triton.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from s2conv.errors import QuantFormatError
+
+# ---- the integer layout ("slot-planar blocks") ------------------------------------------------------------------
+# Every row of the weight is cut into blocks of BLOCK_K = 512 codes (the last block is padded with zero codes).
+# Inside a block, code k_local = 16 * slot + word (slot 0..31, word 0..15). A b-bit format (b in 2, 4, 8) stores a
+# block as b sub-tiles of 16 int32 words; sub-tile t, bit position p of word w holds the unsigned code
+# u = code + offset of slot 32/b * t + p / b. So one bit field extracted from a 16-word sub-tile gives the codes of
+# 16 *consecutive* k, multiplied with 16 consecutive x: no shuffles in the kernel. 3-bit uses 3 sub-tiles: two
+# 2-bit sub-tiles (low bits of slots 0..15 and 16..31) and one 1-bit sub-tile (bit s = high bit of slot s).
+# Row layout: [block 0: sub-tile 0 | sub-tile 1 | ...][block 1: ...]... -> qweight int32 [N, n_blocks * 16 * b].
+BLOCK_K = 512
+WORDS = 16  # int32 words per sub-tile and row: 64 contiguous bytes
+SLOTS = BLOCK_K // WORDS
+
+
+@dataclass(frozen=True)
+class IntSpec:
+    """An integer kernel format: w = scale[n, k // group] * (code - ...) (- min[n, k // group] when asymmetric).
+
+    code_min/code_max: the accepted signed code range (asymmetric formats: 0..2**bits-1);
+    offset: added to a code to store it unsigned; group: codes per scale along K, 0 = one scale per row.
+    """
+
+    bits: int
+    code_min: int
+    code_max: int
+    offset: int
+    group: int
+    has_min: bool = False
+
+
+INT_SPECS: dict[str, IntSpec] = {
+    "q8": IntSpec(8, -127, 127, 128, 0),
+    "q4": IntSpec(4, -7, 7, 8, 128),
+    "q3": IntSpec(3, -3, 3, 4, 128),
+    "q2": IntSpec(2, -1, 1, 2, 64),
+    "q8_0": IntSpec(8, -128, 127, 128, 32),
+    "q4_0": IntSpec(4, -8, 7, 8, 32),
+    # Q4_K decoded to per-32 (scale, min) pairs: w = scale * code - min, codes 0..15
+    "q4_k": IntSpec(4, 0, 15, 0, 32, has_min=True),
+}
+FLOAT_FORMATS = ("fp8", "bf16")
+
+
+def padded_k(k: int) -> int:
+    """Row length of the integer layout: k rounded up to a whole number of 512-code blocks."""
+    return -(-k // BLOCK_K) * BLOCK_K
+
+
+def _check_codes(fmt: str, codes: torch.Tensor, spec: IntSpec) -> None:
+    if codes.dim() != 2:
+        raise QuantFormatError(f"repack_{fmt}: codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise QuantFormatError(f"repack_{fmt}: codes must be an integer tensor, got {codes.dtype}")
+    k = codes.shape[1]
+    if k == 0 or (spec.group and k % spec.group):
+        raise QuantFormatError(f"repack_{fmt}: K={k} is not a positive multiple of the group size {spec.group}")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < spec.code_min or hi > spec.code_max:
+            raise QuantFormatError(
+                f"repack_{fmt}: codes span [{lo}, {hi}], outside the format's range [{spec.code_min}, {spec.code_max}]"
+            )
+
+
+def _check_scales(fmt: str, name: str, s: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(s.shape) != shape:
+        raise QuantFormatError(f"repack_{fmt}: {name} must have shape {shape}, got {tuple(s.shape)}")
+    if not s.dtype.is_floating_point:
+        raise QuantFormatError(f"repack_{fmt}: {name} must be floating point, got {s.dtype}")
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> the int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_fields(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """u int64 [N, nb, 32 // bits * t, 16] (slot-major) -> int32 words [N, nb, t, 16]; slot i of a word at bit i*bits."""
+    n, nb, slots, w = u.shape
+    per_word = 32 // bits
+    u = u.reshape(n, nb, slots // per_word, per_word, w)
+    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, 1, 1, per_word, 1)
+    return _to_int32((u << shifts).sum(dim=3))
+
+
+def pack_int_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
+    """Signed codes [N, K] -> qweight int32 [N, padded_k(K) // 32 * bits] in the slot-planar layout above."""
+    n, k = codes.shape
+    kp = padded_k(k)
+    u = codes.to(torch.int64) + offset
+    if kp != k:  # padding codes decode to 0 (and meet x = 0 in the kernels anyway)
+        u = torch.nn.functional.pad(u, (0, kp - k), value=offset)
+    u = u.view(n, kp // BLOCK_K, SLOTS, WORDS)
+    if bits == 3:
+        lo = _pack_fields(u & 3, 2)  # [N, nb, 2, 16]
+        hi = _pack_fields((u >> 2) & 1, 1)  # [N, nb, 1, 16]
+        words = torch.cat([lo, hi], dim=2)
+    else:
+        words = _pack_fields(u, bits)
+    return words.reshape(n, -1).contiguous()
+
+
+def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_int_codes`: qweight int32 [N, W] -> signed codes int16 [N, k]."""
+    n = qweight.shape[0]
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    words = words.view(n, -1, 3 if bits == 3 else bits, WORDS)
+
+    def fields(w: torch.Tensor, b: int) -> torch.Tensor:  # [N, nb, t, 16] -> [N, nb, t * 32 // b, 16]
+        shifts = (torch.arange(32 // b, dtype=torch.int64) * b).view(1, 1, 1, -1, 1)
+        f = (w.unsqueeze(3) >> shifts) & ((1 << b) - 1)
+        return f.reshape(n, w.shape[1], -1, WORDS)
+
+    if bits == 3:
+        u = fields(words[:, :, :2], 2) | (fields(words[:, :, 2:], 1) << 2)
+    else:
+        u = fields(words, bits)
+    return (u.reshape(n, -1)[:, :k] - offset).to(torch.int16)
+
+
+def _pad_groups(s: torch.Tensor, n_groups: int) -> torch.Tensor:
+    s = s.to(torch.float32)
+    if s.shape[1] != n_groups:
+        s = torch.nn.functional.pad(s, (0, n_groups - s.shape[1]))
+    return s.contiguous()
+
+
+def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> dict:
+    """Pack one integer format for the kernels.
+
+    codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N] (per-row formats)
+    or [N, K // group]; mins: float [N, K // group], only for asymmetric formats (q4_k).
+    Returns {"qweight": int32 [N, padded_k(K) * bits // 32], "scales": float32 [N] or [N, padded_k(K) // group]}
+    (+ "mins", same shape as scales). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
+    3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
+    """
+    spec = INT_SPECS.get(fmt)
+    if spec is None:
+        raise QuantFormatError(f"no integer kernel format {fmt!r}; known: {', '.join(INT_SPECS)}")
+    _check_codes(fmt, codes, spec)
+    n, k = codes.shape
+    kp = padded_k(k)
+    if spec.group:
+        _check_scales(fmt, "scales", scales, (n, k // spec.group))
+        out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset), "scales": _pad_groups(scales, kp // spec.group)}
+    else:
+        flat = scales.reshape(-1) if scales.dim() == 2 and scales.shape[1] == 1 else scales
+        _check_scales(fmt, "scales", flat, (n,))
+        out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset),
+               "scales": scales.reshape(n).to(torch.float32).contiguous()}
+    if spec.has_min:
+        if mins is None:
+            raise QuantFormatError(f"repack_{fmt}: this asymmetric format needs mins [N, K // {spec.group}]")
+        _check_scales(fmt, "mins", mins, (n, k // spec.group))
+        out["mins"] = _pad_groups(mins, kp // spec.group)
+    elif mins is not None:
+        raise QuantFormatError(f"repack_{fmt}: symmetric format takes no mins")
+    return out
+
+
+def repack_fp8(codes: torch.Tensor, scales: torch.Tensor) -> dict:
+    """fp8: codes float8_e4m3fn [N, K], scales float [N] -> {"weight": e4m3 [N, K], "scales": fp32 [N]}."""
+    if codes.dim() != 2 or codes.dtype != torch.float8_e4m3fn:
+        raise QuantFormatError(f"repack_fp8: codes must be float8_e4m3fn [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    _check_scales("fp8", "scales", scales.reshape(-1), (codes.shape[0],))
+    return {"weight": codes.contiguous(), "scales": scales.reshape(-1).to(torch.float32).contiguous()}
+
+
+def repack_bf16(weight: torch.Tensor, scales: torch.Tensor | None = None) -> dict:
+    """bf16 (the unquantized baseline): weight float [N, K] -> {"weight": bf16 [N, K]}; scales must be None."""
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise QuantFormatError(f"repack_bf16: weight must be a float [N, K] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if scales is not None:
+        raise QuantFormatError("repack_bf16: bf16 weights take no scales")
+    return {"weight": weight.to(torch.bfloat16).contiguous()}
+
+
+def repack_q8(codes, scales):
+    """q8: int8 codes [N, K] in [-127, 127], fp32 scale per row [N]. See `repack_int`."""
+    return repack_int("q8", codes, scales)
+
+
+def repack_q4(codes, scales):
+    """q4: codes [N, K] in [-7, 7], scales [N, K / 128]. See `repack_int`."""
+    return repack_int("q4", codes, scales)
+
+
+def repack_q3(codes, scales):
+    """q3: codes [N, K] in [-3, 3], scales [N, K / 128]. See `repack_int`."""
+    return repack_int("q3", codes, scales)
+
+
+def repack_q2(codes, scales):
+    """q2: codes [N, K] in {-1, 0, 1}, scales [N, K / 64]. See `repack_int`."""
+    return repack_int("q2", codes, scales)
+
+
+def repack_q8_0(codes, scales):
+    """ggml q8_0: int8 codes [N, K], scales (fp16 in the file) [N, K / 32]. See `repack_int`."""
+    return repack_int("q8_0", codes, scales)
+
+
+def repack_q4_0(codes, scales):
+    """ggml q4_0: codes [N, K] in [-8, 7], scales [N, K / 32]. See `repack_int`."""
+    return repack_int("q4_0", codes, scales)
+
+
+def repack_q4_k(codes, scales, mins):
+    """ggml Q4_K decoded to codes 0..15 [N, K], per-32 scales and mins [N, K / 32]: w = scale * code - min."""
+    return repack_int("q4_k", codes, scales, mins)
+
+
+REPACK = {
+    "q8": repack_q8, "q4": repack_q4, "q3": repack_q3, "q2": repack_q2,
+    "q8_0": repack_q8_0, "q4_0": repack_q4_0, "q4_k": repack_q4_k,
+    "fp8": repack_fp8, "bf16": repack_bf16,
+}
+
+
+def cat_rows(a: dict, b: dict) -> dict:
+    """Stack two packed weights of one format along N (e.g. w1 over w3 for the fused gate/up kernel)."""
+    if a.keys() != b.keys():
+        raise QuantFormatError(f"cat_rows: packed weights differ in layout ({sorted(a)} vs {sorted(b)})")
+    return {name: torch.cat([a[name], b[name]], dim=0).contiguous() for name in a}
+
+
+def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, k] a packed dict stands for (reference and CPU fallback; materializes the matrix)."""
+    if fmt == "bf16":
+        return packed["weight"].to(dtype)
+    if fmt == "fp8":
+        return (packed["weight"].to(torch.float32) * packed["scales"][:, None]).to(dtype)
+    spec = INT_SPECS.get(fmt)
+    if spec is None:
+        raise QuantFormatError(f"no kernel format {fmt!r}; known: {', '.join(REPACK)}")
+    codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k).to(torch.float32)
+    if not spec.group:
+        return (codes * packed["scales"][:, None]).to(dtype)
+    s = packed["scales"].repeat_interleave(spec.group, dim=1)[:, :k]
+    w = codes * s
+    if spec.has_min:
+        w = w - packed["mins"].repeat_interleave(spec.group, dim=1)[:, :k]
+    return w.to(dtype)

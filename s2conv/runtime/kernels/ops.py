@@ -1,0 +1,309 @@
+"""Launchers for the Triton kernels: argument checks, launch configs (heuristic or tuned), torch custom ops.
+
+Each launch is host-side arithmetic plus one kernel (two when split-K needs its reduction): no host sync, outputs
+from torch's caching allocator, so the ops can be captured in CUDA graphs and traced by torch.compile
+(`s2conv::int_linear`, `s2conv::float_linear`, each with a fake implementation).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.layout import BLOCK_K, WORDS
+from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
+from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
+
+log = logging.getLogger(__name__)
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_GROUPS = (0, 16, 32, 64, 128, 256, 512)
+GEMV_MAX_M = 1  # M above this takes the tensor-core GEMM kernels
+# triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): multiply in fp32 there
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_in_fp32(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration. split: programs along K (1 = no second kernel); block_k: float kernels only."""
+
+    block_n: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    block_m: int = 16
+    block_k: int = 128
+
+
+# (kernel kind, bits (16 = bf16, 8 = fp8 for float kinds), group, has_min, gated, N, K, M bucket, x dtype) ->
+# Config chosen by `tune` on this process's GPU. Filled only by `tune`; lookups never benchmark implicitly, so a
+# first call inside CUDA-graph capture is as safe as any other.
+TUNED: dict[tuple, Config] = {}
+
+
+def _m_bucket(m: int) -> int:
+    return 1 if m <= GEMV_MAX_M else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100; on CPU (the triton interpreter) the config only has to be valid
+
+
+def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: float = 2.0) -> tuple[int, int]:
+    """(split, chunks per split) so that about `waves` x SM-count programs run; every split gets >= 1 chunk."""
+    want = max(1, round(waves * _sm_count(device) / max(n_programs, 1)))
+    per = -(-n_chunks // min(want, n_chunks))
+    return -(-n_chunks // per), per
+
+
+def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device) -> Config:
+    """The untuned launch config: sized so that a GEMV keeps every SM busy with a few programs."""
+    if m <= GEMV_MAX_M:
+        if kind == "int":
+            block_n = 32 if bits >= 4 else 64
+            chunks = -(-k // BLOCK_K)
+            split, _ = _split_for(-(-n // block_n), chunks, device)
+            return Config(block_n=block_n, split=split, num_warps=4, num_stages=2)
+        block_k = 256 if bits == 8 else 128
+        split, _ = _split_for(-(-n // 16), -(-k // block_k), device)
+        return Config(block_n=16, split=split, num_warps=4, num_stages=3, block_k=block_k)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if kind == "int":
+        split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // BLOCK_K), device, waves=1.0)
+        return Config(block_n=64, split=split, num_warps=4, num_stages=2, block_m=block_m)
+    split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // 128), device, waves=1.0)
+    return Config(block_n=64, split=split, num_warps=4, num_stages=3, block_m=block_m, block_k=128)
+
+
+def _fail(op: str, what: str, expected: str, got) -> RuntimeModelError:
+    return RuntimeModelError(f"{op}: {what} must be {expected}, got {got}")
+
+
+def _check_x(op: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.dim() != 2:
+        raise _fail(op, "x", "2-D [M, K]", tuple(x.shape))
+    if x.dtype not in _X_DTYPES:
+        raise _fail(op, "x dtype", "bfloat16, float16 or float32", x.dtype)
+    if x.stride(1) != 1:
+        raise _fail(op, "x", "contiguous along K (stride 1)", x.stride())
+    if x.device != device:
+        raise _fail(op, "x device", f"the weight's device {device}", x.device)
+    if x.shape[0] == 0:
+        raise _fail(op, "M (rows of x)", ">= 1", 0)
+
+
+def _check_tensor(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple, device) -> None:
+    if t.dtype != dtype:
+        raise _fail(op, f"{name} dtype", str(dtype), t.dtype)
+    if tuple(t.shape) != shape:
+        raise _fail(op, f"{name} shape", str(shape), tuple(t.shape))
+    if not t.is_contiguous():
+        raise _fail(op, name, "contiguous", t.stride())
+    if t.device != device:
+        raise _fail(op, f"{name} device", str(device), t.device)
+
+
+def _outputs(x: torch.Tensor, n: int, split: int, gated: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, partial buffer or None). Split-K programs write fp32 partials [split, M, N (2N gated)]."""
+    m = x.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if split == 1:
+        return y, None
+    return y, torch.empty(split, m, 2 * n if gated else n, device=x.device, dtype=torch.float32)
+
+
+def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool) -> None:
+    split, m, _ = part.shape
+    n = y.shape[1]
+    grid = (triton.cdiv(n, 1024), m)
+    splitk_reduce_kernel[grid](part, y, n, split, part.stride(0), part.stride(1), y.stride(0),
+                               GATED=gated, BLOCK=1024, num_warps=4)
+
+
+# ---- integer formats ---------------------------------------------------------------------------------------------
+def _int_key(x, qweight, bits, group, has_min, gated):
+    rows = qweight.shape[0]
+    return ("int", bits, group, has_min, gated, rows // 2 if gated else rows, x.shape[1], _m_bucket(x.shape[0]),
+            x.dtype)
+
+
+def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+                    bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None) -> torch.Tensor:
+    """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the slot-planar integer layout (layout.py).
+
+    qweight int32 [R, n_blocks * 16 * bits]; scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like
+    scales or None. R = N, or 2N with gated=True (w1 rows over w3 rows; y = silu(x w1^T) * (x w3^T)).
+    K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
+    """
+    op = "s2conv::int_linear"
+    dev = qweight.device
+    _check_x(op, x, dev)
+    if bits not in (2, 3, 4, 8):
+        raise _fail(op, "bits", "2, 3, 4 or 8", bits)
+    if group not in _GROUPS:
+        raise _fail(op, "group", f"one of {_GROUPS}", group)
+    if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
+        raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
+    rows, words = qweight.shape
+    n_blocks = words // (WORDS * bits)
+    m, k = x.shape
+    if not (n_blocks - 1) * BLOCK_K < k <= n_blocks * BLOCK_K:
+        raise _fail(op, "K (columns of x)", f"in ({(n_blocks - 1) * BLOCK_K}, {n_blocks * BLOCK_K}] for this qweight", k)
+    if gated and rows % 2:
+        raise _fail(op, "rows of a gated qweight", "even (w1 over w3)", rows)
+    _check_tensor(op, "qweight", qweight, torch.int32, (rows, words), dev)
+    sshape = (rows,) if group == 0 else (rows, n_blocks * BLOCK_K // group)
+    _check_tensor(op, "scales", scales, torch.float32, sshape, dev)
+    if mins is not None:
+        _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
+        if group == 0:
+            raise _fail(op, "group", "> 0 for a format with mins", group)
+    n = rows // 2 if gated else rows
+    cfg = config or TUNED.get(_int_key(x, qweight, bits, group, mins is not None, gated)) or default_config(
+        "int", bits, n, k, m, dev)
+    per = -(-n_blocks // cfg.split)
+    split = -(-n_blocks // per)
+    y, part = _outputs(x, n, split, gated)
+    out = y if part is None else part
+    stride_os = 0 if part is None else part.stride(0)
+    stride_sn = scales.stride(0)
+    m_arg = mins if mins is not None else scales
+    common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
+                  GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if m <= GEMV_MAX_M:
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        int_gemv_kernel[grid](x, qweight, scales, m_arg, out, n, k, n_blocks, per,
+                              x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
+                              BLOCK_N=cfg.block_n, **common)
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        int_gemm_kernel[grid](x, qweight, scales, m_arg, out, m, n, k, n_blocks, per,
+                              x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
+                              IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    if part is not None:
+        _reduce(part, y, gated)
+    return y
+
+
+# ---- float formats (fp8 e4m3 + per-row scale, bf16) ---------------------------------------------------------------
+def _float_key(x, weight, has_scale, gated):
+    rows = weight.shape[0]
+    bits = 8 if weight.dtype == torch.float8_e4m3fn else 16
+    return ("float", bits, 0, has_scale, gated, rows // 2 if gated else rows, x.shape[1], _m_bucket(x.shape[0]),
+            x.dtype)
+
+
+def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
+                      config: Optional[Config] = None) -> torch.Tensor:
+    """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn or bfloat16 [R, K], scales fp32 [R] or
+    None; R = N, or 2N with gated=True (as in `int_linear_impl`)."""
+    op = "s2conv::float_linear"
+    dev = weight.device
+    _check_x(op, x, dev)
+    if weight.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
+        raise _fail(op, "weight dtype", "float8_e4m3fn or bfloat16", weight.dtype)
+    if weight.dim() != 2:
+        raise _fail(op, "weight", "2-D [R, K]", tuple(weight.shape))
+    rows, k = weight.shape
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise _fail(op, "K (columns of x)", f"{k} (the weight's columns)", x.shape[1])
+    if gated and rows % 2:
+        raise _fail(op, "rows of a gated weight", "even (w1 over w3)", rows)
+    _check_tensor(op, "weight", weight, weight.dtype, (rows, k), dev)
+    if scales is not None:
+        _check_tensor(op, "scales", scales, torch.float32, (rows,), dev)
+    n = rows // 2 if gated else rows
+    cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
+        "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev)
+    bk = cfg.block_k
+    chunks = triton.cdiv(k, bk)
+    per = triton.cdiv(chunks, cfg.split)
+    split = triton.cdiv(chunks, per)
+    y, part = _outputs(x, n, split, gated)
+    out = y if part is None else part
+    stride_os = 0 if part is None else part.stride(0)
+    s_arg = scales if scales is not None else weight
+    common = dict(HAS_SCALE=scales is not None, EVEN_K=k % bk == 0, GATED=gated, PARTIAL=part is not None,
+                  BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if m <= GEMV_MAX_M:
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        float_gemv_kernel[grid](x, weight, s_arg, out, n, k, per * bk, x.stride(0), weight.stride(0),
+                                out.stride(-2), stride_os, **common)
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        float_gemm_kernel[grid](x, weight, s_arg, out, m, n, k, per * bk, x.stride(0), weight.stride(0),
+                                out.stride(-2), stride_os, IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m,
+                                **common)
+    if part is not None:
+        _reduce(part, y, gated)
+    return y
+
+
+# ---- torch custom ops ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("s2conv::int_linear", mutates_args=())
+def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+               bits: int, offset: int, group: int, gated: bool) -> torch.Tensor:
+    """Custom-op form of `int_linear_impl` (tuned or default config)."""
+    return int_linear_impl(x, qweight, scales, mins, bits, offset, group, gated)
+
+
+@int_linear.register_fake
+def _(x, qweight, scales, mins, bits, offset, group, gated):
+    return x.new_empty(x.shape[0], qweight.shape[0] // (2 if gated else 1))
+
+
+@torch.library.custom_op("s2conv::float_linear", mutates_args=())
+def float_linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool) -> torch.Tensor:
+    """Custom-op form of `float_linear_impl`."""
+    return float_linear_impl(x, weight, scales, gated)
+
+
+@float_linear.register_fake
+def _(x, weight, scales, gated):
+    return x.new_empty(x.shape[0], weight.shape[0] // (2 if gated else 1))
+
+
+# ---- tuning ---------------------------------------------------------------------------------------------------------
+def candidate_configs(kind: str, m: int) -> list[Config]:
+    """The small search space `tune` times (splits are clamped to the number of K chunks at launch)."""
+    if m <= GEMV_MAX_M:
+        if kind == "int":
+            return [Config(bn, sp, nw, ns) for bn in (16, 32, 64) for sp in (1, 2, 4, 8) for nw in (2, 4)
+                    for ns in (1, 3)]
+        return [Config(bn, sp, nw, ns, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for nw in (4,)
+                for ns in (2, 4) for bk in (128, 256)]
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    if kind == "int":
+        return [Config(bn, sp, nw, 2, block_m=bm) for bn in (32, 64, 128) for sp in (1, 2, 4) for nw in (4, 8)]
+    return [Config(bn, sp, 4, ns, block_m=bm, block_k=bk) for bn in (32, 64, 128) for sp in (1, 2, 4)
+            for ns in (3, 4) for bk in (64, 128)]
+
+
+def tune(fn: Callable[[Optional[Config]], torch.Tensor], key: tuple, kind: str, m: int,
+         rep_ms: float = 20.0) -> tuple[Config, float]:
+    """Time `fn(config)` for each candidate on the GPU, store the fastest in TUNED[key]; -> (config, ms)."""
+    best: tuple[Config, float] | None = None
+    for cfg in candidate_configs(kind, m):
+        try:
+            ms = triton.testing.do_bench(lambda: fn(cfg), warmup=5, rep=rep_ms)
+        except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # a config too big for this GPU
+            log.debug("config %s skipped: %s", cfg, e)
+            continue
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    if best is None:
+        raise RuntimeModelError(f"tune: no launch config ran for {key}")
+    TUNED[key] = best[0]
+    return best

@@ -1,0 +1,140 @@
+"""Triton kernels for float weights (fp8 e4m3 with a per-row scale, plain bf16) and the split-K reduction.
+
+The weight stays in its natural [N, K] row-major layout; a program reads a [BLOCK_N, BLOCK_K] tile per step.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_rows + k0)
+            xv = tl.load(x_row + k0 + offs_k)
+        else:
+            kmask = k0 + offs_k < K
+            w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
+            xv = tl.load(x_row + k0 + offs_k, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
+                      stride_xm, stride_wn, stride_om, stride_os,
+                      HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); outputs as int_gemv_kernel."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_row = x_ptr + pid_m * stride_xm
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K)
+    if HAS_SCALE:
+        y = y * tl.load(s_ptr + rows)
+    out_row = out_ptr + pid_k * stride_os + pid_m * stride_om
+    n_mask = offs_n < N
+    if GATED:
+        rows3 = rows + N
+        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K)
+        if HAS_SCALE:
+            y3 = y3 * tl.load(s_ptr + rows3)
+        if PARTIAL:
+            tl.store(out_row + offs_n, y, mask=n_mask)
+            tl.store(out_row + N + offs_n, y3, mask=n_mask)
+        else:
+            y = y * tl.sigmoid(y) * y3
+            tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over [k_start, k_end) -> fp32 [BLOCK_M, BLOCK_N]; w goes to x's dtype."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_rows + k0)
+            xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+        else:
+            kmask = k0 + offs_k < K
+            w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
+            xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:  # fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong
+            acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
+    return acc
+
+
+@triton.jit
+def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
+                      stride_xm, stride_wn, stride_om, stride_os,
+                      HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M))."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(offs_n, N - 1)
+    m_mask = offs_m < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    y = _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_SCALE:
+        y = y * tl.load(s_ptr + rows)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & (offs_n < N)[None, :]
+    if GATED:
+        rows3 = rows + N
+        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        y3 = _float_rows_gemm(x_rows, m_mask, w_rows3, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_SCALE:
+            y3 = y3 * tl.load(s_ptr + rows3)[None, :]
+        if PARTIAL:
+            tl.store(out_ptrs, y, mask=mask)
+            tl.store(out_ptrs + N, y3, mask=mask)
+        else:
+            y = y * tl.sigmoid(y) * y3
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(p_ptr, out_ptr, N, SPLIT, stride_ps, stride_pm, stride_om,
+                         GATED: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, n] = sum_s p[s, m, n] (GATED: silu of that times the sum at column N + n); grid (cdiv(N, BLOCK), M)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid_m = tl.program_id(1)
+    mask = offs < N
+    p_row = p_ptr + pid_m * stride_pm + offs
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc3 = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(p_row + s * stride_ps, mask=mask, other=0.0)
+        if GATED:
+            acc3 += tl.load(p_row + s * stride_ps + N, mask=mask, other=0.0)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc3
+    tl.store(out_ptr + pid_m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
