@@ -24,8 +24,9 @@ from s2conv.schema import CodecConfig, S2Config, model_tensor_shapes
 
 log = logging.getLogger(__name__)
 
-# Share of the model bytes in the first shard (the release: 4.99 GB of 9.12 GB); audio_decoder.* always go last.
-_FIRST_SHARD_SHARE = 0.546
+# Share of the slow-AR bytes in the first shard (the release: 4.99 GB of 8.06 GB); the rest of the slow AR and all
+# audio_decoder.* tensors go to the second shard.
+_FIRST_SHARD_SHARE = 0.62
 _CHUNK_ELEMENTS = 1 << 22  # generate big tensors in row blocks of about 4 M elements
 # Legacy codec buffers left in the release's codec.pth by older code (spec errata 2); the reader must skip them.
 _LEGACY_BUFFER_PREFIXES = ("encoder.block.4.block.5", "quantizer.pre_module", "quantizer.post_module")
@@ -154,9 +155,10 @@ def _model_tensor_chunks(name: str, shape: tuple[int, ...], seed: int):
 def _write_model_shards(out: Path, cfg: S2Config, seed: int, progress: bool) -> None:
     shapes = model_tensor_shapes(cfg)
     total = sum(math.prod(s) for s in shapes.values()) * 2
+    text_bytes = sum(math.prod(s) * 2 for n, s in shapes.items() if n.startswith("text_model."))
     first, acc = [], 0
     for name, shape in shapes.items():
-        if not name.startswith("text_model.") or acc >= _FIRST_SHARD_SHARE * total:
+        if not name.startswith("text_model.") or acc >= _FIRST_SHARD_SHARE * text_bytes:
             break
         first.append(name)
         acc += math.prod(shape) * 2
