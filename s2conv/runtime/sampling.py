@@ -1,0 +1,90 @@
+"""Token sampling as fish-speech does it: top-k / top-p / temperature, exponential-race draw, and RAS.
+
+RAS (repetition-aware sampling): every step also draws a "high" sample (temperature 1.0, top-p 0.9); when the
+normal sample is a semantic token already among the last `ras_window` main tokens, the high sample replaces it.
+All functions are free of host synchronisation so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from s2conv.errors import RuntimeModelError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings. temperature 0 or top_k 1 means greedy (argmax, no randomness, RAS off)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 30
+    ras_window: int = 10  # 0 turns RAS off
+    ras_temperature: float = 1.0
+    ras_top_p: float = 0.9
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise RuntimeModelError(f"sampling temperature must be >= 0, got {self.temperature}")
+        for name in ("top_p", "ras_top_p"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise RuntimeModelError(f"sampling {name} must be in (0, 1], got {value}")
+        if not self.ras_temperature > 0:
+            raise RuntimeModelError(f"sampling ras_temperature must be > 0, got {self.ras_temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 1:
+            raise RuntimeModelError(f"sampling top_k must be an integer >= 1, got {self.top_k}")
+        if int(self.ras_window) != self.ras_window or self.ras_window < 0:
+            raise RuntimeModelError(f"sampling ras_window must be an integer >= 0, got {self.ras_window}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def high(self) -> "SamplingParams":
+        """The RAS fallback settings (same top_k)."""
+        return SamplingParams(self.ras_temperature, self.ras_top_p, self.top_k, 0,
+                              self.ras_temperature, self.ras_top_p)
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
+    """fish-speech's filter: probabilities [..., V] in logits' dtype.
+
+    Sort descending; drop rank r if r >= top_k or the cumulative softmax of the *untempered* sorted logits at r
+    exceeds top_p; always keep rank 0; then divide by max(temperature, 1e-5) and softmax. temperature and top_p are
+    rounded to logits' dtype first, as upstream creates them in the model dtype.
+    """
+    t = torch.tensor(temperature, dtype=logits.dtype, device=logits.device)
+    p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    cum_probs = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    remove = ((cum_probs > p) | (rank >= top_k)) & (rank != 0)
+    remove = remove.scatter(-1, sorted_idx, remove)
+    logits = torch.where(remove, float("-inf"), logits)
+    return torch.softmax(logits / torch.clamp(t, min=1e-5), dim=-1)
+
+
+def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Exponential race: argmax(probs / E) with E ~ Exp(1), i.e. a multinomial draw without a host sync.
+
+    probs: [..., V] -> indices [...] int64. The noise is drawn in fp32 from `generator`.
+    """
+    noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device).exponential_(generator=generator)
+    return torch.argmax(probs.float() / noise, dim=-1)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of logits [..., V] -> [...] int64; greedy settings take the argmax and use no randomness."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = logits_to_probs(logits, params.temperature, params.top_p, params.top_k)
+    return sample_from_probs(probs, generator)
+
+
+def ras_select(normal: Tensor, high: Tensor, previous: Tensor, repeatable: Tensor) -> Tensor:
+    """Pick the high sample where the normal one repeats: normal, high, repeatable: [B]; previous: [B, W]."""
+    in_window = (previous == normal[:, None]).any(dim=-1)
+    return torch.where(in_window & repeatable, high, normal)
