@@ -109,7 +109,9 @@ def as_rows(w: np.ndarray | torch.Tensor, fmt: str, tensor: str) -> torch.Tensor
     elif not w.dtype.is_floating_point:
         raise QuantFormatError(f"{tensor}: format {fmt!r} quantizes float data, got dtype {w.dtype}")
     if w.ndim != 2:
-        raise QuantFormatError(f"{tensor}: format {fmt!r} expects a 2-D (rows, cols) tensor, got shape {tuple(w.shape)}")
+        raise QuantFormatError(
+            f"{tensor}: format {fmt!r} expects a 2-D (rows, cols) tensor, got shape {tuple(w.shape)}"
+        )
     return w.detach().cpu()
 
 

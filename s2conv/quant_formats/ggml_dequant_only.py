@@ -35,7 +35,6 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
         e = np.arange(256, dtype=np.uint32)
         bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23)).astype(np.uint32)
         t = torch.from_numpy(bits.view(np.float32).copy())
-        del e
     elif name == "ue4m3_half":  # unsigned e4m3 (bias 7) times 0.5; 0 and 0x7F decode to 0
         x = np.arange(256)
         exp, man = (x >> 3) & 0xF, x & 7
