@@ -271,3 +271,51 @@ def test_many_problems_are_summarised_on_one_line(ckpt_copy):
         edit_shard(ckpt_copy, shard, lambda t: [t.pop(k) for k in list(t)[1:]])
     msg = problems_of(ckpt_copy)
     assert msg.count("missing ") == 12 and "29 problems" in msg and "; ... and 17 more" in msg
+
+
+@pytest.mark.slow
+def test_full_preset_streams_the_real_release_layout(tmp_path):
+    """Generate the 4.56 B + 0.39 B parameter checkpoint in a child process; check names, shapes and peak RSS."""
+    import subprocess
+    import sys
+    out = tmp_path / "full"
+    code = ("import resource, sys; from s2conv.checkpoint import make_checkpoint; "
+            f"make_checkpoint('full', {str(out)!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_kib = int(p.stdout.split()[-1])
+    assert peak_kib < 4 * 1024 * 1024, f"peak RSS {peak_kib / 1024 ** 2:.2f} GiB"
+    fixtures = Path(__file__).parent / "fixtures"
+    model_table = json.loads((fixtures / "s2-pro-model-tensors.json").read_text())
+    codec_table = json.loads((fixtures / "s2-pro-codec-tensors.json").read_text())
+    ckpt = open_checkpoint(out)
+    assert ckpt.model_names() == [hf_to_model_name(n) for n in model_table]
+    assert all(ckpt.model_shape(hf_to_model_name(n)) == tuple(s) for n, s in model_table.items())
+    assert ckpt.codec_names() == list(codec_tensor_shapes(ckpt.codec_config))
+    assert {n: ckpt.codec_shape(n) for n in ckpt.codec_names()} == {k: tuple(v) for k, v in codec_table.items()}
+    counts = ckpt.n_params()
+    assert counts["slow_ar"] + counts["fast_ar"] + counts["embeddings"] == 4_561_852_416
+    assert counts["codec"] == 391_430_530
+    assert ckpt.config == PRESETS["full"].config
+
+
+def test_repo_id_resolves_through_the_hub_cache_first(tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def fake(repo_id, local_files_only=False, **kw):
+        calls.append((repo_id, local_files_only))
+        return str(tiny_checkpoint)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert open_checkpoint("fishaudio/s2-pro").path == tiny_checkpoint.resolve()
+    assert calls == [("fishaudio/s2-pro", True)]
+
+
+def test_repo_id_download_failure_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def fail(repo_id, local_files_only=False, **kw):
+        raise (FileNotFoundError("not cached") if local_files_only else ConnectionError("no network\nmore"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(CheckpointError, match=r"fishaudio/s2-pro: .*Hugging Face Hub failed \(ConnectionError: "
+                                              r"no network\)$"):
+        open_checkpoint("fishaudio/s2-pro")
