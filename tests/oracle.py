@@ -186,7 +186,7 @@ def load_ggml() -> Ggml | None:
     return Ggml(path) if path is not None else None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ggml() -> Ggml:
     """The oracle; skips the test when it is missing, fails instead when S2CONV_REQUIRE_ORACLE=1."""
     lib = load_ggml()

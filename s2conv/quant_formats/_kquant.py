@@ -19,7 +19,6 @@ from s2conv.quant_formats.base import QuantFormat
 
 QK_K = 256  # weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this max |x| a sub-block counts as all zero (ggml-quants.c)
-_CHUNK_WEIGHTS = 1 << 16  # weights quantized together; keeps the (n, N) work arrays in L2 cache
 _F32 = np.float32
 
 
@@ -69,52 +68,54 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     mx = x.max(axis=0)
     flat = mx == mn  # constant column (<= 0): everything is carried by the min
     mn[flat] = mx[flat] - 1  # any origin: flat columns are overwritten at the end
-
-    def error(scale, minimum, L):
-        diff = L * scale
-        diff += minimum
-        diff -= x
-        if use_mad:
-            np.abs(diff, out=diff)
-        else:
-            np.square(diff, out=diff)
-        diff *= w
-        return sum0(diff)
+    L = np.empty_like(x)
+    t = np.empty_like(x)  # work buffers, reused: fresh temporaries cost more than the arithmetic
+    t2 = np.empty_like(x)
 
     def grid(iscale, origin):
-        L = x - origin
-        L *= iscale
+        np.subtract(x, origin, out=L)
+        np.multiply(L, iscale, out=L)
         np.rint(L, out=L)  # ggml's nearest_int
-        return np.clip(L, _F32(0), _F32(nmax), out=L)
+        np.clip(L, _F32(0), _F32(nmax), out=L)
+
+    def error(scale, minimum):
+        np.multiply(L, scale, out=t)
+        np.add(t, minimum, out=t)
+        np.subtract(t, x, out=t)
+        (np.abs if use_mad else np.square)(t, out=t)
+        np.multiply(t, w, out=t)
+        return sum0(t)
 
     best_iscale = _F32(nmax) / (mx - mn)
-    best_origin = mn  # the origin the best grid was laid from
+    best_origin = mn.copy()  # the origin the best grid was laid from
     best_scale = _F32(1) / best_iscale
-    best_min = mn
-    best_err = error(best_scale, best_min, grid(best_iscale, best_origin))
+    best_min = mn.copy()
+    grid(best_iscale, best_origin)
+    best_err = error(best_scale, best_min)
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
             iscale = _F32(_F32(_F32(rmin) + _F32(rdelta) * _F32(step)) + _F32(nmax)) / (mx - best_min)
-            L = grid(iscale, best_min)
-            wl = w * L
-            sum_l = sum0(wl)
-            sum_xl = sum0(wl * x)
-            wl *= L
-            sum_l2 = sum0(wl)
+            grid(iscale, best_min)
+            np.multiply(w, L, out=t)
+            sum_l = sum0(t)
+            np.multiply(t, x, out=t2)
+            sum_xl = sum0(t2)
+            t *= L
+            sum_l2 = sum0(t)
             D = sum_w * sum_l2 - sum_l * sum_l
             scale = (sum_w * sum_xl - sum_x * sum_l) / D
             minimum = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            positive = minimum > 0  # a positive offset is not representable: refit the scale alone
+            positive = np.flatnonzero(minimum > 0)  # a positive offset is not representable: refit the scale
             minimum[positive] = 0
-            scale[positive] = (sum_xl / sum_l2)[positive]
-            err = error(scale, minimum, L)
-            better = (D > 0) & (err < best_err)
-            best_err = np.where(better, err, best_err)
-            best_iscale = np.where(better, iscale, best_iscale)
-            best_origin = np.where(better, best_min, best_origin)
-            best_scale = np.where(better, scale, best_scale)
-            best_min = np.where(better, minimum, best_min)
-    L = grid(best_iscale, best_origin)
+            scale[positive] = sum_xl[positive] / sum_l2[positive]
+            err = error(scale, minimum)
+            better = np.flatnonzero((D > 0) & (err < best_err))  # index updates: numpy's masked ops are slow
+            best_err[better] = err[better]
+            best_iscale[better] = iscale[better]
+            best_origin[better] = best_min[better]
+            best_scale[better] = scale[better]
+            best_min[better] = minimum[better]
+    grid(best_iscale, best_origin)
     L[:, flat] = 0
     best_scale[flat] = 0
     best_min[flat] = mx[flat]
@@ -122,10 +123,18 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: max |x| and the signed value where it is first reached (C's `if (ax > amax)` scan)."""
-    idx = np.abs(x).argmax(axis=0)
-    signed = np.take_along_axis(x, idx[None, :], axis=0)[0]
-    return np.abs(signed), signed
+    """Per column: max |x| and the signed value where it is first reached (C's `if (ax > amax)` scan).
+
+    (argmax along axis 0 is slow in numpy; the sign is only ambiguous where both +max and -max occur.)
+    """
+    top, bottom = x.max(axis=0), x.min(axis=0)
+    amax = np.maximum(top, -bottom)
+    signed = np.where(top == amax, amax, -amax)
+    both = np.flatnonzero((top == amax) & (bottom == -amax) & (amax > 0))
+    if both.size:
+        sub = x[:, both]
+        signed[both] = sub[np.abs(sub).argmax(axis=0), np.arange(both.size)]
+    return amax, signed
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,14 +149,20 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
 
+    L = np.empty_like(x)
+    t = np.empty_like(x)
+
     def grid(iscale):
-        L = nearest_int(x * iscale)
+        np.multiply(x, iscale, out=L)
+        np.rint(L, out=L)  # ggml's nearest_int
         return np.clip(L, _F32(-nmax), _F32(nmax - 1), out=L)
 
     def sums(L):
-        wl = w * L
-        wl *= L
-        return sum0(wx * L), sum0(wl)
+        np.multiply(wx, L, out=t)
+        sumlx = sum0(t)
+        np.multiply(w, L, out=t)
+        np.multiply(t, L, out=t)
+        return sumlx, sum0(t)
 
     best_iscale = _F32(-nmax) / safe_max
     sumlx, suml2 = sums(grid(best_iscale))
@@ -159,10 +174,10 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 continue
             iscale = -_F32(_F32(nmax) + _F32(0.1) * _F32(step)) / safe_max
             sumlx, suml2 = sums(grid(iscale))
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-            best_iscale = np.where(better, iscale, best_iscale)
+            better = np.flatnonzero((suml2 > 0) & (sumlx * sumlx > best * suml2))
+            scale[better] = sumlx[better] / suml2[better]
+            best[better] = scale[better] * sumlx[better]
+            best_iscale[better] = iscale[better]
     L = grid(best_iscale)
     L += nmax
     L[:, zero] = 0
@@ -174,7 +189,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     x: (n, N) float32. Returns scale (N,) and L (n, N) float32 in [0, 2*nmax-1]; all-zero columns: 0 and L = 0.
     Up to 5 passes; each pass visits the elements in order and moves one to the level that maximizes
-    (sum w x l)^2 / (sum w l^2), w = x^2. The passes are sequential within a column, vectorized across columns.
+    (sum w x l)^2 / (sum w l^2), w = x^2. The passes are sequential within a column, vectorized across columns;
+    a column that a pass left unchanged is done (the next pass would repeat the same steps), so later passes
+    work on the still-changing columns only.
     """
     amax, signed_max = _abs_max(x)
     zero = amax < GROUP_MAX_EPS
@@ -186,25 +203,44 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     sumlx = sum0(wx * L)
     suml2 = sum0(w * L * L)
     lo, hi = _F32(-nmax), _F32(nmax - 1)
+    active = np.arange(x.shape[1])  # columns still changing, and their compacted state:
+    xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L.copy(), sumlx.copy(), suml2.copy()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/NaN only where C compares them away
         for _ in range(5):
-            changed = False
+            changed = np.zeros(active.size, dtype=bool)
+            lo_a, hi_a = np.full(active.size, lo), np.full(active.size, hi)
             for i in range(x.shape[0]):
-                Li, wi, wxi = L[i], w[i], wx[i]
-                slx = sumlx - wxi * Li
-                sl2 = suml2 - wi * Li * Li
-                new_l = np.clip(nearest_int(x[i] * sl2 / slx), lo, hi)
-                move = (slx > 0) & (new_l != Li)
-                slx += wxi * new_l
-                sl2 += wi * new_l * new_l
-                move &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-                if move.any():
-                    changed = True
-                    L[i] = np.where(move, new_l, Li)
-                    sumlx = np.where(move, slx, sumlx)
-                    suml2 = np.where(move, sl2, suml2)
-            if not changed:  # an unchanged pass leaves the state as it was: the next would change nothing either
+                Li, wi, wxi = La[i], wa[i], wxa[i]
+                slx = slx_a - wxi * Li
+                sl2 = wi * Li
+                sl2 *= Li
+                np.subtract(sl2_a, sl2, out=sl2)
+                new_l = xa[i] * sl2
+                new_l /= slx
+                np.rint(new_l, out=new_l)
+                np.minimum(np.maximum(new_l, lo_a, out=new_l), hi_a, out=new_l)
+                # candidates (few): the rest of the step runs on them only
+                j = np.flatnonzero((slx > 0) & (new_l != Li))
+                if not j.size:
+                    continue
+                lj, slx_j, sl2_j = new_l[j], slx[j], sl2[j]
+                slx_j += wxi[j] * lj
+                sl2_j += wi[j] * lj * lj
+                old_lx, old_l2 = slx_a[j], sl2_a[j]
+                keep = (sl2_j > 0) & (slx_j * slx_j * old_l2 > old_lx * old_lx * sl2_j)
+                j = j[keep]
+                Li[j] = lj[keep]
+                slx_a[j] = slx_j[keep]
+                sl2_a[j] = sl2_j[keep]
+                changed[j] = True
+            L[:, active] = La
+            sumlx[active] = slx_a
+            suml2[active] = sl2_a
+            if not changed.any():
                 break
+            active = active[changed]
+            xa, wa, wxa, La = xa[:, changed], wa[:, changed], wxa[:, changed], La[:, changed]
+            slx_a, sl2_a = slx_a[changed], sl2_a[changed]
         scale = np.where(suml2 > 0, sumlx / suml2, _F32(0))
     L += nmax
     L[:, zero] = 0
@@ -212,18 +248,25 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def requantize(x: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
-               fallback: np.ndarray) -> np.ndarray:
+               fallback: np.ndarray, n_sub: int) -> np.ndarray:
     """Final levels of each sub-block from its stored (fp16-rounded) scale: clamp(nearest_int((x + dm) / d)).
 
-    x, fallback: (B, S, n); d, dm: (B, S). Sub-blocks whose d is 0 keep `fallback` (the search's levels),
-    as the C code skips them. Returns float32 levels offset by -lo (so in [0, hi - lo]).
+    x: (B, 256); d, dm: (B, S) with S = n_sub sub-blocks per super-block. Sub-blocks whose d is 0 keep the
+    search's levels `fallback` ((n, B*S) column layout), as the C code skips them. Returns (B, S, n) float32 levels
+    offset by -lo (so in [0, hi - lo]).
     """
+    y = x.reshape(d.shape[0], n_sub, -1)
     d3 = d[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        y = x + dm[..., None] if dm is not None else x
-        L = np.clip(nearest_int(y / d3), _F32(lo), _F32(hi))
-    L -= lo
-    return np.where(d3 != 0, L, fallback)
+        y = y + dm[..., None] if dm is not None else y.copy()
+        y /= d3
+    np.rint(y, out=y)
+    np.clip(y, _F32(lo), _F32(hi), out=y)
+    y -= _F32(lo)
+    skipped = d == 0
+    if skipped.any():
+        y[skipped] = uncolumns(fallback, n_sub)[skipped]
+    return y
 
 
 # ----- the 6-bit scale/min packing shared by Q4_K and Q5_K ------------------------------------------------------
@@ -301,6 +344,7 @@ class KQuantFormat(QuantFormat):
     """
 
     block_size: ClassVar[int] = QK_K
+    chunk_weights: ClassVar[int] = 1 << 17  # weights quantized together: work arrays stay in cache, calls amortize
 
     def quantize(self, w, *, method: str = "search", tensor: str = "tensor") -> np.ndarray:
         """(rows, cols) float -> (rows, cols / 256 * type_size) uint8, bytes equal to llama.cpp's.
@@ -322,7 +366,7 @@ class KQuantFormat(QuantFormat):
             raise QuantFormatError(f"{tensor}: {bad} NaN/Inf values; cannot quantize to {self.name}")
         x = w.reshape(-1, QK_K)
         out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
-        step = max(1, _CHUNK_WEIGHTS // QK_K)
+        step = max(1, self.chunk_weights // QK_K)
         starts = range(0, x.shape[0], step)
 
         def work(s: int) -> None:

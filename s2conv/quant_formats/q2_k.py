@@ -38,7 +38,7 @@ class Q2K(KQuantFormat, name="q2_k"):
         packed = to_u8(ls) | to_u8(lm << 4)  # the C code ORs (lm << 4) into a uint8_t
         sub_d = d.astype(np.float32)[:, None] * (packed & 0xF)
         sub_m = dmin.astype(np.float32)[:, None] * (packed >> 4)
-        L = requantize(x.reshape(n_blocks, 16, 16), sub_d, sub_m, 0, 3, uncolumns(L, 16)).astype(np.uint8)
+        L = requantize(x, sub_d, sub_m, 0, 3, L, 16).astype(np.uint8)
         return np.concatenate([
             packed, pack_2bit(L), d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
         ], axis=1)

@@ -28,6 +28,7 @@ def pack_2bit(L: np.ndarray) -> np.ndarray:
 class Q3K(KQuantFormat, name="q3_k"):
     ggml_type = GGMLQuantizationType.Q3_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]
+    chunk_weights = 1 << 18  # its search runs on (N,) vectors, one per sub-block: larger chunks amortize calls
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         n_blocks = x.shape[0]
@@ -45,7 +46,7 @@ class Q3K(KQuantFormat, name="q3_k"):
             np.bitwise_or.reduce((ls >> 4).reshape(-1, 4, 4) << _PAIR_SHIFTS[:, :, 0][:, :, None], axis=1),
         ], axis=1)
         sub_d = d.astype(np.float32)[:, None] * (ls.astype(np.int8) - np.int8(32))
-        L = requantize(x.reshape(n_blocks, 16, 16), sub_d, None, -4, 3, uncolumns(L, 16)).astype(np.uint8)
+        L = requantize(x, sub_d, None, -4, 3, L, 16).astype(np.uint8)
         L = L.reshape(n_blocks, 8, 32)
         hmask = np.bitwise_or.reduce((L >> 2) * _BIT_WEIGHTS, axis=1)
         return np.concatenate([hmask, pack_2bit(L & 3), packed, d.view(np.uint8).reshape(-1, 2)], axis=1)

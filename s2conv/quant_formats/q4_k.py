@@ -28,7 +28,7 @@ class Q4K(KQuantFormat, name="q4_k"):
         d, dmin, ls, lm, packed = pack_scales_mins_k4(scales.reshape(n_blocks, 8), mins.reshape(n_blocks, 8))
         sub_d = d.astype(np.float32)[:, None] * ls
         sub_m = dmin.astype(np.float32)[:, None] * lm
-        L = requantize(x.reshape(n_blocks, 8, 32), sub_d, sub_m, 0, 15, uncolumns(L, 8)).astype(np.uint8)
+        L = requantize(x, sub_d, sub_m, 0, 15, L, 8).astype(np.uint8)
         L = L.reshape(n_blocks, 4, 2, 32)
         qs = L[:, :, 0] | (L[:, :, 1] << 4)
         return np.concatenate([

@@ -30,7 +30,7 @@ class Q5K(KQuantFormat, name="q5_k"):
         d, dmin, ls, lm, packed = pack_scales_mins_k4(scales.reshape(n_blocks, 8), mins.reshape(n_blocks, 8))
         sub_d = d.astype(np.float32)[:, None] * ls
         sub_m = dmin.astype(np.float32)[:, None] * lm
-        L = requantize(x.reshape(n_blocks, 8, 32), sub_d, sub_m, 0, 31, uncolumns(L, 8)).astype(np.uint8)
+        L = requantize(x, sub_d, sub_m, 0, 31, L, 8).astype(np.uint8)
         qh = np.bitwise_or.reduce((L >> 4) * _BIT_WEIGHTS, axis=1)  # (B, 32)
         low = (L & 0xF).reshape(n_blocks, 4, 2, 32)
         qs = low[:, :, 0] | (low[:, :, 1] << 4)

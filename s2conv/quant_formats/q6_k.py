@@ -31,7 +31,7 @@ class Q6K(KQuantFormat, name="q6_k"):
             d = fp16(np.float32(1) / iscale)
         sc = np.minimum(nearest_int(iscale[:, None] * scales), np.float32(127)).astype(np.int8)
         sub_d = d.astype(np.float32)[:, None] * sc
-        L = requantize(x.reshape(n_blocks, 16, 16), sub_d, None, -32, 31, uncolumns(L, 16)).astype(np.uint8)
+        L = requantize(x, sub_d, None, -32, 31, L, 16).astype(np.uint8)
         L = L.reshape(n_blocks, 2, 4, 32)  # (block, half, quarter, l)
         ql = np.concatenate([
             (L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4),

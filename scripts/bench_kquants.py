@@ -1,0 +1,54 @@
+"""Quantization speed of s2conv's K-quants beside llama.cpp's reference quantizer (one thread, via tests/oracle.py).
+
+    python scripts/bench_kquants.py [--rows 9728 --cols 2560] [--formats q4_k,q6_k]
+
+Prints weights/s of both and whether the bytes are equal. The oracle needs `bash scripts/install_oracle.sh`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from oracle import load_ggml  # noqa: E402
+
+from s2conv.quant_formats import get_format  # noqa: E402
+
+MODEL_WEIGHTS = 4.05e9  # parameters of S2 Pro quantized by the converter
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=9728)
+    ap.add_argument("--cols", type=int, default=2560)
+    ap.add_argument("--formats", default="q2_k,q3_k,q4_k,q5_k,q6_k")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    w = (rng.standard_t(3, (args.rows, args.cols)) * 0.02).astype(np.float32)
+    ggml = load_ggml()
+    if ggml is None:
+        print("llama.cpp oracle not installed: timing s2conv only")
+    print(f"tensor {args.rows}x{args.cols} ({w.size / 1e6:.1f} M weights, Student-t df 3)")
+    for name in args.formats.split(","):
+        fmt = get_format(name)
+        t0 = time.perf_counter()
+        ours = fmt.quantize(w)
+        t_ours = time.perf_counter() - t0
+        line = (f"{name}: s2conv {w.size / t_ours / 1e6:6.1f} M weights/s ({t_ours:5.2f} s; full model "
+                f"{MODEL_WEIGHTS / (w.size / t_ours) / 60:4.1f} min)")
+        if ggml is not None:
+            t0 = time.perf_counter()
+            ref = ggml.quantize(fmt.ggml_type, w)
+            t_ref = time.perf_counter() - t0
+            line += (f" | llama.cpp 1 thread {w.size / t_ref / 1e6:6.1f} M weights/s ({t_ref:5.2f} s)"
+                     f" | bytes equal: {bool((ours == ref).all())}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
