@@ -56,9 +56,21 @@ def weight_cases(name: str) -> dict[str, np.ndarray]:
 def test_quantize_bytes_equal_gguf_py(name):
     fmt = get_format(name)
     for case, w in weight_cases(name).items():
+        w = w + np.float32(0)  # -0.0 -> +0.0: gguf-py and llama.cpp disagree on zero signs (test below)
         ours = fmt.quantize(w, tensor=case)
         assert ours.shape == (w.shape[0], fmt.row_bytes(N_COLS)) and ours.dtype == np.uint8
         np.testing.assert_array_equal(ours, gguf_quantize(name, w), err_msg=f"{name} {case}")
+
+
+def test_signed_zero_blocks_follow_llama_cpp():
+    """All-zero blocks holding -0.0: llama.cpp's loops (not gguf-py's argmax/min) decide the sign of zero scales."""
+    w = np.zeros((1, 64), np.float32)
+    w[0, 0] = w[0, 33] = -0.0  # block 0 starts with -0.0, block 1 with +0.0
+    half = [get_format(n).quantize(w)[0].reshape(2, -1)[:, :4].copy().view(np.uint16) for n in ("q4_0", "q4_1")]
+    # Q4_0: max stays C's initial +0.0 and d = +0.0 / -8 = -0.0 in both blocks
+    assert half[0][:, 0].tolist() == [0x8000, 0x8000]
+    # Q4_1: min and max are the block's first element; d = max - min = -0.0 - -0.0 = +0.0
+    assert half[1].tolist() == [[0x0000, 0x8000], [0x0000, 0x0000]]
 
 
 @pytest.mark.parametrize("name", QUANTIZABLE)

@@ -47,8 +47,22 @@ def absmax(a: np.ndarray) -> np.ndarray:
 
 def signed_absmax(blocks: np.ndarray) -> np.ndarray:
     """(nb, n) -> (nb, 1): the element of largest magnitude, the first one on ties (+m vs -m), as llama.cpp's
-    `if (amax < fabsf(v))` loop and gguf-py's argmax pick it."""
-    return np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[:, None], axis=-1)
+    `if (amax < fabsf(v))` loop picks it. An all-zero block gives +0.0 (C's initial value) even when it holds
+    -0.0; adding +0.0 does that, as -0.0 + 0.0 == +0.0. (gguf-py would return the block's first zero.)"""
+    return np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[:, None], axis=-1) + np.float32(0)
+
+
+def block_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nb, n) -> ((nb, 1) min, (nb, 1) max) as llama.cpp's `if (v < min) min = v` loops find them: where the
+    extreme is zero, the first zero in the block decides its sign (numpy's min/max pick an arbitrary one)."""
+    lo = blocks.min(axis=-1, keepdims=True)
+    hi = blocks.max(axis=-1, keepdims=True)
+    for ext, first in ((lo, np.argmin), (hi, np.argmax)):
+        rows = np.flatnonzero(ext == 0)  # rare: only blocks whose min or max is exactly zero
+        if rows.size:
+            sub = blocks[rows]
+            ext[rows] = np.take_along_axis(sub, first(sub, axis=-1)[:, None], axis=-1)
+    return lo, hi
 
 
 def safe_inverse(d: np.ndarray) -> np.ndarray:

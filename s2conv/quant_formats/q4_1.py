@@ -9,15 +9,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from s2conv.quant_formats.ggml_common import GGMLFormat, f16_from_bytes, pack_nibbles, safe_inverse, unpack_nibbles
+from s2conv.quant_formats.ggml_common import (GGMLFormat, block_min_max, f16_from_bytes, pack_nibbles, safe_inverse,
+                                              unpack_nibbles)
 
 
 class Q4_1(GGMLFormat, name="q4_1"):
     ggml_type = GGMLQuantizationType.Q4_1
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
-        lo = blocks.min(axis=-1, keepdims=True)
-        hi = blocks.max(axis=-1, keepdims=True)
+        lo, hi = block_min_max(blocks)
         self._require_finite(lo, hi, tensor=tensor)
         d = (hi - lo) / np.float32(15)
         out = np.empty((blocks.shape[0], self.type_size), dtype=np.uint8)
