@@ -114,7 +114,8 @@ def write_tokenizer_files(out_dir: Path, n_regular: int, codebook_size: int) -> 
     tok = build_tokenizer(n_regular, codebook_size)
     (out_dir / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     added = {}
-    for i, s in enumerate(list(QWEN_SPECIALS) + list(FISH_SPECIALS) + [semantic_token(k) for k in range(codebook_size)]):
+    specials = list(QWEN_SPECIALS) + list(FISH_SPECIALS) + [semantic_token(k) for k in range(codebook_size)]
+    for i, s in enumerate(specials):
         added[str(n_regular + i)] = dict(content=s, lstrip=False, normalized=False, rstrip=False, single_word=False,
                                          special=True)
     cfg = dict(add_bos_token=False, add_prefix_space=False, added_tokens_decoder=added, bos_token=None,
@@ -132,4 +133,5 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own Exception subclass for any parse problem
-        raise CheckpointError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load tokenizer: {first}") from None
