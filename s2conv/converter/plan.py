@@ -110,6 +110,8 @@ def codec_sources(names, shape_of, dtype_of) -> list[SourceTensor]:
 def plan_row(src: SourceTensor, policy: Policy) -> PlanRow:
     """Choose the storage of one tensor and compute its stored shape and size."""
     choice = policy.choose(src.name, src.shape, src.dtype)
+    if getattr(get_format(choice.format), "can_quantize", True) is False:
+        raise ConversionError(f"tensor {src.name!r}: format {choice.format!r} can only be decoded, not written")
     stored = get_format(choice.stored)
     shape = src.shape if src.shape else (1,)
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1

@@ -40,7 +40,7 @@ class UnpackResult:
 
 def dequantize_tensor(reader, t) -> torch.Tensor:
     """One GGUF tensor -> float32 torch tensor of its logical PyTorch shape (I8 tensors through s2conv keys)."""
-    raw = np.asarray(reader.data[t.data_offset: t.data_offset + t.n_bytes], dtype=np.uint8)
+    raw = np.array(reader.data[t.data_offset: t.data_offset + t.n_bytes], dtype=np.uint8)  # writable copy
     fmt_name = field_value(reader, KEY_TENSOR_FORMAT.format(name=t.name))
     if fmt_name is not None:
         shape = tuple(int(x) for x in field_value(reader, KEY_TENSOR_SHAPE.format(name=t.name), []))
