@@ -367,3 +367,20 @@ def test_plan_without_writing_reads_no_tensor_data(ckpt, tiny):
     assert len(plan.rows) == len(ckpt.model_names()) + len([n for n in ckpt.codec_names()
                                                              if not n.endswith(("original0", "weight_g"))])
     assert math.isclose(plan.summary["embeddings"]["bpw"], 16.0)
+
+
+def test_sizes_table_for_real_s2_pro_shapes():
+    from s2conv.converter.sizes import size_table
+
+    from s2conv.codec_schema import folded_codec_tensor_shapes
+    from s2conv.schema import CodecConfig
+
+    t = size_table()
+    folded = sum(math.prod(s) for s in folded_codec_tensor_shapes(CodecConfig()).values())  # g tensors folded away
+    assert t["model"]["params"] == 4_561_852_416 + folded
+    bf16 = t["types"]["bf16"]["slow"]
+    assert bf16["slow_ar"]["params"] + bf16["embeddings"]["params"] + bf16["fast_ar"]["params"] == 4_561_852_416
+    assert bf16["codec"]["bytes"] == 2 * folded  # f16 codec
+    q80 = t["types"]["q8_0"]["all"]
+    assert q80["slow_ar"]["bpw"] == pytest.approx(8.5, abs=0.01)  # norms add ~0.001
+    assert t["types"]["q4_k_m"]["slow"]["total"]["bytes"] < t["types"]["q8_0"]["slow"]["total"]["bytes"]
