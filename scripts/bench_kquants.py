@@ -34,21 +34,28 @@ def main() -> None:
     if ggml is None:
         print("llama.cpp oracle not installed: timing s2conv only")
     print(f"tensor {args.rows}x{args.cols} ({w.size / 1e6:.1f} M weights, Student-t df 3)")
+    print("rates: weights per wall second, and per CPU second (all threads; meaningful on a shared, loaded machine)")
     for name in args.formats.split(","):
         fmt = get_format(name)
-        t0 = time.perf_counter()
-        ours = fmt.quantize(w)
-        t_ours = time.perf_counter() - t0
-        line = (f"{name}: s2conv {w.size / t_ours / 1e6:6.1f} M weights/s ({t_ours:5.2f} s; full model "
-                f"{MODEL_WEIGHTS / (w.size / t_ours) / 60:4.1f} min)")
+        ours, t_ours, c_ours = timed(fmt.quantize, w)
+        line = (f"{name}: s2conv {rate(w, t_ours)} wall, {rate(w, c_ours)} cpu (full model "
+                f"{MODEL_WEIGHTS / (w.size / t_ours) / 60:4.1f} min wall)")
         if ggml is not None:
-            t0 = time.perf_counter()
-            ref = ggml.quantize(fmt.ggml_type, w)
-            t_ref = time.perf_counter() - t0
-            line += (f" | llama.cpp 1 thread {w.size / t_ref / 1e6:6.1f} M weights/s ({t_ref:5.2f} s)"
+            ref, t_ref, c_ref = timed(ggml.quantize, fmt.ggml_type, w)
+            line += (f" | llama.cpp 1 thread {rate(w, t_ref)} wall, {rate(w, c_ref)} cpu"
                      f" | bytes equal: {bool((ours == ref).all())}")
         print(line, flush=True)
 
+
+def timed(fn, *args):
+    """(result, wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def rate(w: np.ndarray, seconds: float) -> str:
+    return f"{w.size / seconds / 1e6:5.1f} M/s"
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from oracle import ggml  # noqa: F401  (pytest fixture)
 
 from s2conv.errors import QuantFormatError
 from s2conv.quant_formats import format_for_ggml_type, get_format
+from s2conv.quant_formats._kquant import dot0, sum0
 
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 GGML_TYPES = {"q2_k": GGMLQuantizationType.Q2_K, "q3_k": GGMLQuantizationType.Q3_K, "q4_k": GGMLQuantizationType.Q4_K,
@@ -49,6 +50,20 @@ def make_cases() -> dict[str, np.ndarray]:
 
 
 CASES = make_cases()
+
+
+@pytest.mark.parametrize("n_cols", [8, 16, 512, 8192])
+def test_sums_run_in_c_order(n_cols):
+    """Bit-exactness rests on numpy summing (n, N) arrays over axis 0 in index order, products left to right."""
+    rng = np.random.default_rng(n_cols)
+    a, b, c = ((rng.standard_t(3, (32, n_cols)) * 10.0 ** rng.integers(-6, 4, (32, 1))).astype(np.float32)
+               for _ in "abc")
+    s_a, s_ab, s_abc = (np.zeros(n_cols, np.float32) for _ in range(3))
+    for i in range(32):
+        s_a, s_ab, s_abc = s_a + a[i], s_ab + a[i] * b[i], s_abc + a[i] * b[i] * c[i]
+    np.testing.assert_array_equal(sum0(a), s_a)
+    np.testing.assert_array_equal(dot0(a, b), s_ab)
+    np.testing.assert_array_equal(dot0(a, b, c), s_abc)
 
 
 @pytest.mark.parametrize("name", KQUANTS)

@@ -3,7 +3,8 @@
 The searches of ggml-quants.c (`make_qkx2_quants`, `make_qx_quants`, `make_q3_quants`) are re-expressed over all
 sub-blocks at once: a sub-block of n weights is one column of an (n, N) float32 array, and the loops run over the
 candidate steps (or, for Q3_K, over the n elements), never over blocks. Every float32 operation happens in the same
-order as in the C code (axis-0 reductions of numpy add in sequence), so the bytes equal llama.cpp's.
+order as in the C code (see `sum0`, `dot0`), quirks included, so the bytes equal llama.cpp's (`quantize_row_*_ref`,
+what `ggml_quantize_chunk` runs without an importance matrix).
 """
 from __future__ import annotations
 
@@ -38,8 +39,21 @@ def to_u8(v: np.ndarray) -> np.ndarray:
 
 
 def sum0(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order, starting from 0.0f, as C's `float s = 0; for (i...) s += a[i];`."""
+    """Sum over axis 0 in index order, starting from 0.0f, as C's `float s = 0; for (i...) s += a[i];`.
+
+    numpy adds the rows of a C-ordered (n, N) array one after the other when N >= 2 (for N = 1 it would sum
+    pairwise); K-quant chunks always have N >= 8 columns.
+    """
     return np.add.reduce(a, axis=0, initial=_F32(0))
+
+
+def dot0(*factors: np.ndarray) -> np.ndarray:
+    """sum over axis 0 of the elementwise product, as C's `s += a[i]*b[i]*c[i]` (products left to right, then
+    added in index order from 0.0f). np.einsum without `optimize` runs exactly that loop for (n, N) C-ordered
+    float32 operands (checked by tests/test_kquants.py) and saves the temporaries of multiply-then-reduce.
+    """
+    spec = ",".join(["ij"] * len(factors)) + "->j"
+    return np.einsum(spec, *factors)
 
 
 def columns(x: np.ndarray, n: int) -> np.ndarray:
@@ -70,7 +84,6 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     mn[flat] = mx[flat] - 1  # any origin: flat columns are overwritten at the end
     L = np.empty_like(x)
     t = np.empty_like(x)  # work buffers, reused: fresh temporaries cost more than the arithmetic
-    t2 = np.empty_like(x)
 
     def grid(iscale, origin):
         np.subtract(x, origin, out=L)
@@ -83,8 +96,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         np.add(t, minimum, out=t)
         np.subtract(t, x, out=t)
         (np.abs if use_mad else np.square)(t, out=t)
-        np.multiply(t, w, out=t)
-        return sum0(t)
+        return dot0(w, t)
 
     best_iscale = _F32(nmax) / (mx - mn)
     best_origin = mn.copy()  # the origin the best grid was laid from
@@ -96,12 +108,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         for step in range(nstep + 1):
             iscale = _F32(_F32(_F32(rmin) + _F32(rdelta) * _F32(step)) + _F32(nmax)) / (mx - best_min)
             grid(iscale, best_min)
-            np.multiply(w, L, out=t)
-            sum_l = sum0(t)
-            np.multiply(t, x, out=t2)
-            sum_xl = sum0(t2)
-            t *= L
-            sum_l2 = sum0(t)
+            sum_l, sum_l2, sum_xl = dot0(w, L), dot0(w, L, L), dot0(w, L, x)
             D = sum_w * sum_l2 - sum_l * sum_l
             scale = (sum_w * sum_xl - sum_x * sum_l) / D
             minimum = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -122,7 +129,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     return best_scale, -best_min, L
 
 
-def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column: max |x| and the signed value where it is first reached (C's `if (ax > amax)` scan).
 
     (argmax along axis 0 is slow in numpy; the sign is only ambiguous where both +max and -max occur.)
@@ -143,14 +150,13 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     x: (n, N) float32. Returns scale (N,) and L (n, N) float32 in [0, 2*nmax-1] (x ~ scale * (L - nmax));
     all-zero columns get scale 0 and L = 0.
     """
-    amax, signed_max = _abs_max(x)
+    amax, signed_max = abs_max(x)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, _F32(1), signed_max)
     w = x * x
     wx = w * x
 
     L = np.empty_like(x)
-    t = np.empty_like(x)
 
     def grid(iscale):
         np.multiply(x, iscale, out=L)
@@ -158,11 +164,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         return np.clip(L, _F32(-nmax), _F32(nmax - 1), out=L)
 
     def sums(L):
-        np.multiply(wx, L, out=t)
-        sumlx = sum0(t)
-        np.multiply(w, L, out=t)
-        np.multiply(t, L, out=t)
-        return sumlx, sum0(t)
+        return dot0(wx, L), dot0(w, L, L)
 
     best_iscale = _F32(-nmax) / safe_max
     sumlx, suml2 = sums(grid(best_iscale))
@@ -193,7 +195,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     a column that a pass left unchanged is done (the next pass would repeat the same steps), so later passes
     work on the still-changing columns only.
     """
-    amax, signed_max = _abs_max(x)
+    amax, signed_max = abs_max(x)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, _F32(1), signed_max)
     iscale = _F32(-nmax) / safe_max
@@ -329,6 +331,10 @@ def bits_torch(packed: torch.Tensor, nbits: int) -> torch.Tensor:
 
 # ----- the format base class --------------------------------------------------------------------------------------
 def _n_threads() -> int:
+    """Threads for quantizing one tensor: $S2CONV_QUANT_THREADS, else the usable CPUs (at most 8)."""
+    env = os.environ.get("S2CONV_QUANT_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

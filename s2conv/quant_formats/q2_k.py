@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from s2conv.quant_formats._kquant import (
     KQuantFormat, bits_np, bits_torch, columns, fp16, half_np, half_torch, make_qkx2_quants, nearest_int,
-    requantize, to_u8, uncolumns,
+    requantize, to_u8,
 )
 from s2conv.quant_formats.q3_k import pack_2bit
 
@@ -28,6 +28,7 @@ def _nibble_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Q2K(KQuantFormat, name="q2_k"):
     ggml_type = GGMLQuantizationType.Q2_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]
+    chunk_weights = 1 << 18  # short (16-weight) columns: larger chunks amortize the per-call overhead
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         n_blocks = x.shape[0]

@@ -11,8 +11,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from s2conv.quant_formats._kquant import (
-    KQuantFormat, _abs_max, bits_np, bits_torch, columns, fp16, half_np, half_torch, make_q3_quants, nearest_int,
-    requantize, uncolumns,
+    KQuantFormat, abs_max, bits_np, bits_torch, columns, fp16, half_np, half_torch, make_q3_quants, nearest_int,
+    requantize,
 )
 
 _BIT_WEIGHTS = (1 << np.arange(8, dtype=np.uint8))[None, :, None]
@@ -34,7 +34,7 @@ class Q3K(KQuantFormat, name="q3_k"):
         n_blocks = x.shape[0]
         scales, L = make_q3_quants(columns(x, 16), 4)
         scales = scales.reshape(n_blocks, 16)
-        _, max_scale = _abs_max(scales.T)
+        _, max_scale = abs_max(scales.T)
         nonzero = max_scale != 0
         with np.errstate(divide="ignore"):
             iscale = np.float32(-32) / np.where(nonzero, max_scale, np.float32(1))

@@ -10,7 +10,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from s2conv.quant_formats._kquant import (
-    KQuantFormat, columns, half_np, half_torch, make_qkx2_quants, pack_scales_mins_k4, requantize, sum0, uncolumns,
+    KQuantFormat, columns, half_np, half_torch, make_qkx2_quants, pack_scales_mins_k4, requantize, sum0,
     unpack_scales_mins_k4, unpack_scales_mins_k4_torch,
 )
 

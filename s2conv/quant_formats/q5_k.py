@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from s2conv.quant_formats._kquant import (
     KQuantFormat, bits_np, bits_torch, columns, half_np, half_torch, make_qkx2_quants, pack_scales_mins_k4,
-    requantize, sum0, uncolumns, unpack_scales_mins_k4, unpack_scales_mins_k4_torch,
+    requantize, sum0, unpack_scales_mins_k4, unpack_scales_mins_k4_torch,
 )
 
 _BIT_WEIGHTS = (1 << np.arange(8, dtype=np.uint8))[None, :, None]

@@ -11,8 +11,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from s2conv.quant_formats._kquant import (
-    GROUP_MAX_EPS, KQuantFormat, _abs_max, bits_np, bits_torch, columns, fp16, half_np, half_torch, make_qx_quants,
-    nearest_int, requantize, uncolumns,
+    GROUP_MAX_EPS, KQuantFormat, abs_max, bits_np, bits_torch, columns, fp16, half_np, half_torch, make_qx_quants,
+    nearest_int, requantize,
 )
 
 
@@ -24,7 +24,7 @@ class Q6K(KQuantFormat, name="q6_k"):
         n_blocks = x.shape[0]
         scales, L = make_qx_quants(columns(x, 16), 32)
         scales = scales.reshape(n_blocks, 16)
-        amax, max_scale = _abs_max(scales.T)
+        amax, max_scale = abs_max(scales.T)
         zero = amax < GROUP_MAX_EPS  # the whole super-block is written as zeros
         with np.errstate(divide="ignore"):
             iscale = np.float32(-128) / np.where(zero, np.float32(1), max_scale)
