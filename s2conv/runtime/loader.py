@@ -46,7 +46,8 @@ def s2_config_from_gguf(f: GGUFFile) -> S2Config:
     <|im_end|> is resolved by name in the file's vocabulary."""
     d = S2Config()
     u = lambda key, default: f.get(key, default, kind=int)  # noqa: E731
-    fl = lambda key, default: f.get(key, default, kind=float)  # noqa: E731
+    # FLOAT32 metadata: take the shortest decimal that rounds to the stored value (1e-06, not 9.99999997e-07)
+    fl = lambda key, default: float(f"{f.get(key, default, kind=float):.7g}")  # noqa: E731
     b = lambda key, default: f.get(key, default, kind=bool)  # noqa: E731
     n_head, dim = u(A + "attention.head_count", d.n_head), u(A + "embedding_length", d.dim)
     n_kv = u(A + "attention.head_count_kv", d.n_local_heads)
@@ -57,8 +58,7 @@ def s2_config_from_gguf(f: GGUFFile) -> S2Config:
         head_dim = f.tensor_shape("layers.0.attention.wqkv.weight")[0] // (n_head + 2 * n_kv)
     else:
         head_dim = u(A + "attention.key_length", dim // n_head)
-    tokens = f.get("tokenizer.ggml.tokens", None)
-    eos = tokens.index("<|im_end|>") if tokens and "<|im_end|>" in tokens else d.eos_token_id
+    ids = {t: i for i, t in enumerate(f.get("tokenizer.ggml.tokens", []))}
     return S2Config(
         vocab_size=u(A + "vocab_size", d.vocab_size), n_layer=u(A + "block_count", d.n_layer), dim=dim,
         n_head=n_head, n_local_heads=n_kv, head_dim=head_dim,
@@ -75,7 +75,9 @@ def s2_config_from_gguf(f: GGUFFile) -> S2Config:
         fast_attention_qk_norm=b(F + "fast_attention_qk_norm", False),
         codebook_size=u(F + "codebook_size", d.codebook_size), num_codebooks=u(F + "num_codebooks", d.num_codebooks),
         semantic_begin_id=u(F + "semantic_begin_id", d.semantic_begin_id),
-        semantic_end_id=u(F + "semantic_end_id", d.semantic_end_id), eos_token_id=eos,
+        semantic_end_id=u(F + "semantic_end_id", d.semantic_end_id),
+        eos_token_id=ids.get("<|im_end|>", d.eos_token_id), pad_token_id=ids.get("<|pad|>", d.pad_token_id),
+        audio_pad_token_id=ids.get("<|audio_pad|>", d.audio_pad_token_id),
         scale_codebook_embeddings=b(F + "scale_codebook_embeddings", False),
     )
 
