@@ -137,6 +137,26 @@ def info(checkpoint: str, check: bool, as_json: bool) -> None:
     result = checkpoint_info(checkpoint, check=check)
     click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
 
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, help="Source checkpoint directory (or HF repo id) of the file.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure to this JSON file.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), help="Write PNG plots into this directory.")
+@click.option("--max-kl", type=float, help="Fail when a head's mean KL divergence is above this.")
+@click.option("--min-top1", type=float, help="Fail when a head's top-1 agreement is below this.")
+@click.option("--frames", type=int, default=32, show_default=True, help="Teacher-forced frames per probe prompt.")
+@click.option("--greedy-frames", type=int, default=32, show_default=True, help="Greedy synthesis frames (0: skip).")
+def verify(file, reference, json_path, plots_dir, max_kl, min_top1, frames, greedy_frames) -> None:
+    """Compare a GGUF file with its source checkpoint: tensors, logits (KL, top-1) and decoded audio."""
+    from s2conv.verify import run_verify
+
+    report = run_verify(file, reference, json_path=json_path, plots_dir=plots_dir, max_kl=max_kl,
+                        min_top1=min_top1, frames=frames, greedy_frames=greedy_frames)
+    click.echo(report.table())
+    report.check()
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
