@@ -46,6 +46,7 @@ def make_cases() -> dict[str, np.ndarray]:
         "sparse_patterns": mixed,
         "tiny_1e-8": (rng.standard_normal((17, 256)) * 1e-8).astype(np.float32),
         "large_1e4": (rng.standard_normal((3, 512)) * 1e4).astype(np.float32),
+        "subnormal_1e-39": (rng.standard_normal((2, 256)) * 1e-39).astype(np.float32),  # scales overflow to inf
     }
 
 
@@ -141,7 +142,7 @@ def test_matches_llama_cpp(ggml, name, case):  # noqa: F811
 @pytest.mark.oracle
 @pytest.mark.parametrize("name", KQUANTS)
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 3), scale_exp=st.integers(-6, 3),
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 3), scale_exp=st.integers(-40, 3),
        levels=st.sampled_from([0, 2, 5]))
 def test_matches_llama_cpp_random(ggml, name, seed, rows, scale_exp, levels):  # noqa: F811
     """Random scales and value sets (levels > 0: few distinct values, so ties and flat sub-blocks happen)."""
@@ -164,6 +165,8 @@ def test_rejects_bad_input(name):
     w[1, 7] = np.inf
     with pytest.raises(QuantFormatError, match="layer.x"):
         fmt.quantize(w, tensor="layer.x")
+    with pytest.raises(QuantFormatError, match="big.w: max \\|value\\| 1e\\+05 exceeds 65504"):
+        fmt.quantize(np.full((1, 256), -1e5, np.float32), tensor="big.w")
     with pytest.raises(QuantFormatError, match="not a multiple of the block size 256"):
         fmt.quantize(np.zeros((2, 320), np.float32), tensor="t")
     with pytest.raises(QuantFormatError, match="2-D"):

@@ -20,6 +20,7 @@ from s2conv.quant_formats.base import QuantFormat
 
 QK_K = 256  # weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this max |x| a sub-block counts as all zero (ggml-quants.c)
+FP16_MAX = 65504.0  # largest float16; K-quant inputs must stay within it
 _F32 = np.float32
 
 
@@ -34,7 +35,11 @@ def fp16(v: np.ndarray) -> np.ndarray:
 
 
 def to_u8(v: np.ndarray) -> np.ndarray:
-    """C's int -> uint8_t conversion (wraps modulo 256) of a float array holding integers."""
+    """uint8_t of ggml's nearest_int of a float array holding integers (C wraps modulo 256).
+
+    nearest_int of inf or NaN (scales of denormal-tiny sub-blocks) has low byte 0 in C; here too.
+    """
+    v = np.where(np.isfinite(v), v, _F32(0))
     return (v.astype(np.int64) & 0xFF).astype(np.uint8)
 
 
@@ -90,6 +95,9 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         np.multiply(L, iscale, out=L)
         np.rint(L, out=L)  # ggml's nearest_int
         np.clip(L, _F32(0), _F32(nmax), out=L)
+        overflow = ~np.isfinite(iscale)  # denormal-tiny range: C's nearest_int(inf or NaN) clamps to 0
+        if overflow.any():
+            L[:, overflow] = 0
 
     def error(scale, minimum):
         np.multiply(L, scale, out=t)
@@ -98,13 +106,13 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         (np.abs if use_mad else np.square)(t, out=t)
         return dot0(w, t)
 
-    best_iscale = _F32(nmax) / (mx - mn)
-    best_origin = mn.copy()  # the origin the best grid was laid from
-    best_scale = _F32(1) / best_iscale
-    best_min = mn.copy()
-    grid(best_iscale, best_origin)
-    best_err = error(best_scale, best_min)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # only in columns C skips or rejects
+        best_iscale = _F32(nmax) / (mx - mn)
+        best_origin = mn.copy()  # the origin the best grid was laid from
+        best_scale = _F32(1) / best_iscale
+        best_min = mn.copy()
+        grid(best_iscale, best_origin)
+        best_err = error(best_scale, best_min)
         for step in range(nstep + 1):
             iscale = _F32(_F32(_F32(rmin) + _F32(rdelta) * _F32(step)) + _F32(nmax)) / (mx - best_min)
             grid(iscale, best_min)
@@ -122,7 +130,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             best_origin[better] = best_min[better]
             best_scale[better] = scale[better]
             best_min[better] = minimum[better]
-    grid(best_iscale, best_origin)
+        grid(best_iscale, best_origin)
     L[:, flat] = 0
     best_scale[flat] = 0
     best_min[flat] = mx[flat]
@@ -281,11 +289,11 @@ def pack_scales_mins_k4(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarra
     """
     max_scale = np.maximum(scales.max(axis=1), _F32(0))
     max_min = np.maximum(mins.max(axis=1), _F32(0))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # inf only for denormal-tiny blocks
         inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
         inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
-    ls = np.minimum(to_u8(nearest_int(inv_scale[:, None] * scales)), 63)
-    lm = np.minimum(to_u8(nearest_int(inv_min[:, None] * mins)), 63)
+        ls = np.minimum(to_u8(nearest_int(inv_scale[:, None] * scales)), 63)
+        lm = np.minimum(to_u8(nearest_int(inv_min[:, None] * mins)), 63)
     packed = np.concatenate([
         ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
         lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
@@ -370,6 +378,10 @@ class KQuantFormat(QuantFormat):
         if not np.isfinite(w).all():
             bad = int(np.count_nonzero(~np.isfinite(w)))
             raise QuantFormatError(f"{tensor}: {bad} NaN/Inf values; cannot quantize to {self.name}")
+        peak = float(np.abs(w).max()) if w.size else 0.0
+        if peak > FP16_MAX:  # the fp16 block scales would overflow (llama.cpp would silently write inf)
+            raise QuantFormatError(f"{tensor}: max |value| {peak:.4g} exceeds {FP16_MAX:g}, the float16 range "
+                                   f"that {self.name} scales can encode")
         x = w.reshape(-1, QK_K)
         out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
         step = max(1, self.chunk_weights // QK_K)

@@ -17,12 +17,11 @@ from s2conv.quant_formats.q3_k import pack_2bit
 
 
 def _nibble_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, 16) non-negative sub-block values -> (4-bit multiples (B, 16) int64, fp16 unit (B,)) with unit = max/15."""
+    """(B, 16) non-negative sub-block values -> (4-bit multiples (B, 16) uint8, fp16 unit (B,)), unit = max/15."""
     top = np.maximum(values.max(axis=1), np.float32(0))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # inf only for denormal-tiny blocks
         inv = np.where(top > 0, np.float32(15) / top, np.float32(0))
-    levels = nearest_int(inv[:, None] * values).astype(np.int64)
-    return levels, np.where(top > 0, fp16(top / np.float32(15)), np.float16(0))
+        return to_u8(nearest_int(inv[:, None] * values)), np.where(top > 0, fp16(top / np.float32(15)), np.float16(0))
 
 
 class Q2K(KQuantFormat, name="q2_k"):
@@ -36,7 +35,7 @@ class Q2K(KQuantFormat, name="q2_k"):
         scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
         ls, d = _nibble_scale(scales.reshape(n_blocks, 16))
         lm, dmin = _nibble_scale(mins.reshape(n_blocks, 16))
-        packed = to_u8(ls) | to_u8(lm << 4)  # the C code ORs (lm << 4) into a uint8_t
+        packed = ls | (lm << 4)  # uint8 arithmetic: the C code ORs (lm << 4) into a uint8_t
         sub_d = d.astype(np.float32)[:, None] * (packed & 0xF)
         sub_m = dmin.astype(np.float32)[:, None] * (packed >> 4)
         L = requantize(x, sub_d, sub_m, 0, 3, L, 16).astype(np.uint8)
