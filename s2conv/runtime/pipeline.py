@@ -18,6 +18,7 @@ from s2conv.errors import RuntimeModelError
 from s2conv.runtime import prompt as P
 from s2conv.runtime.audio import load_audio
 from s2conv.runtime.dual_ar import generate
+from s2conv.runtime.frame_loop import generate_frames
 from s2conv.runtime.loader import LoadedModel, load_model
 from s2conv.runtime.sampling import SamplingParams
 
@@ -79,7 +80,10 @@ class TTS:
                 raise RuntimeModelError(f"prompt of {tokens.shape[1]} tokens exceeds the model's limit of {limit}: "
                                         "shorten the text or the reference, or split it with <|speaker:N|> tags")
             frames = min(max_frames, cfg.max_seq_len - tokens.shape[1])
-            codes = generate(model, tokens.to(self.device), frames, params, generator)
+            if self.device.type == "cuda":  # whole-frame CUDA graphs, seeded from the device generator
+                codes = generate_frames(model, tokens.to(self.device), frames, params, seed=seed + len(all_codes))
+            else:
+                codes = generate(model, tokens.to(self.device), frames, params, generator)
             all_codes.append(codes)
             history += [P.Message("user", [batch]), P.Message("assistant", [codes.cpu()], voice=True)]
         return torch.cat(all_codes, dim=1)

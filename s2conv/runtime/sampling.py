@@ -56,15 +56,20 @@ def logits_to_probs(logits: Tensor, temperature: float, top_p: float, top_k: int
     exceeds top_p; always keep rank 0; then divide by max(temperature, 1e-5) and softmax. temperature and top_p are
     rounded to logits' dtype first, as upstream creates them in the model dtype.
     """
-    t = torch.tensor(temperature, dtype=logits.dtype, device=logits.device)
-    p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+    # rounded on the host: creating device tensors here would copy from the host inside a CUDA-graph capture
+    t = _round_to(max(temperature, 1e-5), logits.dtype)
+    p = _round_to(top_p, logits.dtype)
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     cum_probs = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
     rank = torch.arange(logits.shape[-1], device=logits.device)
     remove = ((cum_probs > p) | (rank >= top_k)) & (rank != 0)
     remove = remove.scatter(-1, sorted_idx, remove)
     logits = torch.where(remove, float("-inf"), logits)
-    return torch.softmax(logits / torch.clamp(t, min=1e-5), dim=-1)
+    return torch.softmax(logits / t, dim=-1)
+
+
+def _round_to(x: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(x, dtype=dtype))
 
 
 def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,128 @@
+"""The decode loop with static buffers, replayed as one CUDA graph per frame on GPUs.
+
+A frame (slow step, semantic head, sampling with RAS, the fast AR's depth loop and its sampling) reads and writes
+only preallocated buffers: the previous frame column, the position, the RAS window and the output frames. Replaying
+the captured graph N times therefore decodes N frames with no host work in between; the host only watches for
+<|im_end|>, one frame behind the GPU, through a pinned copy. The attention span is bucketed (a multiple of
+`SPAN_STEP` positions), with one graph per bucket, so early frames do not read the whole KV cache.
+On the CPU the same step runs eagerly, so the loop logic is tested without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.dual_ar import DualARTransformer
+from s2conv.runtime.sampling import SamplingParams
+
+SPAN_STEP = 256
+
+
+class FrameLoop:
+    """Decodes frames into `frames` [1 + num_codebooks, max_frames] starting after a prefilled prompt."""
+
+    def __init__(self, model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool):
+        cfg, dev = model.cfg, model.norm.weight.device
+        self.model, self.params, self.use_graphs = model, params, use_graphs
+        self.column = torch.zeros(1, cfg.num_codebooks + 1, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)  # next free column of `frames`
+        self.previous = torch.zeros(1, params.ras_window, dtype=torch.long, device=dev)
+        self.frames = torch.zeros(cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _step(self, span: int) -> None:
+        """One frame from the static buffers into the static buffers (the body of the graph)."""
+        m = self.model
+        frame = m.decode_one_frame(self.column, self.pos, self.params, None,
+                                   self.previous if self.params.ras_window else None, kv_len=span)  # [1, 11]
+        self.frames.index_copy_(1, self.index, frame.T)
+        self.column.copy_(frame[:, :, None])
+        if self.params.ras_window:
+            self.previous.copy_(torch.cat([self.previous[:, 1:], frame[:, :1]], dim=1))
+        self.pos.add_(1)
+        self.index.add_(1)
+
+    def _graph(self, span: int) -> torch.cuda.CUDAGraph:
+        graph = self.graphs.get(span)
+        if graph is None:
+            # warm up on a side stream (allocator, cuBLAS handles, Triton autotuning), restoring the state the
+            # warm-up steps advanced; the KV slots they wrote are rewritten with the same values on replay
+            saved = [t.clone() for t in (self.column, self.pos, self.index, self.previous)]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(span)
+                    for t, s in zip((self.column, self.pos, self.index, self.previous), saved):
+                        t.copy_(s)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(span)
+            self.graphs[span] = graph
+        return graph
+
+    def run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int) -> Tensor:
+        """Decode after the prompt: `first` [1, 11] is the frame sampled from the prefill at position start_pos.
+
+        Returns the frames [1 + num_codebooks, n] up to (excluding) the first <|im_end|> frame."""
+        eos = self.model.cfg.eos_token_id
+        self.frames[:, :1].copy_(first.T)
+        self.column.copy_(first[:, :, None])
+        self.pos.fill_(start_pos)
+        self.index.fill_(1)
+        self.previous.zero_()
+        if int(first[0, 0]) == eos:
+            return self.frames[:, :0]
+        watch = torch.empty(max_frames, dtype=torch.long, pin_memory=self.use_graphs)
+        events: dict[int, torch.cuda.Event] = {}
+
+        def is_eos(j: int) -> bool:  # waits for frame j only
+            if self.use_graphs:
+                events.pop(j).synchronize()
+            return int(watch[j]) == eos
+
+        for k in range(1, max_frames):
+            span = min(max_seq, -(-(start_pos + k) // SPAN_STEP) * SPAN_STEP)
+            if self.use_graphs:
+                self._graph(span).replay()
+            else:
+                self._step(span)
+            watch[k:k + 1].copy_(self.frames[0, k:k + 1], non_blocking=self.use_graphs)
+            if self.use_graphs:
+                events[k] = torch.cuda.Event()
+                events[k].record()
+            if k >= 2 and is_eos(k - 1):  # frame k is already in flight while the host looks at k - 1
+                return self.frames[:, :k - 1]
+        if max_frames >= 2 and is_eos(max_frames - 1):
+            return self.frames[:, :max_frames - 1]
+        return self.frames[:, :max_frames]
+
+
+@torch.inference_mode()
+def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: int,
+                    params: SamplingParams = SamplingParams(), seed: int = 0,
+                    use_graphs: bool | None = None) -> Tensor:
+    """Codes [num_codebooks, n_frames] for one prompt [1 + num_codebooks, T], sampling from the device's default
+    generator seeded with `seed` (graph-safe). Stops at <|im_end|> (dropped) or after max_new_frames frames."""
+    cfg = model.cfg
+    if prompt.ndim != 2 or prompt.shape[0] != cfg.num_codebooks + 1:
+        raise RuntimeModelError(f"prompt shape {tuple(prompt.shape)}, expected ({cfg.num_codebooks + 1}, T)")
+    if max_new_frames < 1:
+        raise RuntimeModelError(f"max_new_frames must be >= 1, got {max_new_frames}")
+    t = prompt.shape[1]
+    if t + max_new_frames > cfg.max_seq_len:
+        raise RuntimeModelError(f"prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len {cfg.max_seq_len}")
+    device = prompt.device
+    use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+    model.setup_caches(1, t + max_new_frames)
+    hidden, logits = model.prefill(prompt[None])
+    first = model.sample_frame(hidden, logits, params, None)  # the prefill frame has no RAS window
+    loop = FrameLoop(model, params, max_new_frames, use_graphs)
+    return loop.run(first, t, max_new_frames, model.max_seq)[1:].clone()
