@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.gguf_reader import ReaderTensor
 
 from s2conv.errors import GGUFFormatError, SchemaError
+from s2conv.gguf_check import check_gguf
 from s2conv.quant_formats import QuantFormat, format_for_ggml_type, get_format
 from s2conv.schema import KEY_TENSOR_FORMAT, KEY_TENSOR_SHAPE
 
@@ -28,6 +29,7 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise GGUFFormatError(f"{self.path}: no such file")
+        self.layout = check_gguf(self.path)  # bounds every count and offset before gguf-py trusts them
         try:
             self.reader = GGUFReader(self.path, "r")
         except Exception as e:  # gguf-py raises ValueError, KeyError, IndexError, struct/numpy errors on bad files

@@ -38,22 +38,31 @@ def test_inspect_reports_every_tensor_and_component_sizes(exported):
     assert "layers.0.attention.wqkv.weight" in text and "Q6_K" in text
 
 
-def test_inspect_reads_foreign_gguf_and_flags_c_loader_problems(tmp_path):
-    path = tmp_path / "foreign.gguf"
+def _foreign(path, nested: bool = False, long_name: bool = False):
     w = GGUFWriter(path, "llama")
     w.add_uint32("llama.block_count", 1)
-    w.add_key_value("nested", [[1, 2], [3]], __import__("gguf").GGUFValueType.ARRAY)
+    if nested:
+        w.add_key_value("nested", [[1, 2], [3]], __import__("gguf").GGUFValueType.ARRAY)
     w.add_tensor("blk.0.attn_q.weight", np.ones((4, 8), np.float32))
-    w.add_tensor("x" * 70, np.ones((2,), np.float16))
+    w.add_tensor("x" * (70 if long_name else 7), np.ones((2,), np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    info = inspect_gguf(path)
-    assert [t["name"] for t in info["tensors"]] == ["blk.0.attn_q.weight", "x" * 70]
+    return path
+
+
+def test_inspect_reads_foreign_gguf_and_refuses_what_the_c_loader_refuses(tmp_path):
+    info = inspect_gguf(_foreign(tmp_path / "foreign.gguf"))
+    assert [t["name"] for t in info["tensors"]] == ["blk.0.attn_q.weight", "x" * 7]
     assert info["tensors"][0]["shape"] == [4, 8] and info["tensors"][0]["component"] == "all"
-    assert any("nested" in p for p in info["problems"]) and any("longer than 63" in p for p in info["problems"])
+    assert info["problems"] == []
     json.dumps(info)  # JSON-ready
+    # gguf-py writes nested arrays and 70-byte names; the ggml C loader (and so s2conv's validator) rejects them
+    with pytest.raises(GGUFFormatError, match="nested array"):
+        inspect_gguf(_foreign(tmp_path / "nested.gguf", nested=True))
+    with pytest.raises(GGUFFormatError, match="70 bytes, more than ggml's 63"):
+        inspect_gguf(_foreign(tmp_path / "long.gguf", long_name=True))
 
 
 @pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all" * 10, "truncate"])

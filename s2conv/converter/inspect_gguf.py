@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 
 from s2conv.converter.plan import COMPONENTS, GGML_MAX_DIMS, GGML_MAX_NAME
 from s2conv.errors import GGUFFormatError
+from s2conv.gguf_check import check_gguf
 from s2conv.schema import ARCH, KEY_TENSOR_FORMAT, KEY_TENSOR_SHAPE, component_of
 
 MAX_LIST = 8  # array elements shown unless full=True
@@ -25,6 +26,7 @@ def open_gguf(path: Path | str) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise GGUFFormatError(f"{path}: no such file")
+    check_gguf(path)  # counts, lengths, offsets and the C loader's rules, before gguf-py reads anything
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError, struct/numpy errors, IndexError... on malformed files
