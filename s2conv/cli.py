@@ -157,6 +157,32 @@ def verify(file, reference, json_path, plots_dir, max_kl, min_top1, frames, gree
     report.check()
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Experiment directory.")
+@click.option("--phase", "phases", multiple=True, help="all, or 1a 1b 2a 2b 2c 3a 3b (repeatable).")
+@click.option("--type", "types", multiple=True, metavar="TYPE[:TARGET]", help="Also run this --type (repeatable).")
+@click.option("--max-frames", type=int, help="Frames per sample (default: 48 for tiny models, 1024 otherwise).")
+@click.option("--force", is_flag=True, help="Redo phases that are already complete.")
+def experiment(model, output, phases, types, max_frames, force) -> None:
+    """Export, verify and synthesize samples for each quantization phase; write a summary and plots."""
+    from s2conv.experiment import ExperimentSettings, format_outcome, run_experiment
+
+    result = run_experiment(model, output, phases or (() if types else ("all",)), types, force=force,
+                            settings=ExperimentSettings(max_frames=max_frames))
+    click.echo(format_outcome(result))
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("s2conv-demo"), show_default=True)
+@click.option("--force", is_flag=True, help="Redo phases that are already complete.")
+def demo(output, force) -> None:
+    """Offline demo: every phase on a synthetic tiny checkpoint (cached in $S2CONV_CACHE or ~/.cache/s2conv)."""
+    from s2conv.experiment import run_demo
+
+    click.echo(run_demo(output, force=force))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
