@@ -355,6 +355,10 @@ def test_fp16_scales_cost_little_and_overflow_is_an_error(name):
     e32 = rel_rmse(fmt.dequantize(fmt.quantize(w), N_COLS), w)
     e16 = rel_rmse(fmt.dequantize(fmt.quantize(w, fp16_scales=True), N_COLS), w)
     assert e16 <= e32 * 1.01
+    tiny = fmt.quantize(w * np.float32(1e-9), fp16_scales=True)  # scales underflow float16: zeros, never NaN
+    scales, _ = fmt._unpack(tiny, N_COLS)
+    np.testing.assert_array_equal(scales, 0.0)
+    np.testing.assert_array_equal(fmt.dequantize(tiny, N_COLS), 0.0)
     big = w * np.float32(1e8)
     with pytest.raises(QuantFormatError, match="big.w"):
         fmt.quantize(big, fp16_scales=True, tensor="big.w")

@@ -15,41 +15,61 @@ import torch
 from s2conv.errors import QuantFormatError
 from s2conv.quant_formats.base import QuantFormat
 
+LAYOUT_VERSION = 1  # version of the byte layouts in docs/formats.md (GGUF key s2conv.layout_version)
 METHODS = ("rtn", "search")
 SCALE_BYTES = 4  # every block starts with its float32 scale
 FP16_MAX = 65504.0
-CHUNK_ELEMS = 1 << 18  # weights per work item: small enough that the temporaries stay in a core's L2 cache
+CHUNK_ELEMS = 1 << 17  # weights per work item: small enough that the temporaries stay in a core's L2 cache
 
 # ----- bit-field packing --------------------------------------------------------------------------------------
 # A group of g codes is packed into planes of `bits`-bit fields: with n = 8 // bits fields per byte, byte j of the
 # plane holds elements j, j + g/n, j + 2g/n, ... at bit offsets 0, bits, 2*bits, ... A GPU kernel unpacks a whole
 # plane with one load and n shifts, no gathers (this is Q4_0's "split halves" generalised).
+# On the CPU the shifts run on 64-bit words, 8 fields at once: a field < 2**bits shifted by less than 8 - bits
+# stays inside its own byte, so bytes never mix (whatever the byte order).
+
+_LANE_MASK = {b: int.from_bytes(bytes([(1 << b) - 1] * 8), "little") for b in (1, 2, 4)}
+
+
+def _lanes(x, m: int):
+    """View the last dim of a uint8 array as 64-bit words when m (its length) allows, else leave it bytes."""
+    if m % 8:
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.storage_offset() % 8 or any(st % 8 for st in x.stride()[:-1]):  # words must start on 8-byte steps
+            x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        return x.view(torch.int64)
+    return x.view(np.uint64)
 
 
 def pack_fields(u: torch.Tensor, bits: int) -> torch.Tensor:
     """(G, g) uint8 values < 2**bits -> (G, g * bits // 8) uint8 packed plane (layout above)."""
     n = 8 // bits
-    parts = u.reshape(u.shape[0], n, -1)
-    out = parts[:, 0].clone()
-    for k in range(1, n):  # n <= 8 whole-tensor ops, not a loop over blocks
-        out |= parts[:, k] << (bits * k)
-    return out
+    parts = _lanes(u.contiguous().reshape(u.shape[0], n, -1), u.shape[1] // n)  # (G, n, words)
+    shifts = (torch.arange(n) * bits).to(parts.dtype).reshape(1, n, 1)
+    # the shifted fields occupy disjoint bits, so their sum is their bitwise OR (two ops instead of 2n)
+    return (parts << shifts).sum(dim=1, dtype=parts.dtype).view(torch.uint8)
 
 
 def unpack_fields_np(plane: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of `pack_fields` in numpy: (G, nbytes) uint8 -> (G, nbytes * 8 // bits) uint8."""
     n = 8 // bits
-    shifts = (np.arange(n, dtype=np.uint8) * bits).reshape(1, n, 1)
-    fields = (plane[:, None, :] >> shifts) & np.uint8((1 << bits) - 1)
-    return fields.reshape(plane.shape[0], -1)
+    words = _lanes(np.ascontiguousarray(plane), plane.shape[1])
+    shifts = (np.arange(n) * bits).astype(words.dtype).reshape(1, n, 1)
+    fields = (words[:, None, :] >> shifts) & words.dtype.type(_LANE_MASK[bits] if words.dtype != np.uint8
+                                                              else (1 << bits) - 1)
+    return fields.view(np.uint8).reshape(plane.shape[0], -1)
 
 
 def unpack_fields_torch(plane: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_fields` in torch (any device): (G, nbytes) uint8 -> (G, nbytes * 8 // bits) uint8."""
     n = 8 // bits
-    shifts = (torch.arange(n, dtype=torch.uint8, device=plane.device) * bits).reshape(1, n, 1)
-    fields = (plane[:, None, :] >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(plane.shape[0], -1)
+    words = _lanes(plane.contiguous(), plane.shape[1])
+    shifts = (torch.arange(n, device=plane.device) * bits).to(words.dtype).reshape(1, n, 1)
+    # int64 >> is arithmetic: sign bits enter the top byte's high bits only, which the mask drops
+    mask = _LANE_MASK[bits] if words.dtype == torch.int64 else (1 << bits) - 1
+    fields = (words[:, None, :] >> shifts) & mask
+    return fields.view(torch.uint8).reshape(plane.shape[0], -1)
 
 
 # ----- scale search -------------------------------------------------------------------------------------------
@@ -74,14 +94,29 @@ def _multiplier(a_safe: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, a_safe / torch.where(s > 0, s, 1.0), 0.0)
 
 
-def _group_error(x: torch.Tensor, c: torch.Tensor | float, qmax: float, sxx: torch.Tensor) -> torch.Tensor:
+def _column(c: torch.Tensor | float) -> torch.Tensor | float:
+    """A per-group (G,) multiplier as a (G, 1) column for broadcasting; a float stays a float."""
+    return c[:, None] if isinstance(c, torch.Tensor) else c
+
+
+def _scale_of(a: torch.Tensor, c: torch.Tensor | float, fp16: bool) -> torch.Tensor:
+    """The stored scale absmax / c of the chosen multipliers (0 where c is 0). With fp16, c came from an
+    fp16-rounded scale s and absmax / c gives s back to within float32 rounding, which fp16 rounding removes."""
+    if isinstance(c, torch.Tensor):
+        c = torch.where(c > 0, c, torch.inf)
+    return _real_scales(a, c, fp16)
+
+
+def _group_error(x: torch.Tensor, c: torch.Tensor | float, qmax: float, sxx: torch.Tensor,
+                 t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Squared error sum((x - q / c)^2) per group (normalised units) of the codes q = clamp(round(x * c)).
 
-    c is a float (the same multiplier for every group) or a (G,) tensor.
+    c is a float (the same multiplier for every group) or a (G,) tensor. t and q are (G, g) scratch buffers:
+    writing into them instead of allocating keeps the hot loop free of allocator work and in cache.
     """
-    t = x * (c[:, None] if isinstance(c, torch.Tensor) else c)
-    t -= round_clamp(t, qmax)  # residual in code units; the error in x units is residual / c
-    e = torch.linalg.vector_norm(t, dim=1).square_()
+    torch.mul(x, _column(c), out=t)
+    torch.round(t, out=q).clamp_(-qmax, qmax)
+    e = torch.linalg.vector_norm(t.sub_(q), dim=1).square_()  # residual in code units; in x units it is / c
     if not isinstance(c, torch.Tensor):
         return e / (c * c)
     return torch.where(c > 0, e / torch.where(c > 0, c, 1.0).square(), sxx)
@@ -101,31 +136,31 @@ def search_scales(w: torch.Tensor, qmax: int, ratios: tuple[float, ...], refit: 
     x = w / a_safe[:, None]  # normalised to [-1, 1]: squares cannot overflow even for |w| near float32 max
     sxx = torch.linalg.vector_norm(x, dim=1).square_()
 
-    def candidate(c: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """(real scale, multiplier) of a candidate; with fp16 the multiplier follows the rounded scale."""
-        s = _real_scales(a, c, fp16)
-        return s, (_multiplier(a_safe, s) if fp16 else c)
+    def multiplier(c: float | torch.Tensor) -> torch.Tensor | float:
+        """The multiplier actually used for a nominal one: with fp16, the one of the fp16-rounded scale."""
+        return _multiplier(a_safe, _real_scales(a, c, fp16)) if fp16 else c
 
-    best_s, best_c = candidate(qmax / ratios[0])
-    if len(ratios) > 1 or refit:
-        best_c = best_c if isinstance(best_c, torch.Tensor) else torch.full_like(a, best_c)
-        best_e = _group_error(x, best_c, qmax, sxx)
-        for i in range(1, len(ratios) + (1 if refit else 0)):
-            if i < len(ratios):
-                s, c = candidate(qmax / ratios[i])
-            else:  # least-squares refit of the scale for the best codes so far: s = sum(x q) / sum(q q)
-                q = round_clamp(x * best_c[:, None], qmax)
-                sqq = torch.linalg.vector_norm(q, dim=1).square_()
-                sxq = torch.linalg.vecdot(x, q, dim=1)
-                ok = (sqq > 0) & (sxq > 0)
-                s, c = candidate(torch.where(ok, sqq / torch.where(ok, sxq, 1.0), best_c))
-            e = _group_error(x, c, qmax, sxx)
-            better = e < best_e
-            best_e = torch.where(better, e, best_e)
-            best_s = torch.where(better, s, best_s)
-            best_c = torch.where(better, c, best_c)
-    c = best_c[:, None] if isinstance(best_c, torch.Tensor) else best_c
-    return best_s, round_clamp(x * c, qmax)
+    mults = [multiplier(qmax / r) for r in ratios]
+    if len(mults) == 1 and not refit:  # plain rtn: nothing to compare
+        best_c = mults[0]
+    else:
+        # 1. the grid of clipping ratios; min() keeps the first (rtn) candidate on ties
+        t, q = torch.empty_like(x), torch.empty_like(x)
+        errs = torch.stack([_group_error(x, c, qmax, sxx, t, q) for c in mults])  # (K, G)
+        best_e, k = errs.min(dim=0)
+        if fp16:
+            best_c = torch.stack(mults).gather(0, k[None])[0]
+        else:
+            best_c = torch.tensor(mults, dtype=torch.float32)[k]
+        # 2. least-squares refit of the scale for the best codes: s = sum(x q) / sum(q q), codes re-rounded to it
+        if refit:
+            torch.round(torch.mul(x, best_c[:, None], out=t), out=q).clamp_(-qmax, qmax)
+            sqq = torch.linalg.vector_norm(q, dim=1).square_()
+            sxq = torch.linalg.vecdot(x, q, dim=1)
+            ok = (sqq > 0) & (sxq > 0)
+            c = multiplier(torch.where(ok, sqq / torch.where(ok, sxq, 1.0), best_c))
+            best_c = torch.where(_group_error(x, c, qmax, sxx, t, q) < best_e, c, best_c)
+    return _scale_of(a, best_c, fp16), round_clamp(x * _column(best_c), qmax)
 
 
 # ----- input handling and chunked execution -------------------------------------------------------------------
@@ -247,13 +282,13 @@ class GroupwiseFormat(QuantFormat):
 
         def job(r0: int, r1: int) -> None:
             chunk = w[r0:r1].to(torch.float32)
-            if not bool(torch.isfinite(chunk.abs().amax(dim=1)).all()):  # amax propagates NaN
+            amax = chunk.abs().amax(dim=1)
+            if not bool(torch.isfinite(amax).all()):  # amax propagates NaN
                 require_finite(chunk, r0, self.name, tensor)
+            if fp16_scales and float(amax.max()) / self.qmax > FP16_MAX:
+                raise QuantFormatError(f"{tensor}: absmax {float(amax.max()):g} needs a scale above the float16 "
+                                       f"maximum {FP16_MAX:g} in format {self.name!r}; fp16_scales is impossible")
             scale, codes = self._scales_and_codes(chunk.reshape(-1, g), method, fp16_scales)
-            if fp16_scales and not bool(torch.isfinite(scale).all()):
-                raise QuantFormatError(f"{tensor}: a group scale of format {self.name!r} exceeds the float16 "
-                                       f"maximum {FP16_MAX:g} (absmax {float(chunk.abs().max()):g}); "
-                                       f"fp16_scales is impossible")
             blocks = torch.cat([scale.reshape(-1, 1).view(torch.uint8), self._encode(codes)], dim=1)
             out[r0:r1] = blocks.reshape(r1 - r0, -1).numpy()
 
