@@ -218,7 +218,7 @@ def repack_q4_0(codes, scales):
     return repack_int("q4_0", codes, scales)
 
 
-def repack_q4_k(codes, scales, mins):
+def repack_q4_k(codes, scales, mins=None):
     """ggml Q4_K decoded to codes 0..15 [N, K], per-32 scales and mins [N, K / 32]: w = scale * code - min."""
     return repack_int("q4_k", codes, scales, mins)
 

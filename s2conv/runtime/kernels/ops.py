@@ -71,7 +71,7 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
     """The untuned launch config: sized so that a GEMV keeps every SM busy with a few programs."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            block_n = 32 if bits >= 4 else 64
+            block_n = 128  # 4 rows x 4 words per thread at 4 warps: x loads amortized over 4 rows
             chunks = -(-k // BLOCK_K)
             split, _ = _split_for(-(-n // block_n), chunks, device)
             return Config(block_n=block_n, split=split, num_warps=4, num_stages=2)
@@ -183,7 +183,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                   GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if m <= GEMV_MAX_M:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
-        int_gemv_kernel[grid](x, qweight, scales, m_arg, out, n, k, n_blocks, per,
+        int_gemv_kernel[grid](x, qweight, scales, m_arg, out, n, k, n_blocks, per, 0x4B000000,
                               x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
                               BLOCK_N=cfg.block_n, **common)
     else:
@@ -277,18 +277,16 @@ def _(x, weight, scales, gated):
 
 # ---- tuning ---------------------------------------------------------------------------------------------------------
 def candidate_configs(kind: str, m: int) -> list[Config]:
-    """The small search space `tune` times (splits are clamped to the number of K chunks at launch)."""
+    """The small search space `tune` times. Kept small because every block size is a separate compilation (the
+    integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            return [Config(bn, sp, nw, ns) for bn in (16, 32, 64) for sp in (1, 2, 4, 8) for nw in (2, 4)
-                    for ns in (1, 3)]
-        return [Config(bn, sp, nw, ns, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for nw in (4,)
-                for ns in (2, 4) for bk in (128, 256)]
+            return [Config(bn, sp, 4, 2) for bn in (32, 64, 128) for sp in (1, 2, 4, 8)]
+        return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
-        return [Config(bn, sp, nw, 2, block_m=bm) for bn in (32, 64, 128) for sp in (1, 2, 4) for nw in (4, 8)]
-    return [Config(bn, sp, 4, ns, block_m=bm, block_k=bk) for bn in (32, 64, 128) for sp in (1, 2, 4)
-            for ns in (3, 4) for bk in (64, 128)]
+        return [Config(bn, sp, 4, 2, block_m=bm) for bn in (32, 64) for sp in (1, 2, 4)]
+    return [Config(bn, sp, 4, 3, block_m=bm, block_k=128) for bn in (32, 64, 128) for sp in (1, 2, 4)]
 
 
 def tune(fn: Callable[[Optional[Config]], torch.Tensor], key: tuple, kind: str, m: int,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_BLOCK_K: tl.constexpr = 512  # codes per block (layout.BLOCK_K)
-_W: tl.constexpr = 16  # int32 words per sub-tile row (layout.WORDS)
+_BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
+_W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
 
 
 @triton.jit
@@ -25,24 +25,28 @@ def _load_x(x_ptrs, k0, K, offs, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _field_times_x(t, t_hi, xv, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr):
-    """(field - OFF) * x for the NB-bit field at bit P of the words t [BN, 16] and x [16] (fp32), exactly.
+def _fma_field(acc, t, t_hi, magic, xv, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr,
+               XMUL: tl.constexpr):
+    """acc + (field - OFF) * XMUL * x for the NB-bit field at bit P of the words t [BN, 16] and x [16] (fp32).
 
-    t_hi = t >> 16 serves fields that end above bit 22, where the OR trick would spill out of the mantissa.
+    Exact: the field is read in place as the float 2**23 + field * 2**Q (one LOP3), made (field - OFF) * 2**Q by one
+    subtraction and met with x * XMUL * 2**-Q (computed once per program and x element, not per row).
+    magic = 0x4B000000 arrives as a kernel argument so that the compiler keeps it in a register instead of
+    re-materializing the constant per weight. Fields ending above bit 22 are read from t_hi = t >> 16 (Q = P - 16).
     """
     if P + NB > 23:
-        f = ((t_hi & (((1 << NB) - 1) << (P - 16))) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = ((t_hi & (((1 << NB) - 1) << (P - 16))) | magic).to(tl.float32, bitcast=True)
         f = f - (8388608.0 + OFF * (1 << (P - 16)))
-        xq = xv * (1.0 / (1 << (P - 16)))
+        xq = xv * (XMUL / (1 << (P - 16)))
     else:
-        f = ((t & (((1 << NB) - 1) << P)) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = ((t & (((1 << NB) - 1) << P)) | magic).to(tl.float32, bitcast=True)
         f = f - (8388608.0 + OFF * (1 << P))
-        xq = xv * (1.0 / (1 << P))
-    return f * xq[None, :]
+        xq = xv * (XMUL / (1 << P))
+    return acc + f * xq[None, :]
 
 
 @triton.jit
-def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end,
+def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for BLOCK_N rows -> fp32 [BLOCK_N].
@@ -52,6 +56,9 @@ def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end,
     """
     offs_w = tl.arange(0, _W)
     x_ptrs = x_row + offs_w
+    # per-row scale pointers broadcast over the tile's 16 columns: loaded in the tile's own register layout, the
+    # scales need no layout conversion (a shared-memory round trip with two barriers per group otherwise)
+    s_tile = s_rows[:, None] + offs_w[None, :] * 0
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16  # slots per sub-tile (3-bit: per low-bit sub-tile)
     SPG: tl.constexpr = GROUP // _W if GROUP > 0 else 1  # slots per scale group
     acc = tl.zeros([BLOCK_N, _W], tl.float32)
@@ -70,25 +77,29 @@ def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end,
             for i in tl.static_range(SPW):
                 s = t * SPW + i  # a compile-time slot index
                 xv = _load_x(x_ptrs, kb + s * _W, K, offs_w, EVEN_K).to(tl.float32)
-                if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                    prod = _field_times_x(tw, tw_hi, xv, 2 * i, 2, OFF)
-                    prod += _field_times_x(th, th_hi, xv * 4.0, s, 1, 0)
-                else:
-                    prod = _field_times_x(tw, tw_hi, xv, i * BITS, BITS, OFF)
                 if GROUP == 0:
-                    acc += prod
+                    a = acc
+                elif s % SPG == 0:  # first slot of a group
+                    a = tl.zeros([BLOCK_N, _W], tl.float32)
                 else:
-                    if s % SPG == 0:
-                        acc_g = prod
-                        if HAS_MIN:
+                    a = acc_g
+                if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
+                    a = _fma_field(a, tw, tw_hi, magic, xv, 2 * i, 2, OFF, 1.0)
+                    a = _fma_field(a, th, th_hi, magic, xv, s, 1, 0, 4.0)
+                else:
+                    a = _fma_field(a, tw, tw_hi, magic, xv, i * BITS, BITS, OFF, 1.0)
+                if GROUP == 0:
+                    acc = a
+                else:
+                    acc_g = a
+                    if HAS_MIN:
+                        if s % SPG == 0:
                             xs = tl.sum(xv, axis=0)
-                    else:
-                        acc_g += prod
-                        if HAS_MIN:
+                        else:
                             xs += tl.sum(xv, axis=0)
                     if s % SPG == SPG - 1:  # group complete: apply its scale (and min)
                         g = b * (_BLOCK_K // GROUP) + s // SPG
-                        acc += acc_g * tl.load(s_rows + g)[:, None]
+                        acc += acc_g * tl.load(s_tile + g)
                         if HAS_MIN:
                             corr += tl.load(m_rows + g) * xs
     out = tl.sum(acc, axis=1)
@@ -100,11 +111,11 @@ def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end,
 
 
 @triton.jit
-def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, N, K, n_blocks, blocks_per_split,
+def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, N, K, n_blocks, blocks_per_split, magic,
                     stride_xm, stride_wn, stride_sn, stride_om, stride_os,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M).
+    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); magic: pass 0x4B000000.
 
     PARTIAL: write fp32 partial sums of this program's K range to out[pid_k, m, :] (reduced by a second kernel);
     else write y in out's dtype. GATED: the weight holds 2N rows (w1 over w3) and y = silu(x w1^T) * (x w3^T);
@@ -120,14 +131,14 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, N, K, n_blocks, blocks_
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
     y = _int_rows_gemv(x_row, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end,
-                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
+                       magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
     out_row = out_ptr + pid_k * stride_os + pid_m * stride_om
     n_mask = offs_n < N
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
         y3 = _int_rows_gemv(x_row, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
-                            b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
+                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
         if PARTIAL:
             tl.store(out_row + offs_n, y, mask=n_mask)
             tl.store(out_row + N + offs_n, y3, mask=n_mask)

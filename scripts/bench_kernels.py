@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Benchmark s2conv's fused GEMV/GEMM kernels at S2 Pro's linear shapes against cuBLAS bf16 and the HBM roofline.
+
+Usage: python scripts/bench_kernels.py [--formats q4,q2] [--no-tune] [--m 1,16]
+Prints a table; writes bench_kernels.json to $OUT when set. Exits 1 when any kernel disagrees with the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from s2conv.runtime.kernels import GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed, ops
+
+SHAPES = [("wqkv", 6144, 2560), ("wo", 2560, 4096), ("w1", 9728, 2560), ("w2", 2560, 9728), ("w13", 9728, 2560)]
+FORMATS = ["bf16", "fp8", "q8", "q4", "q3", "q2", "q8_0", "q4_0", "q4_k"]
+ROTATE_BYTES = 160e6  # > 3x the H100's 50 MB L2: rotating copies of each weight keep it out of L2
+
+
+def hbm_bandwidth() -> dict:
+    """Large copy (bytes read + written) and a read-only reduction, GB/s."""
+    a = torch.empty(2**30, dtype=torch.float32, device="cuda")  # 4 GiB
+    a.uniform_()
+    t_sum = triton.testing.do_bench(lambda: a.sum(), warmup=5, rep=200)
+    half = a[: 2**29]
+    b = torch.empty_like(half)
+    t_copy = triton.testing.do_bench(lambda: b.copy_(half), warmup=5, rep=200)
+    res = {"read_GBps": a.numel() * 4 / t_sum / 1e6, "copy_GBps": 2 * half.numel() * 4 / t_copy / 1e6}
+    del a, b, half
+    torch.cuda.empty_cache()
+    return res
+
+
+def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
+    dev = "cuda"
+    if fmt == "bf16":
+        return (torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02,)
+    if fmt == "fp8":
+        return ((torch.randn(n, k, device=dev, generator=gen) * 8).to(torch.float8_e4m3fn),
+                torch.rand(n, device=dev, generator=gen) * 0.01)
+    spec = INT_SPECS[fmt]
+    codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), device=dev, generator=gen, dtype=torch.int8)
+    shape = (n, k // spec.group) if spec.group else (n,)
+    scales = torch.rand(shape, device=dev, generator=gen) * 0.01
+    if spec.has_min:
+        return codes, scales, torch.rand(shape, device=dev, generator=gen) * 0.01
+    return codes, scales
+
+
+def nbytes(packed: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in packed.values())
+
+
+def graph_time_us(fn_list: list, reps: int = 20) -> float:
+    """Mean time per call of the calls in fn_list, all captured in one CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fn_list[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fn_list:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(fn_list))
+
+
+def bench_one(fmt: str, name: str, n: int, k: int, m: int, tune: bool, gen: torch.Generator) -> dict:
+    gated = name == "w13"
+    if gated:
+        a1, a3 = random_weight(fmt, n, k, gen), random_weight(fmt, n, k, gen)
+        packed = cat_rows(REPACK[fmt](*a1), REPACK[fmt](*a3))
+        fn = GATED_KERNELS[fmt]
+    else:
+        packed = REPACK[fmt](*random_weight(fmt, n, k, gen))
+        fn = KERNELS[fmt]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    # correctness on fresh inputs, vs the fp32 reference of the packed weight
+    w = dequantize_packed(fmt, packed, k)
+    ref = x.float() @ w.T
+    if gated:
+        ref = F.silu(ref[:, :n]) * ref[:, n:]
+    del w
+    y = fn(x, packed)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    max_rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    ok = err < 4e-3 and max_rel < 1e-2  # bf16 output rounding: ~2e-3 relative rms
+    tuned = None
+    if tune:
+        if fmt in INT_SPECS:
+            spec = INT_SPECS[fmt]
+            key = ops._int_key(x, packed["qweight"], spec.bits, spec.group, spec.has_min, gated)
+            run = lambda cfg: ops.int_linear_impl(x, packed["qweight"], packed["scales"], packed.get("mins"),
+                                                  spec.bits, spec.offset, spec.group, gated, cfg)
+            kind = "int"
+        else:
+            key = ops._float_key(x, packed["weight"], "scales" in packed, gated)
+            run = lambda cfg: ops.float_linear_impl(x, packed["weight"], packed.get("scales"), gated, cfg)
+            kind = "float"
+        cfg, _ = ops.tune(run, key, kind, m, rep_ms=10)
+        tuned = cfg.__dict__
+        y = fn(x, packed)  # the tuned config must agree too
+        err2 = ((y.float() - ref).norm() / ref.norm()).item()
+        ok = ok and err2 < 4e-3
+        err = max(err, err2)
+    wbytes = nbytes(packed)
+    copies = max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+    packs = [{kk: t.clone() for kk, t in packed.items()} for _ in range(copies)]
+    io_bytes = wbytes + x.numel() * 2 + m * n * 2
+    calls = [lambda p=p: fn(x, p) for p in packs]
+    t_graph = graph_time_us(calls)
+    it = iter(range(10**9))
+    t_bench = triton.testing.do_bench(lambda: fn(x, packs[next(it) % copies]), warmup=10, rep=100,
+                                      return_mode="median") * 1e3
+    res = dict(fmt=fmt, shape=name, n=n, k=k, m=m, bytes=io_bytes, us_graph=t_graph, us_bench=t_bench,
+               GBps_graph=io_bytes / t_graph / 1e3, GBps_bench=io_bytes / t_bench / 1e3, rel_err=err, ok=ok,
+               config=tuned)
+    del packs, packed
+    return res
+
+
+def cublas_one(name: str, n: int, k: int, m: int, gen: torch.Generator) -> dict:
+    gated = name == "w13"
+    rows = 2 * n if gated else n
+    w = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    wbytes = w.numel() * 2
+    copies = max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+    ws = [w.clone() for _ in range(copies)]
+    if gated:  # what the unfused runtime does: one GEMM over w1|w3, then silu * mul
+        fn = lambda w_: (lambda h: F.silu(h[:, :n]) * h[:, n:])(F.linear(x, w_))
+    else:
+        fn = lambda w_: F.linear(x, w_)
+    t_graph = graph_time_us([lambda w_=w_: fn(w_) for w_ in ws])
+    it = iter(range(10**9))
+    t_bench = triton.testing.do_bench(lambda: fn(ws[next(it) % copies]), warmup=10, rep=100,
+                                      return_mode="median") * 1e3
+    io = wbytes + x.numel() * 2 + m * n * 2
+    return dict(fmt="cublas_bf16", shape=name, n=n, k=k, m=m, bytes=io, us_graph=t_graph, us_bench=t_bench,
+                GBps_graph=io / t_graph / 1e3, GBps_bench=io / t_bench / 1e3, rel_err=0.0, ok=True, config=None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--m", default="1,16", help="batch rows to time (M=1: GEMV, larger: GEMM)")
+    ap.add_argument("--no-tune", action="store_true", help="use the default launch configs")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new formats after this long")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(0)
+    print(f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}")
+    bw = hbm_bandwidth()
+    print(f"HBM: read-only sum {bw['read_GBps']:.0f} GB/s, copy (read+write) {bw['copy_GBps']:.0f} GB/s")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ms = [int(v) for v in args.m.split(",")]
+    rows = []
+    hdr = f"{'format':<12}{'shape':<6}{'M':>3}{'MB':>8}{'us graph':>10}{'us bench':>10}{'GB/s':>7}{'%read':>7}{'vs cuBLAS':>10}  ok"
+    print(hdr)
+    base = {}
+    for name, n, k in SHAPES:
+        for m in ms:
+            r = cublas_one(name, n, k, m, gen)
+            base[(name, m)] = r["us_graph"]
+            rows.append(r)
+            print(f"{r['fmt']:<12}{name:<6}{m:>3}{r['bytes'] / 1e6:>8.1f}{r['us_graph']:>10.1f}{r['us_bench']:>10.1f}"
+                  f"{r['GBps_graph']:>7.0f}{100 * r['GBps_graph'] / bw['read_GBps']:>6.0f}%{1.0:>10.2f}  -")
+    failures = 0
+    for fmt in args.formats.split(","):
+        if time.time() - t0 > args.budget_s:
+            print(f"time budget spent: skipping {fmt}")
+            continue
+        for name, n, k in SHAPES:
+            for m in ms:
+                r = bench_one(fmt, name, n, k, m, tune=not args.no_tune, gen=gen)
+                rows.append(r)
+                failures += not r["ok"]
+                print(f"{fmt:<12}{name:<6}{m:>3}{r['bytes'] / 1e6:>8.1f}{r['us_graph']:>10.1f}{r['us_bench']:>10.1f}"
+                      f"{r['GBps_graph']:>7.0f}{100 * r['GBps_graph'] / bw['read_GBps']:>6.0f}%"
+                      f"{base[(name, m)] / r['us_graph']:>10.2f}  {'ok' if r['ok'] else 'MISMATCH %.2e' % r['rel_err']}"
+                      f"  {r['config'] or ''}", flush=True)
+        torch.cuda.empty_cache()
+    # per-layer totals at M=1 (wqkv + wo + w13 fused + w2), graph time
+    print("\nper-layer M=1 (wqkv + wo + gated w13 + w2), CUDA graph:")
+    for fmt in ["cublas_bf16"] + args.formats.split(","):
+        parts = {r["shape"]: r for r in rows if r["fmt"] == fmt and r["m"] == 1}
+        if all(s in parts for s in ("wqkv", "wo", "w13", "w2")):
+            us = sum(parts[s]["us_graph"] for s in ("wqkv", "wo", "w13", "w2"))
+            by = sum(parts[s]["bytes"] for s in ("wqkv", "wo", "w13", "w2"))
+            print(f"  {fmt:<12} {us:7.1f} us/layer  {by / us / 1e3:6.0f} GB/s  {100 * by / us / 1e3 / bw['read_GBps']:4.0f}% of read BW")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_kernels.json"), "w") as f:
+            json.dump({"gpu": props.name, "bandwidth": bw, "rows": rows, "seconds": time.time() - t0}, f, indent=1)
+    print(f"done in {time.time() - t0:.0f} s; {failures} correctness failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

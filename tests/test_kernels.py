@@ -1,0 +1,232 @@
+"""Fused GEMV/GEMM kernels vs `x @ dequant(W).T` in fp32; on CPU through triton's interpreter (small shapes)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from s2conv.errors import QuantFormatError, RuntimeModelError  # noqa: E402
+from s2conv.runtime import kernels  # noqa: E402
+from s2conv.runtime.kernels import (  # noqa: E402
+    GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed,
+)
+from s2conv.runtime.kernels import layout, ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+FORMATS = list(INT_SPECS) + ["fp8", "bf16"]
+# Per output dtype: one rounding step of the output. bf16 keeps 8 significant bits: 2**-8 relative with
+# round-to-nearest (GPU), 2**-7 because triton's CPU interpreter truncates fp32 -> bf16; fp16 keeps 11 bits;
+# fp32 output only differs from the reference by summation order. Elementwise: |y - ref| <= RTOL * |ref| + 1e-5 * max|ref|, where
+# the absolute part covers fp32 summation-order noise on outputs near zero. A wrong slot, group or offset gives
+# errors of the order of |ref| itself.
+RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-5}
+
+
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
+    """Random repack arguments of a format: every code value of the range, varied scales per group."""
+    if fmt == "bf16":
+        return (torch.randn(n, k, generator=gen),)
+    if fmt == "fp8":
+        return (torch.randn(n, k, generator=gen).to(torch.float8_e4m3fn), torch.rand(n, generator=gen) + 0.5)
+    spec = INT_SPECS[fmt]
+    codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), generator=gen, dtype=torch.int8)
+    shape = (n, k // spec.group) if spec.group else (n,)
+    scales = torch.rand(shape, generator=gen) * 0.1 + 0.01
+    if spec.has_min:
+        return codes, scales, torch.rand(shape, generator=gen) * 0.1
+    return codes, scales
+
+
+def reference_weight(fmt: str, args: tuple, k: int) -> torch.Tensor:
+    """fp32 [N, K] straight from the repack arguments (independent of the packed layout)."""
+    if fmt == "bf16":
+        return args[0].to(torch.bfloat16).float()
+    if fmt == "fp8":
+        return args[0].float() * args[1][:, None]
+    spec = INT_SPECS[fmt]
+    codes = args[0].float()
+    if not spec.group:
+        return codes * args[1][:, None]
+    w = codes * args[1].repeat_interleave(spec.group, dim=1)
+    if spec.has_min:
+        w = w - args[2].repeat_interleave(spec.group, dim=1)
+    return w
+
+
+def packed_on_device(fmt: str, args: tuple) -> dict:
+    return {name: t.to(DEVICE) for name, t in REPACK[fmt](*args).items()}
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.dtype == dtype and y.shape == ref.shape
+    y = y.float().cpu()
+    tol = RTOL[dtype] * ref.abs() + 1e-5 * ref.abs().max()
+    bad = (y - ref).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off; max err {(y - ref).abs().max():.3g}"
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", list(INT_SPECS))
+@pytest.mark.parametrize("k", [256, 384, 640, 1024])
+def test_repack_roundtrip(fmt, k):
+    gen = torch.Generator().manual_seed(k)
+    args = make_weight(fmt, 5, k, gen)
+    packed = REPACK[fmt](*args)
+    spec = INT_SPECS[fmt]
+    assert packed["qweight"].dtype == torch.int32
+    assert packed["qweight"].shape == (5, layout.padded_k(k) * spec.bits // 32)
+    codes = layout.unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k)
+    assert torch.equal(codes.long(), args[0].long())
+    assert torch.equal(dequantize_packed(fmt, packed, k), reference_weight(fmt, args, k))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_slot_planar_bit_positions(bits):
+    """A single code lands where the layout docs say: block b, sub-tile, bit position, word = k % 16."""
+    k = 1024
+    off = 1 << (bits - 1)
+    codes = torch.zeros(1, k, dtype=torch.int64)
+    kk = 512 + 16 * 9 + 5  # block 1, slot 9, word 5
+    codes[0, kk] = 1
+    q = layout.pack_int_codes(codes, bits, off).view(-1).to(torch.int64) & 0xFFFFFFFF
+    empty = layout.pack_int_codes(torch.zeros_like(codes), bits, off).view(-1).to(torch.int64) & 0xFFFFFFFF
+    diff = (q ^ empty).nonzero().flatten().tolist()
+    words_per_block = 16 * bits
+    if bits == 3:  # u = 5 vs 4: only the low plane changes (slot 9 -> sub-tile 0, bits 18..19)
+        assert diff == [words_per_block + 5]
+        assert (q ^ empty)[diff[0]] == (1 << 18)
+    else:
+        per_word = 32 // bits
+        assert diff == [words_per_block + 16 * (9 // per_word) + 5]
+        shift = (9 % per_word) * bits
+        assert ((q[diff[0]] >> shift) & ((1 << bits) - 1)) == off + 1
+
+
+def test_repack_rejects_bad_input():
+    with pytest.raises(QuantFormatError, match=r"outside the format's range \[-7, 7\]"):
+        REPACK["q4"](torch.full((2, 128), 8), torch.ones(2, 1))
+    with pytest.raises(QuantFormatError, match="scales must have shape"):
+        REPACK["q4"](torch.zeros(2, 256, dtype=torch.int8), torch.ones(2, 3))
+    with pytest.raises(QuantFormatError, match="multiple of the group size 64"):
+        REPACK["q2"](torch.zeros(2, 96, dtype=torch.int8), torch.ones(2, 1))
+    with pytest.raises(QuantFormatError, match="needs mins"):
+        REPACK["q4_k"](torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2))
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+# Each (format, M) case gets one K and one activation dtype from a rotation, so that every format meets every M,
+# every K and every dtype somewhere while the interpreted module stays well under a minute.
+_KS = [256, 384, 640]
+_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CASES = [(fmt, m, _KS[(i + j) % 3], _DTYPES[(i + 2 * j) % 3])
+         for i, fmt in enumerate(FORMATS) for j, m in enumerate([1, 3, 17])]
+
+
+@pytest.mark.parametrize("fmt,m,k,dtype", CASES, ids=[f"{f}-M{m}-K{k}-{str(d)[6:]}" for f, m, k, d in CASES])
+def test_kernel_matches_reference(fmt, m, k, dtype):
+    n = 37  # odd: not a multiple of any block size
+    gen = torch.Generator().manual_seed(hash((fmt, m, k)) % 2**31)
+    args = make_weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = KERNELS[fmt](x.to(DEVICE), packed_on_device(fmt, args))
+    assert_matches(y, x.float() @ reference_weight(fmt, args, k).T, dtype)
+
+
+@pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 1), ("q2", 1), ("q4_k", 1), ("fp8", 1), ("q8", 3), ("bf16", 3)])
+def test_gated_kernel(fmt, m):
+    n, k = 21, 384
+    gen = torch.Generator().manual_seed(7)
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    packed = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3))
+    x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)  # leading batch dims are flattened and restored
+    y = GATED_KERNELS[fmt](x.to(DEVICE), packed)
+    h1 = x.float() @ reference_weight(fmt, a1, k).T
+    h3 = x.float() @ reference_weight(fmt, a3, k).T
+    ref = torch.nn.functional.silu(h1) * h3
+    assert y.shape == (2, m, n)
+    assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 3), ("bf16", 1), ("fp8", 3)])
+def test_split_k_equals_single_pass(fmt, m):
+    """The two-kernel split-K path and the one-kernel path compute the same numbers (fp32 output)."""
+    n, k = 19, 1536
+    gen = torch.Generator().manual_seed(3)
+    args = make_weight(fmt, n, k, gen)
+    p = packed_on_device(fmt, args)
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    runs = []
+    for split in (1, 3):
+        cfg = ops.Config(block_n=16, split=split, block_k=128)
+        if fmt in INT_SPECS:
+            spec = INT_SPECS[fmt]
+            runs.append(ops.int_linear_impl(x, p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group,
+                                            False, cfg))
+        else:
+            runs.append(ops.float_linear_impl(x, p["weight"], p.get("scales"), False, cfg))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=1e-5)
+    assert_matches(runs[1], x.cpu() @ reference_weight(fmt, args, k).T, torch.float32)
+
+
+def test_launcher_errors_name_the_problem():
+    gen = torch.Generator().manual_seed(0)
+    p = packed_on_device("q4", make_weight("q4", 8, 256, gen))
+    x = torch.randn(1, 256, device=DEVICE)
+    with pytest.raises(RuntimeModelError, match=r"K \(columns of x\) must be in \(0, 512\]"):
+        KERNELS["q4"](torch.randn(1, 1024, device=DEVICE), p)
+    with pytest.raises(RuntimeModelError, match="x dtype must be bfloat16, float16 or float32"):
+        KERNELS["q4"](x.to(torch.float64), p)
+    with pytest.raises(RuntimeModelError, match="contiguous along K"):
+        torch.ops.s2conv.int_linear(torch.randn(256, 2, device=DEVICE).T, p["qweight"], p["scales"], None,
+                                    4, 8, 128, False)
+    with pytest.raises(RuntimeModelError, match="scales shape must be"):
+        torch.ops.s2conv.int_linear(x, p["qweight"], p["scales"][:, :1].contiguous(), None, 4, 8, 128, False)
+    with pytest.raises(RuntimeModelError, match="weight dtype must be float8_e4m3fn or bfloat16"):
+        KERNELS["bf16"](x, {"weight": torch.zeros(4, 256, device=DEVICE)})
+
+
+def test_registry_and_fake_shapes():
+    assert set(KERNELS) == set(GATED_KERNELS) == set(REPACK)
+    assert kernels.KERNELS is KERNELS
+    # register_fake: shape propagation without running a kernel (what torch.compile sees)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 512, dtype=torch.bfloat16)
+        q = torch.empty(10, 64 * 4, dtype=torch.int32)
+        s = torch.empty(10, 4, dtype=torch.float32)
+        assert torch.ops.s2conv.int_linear(x, q, s, None, 4, 8, 128, True).shape == (3, 5)
+        w = torch.empty(6, 512, dtype=torch.bfloat16)
+        assert torch.ops.s2conv.float_linear(x, w, None, False).shape == (3, 6)
+
+
+# ---- GPU only ----------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_s2_shape_and_cuda_graph(fmt):
+    """S2's w2 shape (N=2560, K=9728) at M=1 and 16, eager and replayed from a CUDA graph."""
+    n, k = 2560, 9728
+    gen = torch.Generator().manual_seed(1)
+    args = make_weight(fmt, n, k, gen)
+    p = packed_on_device(fmt, args)
+    ref_w = reference_weight(fmt, args, k).cuda()
+    for m in (1, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = KERNELS[fmt](x, p)
+        assert_matches(y, (x.float() @ ref_w.T).cpu(), torch.bfloat16)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = KERNELS[fmt](x, p)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16)
