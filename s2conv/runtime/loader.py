@@ -142,6 +142,16 @@ def _build_codec(f: GGUFFile, dtype, device, formats: dict) -> Codec:
     return Codec.from_weights(cc, weights, dtype=dtype, device=device)
 
 
+def _check_layer_counts(f: GGUFFile, cfg: S2Config) -> None:
+    """Layer counts from metadata must match the file's tensors before any module is built: a forged block_count
+    of 2**31 would otherwise create modules for minutes (hyper-parameters are not bounded by the file size)."""
+    for prefix, n, key in (("layers", cfg.n_layer, A + "block_count"), ("fast_layers", cfg.n_fast_layer,
+                                                                          F + "fast_block_count")):
+        if n < 1 or f"{prefix}.{n - 1}.attention_norm.weight" not in f.tensors \
+                or f"{prefix}.{n}.attention_norm.weight" in f.tensors:
+            raise SchemaError(f"{f.path.name}: {key} is {n}, which does not match the {prefix}.N tensors in the file")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                codec_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a GGUF file: dual-AR model (default bf16), codec (default fp32 on CPU, bf16 on CUDA), tokenizer."""
@@ -156,6 +166,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise SchemaError(f"{f.path.name}: general.architecture is {arch!r}, not {ARCH!r}: not an S2 Pro model")
     try:
         cfg = s2_config_from_gguf(f)
+        _check_layer_counts(f, cfg)
         formats: dict[str, int] = {}
         model = _build_dual_ar(f, cfg, dtype, device, formats)
         codec = _build_codec(f, codec_dtype, device, formats)
