@@ -130,7 +130,7 @@ def run_experiment(model: str | Path, out_dir: str | Path, phases=("all",), type
         reference = run.reference()
         entry_results = {e.name: run.entry(e) for e in entries}
     results = dict(model=str(ckpt.path), settings=_settings_dict(settings, run.max_frames),
-                   reference=reference, phases=entry_results)
+                   reference=reference, phases=_merge_previous(out, entry_results))
     write_json(out / "all_results.json", results)
     _write_size_analysis(ckpt, out / "size_analysis.json")
     _copy_license(ckpt, out)
@@ -148,12 +148,21 @@ class _Run:
         self.ref_run = None
         self.clip = out / "reference" / "reference.wav"
         self.bf16_bytes: int | None = None
+        self.source_hash = ckpt.content_hash()  # the export needs it too (cached); guards resuming
+
+    def _load_done(self, path: Path) -> dict | None:
+        """The result of an entry finished earlier from the same checkpoint, unless forced to redo it."""
+        done = None if self.force else _load_ok(path)
+        if done is not None and done.get("source_sha256") != self.source_hash:
+            log.info("%s was made from another checkpoint: redoing it", path.parent.name)
+            return None
+        return done
 
     def reference(self) -> dict:
         """The bf16 export and the reference clip it speaks (REFERENCE_TEXT); reused when complete."""
         d = self.out / "reference"
-        done = _load_ok(d / "result.json")
-        if done and not self.force and self.clip.is_file():
+        done = self._load_done(d / "result.json")
+        if done and self.clip.is_file():
             self.bf16_bytes = done["file_bytes"]
             return done
         d.mkdir(parents=True, exist_ok=True)
@@ -171,7 +180,8 @@ class _Run:
             raise S2ConvError("the reference model generated no audio for the reference text (it stopped at once)")
         save_wav(self.clip, tts.decode(codes), tts.sample_rate)
         self.bf16_bytes = path.stat().st_size
-        result = dict(name="reference", type="bf16", target="slow", status="ok", file=str(path.relative_to(self.out)),
+        result = dict(name="reference", type="bf16", target="slow", status="ok", source_sha256=self.source_hash,
+                      file=str(path.relative_to(self.out)),
                       file_bytes=self.bf16_bytes, clip=str(self.clip.relative_to(self.out)), text=REFERENCE_TEXT,
                       frames=int(codes.shape[1]), frames_per_s=codes.shape[1] / gen_s if gen_s > 0 else None,
                       seconds=dict(export=export_s, generate=gen_s))
@@ -180,13 +190,13 @@ class _Run:
 
     def entry(self, e: Entry) -> dict:
         d = self.out / e.dirname
-        done = _load_ok(d / "result.json")
-        if done and not self.force and all((self.out / p).is_file() for p in done["samples"].values()):
+        done = self._load_done(d / "result.json")
+        if done and all((self.out / p).is_file() for p in done["samples"].values()):
             log.info("%s: complete, skipped", e.name)
             return done
         d.mkdir(parents=True, exist_ok=True)
         result = dict(name=e.name, type=e.type, target=e.target, status="failed", error=None,
-                      file=str((d / "model.gguf").relative_to(self.out)))
+                      source_sha256=self.source_hash, file=str((d / "model.gguf").relative_to(self.out)))
         try:
             self._run_entry(e, d, result)
             result["status"] = "ok"
@@ -235,6 +245,21 @@ class _Run:
 
         n_params = sum(v for k, v in self.ckpt.n_params().items() if k != "codec")
         return compute_dtype(self.settings.verify.dtype, n_params)
+
+
+def _merge_previous(out: Path, current: dict) -> dict:
+    """This run's entries plus those of earlier runs into the same directory (still on disk), phases first."""
+    merged = {}
+    previous = out / "all_results.json"
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8")).get("phases", {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            old = {}
+        merged = {n: r for n, r in old.items() if isinstance(r, dict) and (out / r.get("file", "")).parent.is_dir()}
+    merged.update(current)
+    order = {n: i for i, n in enumerate(PHASE_ORDER)}
+    return dict(sorted(merged.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
 def _load_ok(path: Path) -> dict | None:
@@ -334,7 +359,8 @@ def _plots(results: dict, plots: Path) -> list[str]:
                 break
             heatmaps += 1
     if heatmaps:
-        notes.append(f"wrote {heatmaps} per-layer error heatmaps in {plots} ({{name}}_layers.png)")
+        notes.append(f"wrote per-layer error heatmaps of {heatmaps} file{'s' if heatmaps > 1 else ''} "
+                     f"({plots}/{{name}}_layers.png)")
     return list(dict.fromkeys(notes))
 
 
