@@ -183,6 +183,18 @@ def demo(output, force) -> None:
     click.echo(run_demo(output, force=force))
 
 
+@cli.command()
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, metavar="USER/NAME", help="Hugging Face model repo (created if needed).")
+@click.option("--dry-run", is_flag=True, help="List the files and show the model card; upload nothing.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+def upload(outdir, repo_id, dry_run, private) -> None:
+    """Upload an experiment directory to the Hugging Face Hub with a model card (token: HF_TOKEN or login)."""
+    from s2conv.upload import upload as upload_dir
+
+    click.echo(upload_dir(outdir, repo_id, dry_run=dry_run, private=private))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
