@@ -92,7 +92,7 @@ def _pack_fields(u: torch.Tensor, bits: int) -> torch.Tensor:
     n, nb, slots, w = u.shape
     per_word = 32 // bits
     u = u.reshape(n, nb, slots // per_word, per_word, w)
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, 1, 1, per_word, 1)
+    shifts = (torch.arange(per_word, dtype=torch.int64, device=u.device) * bits).view(1, 1, 1, per_word, 1)
     return _to_int32((u << shifts).sum(dim=3))
 
 
@@ -120,7 +120,7 @@ def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int) -> t
     words = words.view(n, -1, 3 if bits == 3 else bits, WORDS)
 
     def fields(w: torch.Tensor, b: int) -> torch.Tensor:  # [N, nb, t, 16] -> [N, nb, t * 32 // b, 16]
-        shifts = (torch.arange(32 // b, dtype=torch.int64) * b).view(1, 1, 1, -1, 1)
+        shifts = (torch.arange(32 // b, dtype=torch.int64, device=w.device) * b).view(1, 1, 1, -1, 1)
         f = (w.unsqueeze(3) >> shifts) & ((1 << b) - 1)
         return f.reshape(n, w.shape[1], -1, WORDS)
 

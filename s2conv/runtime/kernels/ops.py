@@ -289,13 +289,36 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     return [Config(bn, sp, 4, 3, block_m=bm, block_k=128) for bn in (32, 64, 128) for sp in (1, 2, 4)]
 
 
-def tune(fn: Callable[[Optional[Config]], torch.Tensor], key: tuple, kind: str, m: int,
-         rep_ms: float = 20.0) -> tuple[Config, float]:
-    """Time `fn(config)` for each candidate on the GPU, store the fastest in TUNED[key]; -> (config, ms)."""
+def graph_time_ms(fn: Callable[[], object], calls: int = 16, reps: int = 5) -> float:
+    """GPU time per call of fn: `calls` calls captured in one CUDA graph, replayed `reps` times. Unlike eager
+    timing this excludes Python launch overhead (tens of us here, more than a whole GEMV), as a decode graph does;
+    give fn rotating weights so that L2 does not hold them."""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (reps * calls)
+
+
+def tune(fn: Callable[[Config], torch.Tensor], key: tuple, kind: str, m: int,
+         calls: int = 16) -> tuple[Config, float]:
+    """Time `fn(config)` for each candidate with `graph_time_ms`, store the fastest in TUNED[key]; -> (config, ms).
+
+    Not graph-capture safe itself: call it at load time, before capturing the decode graph.
+    """
     best: tuple[Config, float] | None = None
     for cfg in candidate_configs(kind, m):
         try:
-            ms = triton.testing.do_bench(lambda: fn(cfg), warmup=5, rep=rep_ms)
+            ms = graph_time_ms(lambda: fn(cfg), calls=calls)
         except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # a config too big for this GPU
             log.debug("config %s skipped: %s", cfg, e)
             continue
