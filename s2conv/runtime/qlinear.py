@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from s2conv.quant_formats import QuantFormat
 
 
-def _kernels() -> dict:
+def _kernels():
+    """(KERNELS, REPACK) of the fused Triton kernels, or None when triton is missing."""
     try:
-        from s2conv.runtime.kernels import KERNELS
+        from s2conv.runtime.kernels import KERNELS, REPACK
     except ImportError:  # triton missing: reference path only
-        return {}
-    return KERNELS
+        return None
+    return KERNELS, REPACK
 
 
 class QuantLinear(nn.Module):
@@ -32,12 +33,18 @@ class QuantLinear(nn.Module):
         self.kernel = None  # set by `prepare_kernel`: (launcher, packed tensors)
 
     def prepare_kernel(self) -> bool:
-        """Repack the weight for this format's fused kernel, if one exists for the weight's device."""
-        entry = _kernels().get(self.fmt.name)
-        if entry is None or not self.weight.is_cuda:
-            self.kernel = None
+        """Repack the weight into the fused kernel's layout when a kernel exists for this format on this device."""
+        from s2conv.runtime.kernel_weights import kernel_pieces
+
+        found = _kernels()
+        self.kernel = None
+        if found is None or not self.weight.is_cuda or self.fmt.name not in found[0]:
             return False
-        self.kernel = (entry.linear, entry.prepare(self.fmt, self.weight, self.in_features))
+        pieces = kernel_pieces(self.fmt, self.weight, self.in_features)
+        if pieces is None:
+            return False
+        kernels, repack = found
+        self.kernel = (kernels[self.fmt.name], repack[self.fmt.name](*pieces))
         return True
 
     def forward(self, x: Tensor) -> Tensor:
