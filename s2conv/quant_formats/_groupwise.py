@@ -6,6 +6,7 @@ docs/formats.md gives the byte layouts; this module holds what the five formats 
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ClassVar
 
@@ -56,8 +57,8 @@ def unpack_fields_np(plane: np.ndarray, bits: int) -> np.ndarray:
     n = 8 // bits
     words = _lanes(np.ascontiguousarray(plane), plane.shape[1])
     shifts = (np.arange(n) * bits).astype(words.dtype).reshape(1, n, 1)
-    fields = (words[:, None, :] >> shifts) & words.dtype.type(_LANE_MASK[bits] if words.dtype != np.uint8
-                                                              else (1 << bits) - 1)
+    mask = _LANE_MASK[bits] if words.dtype == np.uint64 else (1 << bits) - 1
+    fields = (words[:, None, :] >> shifts) & words.dtype.type(mask)
     return fields.view(np.uint8).reshape(plane.shape[0], -1)
 
 
@@ -72,12 +73,25 @@ def unpack_fields_torch(plane: torch.Tensor, bits: int) -> torch.Tensor:
     return fields.view(torch.uint8).reshape(plane.shape[0], -1)
 
 
+# ----- scratch buffers ----------------------------------------------------------------------------------------
+# torch's CPU allocator hands large buffers back to the OS on free, and touching fresh pages again costs more than
+# the arithmetic on them; so each worker thread reuses its own chunk-sized float32 buffers.
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 CPU buffer of `shape` owned by the calling thread, reused across calls (contents undefined)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    n = 1
+    for d in shape:
+        n *= d
+    if buf is None or buf.numel() != n:
+        buf = bufs[name] = torch.empty(n, dtype=torch.float32)
+    return buf.view(shape)
+
+
 # ----- scale search -------------------------------------------------------------------------------------------
-
-
-def round_clamp(t: torch.Tensor, qmax: float) -> torch.Tensor:
-    """clamp(round(t), -qmax, qmax) as a new float32 tensor (round half to even)."""
-    return torch.round(t).clamp_(-qmax, qmax)
 
 
 def _real_scales(a: torch.Tensor, c: torch.Tensor | float, fp16: bool) -> torch.Tensor:
@@ -129,11 +143,13 @@ def search_scales(w: torch.Tensor, qmax: int, ratios: tuple[float, ...], refit: 
     must be 1.0: plain round-to-nearest, so the result is never worse than it), then, if `refit`, the
     least-squares scale for the best candidate's codes, sum(w q) / sum(q q), with codes re-rounded to it. The
     candidate with the smallest squared error wins per group. With fp16=True every candidate scale is rounded to a
-    float16 value before its codes are chosen. Returns (scale (G,) float32 >= 0, codes (G, g) float32 integers).
+    float16 value before its codes are chosen. Returns (scale (G,) float32 >= 0, codes (G, g) float32 integers);
+    codes is a scratch buffer, valid until this thread's next call.
     """
-    a = w.abs().amax(dim=1)
+    t, q, x = scratch("t", w.shape), scratch("q", w.shape), scratch("x", w.shape)
+    a = torch.abs(w, out=t).amax(dim=1)
     a_safe = torch.where(a > 0, a, 1.0)
-    x = w / a_safe[:, None]  # normalised to [-1, 1]: squares cannot overflow even for |w| near float32 max
+    torch.div(w, a_safe[:, None], out=x)  # normalised to [-1, 1]: squares cannot overflow even for |w| near float32 max
     sxx = torch.linalg.vector_norm(x, dim=1).square_()
 
     def multiplier(c: float | torch.Tensor) -> torch.Tensor | float:
@@ -145,7 +161,6 @@ def search_scales(w: torch.Tensor, qmax: int, ratios: tuple[float, ...], refit: 
         best_c = mults[0]
     else:
         # 1. the grid of clipping ratios; min() keeps the first (rtn) candidate on ties
-        t, q = torch.empty_like(x), torch.empty_like(x)
         errs = torch.stack([_group_error(x, c, qmax, sxx, t, q) for c in mults])  # (K, G)
         best_e, k = errs.min(dim=0)
         if fp16:
@@ -160,7 +175,8 @@ def search_scales(w: torch.Tensor, qmax: int, ratios: tuple[float, ...], refit: 
             ok = (sqq > 0) & (sxq > 0)
             c = multiplier(torch.where(ok, sqq / torch.where(ok, sxq, 1.0), best_c))
             best_c = torch.where(_group_error(x, c, qmax, sxx, t, q) < best_e, c, best_c)
-    return _scale_of(a, best_c, fp16), round_clamp(x * _column(best_c), qmax)
+    codes = torch.round(torch.mul(x, _column(best_c), out=t), out=q).clamp_(-qmax, qmax)
+    return _scale_of(a, best_c, fp16), codes
 
 
 # ----- input handling and chunked execution -------------------------------------------------------------------
@@ -281,8 +297,8 @@ class GroupwiseFormat(QuantFormat):
         out = np.empty((rows, self.row_bytes(cols)), dtype=np.uint8)
 
         def job(r0: int, r1: int) -> None:
-            chunk = w[r0:r1].to(torch.float32)
-            amax = chunk.abs().amax(dim=1)
+            chunk = scratch("w", (r1 - r0, cols)).copy_(w[r0:r1])  # float32
+            amax = torch.abs(chunk, out=scratch("t", chunk.shape)).amax(dim=1)
             if not bool(torch.isfinite(amax).all()):  # amax propagates NaN
                 require_finite(chunk, r0, self.name, tensor)
             if fp16_scales and float(amax.max()) / self.qmax > FP16_MAX:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from s2conv.quant_formats._groupwise import GroupwiseFormat, _multiplier, _real_scales
+from s2conv.quant_formats._groupwise import GroupwiseFormat, _multiplier, _real_scales, scratch
 
 FP8_MAX = 448.0  # largest finite e4m3fn value; 0x7F / 0xFF (NaN) are never written
 # e4m3fn byte -> float32 value, decoded by torch once (bit-exact with the torch path below)
@@ -27,12 +27,13 @@ class FP8(GroupwiseFormat, name="fp8"):
         return g
 
     def _scales_and_codes(self, w: torch.Tensor, method: str, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        a = w.abs().amax(dim=1)
+        x = scratch("x", w.shape)
+        a = torch.abs(w, out=x).amax(dim=1)
         a_safe = torch.where(a > 0, a, 1.0)
         s = _real_scales(a, FP8_MAX, fp16)
         c = _multiplier(a_safe, s)[:, None] if fp16 else FP8_MAX
         # w / scale computed as (w / absmax) * (absmax / scale): no overflow for huge rows, <= 448 up to rounding
-        x = (w / a_safe[:, None]) * c
+        torch.div(w, a_safe[:, None], out=x).mul_(c)
         return s, x.clamp_(-FP8_MAX, FP8_MAX)
 
     def _encode(self, codes: torch.Tensor) -> torch.Tensor:
