@@ -147,12 +147,13 @@ def info(checkpoint: str, check: bool, as_json: bool) -> None:
 @click.option("--min-top1", type=float, help="Fail when a head's top-1 agreement is below this.")
 @click.option("--frames", type=int, default=32, show_default=True, help="Teacher-forced frames per probe prompt.")
 @click.option("--greedy-frames", type=int, default=32, show_default=True, help="Greedy synthesis frames (0: skip).")
-def verify(file, reference, json_path, plots_dir, max_kl, min_top1, frames, greedy_frames) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def verify(file, reference, json_path, plots_dir, max_kl, min_top1, frames, greedy_frames, device) -> None:
     """Compare a GGUF file with its source checkpoint: tensors, logits (KL, top-1) and decoded audio."""
     from s2conv.verify import run_verify
 
     report = run_verify(file, reference, json_path=json_path, plots_dir=plots_dir, max_kl=max_kl,
-                        min_top1=min_top1, frames=frames, greedy_frames=greedy_frames)
+                        min_top1=min_top1, frames=frames, greedy_frames=greedy_frames, device=device)
     click.echo(report.table())
     report.check()
 

@@ -213,7 +213,7 @@ class _Run:
         result["file_bytes"] = path.stat().st_size
         result["size_vs_bf16"] = result["file_bytes"] / self.bf16_bytes
         result["compression"] = self.bf16_bytes / result["file_bytes"]
-        loaded = load_model(path, device=self.settings.device, dtype=self._dtype())
+        loaded = load_model(path, device=self.settings.device, dtype=self._dtype(), codec_dtype=torch.float32)
         t0 = time.perf_counter()
         if self.ref_run is None:
             self.ref_run = reference_outputs(self.ckpt, self.settings.verify)

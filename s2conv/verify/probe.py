@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from s2conv.errors import S2ConvError
 from s2conv.runtime import prompt as P
 from s2conv.runtime.dual_ar import DualARTransformer, generate
 from s2conv.runtime.layers import causal_mask
@@ -37,6 +38,12 @@ class ProbeSettings:
     reference_frames: int = 16  # codes of the voice-cloning reference in the last prompt's system message
     greedy_frames: int = 32  # 0 skips greedy synthesis
     seed: int = 0
+
+    def __post_init__(self):
+        if not self.texts or self.frames < 1 or self.reference_frames < 0 or self.greedy_frames < 0:
+            raise S2ConvError(f"verify probe: need texts, frames >= 1, reference_frames >= 0 and greedy_frames >= 0; "
+                              f"got {len(self.texts)} texts, {self.frames}, {self.reference_frames}, "
+                              f"{self.greedy_frames}")
 
 
 @dataclass

@@ -138,7 +138,8 @@ def verify_gguf(path: str | Path, reference: str | Path | Checkpoint, options: V
     """Verify GGUF file `path` against the checkpoint `reference` (a directory, repo id or opened Checkpoint).
 
     ref_run: outputs of `reference_outputs(ckpt, options)` to reuse; loaded: the file already loaded with
-    `load_model(path, dtype=<compute dtype>)`. Never raises for a failed check: see `VerifyReport.check`."""
+    `load_model(path, dtype=<compute dtype>, codec_dtype=torch.float32)` (the source codec runs in float32).
+    Never raises for a failed check: see `VerifyReport.check`."""
     path = Path(path)
     ckpt = reference if isinstance(reference, Checkpoint) else open_checkpoint(reference)
     gguf = GGUFFile(path)
@@ -176,7 +177,7 @@ def _compare_outputs(report: VerifyReport, path: Path, ckpt: Checkpoint, ref: Re
                      options: VerifyOptions, loaded: LoadedModel | None) -> None:
     own = loaded is None
     if own:
-        loaded = load_model(path, device=options.device, dtype=ref.dtype)
+        loaded = load_model(path, device=options.device, dtype=ref.dtype, codec_dtype=torch.float32)
     try:
         out = probe.ProbeOutputs()
         if "model" in options.levels:
