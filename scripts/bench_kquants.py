@@ -7,6 +7,7 @@ Prints weights/s of both and whether the bytes are equal. The oracle needs `bash
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from oracle import load_ggml  # noqa: E402
 
 from s2conv.quant_formats import get_format  # noqa: E402
+from s2conv.quant_formats._kquant import _n_threads  # noqa: E402
 
 MODEL_WEIGHTS = 4.05e9  # parameters of S2 Pro quantized by the converter
 
@@ -34,6 +36,7 @@ def main() -> None:
     if ggml is None:
         print("llama.cpp oracle not installed: timing s2conv only")
     print(f"tensor {args.rows}x{args.cols} ({w.size / 1e6:.1f} M weights, Student-t df 3)")
+    print(f"s2conv threads: {_n_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("rates: weights per wall second, and per CPU second (all threads; meaningful on a shared, loaded machine)")
     for name in args.formats.split(","):
         fmt = get_format(name)
