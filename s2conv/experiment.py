@@ -28,7 +28,7 @@ from s2conv.runtime.loader import load_model
 from s2conv.runtime.pipeline import TTS
 from s2conv.runtime.sampling import SamplingParams
 from s2conv.verify import VerifyOptions, reference_outputs, verify_gguf
-from s2conv.verify.probe import SINGLE_THREAD_MAX_PARAMS, ProbeSettings, threads_for
+from s2conv.verify.probe import SINGLE_THREAD_MAX_PARAMS, threads_for
 from s2conv.verify.report import jsonable, plot_layer_heatmap, plot_size_vs_error, write_json
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,9 @@
 
 A tensor fails `s2conv verify` when its relative RMSE exceeds its format's `max_rel_rmse`. The limits are about
 1.5x the worst tensor each format gives on the synthetic checkpoints (heavy-tailed weights with outlier input
-channels, harder than most trained weights), so a broken encoder or a wrong layout fails while a normal file passes. Float formats that
-hold the source exactly are checked for bit equality instead (see tensors.py). Model-level gates (KL, top-1) are
-not per format: they come from `--max-kl` / `--min-top1`.
+channels, harder than most trained weights), so a broken encoder or a wrong layout fails while a normal file
+passes. Float formats that hold the source exactly are checked for bit equality instead (see tensors.py).
+Model-level gates (KL, top-1) are not per format: they come from `--max-kl` / `--min-top1`.
 """
 from __future__ import annotations
 
