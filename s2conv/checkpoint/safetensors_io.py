@@ -50,9 +50,13 @@ def read_header(path: Path) -> tuple[dict, int]:
     spans = []
     for name, info in header.items():
         try:
-            dtype, shape, (b, e) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: malformed header entry for {name!r}") from None
+        # JSON can say anything: offsets and dims must be non-negative integers (bool is an int in Python)
+        if not all(type(x) is int and x >= 0 for x in (b, e, *shape)) or not isinstance(dtype, str):
+            raise CheckpointError(f"{path.name}: tensor {name!r} has invalid dtype, shape or offsets "
+                                  f"({str(dtype)[:20]}, shape {str(shape)[:60]}, offsets {str(info['data_offsets'])[:60]})")
         if dtype not in DTYPE_SIZES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
         if e - b != math.prod(shape) * DTYPE_SIZES[dtype] or b < 0:
