@@ -167,7 +167,7 @@ def main() -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--m", default="1,16", help="batch rows to time (M=1: GEMV, larger: GEMM)")
     ap.add_argument("--no-tune", action="store_true", help="use the default launch configs")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new formats after this long")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new formats after this long")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)

@@ -68,16 +68,12 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 
 
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device) -> Config:
-    """The untuned launch config: sized so that a GEMV keeps every SM busy with a few programs."""
+    """The untuned launch config. M = 1 values follow what `tune` picked at S2's shapes on an H200 (split-K as
+    deep as the K chunks allow for the integer kernels; BLOCK_K 256 and a split only for N = 2560 for float)."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            block_n = 128  # 4 rows x 4 words per thread at 4 warps: x loads amortized over 4 rows
-            chunks = -(-k // BLOCK_K)
-            split, _ = _split_for(-(-n // block_n), chunks, device)
-            return Config(block_n=block_n, split=split, num_warps=4, num_stages=2)
-        block_k = 256 if bits == 8 else 128
-        split, _ = _split_for(-(-n // 16), -(-k // block_k), device)
-        return Config(block_n=16, split=split, num_warps=4, num_stages=3, block_k=block_k)
+            return Config(block_n=64, split=8, num_warps=4, num_stages=2)
+        return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
         split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // BLOCK_K), device, waves=1.0)
@@ -281,7 +277,7 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            return [Config(bn, sp, 4, 2) for bn in (32, 64, 128) for sp in (1, 2, 4, 8)]
+            return [Config(bn, sp, 4, 2) for bn in (32, 64, 128) for sp in (2, 4, 8, 16)]
         return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
