@@ -139,7 +139,11 @@ def _build_codec(f: GGUFFile, dtype, device, formats: dict) -> Codec:
         weights[n[len(CODEC_GGUF_PREFIX):]] = f.dequantize(n, dtype=torch.float32)
         fmt = f.tensor_format(n).name
         formats["codec:" + fmt] = formats.get("codec:" + fmt, 0) + 1
-    return Codec.from_weights(cc, weights, dtype=dtype, device=device)
+    try:
+        return Codec.from_weights(cc, weights, dtype=dtype, device=device)
+    except (RuntimeError, ValueError) as e:  # tensor shapes that do not fit together (found by scripts/fuzz.py)
+        raise SchemaError(f"{f.path.name}: codec tensors do not fit together: {str(e).splitlines()[-1].strip()}") \
+            from None
 
 
 def _check_layer_counts(f: GGUFFile, cfg: S2Config) -> None:
