@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from s2conv.codec_schema import codec_config_from_shapes
-from s2conv.errors import RuntimeModelError, S2ConvError, SchemaError
+from s2conv.errors import CheckpointError, RuntimeModelError, S2ConvError, SchemaError
 from s2conv.gguf_io import GGUFFile
 from s2conv.runtime.codec import Codec
 from s2conv.runtime.dual_ar import DualARTransformer
@@ -130,7 +130,10 @@ def _build_codec(f: GGUFFile, dtype, device, formats: dict) -> Codec:
     if not names:
         raise SchemaError(f"{f.path.name}: no codec tensors (c.*) in the file")
     shapes = {n[len(CODEC_GGUF_PREFIX):]: f.tensor_shape(n) for n in names}
-    cc = codec_config_from_shapes(shapes)
+    try:
+        cc = codec_config_from_shapes(shapes)
+    except CheckpointError as e:  # the same shape rules as for codec.pth; here the GGUF is at fault
+        raise SchemaError(f"{f.path.name}: {e}") from None
     window = f.get(CODEC_KEY_PREFIX + "rvq_transformer.window_size", None)
     if window is not None:
         cc = cc.replace(rvq_window=int(window))

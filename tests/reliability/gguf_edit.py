@@ -73,8 +73,9 @@ def valid_parts(alignment: int = 32):
 
 
 def rewrite(src: Path, dst: Path, *, drop: tuple[str, ...] = (), replace: dict | None = None,
-            drop_tensors: tuple[str, ...] = ()) -> Path:
-    """Copy a GGUF through gguf-py with metadata keys dropped or replaced ({key: (value, GGUFValueType[, sub])})."""
+            drop_tensors: tuple[str, ...] = (), tensors: dict | None = None) -> Path:
+    """Copy a GGUF through gguf-py with metadata keys dropped or replaced ({key: (value, GGUFValueType[, sub])}),
+    tensors dropped or replaced ({name: numpy array}, stored as F32/F16 by dtype)."""
     replace = dict(replace or {})
     r = GGUFReader(src)
     arch = str(r.fields["general.architecture"].contents())
@@ -94,6 +95,9 @@ def rewrite(src: Path, dst: Path, *, drop: tuple[str, ...] = (), replace: dict |
         w.add_key_value(key, value, vtype, sub[0] if sub else None)
     for t in r.tensors:
         if t.name in drop_tensors:
+            continue
+        if tensors and t.name in tensors:
+            w.add_tensor(t.name, tensors[t.name])
             continue
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)  # uint8 data: gguf-py derives the shape
     w.write_header_to_file()
