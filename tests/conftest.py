@@ -1,5 +1,14 @@
 """Shared fixtures: synthetic checkpoints generated once per test session."""
-import pytest
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter, which must be chosen before triton is first imported
+# (whichever test module imports it first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from s2conv.checkpoint import make_checkpoint
 
