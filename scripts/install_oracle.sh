@@ -5,7 +5,7 @@
 set -euo pipefail
 VERSION=0.3.36
 CACHE="${S2CONV_WHEEL_CACHE:-$HOME/.cache/s2conv-wheels}"
-if python3 -c "import llama_cpp" 2>/dev/null; then exit 0; fi
+if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llama_cpp') is None)"; then exit 0; fi
 mkdir -p "$CACHE"
 if ! ls "$CACHE"/llama_cpp_python-$VERSION-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $VERSION (once; cached in $CACHE)"
