@@ -6,6 +6,7 @@ All functions are free of host synchronisation so a decode step can be captured 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,17 +27,17 @@ class SamplingParams:
     ras_top_p: float = 0.9
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise RuntimeModelError(f"sampling temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails every comparison
+            raise RuntimeModelError(f"sampling temperature must be finite and >= 0, got {self.temperature}")
         for name in ("top_p", "ras_top_p"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise RuntimeModelError(f"sampling {name} must be in (0, 1], got {value}")
         if not self.ras_temperature > 0:
             raise RuntimeModelError(f"sampling ras_temperature must be > 0, got {self.ras_temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 1:
+        if not _is_int(self.top_k) or self.top_k < 1:
             raise RuntimeModelError(f"sampling top_k must be an integer >= 1, got {self.top_k}")
-        if int(self.ras_window) != self.ras_window or self.ras_window < 0:
+        if not _is_int(self.ras_window) or self.ras_window < 0:
             raise RuntimeModelError(f"sampling ras_window must be an integer >= 0, got {self.ras_window}")
 
     @property
@@ -47,6 +48,11 @@ class SamplingParams:
         """The RAS fallback settings (same top_k)."""
         return SamplingParams(self.ras_temperature, self.ras_top_p, self.top_k, 0,
                               self.ras_temperature, self.ras_top_p)
+
+
+def _is_int(x) -> bool:
+    """An integral number (3 or 3.0); not NaN, inf or a string."""
+    return isinstance(x, (int, float)) and math.isfinite(x) and int(x) == x
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
