@@ -71,8 +71,10 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
     """The untuned launch config. M = 1 values follow what `tune` picked at S2's shapes on an H200 (split-K as
     deep as the K chunks allow for the integer kernels; BLOCK_K 256 and a split only for N = 2560 for float)."""
     if m <= GEMV_MAX_M:
-        if kind == "int":
-            return Config(block_n=64, split=8, num_warps=4, num_stages=2)
+        if kind == "int":  # enough row tiles x K splits for ~3 programs per SM; split-K costs no extra launch
+            tiles = -(-n // 16)
+            split = max(1, min(-(-k // BLOCK_K) // 2, round(3 * _sm_count(device) / tiles)))
+            return Config(block_n=16, split=split, num_warps=4, num_stages=1)
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
@@ -127,6 +129,24 @@ def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool) -> None:
                                GATED=gated, BLOCK=1024, num_warps=4)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """>= n int32 arrival counters, zero between launches (the last program of each row tile resets its own).
+
+    One buffer per device, allocated once outside CUDA-graph capture (a capture that needs a bigger one gets a
+    zeroed buffer of its own: a memset node). Launches that share it must run one at a time (one stream).
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return fresh
+        _COUNTERS[device] = buf = fresh
+    return buf
+
+
 # ---- integer formats ---------------------------------------------------------------------------------------------
 def _int_key(x, qweight, bits, group, has_min, gated):
     rows = qweight.shape[0]
@@ -177,16 +197,19 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     m_arg = mins if mins is not None else scales
     common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
                   GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if m <= GEMV_MAX_M:
-        grid = (triton.cdiv(n, cfg.block_n), split, m)
-        int_gemv_kernel[grid](x, qweight, scales, m_arg, out, n, k, n_blocks, per, 0x4B000000,
-                              x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
-                              BLOCK_N=cfg.block_n, **common)
-    else:
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        int_gemm_kernel[grid](x, qweight, scales, m_arg, out, m, n, k, n_blocks, per,
-                              x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
-                              IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    if m <= GEMV_MAX_M:  # split-K finished inside the one launch (int_gemv_kernel's PARTIAL)
+        n_tiles = triton.cdiv(n, cfg.block_n)
+        cnt = _counters(dev, n_tiles * m) if part is not None else y
+        p_arg = part if part is not None else y
+        int_gemv_kernel[(n_tiles, split, m)](
+            x, qweight, scales, m_arg, y, p_arg, cnt, n, k, n_blocks, per, split, 0x4B000000,
+            x.stride(0), qweight.stride(0), stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
+            BLOCK_N=cfg.block_n, **common)
+        return y
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    int_gemm_kernel[grid](x, qweight, scales, m_arg, out, m, n, k, n_blocks, per,
+                          x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
+                          IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
     if part is not None:
         _reduce(part, y, gated)
     return y
@@ -277,7 +300,7 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            return [Config(bn, sp, 4, 2) for bn in (32, 64, 128) for sp in (2, 4, 8, 16)]
+            return [Config(bn, sp, 4, 1) for bn in (8, 16, 32) for sp in (1, 2, 4, 8)]
         return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":

@@ -25,101 +25,170 @@ def _load_x(x_ptrs, k0, K, offs, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _fma_field(acc, t, t_hi, magic, xv, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr,
-               XMUL: tl.constexpr):
-    """acc + (field - OFF) * XMUL * x for the NB-bit field at bit P of the words t [BN, 16] and x [16] (fp32).
+def _field(t, t_hi, magic, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr):
+    """(field - OFF) * 2**Q in fp32 for the NB-bit field at bit P of the int32 words t (t_hi = t >> 16).
 
-    Exact: the field is read in place as the float 2**23 + field * 2**Q (one LOP3), made (field - OFF) * 2**Q by one
-    subtraction and met with x * XMUL * 2**-Q (computed once per program and x element, not per row).
-    magic = 0x4B000000 arrives as a kernel argument so that the compiler keeps it in a register instead of
-    re-materializing the constant per weight. Fields ending above bit 22 are read from t_hi = t >> 16 (Q = P - 16).
+    Exact: the field is read in place as the float 2**23 + field * 2**Q (one LOP3) and one subtraction removes
+    2**23 + OFF * 2**Q; Q = P, or P - 16 for fields ending above bit 22 (read from t_hi). The x it meets must be
+    scaled by 2**-Q (`_xq`). magic = 0x4B000000 arrives as a kernel argument so that the compiler keeps it in a
+    register instead of re-materializing the constant per weight.
     """
     if P + NB > 23:
         f = ((t_hi & (((1 << NB) - 1) << (P - 16))) | magic).to(tl.float32, bitcast=True)
-        f = f - (8388608.0 + OFF * (1 << (P - 16)))
-        xq = xv * (XMUL / (1 << (P - 16)))
+        return f - (8388608.0 + OFF * (1 << (P - 16)))
     else:
         f = ((t & (((1 << NB) - 1) << P)) | magic).to(tl.float32, bitcast=True)
-        f = f - (8388608.0 + OFF * (1 << P))
-        xq = xv * (XMUL / (1 << P))
-    return acc + f * xq[None, :]
+        return f - (8388608.0 + OFF * (1 << P))
 
 
 @triton.jit
-def _int_rows_gemv(x_row, w_rows, s_rows, m_rows, K, b_start, b_end, magic,
+def _xq(xv, P: tl.constexpr, NB: tl.constexpr, XMUL: tl.constexpr):
+    """x * XMUL * 2**-Q for the field read by `_field(.., P, NB, ..)` (a power of two: products stay exact)."""
+    if P + NB > 23:
+        return xv * (XMUL / (1 << (P - 16)))
+    else:
+        return xv * (XMUL / (1 << P))
+
+
+@triton.jit
+def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
+    """The scale tiles of the (up to 4) windows of one block: window v reads group g + v * GPW of each column."""
+    s0 = tl.load(s_tile + g, mask=valid, other=0.0)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if NWIN > 1:
+        s1 = tl.load(s_tile + g + GPW, mask=valid, other=0.0)
+    if NWIN > 2:
+        s2 = tl.load(s_tile + g + 2 * GPW, mask=valid, other=0.0)
+        s3 = tl.load(s_tile + g + 3 * GPW, mask=valid, other=0.0)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for BLOCK_N rows -> fp32 [BLOCK_N].
 
-    w_rows: [BLOCK_N, 16] pointers to word j of each row's first block; s_rows / m_rows: [BLOCK_N] pointers to each
-    row's scales / mins. GROUP = 0: one scale per row, applied here at the end.
+    w_row0: [BLOCK_N] pointers to each row's first word; s_rows / m_rows: [BLOCK_N] pointers to each row's scales
+    / mins. A whole block of a row (16 * BITS words, 64 * BITS bytes) is one tile row [BLOCK_N, WPB]: column
+    j = 16 * t + w is word w of sub-tile t, so field i of the tile holds slots t * SPW + i of every sub-tile at
+    once and meets x at k = 16 * (t * SPW + i) + w. The next block's words and scales are loaded before this
+    block's arithmetic (register double buffering), so loads overlap math inside a program. Scales apply per
+    window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two low-bit
+    sub-tiles ([BLOCK_N, 32]); the high-bit sub-tile is read into a second tile whose column j holds word j % 16,
+    shifted right by 16 * (j // 16) so that bit i is the high bit of slot t * 16 + i.
     """
-    offs_w = tl.arange(0, _W)
-    x_ptrs = x_row + offs_w
-    # per-row scale pointers broadcast over the tile's 16 columns: loaded in the tile's own register layout, the
-    # scales need no layout conversion (a shared-memory round trip with two barriers per group otherwise)
-    s_tile = s_rows[:, None] + offs_w[None, :] * 0
-    SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16  # slots per sub-tile (3-bit: per low-bit sub-tile)
-    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else 1  # slots per scale group
-    acc = tl.zeros([BLOCK_N, _W], tl.float32)
-    acc_g = tl.zeros([BLOCK_N, _W], tl.float32)
-    corr = tl.zeros([BLOCK_N], tl.float32)
-    xs = tl.sum(tl.zeros([_W], tl.float32), axis=0)  # group sum of x (asymmetric formats)
+    WPB: tl.constexpr = 16 * BITS  # words per block and row
+    TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width
+    SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # fields per word
+    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else SPW  # slots per scale group
+    NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1  # scale windows per block
+    WL: tl.constexpr = SPW // NWIN  # fields per window
+    GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1  # groups per block
+    GPW: tl.constexpr = WL // SPG if WL >= SPG else 0  # groups from one window to the next
+    cols = tl.arange(0, TW)
+    t_col = cols // _W
+    x_col = x_row + t_col * (SPW * _W) + cols % _W  # x of field 0 of every column (block 0)
+    w_tile = w_row0[:, None] + cols[None, :]
+    g_col = (t_col * SPW) // SPG  # group of window 0 within the block, per column
+    s_tile = s_rows[:, None] + g_col[None, :]
+    m_tile = m_rows[:, None] + g_col[None, :]
+    if BITS == 3:
+        h_tile = w_row0[:, None] + (cols % _W + 32)[None, :]  # word 32 + j % 16: the high-bit sub-tile
+        h_shift = (t_col * 16)[None, :]
+    go = tl.full([BLOCK_N, TW], b_start, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
+    wt = tl.load(w_tile + b_start * WPB, mask=go, other=0)
+    if BITS == 3:
+        ht = tl.load(h_tile + b_start * WPB, mask=go, other=0)
+    if GROUP > 0:
+        s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go, GPW, NWIN)
+        if HAS_MIN:
+            m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go, GPW, NWIN)
+    acc = tl.zeros([BLOCK_N, TW], tl.float32)
+    corr = tl.zeros([BLOCK_N, TW], tl.float32)
     for b in range(b_start, b_end):
-        wb = w_rows + b * (_W * BITS)
-        kb = b * _BLOCK_K
+        # prefetch block b + 1 (masked off past the end of this program's range)
+        nxt = tl.full([BLOCK_N, TW], b + 1, tl.int32) < b_end
+        wn = tl.load(w_tile + (b + 1) * WPB, mask=nxt, other=0)
         if BITS == 3:
-            th = tl.load(wb + 2 * _W)
-            th_hi = th >> 16
-        for t in tl.static_range(BITS if BITS != 3 else 2):
-            tw = tl.load(wb + t * _W)
-            tw_hi = tw >> 16
-            for i in tl.static_range(SPW):
-                s = t * SPW + i  # a compile-time slot index
-                xv = _load_x(x_ptrs, kb + s * _W, K, offs_w, EVEN_K).to(tl.float32)
-                if GROUP == 0:
-                    a = acc
-                elif s % SPG == 0:  # first slot of a group
-                    a = tl.zeros([BLOCK_N, _W], tl.float32)
+            hn = tl.load(h_tile + (b + 1) * WPB, mask=nxt, other=0)
+        if GROUP > 0:
+            n0, n1, n2, n3 = _load_scales(s_tile, (b + 1) * GPB, nxt, GPW, NWIN)
+            if HAS_MIN:
+                q0, q1, q2, q3 = _load_scales(m_tile, (b + 1) * GPB, nxt, GPW, NWIN)
+        wt_hi = wt >> 16
+        if BITS == 3:
+            ht = ht >> h_shift
+            ht_hi = ht >> 16
+        kb = b * _BLOCK_K
+        for v in tl.static_range(NWIN):
+            acc_g = tl.zeros([BLOCK_N, TW], tl.float32)
+            xs = tl.zeros([TW], tl.float32)
+            for ii in tl.static_range(WL):
+                i = v * WL + ii  # a compile-time field index
+                if EVEN_K:
+                    xv = tl.load(x_col + kb + i * _W).to(tl.float32)
                 else:
-                    a = acc_g
+                    xv = tl.load(x_col + kb + i * _W, mask=kb + t_col * (SPW * _W) + cols % _W + i * _W < K,
+                                 other=0.0).to(tl.float32)
                 if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                    a = _fma_field(a, tw, tw_hi, magic, xv, 2 * i, 2, OFF, 1.0)
-                    a = _fma_field(a, th, th_hi, magic, xv, s, 1, 0, 4.0)
+                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[None, :]
+                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[None, :]
                 else:
-                    a = _fma_field(a, tw, tw_hi, magic, xv, i * BITS, BITS, OFF, 1.0)
-                if GROUP == 0:
-                    acc = a
+                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[None, :]
+                if HAS_MIN:
+                    xs += xv
+            if GROUP == 0:
+                acc += acc_g
+            else:
+                if v == 0:
+                    sc = s0
+                elif v == 1:
+                    sc = s1
+                elif v == 2:
+                    sc = s2
                 else:
-                    acc_g = a
-                    if HAS_MIN:
-                        if s % SPG == 0:
-                            xs = tl.sum(xv, axis=0)
-                        else:
-                            xs += tl.sum(xv, axis=0)
-                    if s % SPG == SPG - 1:  # group complete: apply its scale (and min)
-                        g = b * (_BLOCK_K // GROUP) + s // SPG
-                        acc += acc_g * tl.load(s_tile + g)
-                        if HAS_MIN:
-                            corr += tl.load(m_rows + g) * xs
+                    sc = s3
+                acc += acc_g * sc
+                if HAS_MIN:
+                    if v == 0:
+                        mn = m0
+                    elif v == 1:
+                        mn = m1
+                    elif v == 2:
+                        mn = m2
+                    else:
+                        mn = m3
+                    corr += mn * xs[None, :]
+        wt = wn
+        if BITS == 3:
+            ht = hn
+        if GROUP > 0:
+            s0, s1, s2, s3 = n0, n1, n2, n3
+            if HAS_MIN:
+                m0, m1, m2, m3 = q0, q1, q2, q3
     out = tl.sum(acc, axis=1)
     if GROUP == 0:
         out = out * tl.load(s_rows)
     if HAS_MIN:
-        out = out - corr
+        out = out - tl.sum(corr, axis=1)
     return out
 
 
 @triton.jit
-def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, N, K, n_blocks, blocks_per_split, magic,
-                    stride_xm, stride_wn, stride_sn, stride_om, stride_os,
+def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split,
+                    n_split, magic, stride_xm, stride_wn, stride_sn, stride_om, stride_ps, stride_pm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); magic: pass 0x4B000000.
+    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); magic: pass 0x4B000000.
 
-    PARTIAL: write fp32 partial sums of this program's K range to out[pid_k, m, :] (reduced by a second kernel);
-    else write y in out's dtype. GATED: the weight holds 2N rows (w1 over w3) and y = silu(x w1^T) * (x w3^T);
-    partial outputs then hold both halves side by side, [.., 2N].
+    GATED: the weight holds 2N rows (w1 over w3) and y = silu(x w1^T) * (x w3^T).
+    PARTIAL (split-K in one launch): each program writes the fp32 partial sums of its K range to
+    part[pid_k, m, :] (gated: both halves side by side, [.., 2N]), then counts itself in cnt[m, pid_n] (int32,
+    zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
+    counter back to 0 for the next launch. Launches sharing cnt must therefore not run concurrently.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -129,23 +198,39 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, N, K, n_blocks, blocks_
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
-    y = _int_rows_gemv(x_row, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end,
-                       magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
-    out_row = out_ptr + pid_k * stride_os + pid_m * stride_om
-    n_mask = offs_n < N
+    y = _int_rows_gemv(x_row, w_ptr + rows.to(tl.int64) * stride_wn, s_ptr + rows * stride_sn,
+                       m_ptr + rows * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K,
+                       BLOCK_N)
     if GATED:
         rows3 = rows + N
-        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
-        y3 = _int_rows_gemv(x_row, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
-                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BLOCK_N)
-        if PARTIAL:
-            tl.store(out_row + offs_n, y, mask=n_mask)
-            tl.store(out_row + N + offs_n, y3, mask=n_mask)
-        else:
-            y = y * tl.sigmoid(y) * y3
+        y3 = _int_rows_gemv(x_row, w_ptr + rows3.to(tl.int64) * stride_wn, s_ptr + rows3 * stride_sn,
+                            m_ptr + rows3 * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN,
+                            EVEN_K, BLOCK_N)
+    n_mask = offs_n < N
+    out_row = out_ptr + pid_m * stride_om
+    if PARTIAL:
+        p_row = part_ptr + pid_m * stride_pm
+        tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
+        if GATED:
+            tl.store(p_row + pid_k * stride_ps + N + offs_n, y3, mask=n_mask)
+        tl.debug_barrier()  # every thread's partials are written before the count (release) below
+        c_ptr = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:  # the last program of this row tile: reduce (".cg": read from L2, not L1)
+            y = tl.zeros([BLOCK_N], tl.float32)
+            y3 = tl.zeros([BLOCK_N], tl.float32)
+            for s in range(n_split):
+                y += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    y3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=n_mask, other=0.0,
+                                  cache_modifier=".cg")
+            if GATED:
+                y = y * tl.sigmoid(y) * y3
             tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(c_ptr, 0)
     else:
+        if GATED:
+            y = y * tl.sigmoid(y) * y3
         tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
