@@ -1,0 +1,143 @@
+"""Swap the dual-AR model's batch-1 decode path (one position per step, CUDA) onto the fused Triton kernels.
+
+    fused_decode.enable(model)    # after loading (and after QuantLinear.prepare_kernel)
+    fused_decode.disable(model)   # back to the eager forwards
+
+Per transformer block and decode step this leaves: norm, wqkv, qk-norm+rope+cache, attention (1-2 kernels), wo,
+add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear), silu*mul (float
+weights only), w2, residual add. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear
+modules are still called as they are, so every weight format keeps working.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from s2conv.runtime.layers import HeadRMSNorm, RMSNorm, TransformerBlock
+from s2conv.runtime.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def _fused():
+    """The kernel module, or None when triton is missing."""
+    try:
+        from s2conv.runtime.kernels import fused
+    except ImportError as e:
+        log.info("fused decode kernels unavailable: %s", e)
+        return None
+    return fused
+
+
+def _active(module: nn.Module, x: Tensor) -> bool:
+    return x.is_cuda or module._fused_force
+
+
+# ---- swapped forwards (bound to each instance; the class forward is the fallback) ---------------------------------
+def _norm_forward(self: RMSNorm, x: Tensor) -> Tensor:
+    if not _active(self, x):
+        return RMSNorm.forward(self, x)
+    return self._fused.rms_norm(x, self.weight, self.eps)
+
+
+def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor,
+                   input_pos: Tensor | None = None) -> Tensor:
+    attn = self.attention
+    cache = attn.kv_cache
+    if x.shape[1] != 1 or input_pos is None or cache is None or not _active(self, x):
+        return TransformerBlock.forward(self, x, freqs_cis, mask, input_pos)
+    k = self._fused
+    n = k.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+    qkv = attn.wqkv(n)
+    qw = attn.q_norm.weight if attn.qk_norm else None
+    kw = attn.k_norm.weight if attn.qk_norm else None
+    eps = attn.q_norm.eps if attn.qk_norm else 0.0
+    q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, input_pos, attn.n_head,
+                             attn.n_kv_head, eps)
+    # mask [1, span]: its width is the attention span the eager path reads (keys > pos are masked inside)
+    y = k.decode_attention(q, cache.k_cache, cache.v_cache, input_pos, mask.shape[-1],
+                           attn.n_head // attn.n_kv_head)
+    h, n = k.add_rms_norm(x, attn.wo(y), self.ffn_norm.weight, self.ffn_norm.eps)
+    return h + _ffn(self.feed_forward, n, k)
+
+
+def _ffn(ff: nn.Module, x: Tensor, k) -> Tensor:
+    """w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
+    w13 = ff._fused_w13
+    if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
+        a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
+        return ff.w2(k.silu_mul(a, b))
+    if w13 is not None and x.is_cuda:  # QuantLinear pair with kernels: silu and mul inside the GEMV
+        launcher, packed = w13
+        return ff.w2(launcher(x, packed))
+    return ff.w2(k.silu_mul(ff.w1(x), ff.w3(x)))
+
+
+# ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------
+def _join_w13(ff: nn.Module):
+    """Concatenate w1 over w3 once; w1 and w3 then read views of the joined storage (no second copy in memory).
+
+    Returns the joined float weight [2 hidden, dim], a (gated launcher, joined packed dict) pair for two
+    QuantLinears with kernels of one format, or None (w1 and w3 are then called one after the other)."""
+    w1, w3 = ff.w1, ff.w3
+    if type(w1) is nn.Linear and type(w3) is nn.Linear:
+        a, b = w1.weight, w3.weight
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.is_meta:
+            return None
+        joined = torch.cat([a, b], dim=0)
+        w1.weight = nn.Parameter(joined[: a.shape[0]], requires_grad=False)
+        w3.weight = nn.Parameter(joined[a.shape[0]:], requires_grad=False)
+        return joined
+    if isinstance(w1, QuantLinear) and isinstance(w3, QuantLinear) and w1.kernel and w3.kernel \
+            and w1.fmt.name == w3.fmt.name and w1.out_features == w3.out_features:
+        from s2conv.runtime.kernels import GATED_KERNELS, cat_rows
+
+        gated = GATED_KERNELS.get(w1.fmt.name)
+        if gated is None:
+            return None
+        (l1, p1), (l3, p3) = w1.kernel, w3.kernel
+        joined = cat_rows(p1, p3)
+        n = w1.out_features
+        w1.kernel = (l1, {name: t[:n] for name, t in joined.items()})
+        w3.kernel = (l3, {name: t[n:] for name, t in joined.items()})
+        return gated, joined
+    return None
+
+
+# ---- public API --------------------------------------------------------------------------------------------------
+def enable(model: nn.Module, force: bool = False) -> bool:
+    """Route every TransformerBlock's decode step and every fish RMSNorm of `model` through the fused kernels.
+
+    Without `force` this happens only for a CUDA model and applies to CUDA inputs; `force=True` also runs the
+    kernels on CPU tensors (tests, with TRITON_INTERPRET=1). Returns whether the swap happened. Idempotent."""
+    kernels = _fused()
+    if kernels is None:
+        return False
+    params = next(model.parameters(), None)
+    if not force and (params is None or not params.is_cuda):
+        return False
+    n_blocks = 0
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.forward = types.MethodType(_block_forward, module)
+            if not hasattr(module.feed_forward, "_fused_w13"):
+                module.feed_forward._fused_w13 = _join_w13(module.feed_forward)
+            n_blocks += 1
+        elif isinstance(module, RMSNorm) and not isinstance(module, HeadRMSNorm):
+            module.forward = types.MethodType(_norm_forward, module)
+        else:
+            continue
+        module._fused, module._fused_force = kernels, force
+    log.info("fused decode enabled on %d transformer blocks", n_blocks)
+    return True
+
+
+def disable(model: nn.Module) -> None:
+    """Restore the eager forwards. w1 / w3 keep reading views of the joined weight (same values)."""
+    for module in model.modules():
+        if "_fused" in module.__dict__:
+            del module.forward, module._fused, module._fused_force

@@ -1,0 +1,353 @@
+"""Fused Triton kernels for the batch-1 decode step: RMSNorm (+ residual add), QK-norm + RoPE + KV-cache write,
+split-K decode attention and SwiGLU's silu(a) * b. Each replaces a chain of small eager ops by one launch.
+
+The rounding points follow the eager code in `s2conv.runtime.layers` / `rope.py` step by step (fp32 math, a round to
+the activation dtype wherever eager rounds), so results match eager bit for bit or within one ulp of summation order.
+Positions come from 1-element device tensors: no host sync, safe inside CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from s2conv.errors import RuntimeModelError
+
+# triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
+# interpreter matches torch (on GPUs the hardware conversion already does)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ATTN_BLOCK_N = 64  # keys per attention loop step
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
+    """fp32 x -> dtype with round-to-nearest-even (FIX_BF16: by integer arithmetic, for the interpreter)."""
+    if FIX_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def _fix(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
+
+
+def _fail(op: str, what: str, expected: str, got) -> RuntimeModelError:
+    return RuntimeModelError(f"{op}: {what} must be {expected}, got {got}")
+
+
+def _rows(op: str, t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [..., n] as a 2-D [rows, n] view (a copy only when the last axis is strided)."""
+    if t.shape[-1] != n:
+        raise _fail(op, "last dimension", str(n), tuple(t.shape))
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: any valid grid will do
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, stride_r, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FIX_X: tl.constexpr, FIX_Y: tl.constexpr):
+    """One row: [h = x + r (rounded to x's dtype, stored)]; y = round(round(h * rsqrt(mean(h^2) + eps)) * w)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = _round(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty, FIX_X)
+        tl.store(h_ptr + row * N + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    normed = _round(xf * inv, x_ptr.dtype.element_ty, FIX_X).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + offs, _round(normed * w, y_ptr.dtype.element_ty, FIX_Y), mask=mask)
+
+
+def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    op = "rms_norm"
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise _fail(op, "weight shape", f"({n},)", tuple(weight.shape))
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise _fail(op, "residual", f"{tuple(x.shape)} {x.dtype} like x", f"{tuple(residual.shape)} {residual.dtype}")
+    x2 = _rows(op, x, n)
+    r2 = _rows(op, residual, n) if residual is not None else x2
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x2
+    # eager: normed.type_as(x) * weight -> the product takes the promoted dtype (x's in the model)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
+        BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4)
+    return h, y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fish-speech RMSNorm of x [..., N] with weight [N]: normalise in fp32, round to x's dtype, multiply by the
+    weight and round again (to the promoted dtype of x and weight, x's dtype in the model). One kernel."""
+    return _norm_launch(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) for h = x + residual rounded to x's dtype (the pre-norm block's residual add). One kernel."""
+    return _norm_launch(x, residual, weight, eps)
+
+
+# ---- QK-norm + RoPE + KV-cache write ---------------------------------------------------------------------------------
+@triton.jit
+def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr, pos_ptr,
+                          H, HKV, stride_qkv, stride_cb, stride_ch, eps,
+                          HAS_NORM: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, FIX: tl.constexpr):
+    """Program (b, tile of HEADS heads) over the H + 2 HKV heads of one qkv row, as [HEADS, D/2] pairs (2j, 2j+1).
+
+    Query and key heads: optional per-head RMSNorm (fp32, scaled, rounded once), then the pair rotation in fp32,
+    rounded; queries go to q [B, H, 1, D], keys to the k cache at position pos. Value heads pass through the same
+    arithmetic with cos = 1, sin = 0 (exact) into the v cache."""
+    b = tl.program_id(0)
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    j = tl.arange(0, D // 2)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    live = head < H + 2 * HKV
+    is_q = head < H
+    is_v = head >= H + HKV
+    is_k = live & ~is_q & ~is_v
+    src = qkv_ptr + b * stride_qkv + head[:, None] * D + 2 * j[None, :]
+    x0 = tl.load(src, mask=live[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(src + 1, mask=live[:, None], other=0.0).to(tl.float32)
+    dtype = q_ptr.dtype.element_ty
+    if HAS_NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(x0 * x0 + x1 * x1, axis=1) / D + eps)
+        qw0 = tl.load(qw_ptr + 2 * j).to(tl.float32)
+        qw1 = tl.load(qw_ptr + 2 * j + 1).to(tl.float32)
+        kw0 = tl.load(kw_ptr + 2 * j).to(tl.float32)
+        kw1 = tl.load(kw_ptr + 2 * j + 1).to(tl.float32)
+        w0 = tl.where(is_q[:, None], qw0[None, :], kw0[None, :])
+        w1 = tl.where(is_q[:, None], qw1[None, :], kw1[None, :])
+        n0 = _round((x0 * inv[:, None]) * w0, dtype, FIX).to(tl.float32)
+        n1 = _round((x1 * inv[:, None]) * w1, dtype, FIX).to(tl.float32)
+        x0 = tl.where(is_v[:, None], x0, n0)
+        x1 = tl.where(is_v[:, None], x1, n1)
+    cos = tl.where(is_v[:, None], 1.0, tl.load(f_ptr + 2 * j).to(tl.float32)[None, :])
+    sin = tl.where(is_v[:, None], 0.0, tl.load(f_ptr + 2 * j + 1).to(tl.float32)[None, :])
+    re = _round(x0 * cos - x1 * sin, dtype, FIX)
+    im = _round(x1 * cos + x0 * sin, dtype, FIX)
+    q_dst = q_ptr + (b * H + head[:, None]) * D + 2 * j[None, :]
+    kv_head = tl.where(is_v, head - H - HKV, head - H).to(tl.int64)
+    kv_off = b * stride_cb + kv_head[:, None] * stride_ch + pos * D + 2 * j[None, :]
+    tl.store(q_dst, re, mask=is_q[:, None])
+    tl.store(q_dst + 1, im, mask=is_q[:, None])
+    tl.store(kc_ptr + kv_off, re, mask=is_k[:, None])
+    tl.store(kc_ptr + kv_off + 1, im, mask=is_k[:, None])
+    tl.store(vc_ptr + kv_off, re, mask=is_v[:, None])
+    tl.store(vc_ptr + kv_off + 1, im, mask=is_v[:, None])
+
+
+def _pos_tensor(pos, device: torch.device) -> torch.Tensor:
+    if isinstance(pos, torch.Tensor):
+        if pos.numel() != 1:
+            raise _fail("fused decode", "pos", "a 1-element tensor (S = 1 decode)", tuple(pos.shape))
+        return pos.reshape(1)
+    return torch.tensor([int(pos)], device=device)
+
+
+def _check_cache(op: str, name: str, cache: torch.Tensor, batch: int, n_kv: int, d: int, dtype) -> None:
+    if cache.dim() != 4 or cache.shape[0] < batch or cache.shape[1] != n_kv or cache.shape[3] != d:
+        raise _fail(op, name, f"[>= {batch}, {n_kv}, max_seq, {d}]", tuple(cache.shape))
+    if cache.dtype != dtype or cache.stride(3) != 1 or cache.stride(2) != d:
+        raise _fail(op, name, f"{dtype} with contiguous [max_seq, {d}] planes", f"{cache.dtype} {cache.stride()}")
+
+
+def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                       freqs_cis_row: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos,
+                       n_head: int, n_kv_head: int, eps: float = 1e-6) -> torch.Tensor:
+    """Split one decode step's fused projection qkv [B, 1, (H + 2 Hkv) * D] (q | k | v, head-major) into heads.
+
+    Applies the per-head QK RMSNorm when q_norm_w / k_norm_w [D] are given, the interleaved-pair RoPE with
+    freqs_cis_row [1, D/2, 2] ((cos, sin), any float dtype), writes k and v into k_cache / v_cache
+    [B, Hkv, max_seq, D] at position pos (a 1-element device tensor or an int) and returns q [B, H, 1, D].
+    """
+    op = "qk_norm_rope_cache"
+    b = qkv.shape[0]
+    width = qkv.shape[-1]
+    if width % (n_head + 2 * n_kv_head):
+        raise _fail(op, "qkv width", f"a multiple of {n_head + 2 * n_kv_head} heads", width)
+    d = width // (n_head + 2 * n_kv_head)
+    if qkv.numel() != b * width:
+        raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
+    if d % 2 or d & (d - 1):
+        raise _fail(op, "head_dim", "an even power of two", d)
+    if freqs_cis_row.numel() != d:
+        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
+    has_norm = q_norm_w is not None
+    if has_norm != (k_norm_w is not None):
+        raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cache(op, name, cache, b, n_kv_head, d, qkv.dtype)
+    q2 = _rows(op, qkv, width)
+    q = torch.empty(b, n_head, 1, d, dtype=qkv.dtype, device=qkv.device)
+    freqs = freqs_cis_row.reshape(d).contiguous()
+    qw = q_norm_w if has_norm else freqs
+    kw = k_norm_w if has_norm else freqs
+    n_heads = n_head + 2 * n_kv_head
+    # GPUs: a few heads per program; the interpreter: one program (its cost is per program, not per element)
+    heads = triton.next_power_of_2(n_heads) if _INTERPRETED else 8
+    _qk_rope_cache_kernel[(b, triton.cdiv(n_heads, heads))](
+        q2, qw, kw, freqs, k_cache, v_cache, q, _pos_tensor(pos, qkv.device), n_head, n_kv_head, q2.stride(0),
+        k_cache.stride(0), k_cache.stride(1), float(eps), HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
+        num_warps=4)
+    return q
+
+
+# ---- decode attention --------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
+                        H, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, scale,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, FIX: tl.constexpr):
+    """Program (b * H + h, split): online softmax of query head h over keys [split start, split end) with
+    key j <= pos, reading KV head h // N_REP. SINGLE: one split, normalise and store out [B, 1, H * D]; else store
+    the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2]."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    pos = tl.load(pos_ptr).to(tl.int32)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + bh * D + offs_d).to(tl.float32)
+    base = b.to(tl.int64) * stride_cb + (h // N_REP).to(tl.int64) * stride_ch
+    start = split * keys_per_split
+    end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
+    m_i = tl.full([1], -1.0e30, tl.float32)  # finite: an empty split gives weight 0, not NaN
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+        k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    if SINGLE:
+        out = acc / l_i
+        tl.store(o_ptr + b * H * D + h * D + offs_d, _round(out, o_ptr.dtype.element_ty, FIX))
+    else:
+        tl.store(part_ptr + (bh * n_splits + split) * D + offs_d, acc)
+        one = tl.arange(0, 1)
+        tl.store(ml_ptr + (bh * n_splits + split) * 2 + one, m_i)
+        tl.store(ml_ptr + (bh * n_splits + split) * 2 + 1 + one, l_i)
+
+
+@triton.jit
+def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
+                               D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr):
+    """Program b * H + h: merge the splits' (max, sum, accumulator) into the softmax-weighted output row."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, SPLITS)
+    smask = offs_s < n_splits
+    row = bh * n_splits + offs_s
+    m = tl.load(ml_ptr + row * 2, mask=smask, other=-1.0e30)
+    l = tl.load(ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    offs_d = tl.arange(0, D)
+    acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + b * H * D + h * D + offs_d, _round(out, o_ptr.dtype.element_ty, FIX))
+
+
+def attention_splits(span: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(number of key splits, keys per split) so that about 4 programs per SM read the span's keys; a split is a
+    whole number of ATTN_BLOCK_N key blocks. rows = B * H query rows."""
+    blocks = -(-span // ATTN_BLOCK_N)
+    want = max(1, min(blocks, -(-4 * _sm_count(device) // max(rows, 1))))
+    per = -(-blocks // want) * ATTN_BLOCK_N
+    return -(-span // per), per
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, span: int | None = None,
+                     n_rep: int | None = None) -> torch.Tensor:
+    """Attention of one query per head, q [B, H, 1, D], over the cached keys 0..pos (pos: a 1-element device
+    tensor or an int; later slots are masked), with GQA: query head h reads KV head h // n_rep of
+    k_cache / v_cache [B, Hkv, max_seq, D]. span (a Python int > pos, default max_seq) bounds the keys read and
+    fixes the launch grid, so one CUDA graph serves every pos < span. Scale 1/sqrt(D), fp32 softmax.
+    Returns [B, 1, H * D] in q's dtype. One kernel, or two when the key axis is split (flash-decoding).
+    """
+    op = "decode_attention"
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise _fail(op, "q", "[B, H, 1, D]", tuple(q.shape))
+    b, h, _, d = q.shape
+    n_kv = k_cache.shape[1]
+    n_rep = n_rep or h // max(n_kv, 1)
+    if n_rep * n_kv != h:
+        raise _fail(op, "n_rep * KV heads", f"the {h} query heads", f"{n_rep} * {n_kv}")
+    if d & (d - 1):
+        raise _fail(op, "head_dim", "a power of two", d)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cache(op, name, cache, b, n_kv, d, q.dtype)
+    span = min(span or k_cache.shape[2], k_cache.shape[2])
+    q = q.contiguous()
+    out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
+    pos_t = _pos_tensor(pos, q.device)
+    n_splits, per = attention_splits(span, b * h, q.device)
+    single = n_splits == 1
+    if single:
+        part = ml = out  # unused
+    else:
+        part = torch.empty(b * h, n_splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
+    fix = _fix(q.dtype)
+    _decode_attn_kernel[(b * h, n_splits)](
+        q, k_cache, v_cache, pos_t, out, part, ml, h, n_rep, span, per, n_splits, k_cache.stride(0),
+        k_cache.stride(1), 1.0 / math.sqrt(d), D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4)
+    if not single:
+        _decode_attn_reduce_kernel[(b * h,)](part, ml, out, h, n_splits, D=d,
+                                             SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4)
+    return out
+
+
+# ---- SwiGLU gate -------------------------------------------------------------------------------------------------
+@triton.jit
+def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, N, stride_a, stride_b, BLOCK: tl.constexpr, FIX: tl.constexpr):
+    """y = round(round(silu(a)) * b): eager's F.silu(a) * b with its two roundings."""
+    row = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
+    s = _round(a / (1.0 + tl.exp(-a)), dtype, FIX).to(tl.float32)
+    tl.store(y_ptr + row * N + offs, _round(s * bv, dtype, FIX), mask=mask)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for a, b [..., N] of one dtype (views with strided rows, e.g. halves of one w1|w3 GEMV output,
+    are read in place). Returns a new contiguous tensor of a's shape."""
+    op = "silu_mul"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise _fail(op, "b", f"{tuple(a.shape)} {a.dtype} like a", f"{tuple(b.shape)} {b.dtype}")
+    n = a.shape[-1]
+    a2, b2 = _rows(op, a, n), _rows(op, b, n)
+    y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(triton.cdiv(n, block), a2.shape[0])](a2, b2, y, n, a2.stride(0), b2.stride(0), BLOCK=block,
+                                                           FIX=_fix(a.dtype), num_warps=4)
+    return y

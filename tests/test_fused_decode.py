@@ -1,0 +1,265 @@
+"""Fused decode kernels vs the eager ops of layers.py / rope.py, and whole greedy decodes with the swap on and off
+(on CPU through triton's interpreter, small shapes)."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from s2conv.runtime import fused_decode  # noqa: E402
+from s2conv.runtime.dual_ar import DualARTransformer, generate  # noqa: E402
+from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
+from s2conv.runtime.kernels import fused  # noqa: E402
+from s2conv.runtime.layers import HeadRMSNorm, KVCache, RMSNorm, causal_mask  # noqa: E402
+from s2conv.runtime.rope import apply_rotary_emb, precompute_freqs_cis  # noqa: E402
+from s2conv.runtime.sampling import SamplingParams  # noqa: E402
+from test_runtime_math import TINY, _force_eos_at, random_prompt, random_s2_weights  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16]
+GREEDY = SamplingParams(temperature=0)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """bf16: within one ulp (one rounding of a summation-order difference); fp32: within 1e-6 of the largest
+    magnitude (summation order and fused multiply-adds show in fp32's last bits, also after cancellation)."""
+    got, want = got.detach(), want.detach()
+    if got.dtype == torch.bfloat16:
+        return ulps(got, want) <= 1
+    return float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor) -> int:
+    """Largest distance in units of the last place of `want`'s dtype (bf16: 2^-7 relative)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype == torch.bfloat16:
+        g, w = got.view(torch.int16).int(), want.view(torch.int16).int()
+    else:
+        g, w = got.view(torch.int32).long(), want.view(torch.int32).long()
+    same_sign = (g >= 0) == (w >= 0)
+    assert bool(same_sign[(got != 0) & (want != 0)].all())
+    return int((g - w).abs().max())
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- rms norm -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [128, 200])
+def test_rms_norm_matches_fish_rounding(dtype, n):
+    x = (torch.randn(3, 1, n, generator=gen()) * 4).to(dtype).to(DEVICE)
+    norm = RMSNorm(n, 1e-6).to(DEVICE)
+    norm.weight.data = (1 + 0.3 * torch.randn(n, generator=gen(1))).to(dtype).to(DEVICE)
+    want = norm(x)
+    got = fused.rms_norm(x, norm.weight, norm.eps)
+    assert close(got, want)
+    assert float((got != want).float().mean()) < 0.02 or dtype == torch.float32  # bf16: mostly bit-exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_returns_rounded_sum_and_its_norm(dtype):
+    n = 256
+    x = torch.randn(2, 1, n, generator=gen()).to(dtype).to(DEVICE)
+    r = torch.randn(2, 1, n, generator=gen(2)).to(dtype).to(DEVICE)
+    norm = RMSNorm(n, 1e-6).to(DEVICE)
+    norm.weight.data = (1 + 0.3 * torch.randn(n, generator=gen(1))).to(dtype).to(DEVICE)
+    h, y = fused.add_rms_norm(x, r, norm.weight, norm.eps)
+    assert torch.equal(h, x + r)
+    assert close(y, norm(x + r))
+
+
+# ---- qk norm + rope + cache ---------------------------------------------------------------------------------------
+def eager_qkv_step(qkv, n_head, n_kv, d, freqs_row, q_norm, k_norm):
+    """layers.Attention's split / norm / rope for one position: q, k, v each [B, heads, 1, D]."""
+    b = qkv.shape[0]
+    q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+    q, k, v = q.view(b, 1, n_head, d), k.view(b, 1, n_kv, d), v.view(b, 1, n_kv, d)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k = apply_rotary_emb(q, freqs_row), apply_rotary_emb(k, freqs_row)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("pos", [0, 5, 13])
+def test_qk_norm_rope_cache(dtype, qk_norm, pos):
+    b, n_head, n_kv, d, max_seq = 2, 4, 2, 32, 16
+    qkv = (torch.randn(b, 1, (n_head + 2 * n_kv) * d, generator=gen()) * 3).to(dtype).to(DEVICE)
+    table = precompute_freqs_cis(max_seq, d, 10000.0).to(DEVICE)
+    norms = None, None
+    if qk_norm:
+        norms = HeadRMSNorm(d, 1e-6).to(DEVICE), HeadRMSNorm(d, 1e-6).to(DEVICE)
+        for i, m in enumerate(norms):
+            m.weight.data = (1 + 0.3 * torch.randn(d, generator=gen(5 + i))).to(dtype).to(DEVICE)
+    cache = KVCache(b, n_kv, max_seq, d, dtype, DEVICE)
+    sentinel = torch.randn(cache.k_cache.shape, generator=gen(9)).to(dtype).to(DEVICE)
+    cache.k_cache.copy_(sentinel)
+    cache.v_cache.copy_(-sentinel)
+    pos_t = torch.tensor([pos], device=DEVICE)
+    q_want, k_want, v_want = eager_qkv_step(qkv, n_head, n_kv, d, table[pos_t], *norms)
+    q = fused.qk_norm_rope_cache(qkv, norms[0].weight if qk_norm else None, norms[1].weight if qk_norm else None,
+                                 table[pos_t], cache.k_cache, cache.v_cache, pos_t, n_head, n_kv, 1e-6)
+    assert q.shape == (b, n_head, 1, d)
+    assert close(q, q_want) and close(cache.k_cache[:, :, pos:pos + 1], k_want)
+    assert torch.equal(cache.v_cache[:, :, pos:pos + 1], v_want)
+    others = torch.arange(max_seq, device=DEVICE) != pos  # every other slot untouched
+    assert torch.equal(cache.k_cache[:, :, others], sentinel[:, :, others])
+    assert torch.equal(cache.v_cache[:, :, others], -sentinel[:, :, others])
+    if qk_norm and dtype == torch.float32:  # the weights matter: q_norm on q, k_norm on k (not swapped)
+        swapped = fused.qk_norm_rope_cache(qkv, norms[1].weight, norms[0].weight, table[pos_t], cache.k_cache,
+                                           cache.v_cache, pos_t, n_head, n_kv, 1e-6)
+        assert (swapped - q_want).abs().max() > 1e-2
+
+
+# ---- attention ----------------------------------------------------------------------------------------------------
+def eager_attention(q, k_cache, v_cache, pos, span, explicit):
+    n_rep = q.shape[1] // k_cache.shape[1]
+    mask = causal_mask(torch.tensor([pos], device=q.device), span)
+    k = k_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
+    v = v_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
+    if explicit:  # the fast AR's hand-written softmax in the model dtype
+        s = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))).masked_fill(~mask, float("-inf"))
+        y = torch.softmax(s, dim=-1) @ v
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_kv,pos,span", [(2, 0, 8), (1, 40, 64), (4, 100, 256), (2, 255, 300)])
+def test_decode_attention_matches_masked_sdpa(dtype, n_kv, pos, span):
+    b, n_head, d, max_seq = 2, 4, 32, 320
+    g = gen(3)
+    q = torch.randn(b, n_head, 1, d, generator=g).to(dtype).to(DEVICE)
+    k_cache = torch.randn(b, n_kv, max_seq, d, generator=g).to(dtype).to(DEVICE)
+    v_cache = torch.randn(b, n_kv, max_seq, d, generator=g).to(dtype).to(DEVICE)
+    k_cache[:, :, pos + 1:] = 1e4  # garbage past pos must not leak through the mask
+    got = fused.decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=DEVICE), span)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for explicit in (False, True):
+        want = eager_attention(q, k_cache, v_cache, pos, span, explicit)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert float((got.float() - want.float()).abs().max()) < tol * max(1.0, float(want.abs().max()))
+
+
+def test_attention_splits_cover_the_span_and_fill_the_gpu():
+    for span in (8, 64, 256, 512, 4096, 32768):
+        n, per = fused.attention_splits(span, 32, torch.device("cpu"))
+        assert per % fused.ATTN_BLOCK_N == 0 and (n - 1) * per < span <= n * per
+        assert n * 32 >= min(3 * 132, -(-span // fused.ATTN_BLOCK_N) * 32)  # ~4 programs per SM
+
+
+def test_decode_attention_split_path_with_many_splits():
+    # pos 0 with a long span: every split but the first is empty and must contribute nothing (no NaN)
+    q = torch.randn(1, 2, 1, 16, generator=gen(4)).to(DEVICE)
+    kc = torch.randn(1, 1, 1024, 16, generator=gen(5)).to(DEVICE)
+    vc = torch.randn(1, 1, 1024, 16, generator=gen(6)).to(DEVICE)
+    assert fused.attention_splits(1024, 2, torch.device("cpu"))[0] > 1
+    got = fused.decode_attention(q, kc, vc, 0, 1024)
+    assert torch.allclose(got, vc[:, :, 0].reshape(1, 1, 16).repeat(1, 1, 2), atol=1e-6)
+
+
+# ---- silu * mul ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_on_halves_of_one_tensor(dtype):
+    y = (torch.randn(1, 1, 2 * 300, generator=gen()) * 3).to(dtype).to(DEVICE)
+    a, b = y.split(300, dim=-1)
+    assert close(fused.silu_mul(a, b), F.silu(a) * b)
+
+
+# ---- whole model --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weights():
+    return random_s2_weights(TINY)
+
+
+def test_greedy_decode_with_fused_kernels_equals_eager(weights):
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
+    _force_eos_at(model, -1)
+    want = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
+    assert fused_decode.enable(model, force=True)
+    calls = []
+    model.layers[0].attention.wqkv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    got = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
+    assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill stays eager (S = 8), every decode step is S = 1
+    assert got.shape == want.shape == (10, 3)
+    assert torch.equal(got, want)
+    fused_decode.disable(model)
+    assert "forward" not in model.layers[0].__dict__
+    assert torch.equal(generate_frames(model, prompt, 3, GREEDY, use_graphs=False), want)
+
+
+def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
+    """bf16 greedy codes of a random tiny model hinge on exact logit ties (8-bit mantissas), and the eager softmax
+    paths round at backend-specific points, so the bf16 check is teacher-forced: the same inputs through both
+    paths give the slow hidden state, the semantic logits and every fast step's logits within bf16 tolerance."""
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    eager, fast = (DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE) for _ in range(2))
+    assert fused_decode.enable(fast, force=True)
+    for m in (eager, fast):
+        m.setup_caches(1, 16)
+        m.prefill(prompt[None])
+
+    def rel(a, b):
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+    column, pos = prompt[None, :, -1:], torch.tensor([8], device=DEVICE)
+    for step in range(2):  # two positions: the second attends to a key the fused path wrote
+        (he, le), (hf, lf) = eager.decode_slow(column, pos + step, 16), fast.decode_slow(column, pos + step, 16)
+        assert rel(hf, he) < 2**-5 and rel(lf, le) < 2**-5
+    x = he[:, None]
+    for p in range(TINY.num_codebooks):
+        oe, of = eager.fast_step(x, p), fast.fast_step(x, p)
+        ye, yf = eager.fast_logits(oe[:, 0]), fast.fast_logits(of[:, 0])
+        assert rel(of, oe) < 2**-5 and rel(yf, ye) < 2**-5
+        x = eager.fast_embeddings(ye.argmax(-1))[:, None]
+
+
+def test_fused_block_step_matches_eager_block(weights):
+    # one slow decode step layer by layer: the hidden state agrees to fp32 summation order
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
+    model.setup_caches(1, 16)
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    model.prefill(prompt[None])
+    step = prompt[None, :, -1:]
+    pos = torch.tensor([8], device=DEVICE)
+    want, _ = model.decode_slow(step, pos, 16)
+    fused_decode.enable(model, force=True)
+    got, _ = model.decode_slow(step, pos, 16)
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_enable_is_a_no_op_on_a_cpu_model_without_force(weights):
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    w1 = model.layers[0].feed_forward.w1.weight
+    if DEVICE == "cpu":
+        assert not fused_decode.enable(model)
+        assert "forward" not in model.layers[0].__dict__
+        assert model.layers[0].feed_forward.w1.weight is w1
+
+
+def test_joined_w13_shares_storage_with_w1_and_w3(weights):
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
+    ff = model.layers[1].feed_forward
+    w1, w3 = ff.w1.weight.clone(), ff.w3.weight.clone()
+    fused_decode.enable(model, force=True)
+    joined = ff._fused_w13
+    assert torch.equal(joined, torch.cat([w1, w3]))
+    assert ff.w1.weight.data_ptr() == joined.data_ptr()
+    assert torch.equal(ff.w1.weight, w1) and torch.equal(ff.w3.weight, w3)
+    assert set(model.state_dict()) == set(DualARTransformer.from_weights(TINY, weights).state_dict())
