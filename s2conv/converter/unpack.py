@@ -20,9 +20,9 @@ from s2conv.checkpoint.safetensors_io import write_safetensors
 from s2conv.codec_schema import (
     codec_config_from_shapes, codec_tensor_shapes, fold_weight_norm_name, is_weight_norm_g, is_weight_norm_v,
 )
-from s2conv.converter.atomic import AtomicDir, os_error
+from s2conv.converter.atomic import AtomicDir, os_error, sigterm_as_interrupt
 from s2conv.converter.inspect_gguf import field_value, open_gguf
-from s2conv.errors import SchemaError
+from s2conv.errors import ConversionError, SchemaError
 from s2conv.quant_formats import format_for_ggml_type, get_format
 from s2conv.schema import CODEC_GGUF_PREFIX, KEY_HF_CONFIG, KEY_TENSOR_FORMAT, KEY_TENSOR_SHAPE, model_to_hf_name
 
@@ -74,7 +74,7 @@ def unpack_gguf(path: Path | str, out_dir: Path | str, force: bool = False) -> U
     model = [n for n in tensors if not n.startswith(CODEC_GGUF_PREFIX)]
     codec = [n for n in tensors if n.startswith(CODEC_GGUF_PREFIX)]
     try:
-        with AtomicDir(out_dir, force) as tmp:
+        with sigterm_as_interrupt(), AtomicDir(out_dir, force) as tmp:  # SIGTERM also removes the temporary dir
             (tmp / "config.json").write_text(hf_text, encoding="utf-8")
             tok = field_value(reader, "tokenizer.huggingface.json")
             if tok is not None:
@@ -136,4 +136,8 @@ def _write_codec(reader, tensors: dict, names: list[str], out: Path) -> None:
         else:
             sd[name] = w
     ordered = {n: sd[n] for n in release}
-    torch.save(ordered, out)
+    try:
+        torch.save(ordered, out)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (full disk, size limit) as RuntimeError
+        raise ConversionError(f"cannot write {out.name}: torch.save failed ({str(e).strip().splitlines()[-1]}); "
+                              "is the disk full?") from None
