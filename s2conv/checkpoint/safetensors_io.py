@@ -55,8 +55,9 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path.name}: malformed header entry for {name!r}") from None
         # JSON can say anything: offsets and dims must be non-negative integers (bool is an int in Python)
         if not all(type(x) is int and x >= 0 for x in (b, e, *shape)) or not isinstance(dtype, str):
-            raise CheckpointError(f"{path.name}: tensor {name!r} has invalid dtype, shape or offsets ({str(dtype)[:20]}, "
-                                  f"shape {str(shape)[:60]}, offsets {str(info['data_offsets'])[:60]})")
+            raise CheckpointError(f"{path.name}: tensor {name!r} has invalid dtype, shape or offsets "
+                                  f"({str(dtype)[:20]}, shape {str(shape)[:60]}, "
+                                  f"offsets {str(info['data_offsets'])[:60]})")
         if dtype not in DTYPE_SIZES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
         if e - b != math.prod(shape) * DTYPE_SIZES[dtype] or b < 0:

@@ -3,8 +3,6 @@ non-finite weights are refused with one CheckpointError line naming the file or 
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import shutil
 import struct
 import sys
