@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from s2conv.quant_formats import get_format
+from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import FrameLoop
 from s2conv.runtime.qlinear import QuantLinear
@@ -67,6 +68,7 @@ def build_model(cfg: S2Config) -> DualARTransformer:
             std = 1.0 if "embeddings" in name else p.shape[1] ** -0.5
             weights[name] = torch.randn(p.shape, device="cuda", generator=g, dtype=torch.bfloat16) * std
     model.load_weights({k: v.to(torch.bfloat16) for k, v in weights.items()})
+    fused_decode.enable(model)  # the runtime's decode path (also after quantize_model: w1|w3 rejoin lazily)
     return model
 
 

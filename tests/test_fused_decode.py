@@ -258,8 +258,12 @@ def test_joined_w13_shares_storage_with_w1_and_w3(weights):
     ff = model.layers[1].feed_forward
     w1, w3 = ff.w1.weight.clone(), ff.w3.weight.clone()
     fused_decode.enable(model, force=True)
-    joined = ff._fused_w13
+    joined = ff._fused_w13[1]
     assert torch.equal(joined, torch.cat([w1, w3]))
     assert ff.w1.weight.data_ptr() == joined.data_ptr()
     assert torch.equal(ff.w1.weight, w1) and torch.equal(ff.w3.weight, w3)
     assert set(model.state_dict()) == set(DualARTransformer.from_weights(TINY, weights).state_dict())
+    ff.w3 = torch.nn.Linear(ff.w3.in_features, ff.w3.out_features, bias=False).to(DEVICE)  # replaced after enable
+    x = torch.randn(1, 1, ff.w1.in_features, generator=gen(7)).to(DEVICE)
+    assert torch.allclose(fused_decode._ffn(ff, x, fused), ff.w2(F.silu(ff.w1(x)) * ff.w3(x)), atol=1e-5)
+    assert ff._fused_w13[1].data_ptr() != joined.data_ptr()

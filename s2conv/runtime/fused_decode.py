@@ -67,7 +67,7 @@ def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: T
 
 def _ffn(ff: nn.Module, x: Tensor, k) -> Tensor:
     """w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
-    w13 = ff._fused_w13
+    w13 = _w13(ff)
     if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
         a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
         return ff.w2(k.silu_mul(a, b))
@@ -78,6 +78,20 @@ def _ffn(ff: nn.Module, x: Tensor, k) -> Tensor:
 
 
 # ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------
+def _w13_key(ff: nn.Module) -> tuple:
+    return ff.w1, ff.w3, ff.w1.weight, ff.w3.weight, getattr(ff.w1, "kernel", None), getattr(ff.w3, "kernel", None)
+
+
+def _w13(ff: nn.Module):
+    """The joined w1 | w3 of `_join_w13`, rebuilt when w1 / w3 (modules, weights or kernels) changed since the
+    last join, e.g. a loader quantized or re-prepared them after `enable`."""
+    cached = ff.__dict__.get("_fused_w13")
+    if cached is None or any(a is not b for a, b in zip(cached[0], _w13_key(ff))):
+        joined = _join_w13(ff)
+        cached = ff._fused_w13 = (_w13_key(ff), joined)
+    return cached[1]
+
+
 def _join_w13(ff: nn.Module):
     """Concatenate w1 over w3 once; w1 and w3 then read views of the joined storage (no second copy in memory).
 
@@ -124,8 +138,7 @@ def enable(model: nn.Module, force: bool = False) -> bool:
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             module.forward = types.MethodType(_block_forward, module)
-            if not hasattr(module.feed_forward, "_fused_w13"):
-                module.feed_forward._fused_w13 = _join_w13(module.feed_forward)
+            _w13(module.feed_forward)  # join now, outside any CUDA-graph capture
             n_blocks += 1
         elif isinstance(module, RMSNorm) and not isinstance(module, HeadRMSNorm):
             module.forward = types.MethodType(_norm_forward, module)

@@ -18,6 +18,7 @@ from s2conv.codec_schema import codec_config_from_shapes
 from s2conv.errors import CheckpointError, RuntimeModelError, S2ConvError, SchemaError
 from s2conv.gguf_io import GGUFFile
 from s2conv.runtime.codec import Codec
+from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.qlinear import QuantLinear
 from s2conv.runtime.tokenizer import build_tokenizer
@@ -122,6 +123,7 @@ def _build_dual_ar(f: GGUFFile, cfg: S2Config, dtype, device, formats: dict) -> 
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare_kernel()
+    fused_decode.enable(model)  # CUDA models only: batch-1 decode steps through the fused Triton kernels
     return model
 
 
