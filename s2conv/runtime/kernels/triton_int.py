@@ -124,10 +124,10 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
             ht_hi = ht >> 16
         kb = b * _BLOCK_K
         for v in tl.static_range(NWIN):
-            acc_g = tl.zeros([BLOCK_N, TW], tl.float32)
+            acc_g = acc if GROUP == 0 else tl.zeros([BLOCK_N, TW], tl.float32)  # per-row scale: at the end
             xs = tl.zeros([TW], tl.float32)
-            for ii in tl.static_range(WL):
-                i = v * WL + ii  # a compile-time field index
+            for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
+                # triton 3.6 turns an assigned int into a runtime value)
                 if EVEN_K:
                     xv = tl.load(x_col + kb + i * _W).to(tl.float32)
                 else:
@@ -141,7 +141,7 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
                 if HAS_MIN:
                     xs += xv
             if GROUP == 0:
-                acc += acc_g
+                acc = acc_g
             else:
                 if v == 0:
                     sc = s0
