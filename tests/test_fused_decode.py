@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # must happen before triton.jit decorates the
 pytest.importorskip("triton")
 
 from s2conv.runtime import fused_decode  # noqa: E402
-from s2conv.runtime.dual_ar import DualARTransformer, generate  # noqa: E402
+from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
 from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
 from s2conv.runtime.kernels import fused  # noqa: E402
 from s2conv.runtime.layers import HeadRMSNorm, KVCache, RMSNorm, causal_mask  # noqa: E402
@@ -197,6 +197,7 @@ def test_greedy_decode_with_fused_kernels_equals_eager(weights):
     model.layers[0].attention.wqkv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
     got = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
     assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill stays eager (S = 8), every decode step is S = 1
+    assert "forward" in model.norm.__dict__ and "forward" not in model.layers[0].attention_norm.__dict__
     assert got.shape == want.shape == (10, 3)
     assert torch.equal(got, want)
     fused_decode.disable(model)

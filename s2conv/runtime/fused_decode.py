@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from s2conv.runtime.layers import HeadRMSNorm, RMSNorm, TransformerBlock
+from s2conv.runtime.layers import RMSNorm, TransformerBlock
 from s2conv.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _join_w13(ff: nn.Module):
 
 # ---- public API --------------------------------------------------------------------------------------------------
 def enable(model: nn.Module, force: bool = False) -> bool:
-    """Route every TransformerBlock's decode step and every fish RMSNorm of `model` through the fused kernels.
+    """Route every TransformerBlock's decode step and the final RMSNorms of `model` through the fused kernels.
 
     Without `force` this happens only for a CUDA model and applies to CUDA inputs; `force=True` also runs the
     kernels on CPU tensors (tests, with TRITON_INTERPRET=1). Returns whether the swap happened. Idempotent."""
@@ -135,12 +135,15 @@ def enable(model: nn.Module, force: bool = False) -> bool:
     if not force and (params is None or not params.is_cuda):
         return False
     n_blocks = 0
+    # norms inside blocks are called by the fused block forward itself; swapping them too would move prefill
+    # (S > 1, which stays on the eager block code) onto the kernel
+    in_blocks = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             module.forward = types.MethodType(_block_forward, module)
             _w13(module.feed_forward)  # join now, outside any CUDA-graph capture
             n_blocks += 1
-        elif isinstance(module, RMSNorm) and not isinstance(module, HeadRMSNorm):
+        elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
             module.forward = types.MethodType(_norm_forward, module)
         else:
             continue
