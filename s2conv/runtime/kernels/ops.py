@@ -300,7 +300,7 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            return [Config(bn, sp, 4, 1) for bn in (8, 16, 32) for sp in (1, 2, 4, 8)]
+            return [Config(bn, sp, w, 1) for bn, w in ((8, 4), (16, 4), (32, 4), (32, 2)) for sp in (1, 2, 4, 8)]
         return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":

@@ -88,56 +88,61 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
     WL: tl.constexpr = SPW // NWIN  # fields per window
     GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1  # groups per block
     GPW: tl.constexpr = WL // SPG if WL >= SPG else 0  # groups from one window to the next
-    cols = tl.arange(0, TW)
-    t_col = cols // _W
-    x_col = x_row + t_col * (SPW * _W) + cols % _W  # x of field 0 of every column (block 0)
-    w_tile = w_row0[:, None] + cols[None, :]
-    g_col = (t_col * SPW) // SPG  # group of window 0 within the block, per column
-    s_tile = s_rows[:, None] + g_col[None, :]
-    m_tile = m_rows[:, None] + g_col[None, :]
+    NT: tl.constexpr = TW // _W  # sub-tiles in the tile: it is [BLOCK_N, NT, 16], column (t, w) = word 16 t + w
+    tt = tl.arange(0, NT)[:, None]
+    ww = tl.arange(0, _W)[None, :]
+    x_col = x_row + tt * (SPW * _W) + ww  # [NT, 16]: x of field 0 of every column (block 0)
+    w_tile = w_row0[:, None, None] + (tt * _W + ww)[None, :, :]
+    g_t = (tl.arange(0, NT) * SPW) // SPG  # group of window 0 within the block, per sub-tile
+    # one scale per (row, sub-tile) [BLOCK_N, NT, 1], broadcast over the 16 words: no per-word copies in registers
+    s_tile = s_rows[:, None, None] + g_t[None, :, None]
+    m_tile = m_rows[:, None, None] + g_t[None, :, None]
     if BITS == 3:
-        h_tile = w_row0[:, None] + (cols % _W + 32)[None, :]  # word 32 + j % 16: the high-bit sub-tile
-        h_shift = (t_col * 16)[None, :]
-    go = tl.full([BLOCK_N, TW], b_start, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
+        h_tile = w_row0[:, None, None] + (ww + 32 + tt * 0)[None, :, :]  # word 32 + w: the high-bit sub-tile
+        h_shift = (tt * 16 + ww * 0)[None, :, :]
+    # tile-shaped masks (scalar ones are not portable)
+    go = tl.full([BLOCK_N, NT, _W], b_start, tl.int32) < b_end
+    go_s = tl.full([BLOCK_N, NT, 1], b_start, tl.int32) < b_end
     wt = tl.load(w_tile + b_start * WPB, mask=go, other=0)
     if BITS == 3:
         ht = tl.load(h_tile + b_start * WPB, mask=go, other=0)
     if GROUP > 0:
-        s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go, GPW, NWIN)
+        s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go_s, GPW, NWIN)
         if HAS_MIN:
-            m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go, GPW, NWIN)
-    acc = tl.zeros([BLOCK_N, TW], tl.float32)
-    corr = tl.zeros([BLOCK_N, TW], tl.float32)
+            m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go_s, GPW, NWIN)
+    acc = tl.zeros([BLOCK_N, NT, _W], tl.float32)
+    corr = tl.zeros([BLOCK_N, NT, _W], tl.float32)
     for b in range(b_start, b_end):
         # prefetch block b + 1 (masked off past the end of this program's range)
-        nxt = tl.full([BLOCK_N, TW], b + 1, tl.int32) < b_end
+        nxt = tl.full([BLOCK_N, NT, _W], b + 1, tl.int32) < b_end
+        nxt_s = tl.full([BLOCK_N, NT, 1], b + 1, tl.int32) < b_end
         wn = tl.load(w_tile + (b + 1) * WPB, mask=nxt, other=0)
         if BITS == 3:
             hn = tl.load(h_tile + (b + 1) * WPB, mask=nxt, other=0)
         if GROUP > 0:
-            n0, n1, n2, n3 = _load_scales(s_tile, (b + 1) * GPB, nxt, GPW, NWIN)
+            n0, n1, n2, n3 = _load_scales(s_tile, (b + 1) * GPB, nxt_s, GPW, NWIN)
             if HAS_MIN:
-                q0, q1, q2, q3 = _load_scales(m_tile, (b + 1) * GPB, nxt, GPW, NWIN)
+                q0, q1, q2, q3 = _load_scales(m_tile, (b + 1) * GPB, nxt_s, GPW, NWIN)
         wt_hi = wt >> 16
         if BITS == 3:
             ht = ht >> h_shift
             ht_hi = ht >> 16
         kb = b * _BLOCK_K
         for v in tl.static_range(NWIN):
-            acc_g = acc if GROUP == 0 else tl.zeros([BLOCK_N, TW], tl.float32)  # per-row scale: at the end
-            xs = tl.zeros([TW], tl.float32)
+            acc_g = acc if GROUP == 0 else tl.zeros([BLOCK_N, NT, _W], tl.float32)  # per-row scale: at the end
+            xs = tl.zeros([NT, _W], tl.float32)
             for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
                 # triton 3.6 turns an assigned int into a runtime value)
                 if EVEN_K:
                     xv = tl.load(x_col + kb + i * _W).to(tl.float32)
                 else:
-                    xv = tl.load(x_col + kb + i * _W, mask=kb + t_col * (SPW * _W) + cols % _W + i * _W < K,
+                    xv = tl.load(x_col + kb + i * _W, mask=kb + tt * (SPW * _W) + ww + i * _W < K,
                                  other=0.0).to(tl.float32)
                 if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[None, :]
-                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[None, :]
+                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[None, :, :]
+                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[None, :, :]
                 else:
-                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[None, :]
+                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[None, :, :]
                 if HAS_MIN:
                     xs += xv
             if GROUP == 0:
@@ -161,7 +166,7 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
                         mn = m2
                     else:
                         mn = m3
-                    corr += mn * xs[None, :]
+                    corr += mn * xs[None, :, :]
         wt = wn
         if BITS == 3:
             ht = hn
@@ -169,11 +174,11 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
             s0, s1, s2, s3 = n0, n1, n2, n3
             if HAS_MIN:
                 m0, m1, m2, m3 = q0, q1, q2, q3
-    out = tl.sum(acc, axis=1)
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if GROUP == 0:
         out = out * tl.load(s_rows)
     if HAS_MIN:
-        out = out - tl.sum(corr, axis=1)
+        out = out - tl.sum(tl.sum(corr, axis=2), axis=1)
     return out
 
 
