@@ -1,6 +1,7 @@
 """Launchers for the Triton kernels: argument checks, launch configs (heuristic or tuned), torch custom ops.
 
-Each launch is host-side arithmetic plus one kernel (two when split-K needs its reduction): no host sync, outputs
+Each launch is host-side arithmetic plus one kernel (two when a GEMM's split-K needs its reduction; the integer
+GEMV reduces its split-K in the same launch, with a persistent per-device counter buffer): no host sync, outputs
 from torch's caching allocator, so the ops can be captured in CUDA graphs and traced by torch.compile
 (`s2conv::int_linear`, `s2conv::float_linear`, each with a fake implementation).
 """
@@ -67,14 +68,16 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
     return -(-n_chunks // per), per
 
 
-def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device) -> Config:
-    """The untuned launch config. M = 1 values follow what `tune` picked at S2's shapes on an H200 (split-K as
-    deep as the K chunks allow for the integer kernels; BLOCK_K 256 and a split only for N = 2560 for float)."""
+def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False) -> Config:
+    """The untuned launch config. M = 1 values follow what `tune` picked at S2's shapes on an H200: integer GEMV
+    16-row tiles, split-K 4 only when N is too small to fill the GPU (N = 2560), gated 2/8-bit 32-row tiles of 2
+    warps with split 8; float BLOCK_K 256 and a split only for N = 2560."""
     if m <= GEMV_MAX_M:
-        if kind == "int":  # enough row tiles x K splits for ~3 programs per SM; split-K costs no extra launch
-            tiles = -(-n // 16)
-            split = max(1, min(-(-k // BLOCK_K) // 2, round(3 * _sm_count(device) / tiles)))
-            return Config(block_n=16, split=split, num_warps=4, num_stages=1)
+        if kind == "int":
+            if gated and bits in (2, 8):
+                return Config(block_n=32, split=8, num_warps=2, num_stages=1)
+            small = -(-n // 16) < 2 * _sm_count(device)
+            return Config(block_n=16, split=4 if small or (gated and bits == 3) else 1, num_warps=4, num_stages=1)
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
@@ -187,7 +190,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             raise _fail(op, "group", "> 0 for a format with mins", group)
     n = rows // 2 if gated else rows
     cfg = config or TUNED.get(_int_key(x, qweight, bits, group, mins is not None, gated)) or default_config(
-        "int", bits, n, k, m, dev)
+        "int", bits, n, k, m, dev, gated)
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
     y, part = _outputs(x, n, split, gated)
