@@ -1,0 +1,241 @@
+"""Batched decoding: several prompts of different lengths decoded together, for throughput.
+
+Prompts are left-padded to a common length T. Each row keeps its own key-validity mask (its padded key slots are
+never read) and its own RoPE positions (cache index - pad offset), so a row sees exactly what it would see decoded
+alone. Rows stop at their own <|im_end|>; finished rows keep running, unread, until every row stopped.
+The slow and fast layers run through the eager block code here (never the batch-1 fused kernels).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.dual_ar import DualARTransformer
+from s2conv.runtime.frame_loop import SPAN_STEP
+from s2conv.runtime.layers import Attention, RMSNorm, TransformerBlock, causal_mask
+from s2conv.runtime.sampling import SamplingParams, ras_select, sample
+
+PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
+
+
+def left_pad(prompts: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Prompts [11, T_b] -> (tokens [B, 11, T] left-padded with PAD_TOKEN and zero codes, pad offsets [B] long)."""
+    t = max(p.shape[1] for p in prompts)
+    tokens = torch.zeros(len(prompts), prompts[0].shape[0], t, dtype=torch.long, device=prompts[0].device)
+    tokens[:, 0] = PAD_TOKEN
+    for b, p in enumerate(prompts):  # one copy per prompt, not per token
+        tokens[b, :, t - p.shape[1]:] = p
+    offsets = torch.tensor([t - p.shape[1] for p in prompts], dtype=torch.long, device=prompts[0].device)
+    return tokens, offsets
+
+
+def row_mask(cache_pos: Tensor, offsets: Tensor, n_keys: int) -> Tensor:
+    """bool [B, 1, S, n_keys]: row b's query at cache index cache_pos[s] reads key j iff offsets[b] <= j <= pos.
+
+    A padded query (pos < offset) reads only its own slot, so it stays finite (an all-masked row would give NaN,
+    and NaN values times a zero weight would leak into the real queries)."""
+    keys = torch.arange(n_keys, device=cache_pos.device)
+    causal = keys[None, :] <= cache_pos[:, None]                              # [S, K]
+    valid = keys[None, None, :] >= offsets[:, None, None]                     # [B, 1, K]
+    padded_query = cache_pos[None, :, None] < offsets[:, None, None]          # [B, S, 1]
+    own = keys[None, None, :] == cache_pos[None, :, None]                     # [1, S, K]
+    return ((causal[None] & valid) | (padded_query & own))[:, None]
+
+
+def _rope_rows(x: Tensor, freqs: Tensor) -> Tensor:
+    """`apply_rotary_emb` with a table row per batch row: x [B, S, H, D], freqs [B, S, D/2, 2] (same arithmetic)."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs.float()[:, :, None]
+    cos, sin = f[..., 0], f[..., 1]
+    re = xp[..., 0] * cos - xp[..., 1] * sin
+    im = xp[..., 1] * cos + xp[..., 0] * sin
+    return torch.stack([re, im], dim=-1).flatten(3).type_as(x)
+
+
+def _attention(a: Attention, x: Tensor, freqs: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
+    """`Attention.forward` with per-row RoPE rows freqs [B, S, D/2, 2] and a per-row mask [B, 1, S, K]."""
+    b, s, _ = x.shape
+    q_size, kv_size = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    q, k, v = a.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(b, s, a.n_head, a.head_dim)
+    k = k.view(b, s, a.n_kv_head, a.head_dim)
+    v = v.view(b, s, a.n_kv_head, a.head_dim)
+    if a.qk_norm:
+        q, k = a.q_norm(q), a.k_norm(k)
+    q, k = _rope_rows(q, freqs), _rope_rows(k, freqs)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = a.kv_cache.update(cache_pos, k, v, mask.shape[-1])
+    groups = a.n_head // a.n_kv_head
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if a.explicit_softmax:
+        scores = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(a.head_dim))).masked_fill(~mask, float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ v
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return a.wo(y.transpose(1, 2).reshape(b, s, q_size))
+
+
+def forward_slow_rows(model: DualARTransformer, tokens: Tensor, cache_pos: Tensor, offsets: Tensor,
+                      kv_len: int) -> Tensor:
+    """Slow layers over tokens [B, 11, S] written at cache indices cache_pos [S] (shared), with row b at RoPE
+    positions cache_pos - offsets[b]; returns the final-normed hidden state of the last position [B, dim]."""
+    x = model.embed(tokens)
+    mask = row_mask(cache_pos, offsets, kv_len)
+    positions = (cache_pos[None, :] - offsets[:, None]).clamp_(min=0)  # padded slots: any valid row of the table
+    freqs = model.freqs_cis[positions]                                  # [B, S, D/2, 2]
+    for layer in model.layers:
+        h = x + _attention(layer.attention, layer.attention_norm(x), freqs, mask, cache_pos)
+        x = h + layer.feed_forward(layer.ffn_norm(h))
+    return RMSNorm.forward(model.norm, x[:, -1])
+
+
+def sample_frame_rows(model: DualARTransformer, hidden: Tensor, params: SamplingParams,
+                      previous: Tensor | None) -> Tensor:
+    """`DualARTransformer.sample_frame` for B rows through the eager fast layers -> frame columns [B, 11]."""
+    cfg = model.cfg
+    main = model.sample_main(model.semantic_logits(hidden), params, None, previous)
+
+    def fast_step(x: Tensor, pos: int) -> Tensor:
+        input_pos = model.fast_positions[pos: pos + 1]
+        mask = causal_mask(input_pos, cfg.num_codebooks)
+        for layer in model.fast_layers:
+            x = TransformerBlock.forward(layer, x, model.fast_freqs_cis[pos: pos + 1], mask, input_pos)
+        return x
+
+    fast_step(hidden[:, None], 0)  # fills the fast KV cache at depth 0; its logits are not used
+    code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
+    column = [main, code]
+    for pos in range(1, cfg.num_codebooks):
+        x = fast_step(model.fast_embeddings(code)[:, None], pos)
+        code = sample(model.fast_output(RMSNorm.forward(model.fast_norm, x[:, 0])), params, None)
+        column.append(code)
+    return torch.stack(column, dim=1)
+
+
+class BatchLoop:
+    """Static-buffer batched decode: frames [B, 11, max_frames], `done` [B]; one CUDA graph per span bucket."""
+
+    def __init__(self, model: DualARTransformer, params: SamplingParams, offsets: Tensor, max_frames: int,
+                 use_graphs: bool):
+        cfg, dev = model.cfg, offsets.device
+        b = offsets.shape[0]
+        self.model, self.params, self.offsets, self.use_graphs = model, params, offsets, use_graphs
+        self.column = torch.zeros(b, cfg.num_codebooks + 1, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.previous = torch.zeros(b, params.ras_window, dtype=torch.long, device=dev)
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.frames = torch.zeros(b, cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _state(self) -> tuple[Tensor, ...]:
+        return self.column, self.pos, self.index, self.previous, self.done
+
+    def _step(self, span: int) -> None:
+        m, eos = self.model, self.model.cfg.eos_token_id
+        hidden = forward_slow_rows(m, self.column, self.pos, self.offsets, span)
+        frame = sample_frame_rows(m, hidden, self.params, self.previous if self.params.ras_window else None)
+        self.frames.index_copy_(2, self.index, frame[:, :, None])
+        self.column.copy_(frame[:, :, None])
+        if self.params.ras_window:
+            self.previous.copy_(torch.cat([self.previous[:, 1:], frame[:, :1]], dim=1))
+        self.done.logical_or_(frame[:, 0] == eos)
+        self.pos.add_(1)
+        self.index.add_(1)
+
+    def _graph(self, span: int) -> torch.cuda.CUDAGraph:
+        graph = self.graphs.get(span)
+        if graph is None:  # warm up on a side stream, restoring the state (as FrameLoop._graph)
+            saved = [t.clone() for t in self._state()]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(span)
+                    for t, s in zip(self._state(), saved):
+                        t.copy_(s)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(span)
+            self.graphs[span] = graph
+        return graph
+
+    def run(self, first: Tensor, start_pos: int, max_frames: int) -> int:
+        """Decode after the prefill frame `first` [B, 11] (cache index start_pos); returns the frames written."""
+        eos = self.model.cfg.eos_token_id
+        self.frames[:, :, 0].copy_(first)
+        self.column.copy_(first[:, :, None])
+        self.pos.fill_(start_pos)
+        self.index.fill_(1)
+        self.previous.zero_()
+        self.done.copy_(first[:, 0] == eos)
+        watch = torch.zeros(max_frames, dtype=torch.bool, pin_memory=self.use_graphs)
+        events: dict[int, torch.cuda.Event] = {}
+
+        def all_done(j: int) -> bool:  # after frame j; waits for that frame only
+            if self.use_graphs:
+                events.pop(j).synchronize()
+            return bool(watch[j])
+
+        watch[0] = bool(self.done.all())
+        if watch[0]:
+            return 1
+        for k in range(1, max_frames):
+            span = min(self.model.max_seq, -(-(start_pos + k) // SPAN_STEP) * SPAN_STEP)
+            if self.use_graphs:
+                self._graph(span).replay()
+            else:
+                self._step(span)
+            watch[k:k + 1].copy_(self.done.all()[None], non_blocking=self.use_graphs)
+            if self.use_graphs:
+                events[k] = torch.cuda.Event()
+                events[k].record()
+            if k >= 2 and all_done(k - 1):  # frame k is in flight while the host looks at k - 1
+                return k
+        return max_frames
+
+
+@torch.inference_mode()
+def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_new_frames: int,
+                          params: SamplingParams = SamplingParams(), seed: int = 0,
+                          use_graphs: bool | None = None) -> list[Tensor]:
+    """Codes [num_codebooks, n_b] for each prompt [1 + num_codebooks, T_b], decoded as one batch.
+
+    Row b stops at its first <|im_end|> (dropped) or after max_new_frames frames. Sampling draws from the device's
+    default generator seeded with `seed` (one stream for the whole batch, so sampled rows differ from a batch-1
+    run; greedy rows equal `generate_frames` of that prompt alone). Caches are reallocated for exactly B rows
+    and marked stale afterwards, so the next `setup_caches` of any size reallocates."""
+    cfg = model.cfg
+    if not prompts:
+        raise RuntimeModelError("generate_frames_batch needs at least one prompt, got 0")
+    for i, p in enumerate(prompts):
+        if p.ndim != 2 or p.shape[0] != cfg.num_codebooks + 1 or p.shape[1] < 1:
+            raise RuntimeModelError(f"prompt {i} shape {tuple(p.shape)}, expected ({cfg.num_codebooks + 1}, T >= 1)")
+    if max_new_frames < 1:
+        raise RuntimeModelError(f"max_new_frames must be >= 1, got {max_new_frames}")
+    tokens, offsets = left_pad(prompts)
+    b, t = tokens.shape[0], tokens.shape[2]
+    if t + max_new_frames > cfg.max_seq_len:
+        raise RuntimeModelError(f"longest prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len "
+                                f"{cfg.max_seq_len}")
+    device = tokens.device
+    use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+    (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(seed)
+    model.max_batch = 0  # the attention code needs caches of exactly B rows
+    model.setup_caches(b, t + max_new_frames)
+    try:
+        hidden = forward_slow_rows(model, tokens, torch.arange(t, device=device), offsets, t)
+        first = sample_frame_rows(model, hidden, params, None)  # the prefill frame has no RAS window
+        loop = BatchLoop(model, params, offsets, max_new_frames, use_graphs)
+        n = loop.run(first, t, max_new_frames)
+    finally:
+        model.max_batch = 0  # a later batch-1 call must not reuse these B-row caches
+    frames = loop.frames[:, :, :n]
+    is_eos = frames[:, 0] == cfg.eos_token_id                                  # [B, n]
+    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), n).tolist()
+    return [frames[i, 1:, :lengths[i]].clone() for i in range(b)]

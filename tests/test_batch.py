@@ -1,0 +1,108 @@
+"""Batched decoding of left-padded prompts equals decoding each prompt alone (greedy, float32, CPU)."""
+import pytest
+import torch
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.batch import generate_frames_batch, left_pad, row_mask
+from s2conv.runtime.dual_ar import DualARTransformer
+from s2conv.runtime.frame_loop import generate_frames
+from s2conv.runtime.sampling import SamplingParams
+from test_runtime_math import TINY, random_prompt, random_s2_weights
+
+GREEDY = SamplingParams(temperature=0)
+LENGTHS = (8, 13, 5)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_s2_weights(TINY)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [random_prompt(TINY, t, seed=10 + i) for i, t in enumerate(LENGTHS)]
+
+
+def _force_eos_rows(model, eos_calls):
+    """Row i's main token is <|im_end|> on semantic-logits call eos_calls[i] (call 1 = prefill; -1 = never)."""
+    calls = {"n": 0}
+    original = model.semantic_logits
+    at = torch.tensor(eos_calls)
+
+    def patched(h):
+        calls["n"] += 1
+        out = original(h).clone()
+        out[:, -1] = torch.where(at == calls["n"], 1e4, -1e4).to(out.dtype)
+        return out
+    model.semantic_logits = patched
+    return calls
+
+
+def _model(weights, eos_calls):
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    model.eos_calls = _force_eos_rows(model, eos_calls)
+    return model
+
+
+def test_left_pad_and_row_mask():
+    a, b = torch.ones(11, 2, dtype=torch.long), torch.full((11, 4), 2, dtype=torch.long)
+    tokens, offsets = left_pad([a, b])
+    assert tokens.shape == (2, 11, 4) and offsets.tolist() == [2, 0]
+    assert torch.equal(tokens[0, :, 2:], a) and not tokens[0, :, :2].any()
+    mask = row_mask(torch.arange(4), offsets, 5)[:, 0]  # [B, S, K]
+    expected_row0 = torch.tensor([[1, 0, 0, 0, 0],   # padded queries read only themselves
+                                  [0, 1, 0, 0, 0],
+                                  [0, 0, 1, 0, 0],
+                                  [0, 0, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(mask[0], expected_row0)
+    assert torch.equal(mask[1], torch.ones(4, 5, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("eos_calls,max_frames", [
+    ((-1, -1, -1), 6),     # no row stops: every row has max_frames frames
+    ((3, -1, 5), 9),       # rows stop at different frames, one runs to the limit
+    ((1, 4, 2), 9),        # row 0 stops at the prefill frame (0 frames)
+    ((2, 2, 2), 1),        # max_frames 1
+])
+def test_greedy_batch_equals_each_prompt_alone(weights, prompts, eos_calls, max_frames):
+    got = generate_frames_batch(_model(weights, eos_calls), prompts, max_frames, GREEDY, use_graphs=False)
+    assert len(got) == len(prompts)
+    for p, e, codes in zip(prompts, eos_calls, got):
+        alone = generate_frames(_model(weights, [e]), p, max_frames, GREEDY, use_graphs=False)
+        assert codes.shape == alone.shape
+        assert torch.equal(codes, alone)
+    stop = [e - 1 if 1 <= e <= max_frames else max_frames for e in eos_calls]  # eos frame is dropped
+    assert [c.shape for c in got] == [(TINY.num_codebooks, n) for n in stop]
+
+
+def test_all_rows_stopped_ends_the_loop(weights, prompts):
+    model = _model(weights, (2, 3, 2))
+    got = generate_frames_batch(model, prompts, 50, GREEDY, use_graphs=False)
+    assert [c.shape[1] for c in got] == [1, 2, 1]
+    # prefill, frames up to the last <|im_end|> (call 3), and the one frame in flight while the host checks
+    assert model.eos_calls["n"] == 4
+
+
+def test_sampled_batch_is_seeded_and_caches_recover(weights, prompts):
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
+    model = _model(weights, (-1,))  # one entry: applies to every row
+    a = generate_frames_batch(model, prompts, 7, params, seed=3, use_graphs=False)
+    b = generate_frames_batch(model, prompts, 7, params, seed=3, use_graphs=False)
+    c = generate_frames_batch(model, prompts, 7, params, seed=4, use_graphs=False)
+    assert all(x.shape == (10, 7) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # a batch-1 run on the same model afterwards still works (caches are reallocated for one row)
+    alone = generate_frames(model, prompts[1], 4, GREEDY, use_graphs=False)
+    fresh = generate_frames(_model(weights, [-1]), prompts[1], 4, GREEDY, use_graphs=False)
+    assert torch.equal(alone, fresh)
+
+
+def test_batch_rejects_bad_input(weights, prompts):
+    model = _model(weights, (-1,))
+    with pytest.raises(RuntimeModelError, match="max_seq_len"):
+        generate_frames_batch(model, prompts, TINY.max_seq_len, GREEDY)
+    with pytest.raises(RuntimeModelError, match="prompt 1 shape"):
+        generate_frames_batch(model, [prompts[0], prompts[0][:5]], 4, GREEDY)
+    with pytest.raises(RuntimeModelError, match="at least one prompt"):
+        generate_frames_batch(model, [], 4, GREEDY)
