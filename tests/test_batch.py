@@ -106,3 +106,26 @@ def test_batch_rejects_bad_input(weights, prompts):
         generate_frames_batch(model, [prompts[0], prompts[0][:5]], 4, GREEDY)
     with pytest.raises(RuntimeModelError, match="at least one prompt"):
         generate_frames_batch(model, [], 4, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_checkpoint, tmp_path_factory):
+    from s2conv.converter import Policy, export_gguf
+    from s2conv.runtime import pipeline
+
+    path = tmp_path_factory.mktemp("batch") / "bf16.gguf"
+    export_gguf(tiny_checkpoint, path, Policy.from_options(type="bf16"), tokenizer_json=False)
+    return pipeline.load(path, device="cpu")
+
+
+def test_pipeline_batch_matches_single_texts(tts):
+    texts = ["Hello world.", "A somewhat longer sentence, to pad the other one."]
+    params = SamplingParams(temperature=0, top_k=1)
+    got = tts.generate_codes_batch(texts, params=params, max_frames=10)
+    for text, codes in zip(texts, got):
+        assert torch.equal(codes, tts.generate_codes(text, params=params, max_frames=10))
+    wavs = tts.synthesize_batch(texts, max_frames=6, seed=2)
+    frame = tts.loaded.codec.cc.frame_length
+    assert len(wavs) == 2 and all(w.dtype == torch.float32 and 0 < w.numel() <= 6 * frame for w in wavs)
+    with pytest.raises(RuntimeModelError, match="text 1 splits into 2 turn batches"):
+        tts.generate_codes_batch(["Hi.", "<|speaker:0|>" + "a" * 400 + "<|speaker:1|>" + "b" * 400])

@@ -102,6 +102,48 @@ class TTS:
         refs = [self.encode_reference(ref_audio, ref_text or "")] if ref_audio is not None else []
         return self.decode(self.generate_codes(text, refs, seed=seed, params=params, max_frames=max_frames))
 
+    # ----- batched synthesis (throughput) -----------------------------------------------------------------------
+    def generate_codes_batch(self, texts: list[str], references: list[Reference] | None = None, *, seed: int = 0,
+                             params: SamplingParams = SamplingParams(), max_frames: int = 1024,
+                             chunk_bytes: int = 512) -> list[torch.Tensor]:
+        """Codes [num_codebooks, n_i] per text, all texts decoded together as one batch (same voice/references).
+
+        Each text must fit one conversation turn batch (see `P.text_batches`); longer multi-turn texts go through
+        `generate_codes`. Greedy rows equal `generate_codes` of that text; sampled rows share one seeded stream."""
+        from s2conv.runtime.batch import generate_frames_batch
+
+        if not texts:
+            raise RuntimeModelError("generate_codes_batch needs at least one text, got 0")
+        if max_frames < 1:
+            raise RuntimeModelError(f"--max-frames must be >= 1, got {max_frames}")
+        references = references or []
+        history = [P.system_message([r.text for r in references], [r.codes for r in references])]
+        cfg, limit = self.cfg, self.cfg.max_seq_len - PROMPT_RESERVE
+        prompts = []
+        for i, text in enumerate(texts):
+            text = _clean_text(text)
+            if not text.strip():
+                raise RuntimeModelError(f"text {i} of the batch is empty")
+            batches = P.text_batches(text, chunk_bytes)
+            if len(batches) != 1:
+                raise RuntimeModelError(f"text {i} splits into {len(batches)} turn batches, expected 1: "
+                                        "synthesize it alone with generate_codes")
+            tokens = P.encode_parts(self.loaded.tokenizer, P.generation_prompt(history, batches[0]),
+                                    semantic_begin_id=cfg.semantic_begin_id, num_codebooks=cfg.num_codebooks)
+            if tokens.shape[1] > limit:
+                raise RuntimeModelError(f"text {i}: prompt of {tokens.shape[1]} tokens exceeds the model's limit "
+                                        f"of {limit}")
+            prompts.append(tokens.to(self.device))
+        frames = min(max_frames, cfg.max_seq_len - max(p.shape[1] for p in prompts))
+        return generate_frames_batch(self.loaded.model, prompts, frames, params, seed=seed)
+
+    def synthesize_batch(self, texts: list[str], *, seed: int = 0, temperature: float = 0.8, top_p: float = 0.8,
+                         top_k: int = 30, max_frames: int = 1024) -> list[torch.Tensor]:
+        """Several texts -> one float32 waveform [n_samples_i] each, generated as one batch (default voice)."""
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        codes = self.generate_codes_batch(texts, seed=seed, params=params, max_frames=max_frames)
+        return [self.decode(c) for c in codes]
+
 
 def _clean_text(text: str) -> str:
     """Drop control characters (other than tab and newline), which carry no speech and confuse the tokenizer."""
