@@ -35,14 +35,15 @@ def cli(verbose: bool) -> None:
 @click.option("--top-k", type=int, default=30, show_default=True)
 @click.option("--max-frames", type=int, default=1024, show_default=True, help="Frame limit per text batch.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Default: cuda when available.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def synth(model: Path, text: str, output: Path, ref_audio: Path | None, ref_text: str | None, seed: int,
-          temperature: float, top_p: float, top_k: int, max_frames: int, device: str | None) -> None:
+          temperature: float, top_p: float, top_k: int, max_frames: int, device: str | None, quiet: bool) -> None:
     """Synthesize speech from a GGUF file into a WAV file."""
     from s2conv.runtime.pipeline import synthesize_to_file
 
     seconds = synthesize_to_file(model, text, output, ref_audio=ref_audio, ref_text=ref_text, seed=seed,
                                  temperature=temperature, top_p=top_p, top_k=top_k, max_frames=max_frames,
-                                 device=device)
+                                 device=device, progress=not quiet)
     click.echo(f"wrote {output} ({seconds:.2f} s of audio)")
 
 

@@ -53,3 +53,17 @@ def test_cuda_graph_replay_equals_eager(weights, params):
         assert torch.equal(eager, graphed)
     else:  # the graph's warm-up draws advance the generator, so only the shape is comparable
         assert graphed.shape == eager.shape
+
+
+def test_progress_callback_counts_every_kept_frame(weights):
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    _force_eos_at(model, 5)  # prefill frame + 3 decode frames kept, the 5th main token is <|im_end|>
+    prompt = random_prompt(TINY, 8)
+    seen, seen_eager = [], []
+    codes = generate_frames(model, prompt, 10, GREEDY, use_graphs=False, on_frame=seen.append)
+    model2 = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    _force_eos_at(model2, 5)
+    generate(model2, prompt, 10, GREEDY, on_frame=seen_eager.append)
+    assert codes.shape[1] == 4
+    assert seen == sorted(seen) and seen[-1] == codes.shape[1]
+    assert seen_eager == [1, 2, 3, 4]

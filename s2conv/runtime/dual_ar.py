@@ -211,7 +211,8 @@ def _kv_bucket(n: int, max_seq: int, step: int = 256) -> int:
 
 @torch.inference_mode()
 def generate(model: DualARTransformer, prompt: Tensor, max_new_frames: int, params: SamplingParams = SamplingParams(),
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None,
+             on_frame=None) -> Tensor:
     """Generate codes for one prompt [1 + num_codebooks, T] -> codes [num_codebooks, n_frames].
 
     Stops after max_new_frames frames or at the first frame whose main token is <|im_end|>; that frame is dropped
@@ -233,6 +234,8 @@ def generate(model: DualARTransformer, prompt: Tensor, max_new_frames: int, para
     pos = torch.tensor([t], device=prompt.device)
     while int(frame[0, 0]) != cfg.eos_token_id:
         frames.append(frame)
+        if on_frame is not None:  # progress reporting: called with the number of frames so far
+            on_frame(len(frames))
         if len(frames) == max_new_frames:
             break
         frame = model.decode_one_frame(frame[:, :, None], pos, params, generator, previous,

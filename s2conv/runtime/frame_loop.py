@@ -64,10 +64,7 @@ class FrameLoop:
             self.graphs[span] = graph
         return graph
 
-    def run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int) -> Tensor:
-        """Decode after the prompt: `first` [1, 11] is the frame sampled from the prefill at position start_pos.
-
-        Returns the frames [1 + num_codebooks, n] up to (excluding) the first <|im_end|> frame."""
+    def _run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int, on_frame) -> Tensor:
         eos = self.model.cfg.eos_token_id
         self.frames[:, :1].copy_(first.T)
         self.column.copy_(first[:, :, None])
@@ -96,15 +93,27 @@ class FrameLoop:
                 events[k].record()
             if k >= 2 and is_eos(k - 1):  # frame k is already in flight while the host looks at k - 1
                 return self.frames[:, :k - 1]
+            if on_frame is not None and k >= 2:
+                on_frame(k - 1)
         if max_frames >= 2 and is_eos(max_frames - 1):
             return self.frames[:, :max_frames - 1]
         return self.frames[:, :max_frames]
+
+    def run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int, on_frame=None) -> Tensor:
+        """Decode after the prompt: `first` [1, 11] is the frame sampled from the prefill at position start_pos.
+
+        Returns the frames [1 + num_codebooks, n] up to (excluding) the first <|im_end|> frame. `on_frame(n)`, if
+        given, is called as frames are confirmed (n = frames kept so far), last with the final count."""
+        frames = self._run(first, start_pos, max_frames, max_seq, on_frame)
+        if on_frame is not None:
+            on_frame(frames.shape[1])
+        return frames
 
 
 @torch.inference_mode()
 def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: int,
                     params: SamplingParams = SamplingParams(), seed: int = 0,
-                    use_graphs: bool | None = None) -> Tensor:
+                    use_graphs: bool | None = None, on_frame=None) -> Tensor:
     """Codes [num_codebooks, n_frames] for one prompt [1 + num_codebooks, T], sampling from the device's default
     generator seeded with `seed` (graph-safe). Stops at <|im_end|> (dropped) or after max_new_frames frames."""
     cfg = model.cfg
@@ -125,4 +134,4 @@ def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: in
     hidden, logits = model.prefill(prompt[None])
     first = model.sample_frame(hidden, logits, params, None)  # the prefill frame has no RAS window
     loop = FrameLoop(model, params, max_new_frames, use_graphs)
-    return loop.run(first, t, max_new_frames, model.max_seq)[1:].clone()
+    return loop.run(first, t, max_new_frames, model.max_seq, on_frame)[1:].clone()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime import prompt as P
@@ -60,8 +61,8 @@ class TTS:
     # ----- synthesis --------------------------------------------------------------------------------------------
     def generate_codes(self, text: str, references: list[Reference] | None = None, *, seed: int = 0,
                        params: SamplingParams = SamplingParams(), max_frames: int = 1024,
-                       chunk_bytes: int = 512) -> torch.Tensor:
-        """Codes [num_codebooks, n_frames] for `text` (all batches concatenated)."""
+                       chunk_bytes: int = 512, progress: bool = False) -> torch.Tensor:
+        """Codes [num_codebooks, n_frames] for `text` (all batches concatenated). `progress` shows a frame bar."""
         text = _clean_text(text)
         if not text.strip():
             raise RuntimeModelError("the text to synthesize is empty")
@@ -80,10 +81,14 @@ class TTS:
                 raise RuntimeModelError(f"prompt of {tokens.shape[1]} tokens exceeds the model's limit of {limit}: "
                                         "shorten the text or the reference, or split it with <|speaker:N|> tags")
             frames = min(max_frames, cfg.max_seq_len - tokens.shape[1])
-            if self.device.type == "cuda":  # whole-frame CUDA graphs, seeded from the device generator
-                codes = generate_frames(model, tokens.to(self.device), frames, params, seed=seed + len(all_codes))
-            else:
-                codes = generate(model, tokens.to(self.device), frames, params, generator)
+            with tqdm(total=frames, unit="frame", disable=not progress, leave=False,
+                      desc=f"batch {len(all_codes) + 1}") as bar:
+                on_frame = lambda n: bar.update(n - bar.n)  # noqa: E731
+                if self.device.type == "cuda":  # whole-frame CUDA graphs, seeded from the device generator
+                    codes = generate_frames(model, tokens.to(self.device), frames, params, seed=seed + len(all_codes),
+                                            on_frame=on_frame)
+                else:
+                    codes = generate(model, tokens.to(self.device), frames, params, generator, on_frame=on_frame)
             all_codes.append(codes)
             history += [P.Message("user", [batch]), P.Message("assistant", [codes.cpu()], voice=True)]
         return torch.cat(all_codes, dim=1)
@@ -158,7 +163,7 @@ def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None 
 
 def synthesize_to_file(model_path: str | Path, text: str, output: str | Path, *, ref_audio=None, ref_text=None,
                        seed: int = 0, temperature: float = 0.8, top_p: float = 0.8, top_k: int = 30,
-                       max_frames: int = 1024, device: str | None = None) -> float:
+                       max_frames: int = 1024, device: str | None = None, progress: bool = False) -> float:
     """The `s2conv synth` job: load, synthesize, write a WAV (nothing is written on failure). Returns seconds."""
     from s2conv.runtime.audio import save_wav
 
@@ -169,6 +174,7 @@ def synthesize_to_file(model_path: str | Path, text: str, output: str | Path, *,
         raise RuntimeModelError("the text to synthesize is empty")
     tts = load(model_path, device=device)
     refs = [tts.encode_reference(ref_audio, ref_text or "")] if ref_audio is not None else []
-    wav = tts.decode(tts.generate_codes(text, refs, seed=seed, params=params, max_frames=max_frames))
+    codes = tts.generate_codes(text, refs, seed=seed, params=params, max_frames=max_frames, progress=progress)
+    wav = tts.decode(codes)
     save_wav(output, wav, tts.sample_rate)
     return wav.numel() / tts.sample_rate
