@@ -200,6 +200,17 @@ class BatchLoop:
         return max_frames
 
 
+def prefill_batch(model: DualARTransformer, tokens: Tensor, offsets: Tensor, max_new_frames: int,
+                  params: SamplingParams) -> Tensor:
+    """Allocate caches for exactly B rows, run the left-padded prompt tokens [B, 11, T] (pad offsets [B]) and
+    sample the first frame [B, 11] (no RAS window). The caller resets `model.max_batch = 0` when done."""
+    b, t = tokens.shape[0], tokens.shape[2]
+    model.max_batch = 0  # the attention code needs caches of exactly B rows
+    model.setup_caches(b, t + max_new_frames)
+    hidden = forward_slow_rows(model, tokens, torch.arange(t, device=tokens.device), offsets, t)
+    return sample_frame_rows(model, hidden, params, None)
+
+
 @torch.inference_mode()
 def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_new_frames: int,
                           params: SamplingParams = SamplingParams(), seed: int = 0,
@@ -226,11 +237,8 @@ def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_n
     device = tokens.device
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(seed)
-    model.max_batch = 0  # the attention code needs caches of exactly B rows
-    model.setup_caches(b, t + max_new_frames)
     try:
-        hidden = forward_slow_rows(model, tokens, torch.arange(t, device=device), offsets, t)
-        first = sample_frame_rows(model, hidden, params, None)  # the prefill frame has no RAS window
+        first = prefill_batch(model, tokens, offsets, max_new_frames, params)
         loop = BatchLoop(model, params, offsets, max_new_frames, use_graphs)
         n = loop.run(first, t, max_new_frames)
     finally:
