@@ -22,6 +22,7 @@ from torch import nn
 
 from s2conv.quant_formats import get_format
 from s2conv.runtime import fused_decode
+from s2conv.runtime.batch import BatchLoop, left_pad, prefill_batch
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import FrameLoop
 from s2conv.runtime.qlinear import QuantLinear
@@ -180,6 +181,35 @@ def time_codec(n_frames: int = 256) -> dict:
     return out
 
 
+@torch.inference_mode()
+def time_decode_batch(model: DualARTransformer, prompt_len: int, frames: int, batch: int, repeats: int = 3) -> float:
+    """Median aggregate frames/s of the batched loop (`s2conv.runtime.batch`: eager layers, CUDA graphs) over
+    `batch` prompts of lengths prompt_len, prompt_len - 16, ... (left-padded), counting every row's frames."""
+    cfg = model.cfg
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    prompts = []
+    for i in range(batch):
+        n = max(1, prompt_len - 16 * i)
+        p = torch.zeros(cfg.num_codebooks + 1, n, dtype=torch.long, device="cuda")
+        p[0] = torch.randint(0, cfg.semantic_begin_id, (n,), device="cuda", generator=g)
+        prompts.append(p)
+    tokens, offsets = left_pad(prompts)
+    try:
+        first = prefill_batch(model, tokens, offsets, frames + 8, params)
+        loop = BatchLoop(model, params, offsets, frames, use_graphs=True)
+        rates = []
+        for _ in range(repeats + 1):  # the first run captures the graphs
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n = loop.run(first, tokens.shape[2], frames)
+            torch.cuda.synchronize()
+            rates.append(batch * n / (time.perf_counter() - t0))
+    finally:
+        model.max_batch = 0  # the next batch-1 timing reallocates its own caches
+    return sorted(rates[1:])[len(rates[1:]) // 2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="bf16,fp8,q8,q8_0,q4,q4_k,q3,q2")
@@ -188,6 +218,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None, help="slow layers (default: S2 Pro's 36)")
     ap.add_argument("--no-codec", action="store_true")
+    ap.add_argument("--batch", type=int, default=0, help="also time the batched loop with this many prompts")
     ap.add_argument("--results", default="bench/RESULTS.md")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = ap.parse_args()
@@ -213,6 +244,9 @@ def main() -> int:
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
                            rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels)
+                if args.batch:
+                    row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
+                        model, args.prompt, args.frames, args.batch))
             except Exception as e:  # a format's failure must not hide the others' numbers
                 row = dict(format=fmt, target=target, error=f"{type(e).__name__}: {e}")
             finally:
@@ -226,6 +260,9 @@ def main() -> int:
                 print(f"{fmt:6s} {target:4s} {row['ms_per_frame']:7.2f} ms/frame {row['frames_per_s']:7.1f} fps "
                       f"RTF {row['rtf']:.3f}  {row['gb_per_s']:6.0f} GB/s = {100 * row['read_share']:.0f}% of read "
                       f"bandwidth ({row['fused_kernels']} fused linears)")
+                if "batch" in row:
+                    print(f"{'':11s} batch {row['batch']}: {row['batch_frames_per_s']:7.1f} frames/s aggregate "
+                          f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")
     codec = None if args.no_codec else time_codec()
     if codec:
         for key in ("default", "cudnn_benchmark"):
