@@ -194,3 +194,17 @@ def test_synth_cli_errors_are_one_line_and_write_nothing(exports, tmp_path, extr
 def test_synth_cli_on_a_missing_model_is_one_line(tmp_path):
     r = _run("synth", tmp_path / "missing.gguf", "--text", "hi", "-o", tmp_path / "x.wav")
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("key, value", [("fish-speech.attention.layer_norm_rms_epsilon", float("nan")),
+                                        ("fish-speech.rope.freq_base", -1.0)])
+def test_loader_refuses_nonsense_float_hyper_parameters(exports, tmp_path, key, value):
+    import struct
+
+    data = bytearray(exports["bf16"].read_bytes())
+    at = data.index(key.encode()) + len(key)  # the key string, then its uint32 value type, then the float32
+    assert struct.unpack_from("<I", data, at)[0] == 6  # GGUF FLOAT32
+    struct.pack_into("<f", data, at + 4, value)
+    (tmp_path / "bad.gguf").write_bytes(data)
+    with pytest.raises(SchemaError, match="expected a finite positive number"):
+        load_model(tmp_path / "bad.gguf")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import signal
@@ -124,8 +125,10 @@ class AtomicDir:
         parent = self.target.parent
         if not parent.is_dir():
             raise ConversionError(f"output directory {parent} does not exist")
+        _remove_stale_dirs(parent, self.target.name)
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=TMP_MARK, dir=parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=TMP_MARK,
+                                             dir=parent))
         except OSError as e:
             raise os_error("cannot write to", parent, e) from None
         return self.tmp
@@ -146,6 +149,21 @@ class AtomicDir:
         _fsync_dir(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _remove_stale_dirs(parent: Path, name: str) -> None:
+    """Remove temporary directories left by a killed (SIGKILL) unpack of `name`: their creator's pid, which the
+    directory name carries, no longer runs. Directories of live processes are left alone."""
+    for d in parent.glob(f".{glob.escape(name)}.*{TMP_MARK}"):
+        pid = d.name[len(name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # exists but not ours to signal: alive
+            pass
 
 
 def _link_fd_path(src: str, dst: Path) -> None:

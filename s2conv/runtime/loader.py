@@ -7,6 +7,7 @@ norms, float matrices) is decoded to the model dtype. The codec comes from the `
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,10 @@ def _check_layer_counts(f: GGUFFile, cfg: S2Config) -> None:
         if n < 1 or f"{prefix}.{n - 1}.attention_norm.weight" not in f.tensors \
                 or f"{prefix}.{n}.attention_norm.weight" in f.tensors:
             raise SchemaError(f"{f.path.name}: {key} is {n}, which does not match the {prefix}.N tensors in the file")
+    for name in ("norm_eps", "rope_base"):  # a NaN or non-positive value would load and compute NaN everywhere
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise SchemaError(f"{f.path.name}: {name} is {value}, expected a finite positive number")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
