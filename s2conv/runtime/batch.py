@@ -17,7 +17,7 @@ from s2conv.errors import RuntimeModelError
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import SPAN_STEP
 from s2conv.runtime.layers import Attention, RMSNorm, TransformerBlock, causal_mask
-from s2conv.runtime.sampling import SamplingParams, ras_select, sample
+from s2conv.runtime.sampling import SamplingParams, sample
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
 
