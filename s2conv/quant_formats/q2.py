@@ -19,7 +19,7 @@ class Q2(GroupwiseFormat, name="q2"):
     qmax = 1
     # The ternary threshold is scale / 2; for bell-shaped groups the best one lies near 0.25-0.35 x absmax, so the
     # grid reaches down to a ratio of 0.3; the least-squares refit then fine-tunes it.
-    clip_ratios = (1.0, 0.86, 0.72, 0.58, 0.44, 0.3)
+    clip_ratios = (1.0, 0.8, 0.6, 0.45, 0.3)
 
     def _code_bytes(self, g: int) -> int:
         return g // 4

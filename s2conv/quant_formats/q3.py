@@ -18,7 +18,7 @@ class Q3(GroupwiseFormat, name="q3"):
     type_size = 4 + 32 + 16
     group_size = 128
     qmax = 3
-    clip_ratios = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    clip_ratios = (1.0, 0.85, 0.7, 0.55)
 
     def _code_bytes(self, g: int) -> int:
         return g // 4 + g // 8

@@ -17,7 +17,7 @@ class Q4(GroupwiseFormat, name="q4"):
     type_size = 4 + 64
     group_size = 128
     qmax = 7
-    clip_ratios = (1.0, 0.925, 0.85, 0.775, 0.7)
+    clip_ratios = (1.0, 0.9, 0.8, 0.7)
 
     def _code_bytes(self, g: int) -> int:
         return g // 2
