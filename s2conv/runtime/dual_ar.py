@@ -205,6 +205,18 @@ class DualARTransformer(nn.Module):
         return self.sample_frame(hidden, logits, params, generator, previous)
 
 
+def check_generation(cfg: S2Config, prompt: Tensor, max_new_frames: int) -> int:
+    """Validate a prompt [1 + num_codebooks, T] and a frame budget against the model; returns T."""
+    if prompt.ndim != 2 or prompt.shape[0] != cfg.num_codebooks + 1:
+        raise RuntimeModelError(f"prompt shape {tuple(prompt.shape)}, expected ({cfg.num_codebooks + 1}, T)")
+    if max_new_frames < 1:
+        raise RuntimeModelError(f"max_new_frames must be >= 1, got {max_new_frames}")
+    t = prompt.shape[1]
+    if t + max_new_frames > cfg.max_seq_len:
+        raise RuntimeModelError(f"prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len {cfg.max_seq_len}")
+    return t
+
+
 def _kv_bucket(n: int, max_seq: int, step: int = 256) -> int:
     return min(max_seq, -(-n // step) * step)
 
@@ -219,13 +231,7 @@ def generate(model: DualARTransformer, prompt: Tensor, max_new_frames: int, para
     (unlike upstream, which also drops the last frame when the limit is hit without <|im_end|>).
     """
     cfg = model.cfg
-    if prompt.ndim != 2 or prompt.shape[0] != cfg.num_codebooks + 1:
-        raise RuntimeModelError(f"prompt shape {tuple(prompt.shape)}, expected ({cfg.num_codebooks + 1}, T)")
-    if max_new_frames < 1:
-        raise RuntimeModelError(f"max_new_frames must be >= 1, got {max_new_frames}")
-    t = prompt.shape[1]
-    if t + max_new_frames > cfg.max_seq_len:
-        raise RuntimeModelError(f"prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len {cfg.max_seq_len}")
+    t = check_generation(cfg, prompt, max_new_frames)
     model.setup_caches(1, t + max_new_frames)
     hidden, logits = model.prefill(prompt[None])
     frame = model.sample_frame(hidden, logits, params, generator)  # the first frame has no RAS window

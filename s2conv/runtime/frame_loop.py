@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from s2conv.errors import RuntimeModelError
-from s2conv.runtime.dual_ar import DualARTransformer
+from s2conv.runtime.dual_ar import DualARTransformer, check_generation
 from s2conv.runtime.sampling import SamplingParams
 
 SPAN_STEP = 256
@@ -117,13 +116,7 @@ def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: in
     """Codes [num_codebooks, n_frames] for one prompt [1 + num_codebooks, T], sampling from the device's default
     generator seeded with `seed` (graph-safe). Stops at <|im_end|> (dropped) or after max_new_frames frames."""
     cfg = model.cfg
-    if prompt.ndim != 2 or prompt.shape[0] != cfg.num_codebooks + 1:
-        raise RuntimeModelError(f"prompt shape {tuple(prompt.shape)}, expected ({cfg.num_codebooks + 1}, T)")
-    if max_new_frames < 1:
-        raise RuntimeModelError(f"max_new_frames must be >= 1, got {max_new_frames}")
-    t = prompt.shape[1]
-    if t + max_new_frames > cfg.max_seq_len:
-        raise RuntimeModelError(f"prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len {cfg.max_seq_len}")
+    t = check_generation(cfg, prompt, max_new_frames)
     device = prompt.device
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     if device.type == "cuda":
