@@ -29,7 +29,7 @@ from s2conv.converter.plan import (
     PlanRow, SourceTensor, build_plan, codec_sources, model_sources, summarize,
 )
 from s2conv.converter.policy import ModelDims, Policy
-from s2conv.errors import ConversionError, S2ConvError
+from s2conv.errors import ConversionError
 from s2conv.quant_formats import get_format
 from s2conv.schema import ARCH
 
