@@ -197,6 +197,15 @@ def upload(outdir, repo_id, dry_run, private) -> None:
     click.echo(upload_dir(outdir, repo_id, dry_run=dry_run, private=private))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Decode speed at the full S2 Pro shapes on this GPU (every format; `s2conv bench --help` for options)."""
+    from s2conv.bench import main as bench_main
+
+    sys.exit(bench_main(ctx.args))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -6,9 +6,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "scripts")
-from bench_decode import build_model, quantize_model  # noqa: E402
 
+from s2conv.bench import build_model, quantize_model  # noqa: E402
 from s2conv.runtime.frame_loop import FrameLoop  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from s2conv.schema import S2Config  # noqa: E402

@@ -1,0 +1,301 @@
+"""Batch-1 decode speed of the full S2 Pro shapes on one GPU: ms/frame, frames/s, real-time factor, GB/s.
+
+Builds the model with random weights directly on the device (quantized formats: one quantized template per matrix
+shape, copied into every layer so each layer reads its own bytes), then times the runtime's real decode path
+(`s2conv.runtime.frame_loop`, whole-frame CUDA graphs) per format and target, beside the measured HBM read
+bandwidth and the codec decoder, in the same run. With --results FILE, appends a dated Markdown section to FILE.
+
+    s2conv bench --formats bf16,q8,q4 --targets slow,all --frames 200      (or: python scripts/bench_decode.py ...)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from s2conv.quant_formats import get_format
+from s2conv.runtime import fused_decode
+from s2conv.runtime.batch import BatchLoop, left_pad, prefill_batch
+from s2conv.runtime.dual_ar import DualARTransformer
+from s2conv.runtime.frame_loop import FrameLoop
+from s2conv.runtime.qlinear import QuantLinear
+from s2conv.runtime.sampling import SamplingParams
+from s2conv.schema import S2Config, CodecConfig
+
+FRAME_HZ = 44100 / 2048
+
+
+def hbm_read_bandwidth(gib: float = 4.0) -> dict:
+    """GB/s of a read-only reduction and of a device-to-device copy (read + write bytes) over `gib` GiB."""
+    n = int(gib * 2**30 / 2)
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    out = {}
+    for name, fn, nbytes in (("read", lambda: x.sum(dtype=torch.float32), x.numel() * 2),
+                             ("copy", lambda: y.copy_(x), x.numel() * 4)):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        out[name] = nbytes / sorted(times)[len(times) // 2] / 1e9
+    del x, y
+    torch.cuda.empty_cache()
+    return out
+
+
+def build_model(cfg: S2Config) -> DualARTransformer:
+    """Random bf16 weights at the given shapes, created on the GPU (fan-in scaled normal; norms ~1)."""
+    with torch.device("meta"):
+        model = DualARTransformer(cfg)
+    weights = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, p in model.state_dict().items():
+        if p.ndim == 1:
+            weights[name] = 1 + 0.1 * torch.randn(p.shape, device="cuda", generator=g)
+        else:
+            std = 1.0 if "embeddings" in name else p.shape[1] ** -0.5
+            weights[name] = torch.randn(p.shape, device="cuda", generator=g, dtype=torch.bfloat16) * std
+    model.load_weights({k: v.to(torch.bfloat16) for k, v in weights.items()})
+    fused_decode.enable(model)  # the runtime's decode path (also after quantize_model: w1|w3 rejoin lazily)
+    return model
+
+
+def linear_modules(model: DualARTransformer, target: str):
+    layers = list(model.layers) + (list(model.fast_layers) if target == "all" else [])
+    for layer in layers:
+        for parent, attr in ((layer.attention, "wqkv"), (layer.attention, "wo"), (layer.feed_forward, "w1"),
+                             (layer.feed_forward, "w3"), (layer.feed_forward, "w2")):
+            yield parent, attr
+
+
+def quantize_model(model: DualARTransformer, fmt_name: str, target: str) -> list:
+    """Swap target Linears for QuantLinears (templates quantized once per shape). Returns the undo list."""
+    fmt = get_format(fmt_name)
+    templates, undo = {}, []
+    for parent, attr in linear_modules(model, target):
+        lin = getattr(parent, attr)
+        shape = tuple(lin.weight.shape)
+        if shape not in templates:
+            w = lin.weight.float().cpu().numpy()
+            templates[shape] = torch.from_numpy(fmt.quantize(w)).cuda()
+        q = QuantLinear(fmt, shape[1], shape[0])
+        q.weight = templates[shape].clone()
+        q.prepare_kernel()
+        setattr(parent, attr, q)
+        undo.append((parent, attr, lin))
+    return undo
+
+
+def bytes_per_frame(model: DualARTransformer, span: int) -> int:
+    """Weight + KV bytes one frame reads: the slow AR once, the fast AR 10 times, the head slices."""
+    cfg = model.cfg
+
+    def nbytes(m: nn.Module) -> int:
+        if isinstance(m, QuantLinear):
+            packed = m.kernel[1] if m.kernel is not None else {"w": m.weight}
+            return sum(t.numel() * t.element_size() for t in packed.values() if isinstance(t, torch.Tensor))
+        return m.weight.numel() * m.weight.element_size()
+
+    def layer_bytes(layer) -> int:
+        a, f = layer.attention, layer.feed_forward
+        return sum(nbytes(m) for m in (a.wqkv, a.wo, f.w1, f.w3, f.w2))
+
+    slow = sum(layer_bytes(l) for l in model.layers)
+    fast = sum(layer_bytes(l) for l in model.fast_layers)
+    head = (cfg.semantic_end_id - cfg.semantic_begin_id + 2) * cfg.dim * 2
+    kv = cfg.n_layer * 2 * cfg.n_local_heads * span * cfg.head_dim * 2
+    return slow + head + kv + cfg.num_codebooks * fast + (cfg.num_codebooks - 1) * nbytes(model.fast_output)
+
+
+@torch.inference_mode()
+def time_decode(model: DualARTransformer, prompt_len: int, frames: int, repeats: int = 3) -> float:
+    """Median seconds per frame of the graph-replayed frame loop, after a warm-up run that captures the graphs."""
+    cfg = model.cfg
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    prompt = torch.zeros(1, cfg.num_codebooks + 1, prompt_len, dtype=torch.long, device="cuda")
+    prompt[:, 0] = torch.randint(0, cfg.semantic_begin_id, (prompt_len,), device="cuda", generator=g)
+    model.setup_caches(1, prompt_len + frames + 8)
+    hidden, logits = model.prefill(prompt)
+    first = model.sample_frame(hidden, logits, params, None)
+    loop = FrameLoop(model, params, frames, use_graphs=True)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = loop.run(first, prompt_len, frames, model.max_seq)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / max(1, out.shape[1]))
+        if out.shape[1] < frames:
+            print(f"  (stopped early at {out.shape[1]} frames: <|im_end|> sampled)")
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+@torch.inference_mode()
+def time_codec(n_frames: int = 256) -> dict:
+    """The full-size codec decoder (random weights, bf16) on n_frames frames at batch 1."""
+    from s2conv.codec_schema import folded_codec_tensor_shapes
+    from s2conv.runtime.codec import Codec
+
+    cc = CodecConfig()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = {}
+    for name, shape in folded_codec_tensor_shapes(cc).items():
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        w = torch.randn(shape, device="cuda", generator=g) * (fan_in ** -0.5 if len(shape) > 1 else 0.1)
+        if name.endswith("alpha") or name.endswith("norm.weight"):
+            w = w.abs() + 1
+        weights[name] = w
+    codec = Codec.from_weights(cc, weights, dtype=torch.bfloat16, device="cuda")
+    codes = torch.randint(0, 1024, (1, cc.n_codebooks, n_frames), device="cuda", generator=g)
+    audio_s = n_frames * cc.frame_length / cc.sample_rate
+    out = {"frames": n_frames}
+    for autotune in (False, True):  # cuDNN's per-shape algorithm search (torch.backends.cudnn.benchmark)
+        torch.backends.cudnn.benchmark = autotune
+        codec.decode(codes)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            codec.decode(codes)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        t = sorted(times)[2]
+        key = "cudnn_benchmark" if autotune else "default"
+        out[key] = {"seconds": t, "x_realtime": audio_s / t}
+    torch.backends.cudnn.benchmark = False
+    out["seconds"], out["x_realtime"] = out["cudnn_benchmark"]["seconds"], out["cudnn_benchmark"]["x_realtime"]
+    return out
+
+
+@torch.inference_mode()
+def time_decode_batch(model: DualARTransformer, prompt_len: int, frames: int, batch: int, repeats: int = 3) -> float:
+    """Median aggregate frames/s of the batched loop (`s2conv.runtime.batch`: eager layers, CUDA graphs) over
+    `batch` prompts of lengths prompt_len, prompt_len - 16, ... (left-padded), counting every row's frames."""
+    cfg = model.cfg
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    prompts = []
+    for i in range(batch):
+        n = max(1, prompt_len - 16 * i)
+        p = torch.zeros(cfg.num_codebooks + 1, n, dtype=torch.long, device="cuda")
+        p[0] = torch.randint(0, cfg.semantic_begin_id, (n,), device="cuda", generator=g)
+        prompts.append(p)
+    tokens, offsets = left_pad(prompts)
+    try:
+        first = prefill_batch(model, tokens, offsets, frames + 8, params)
+        loop = BatchLoop(model, params, offsets, frames, use_graphs=True)
+        rates = []
+        for _ in range(repeats + 1):  # the first run captures the graphs
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n = loop.run(first, tokens.shape[2], frames)
+            torch.cuda.synchronize()
+            rates.append(batch * n / (time.perf_counter() - t0))
+    finally:
+        model.max_batch = 0  # the next batch-1 timing reallocates its own caches
+    return sorted(rates[1:])[len(rates[1:]) // 2]
+
+
+def append_markdown(path: str, result: dict) -> None:
+    """Append one dated section (GPU, bandwidth, one row per format and target) to a Markdown results file."""
+    bw = result["hbm"]
+    lines = ["", f"## {result['date']}, {result['gpu']} (`s2conv bench`, torch {result['torch']})", "",
+             f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
+             "| format | target | ms/frame | frames/s | RTF | read share |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['format']} | {r['target']} | {r['ms_per_frame']:.2f} | {r['frames_per_s']:.1f} | "
+                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% |")
+    if result.get("codec"):
+        lines += ["", f"Codec decode: {result['codec']['x_realtime']:.0f}x real time."]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="s2conv bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="bf16,fp8,q8,q8_0,q4,q4_k,q3,q2")
+    ap.add_argument("--targets", default="slow,all")
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=None, help="slow layers (default: S2 Pro's 36)")
+    ap.add_argument("--no-codec", action="store_true")
+    ap.add_argument("--batch", type=int, default=0, help="also time the batched loop with this many prompts")
+    ap.add_argument("--results", default=None, help="append a Markdown section with the figures to this file")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: s2conv bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name()
+    print(f"GPU: {gpu}; torch {torch.__version__}")
+    bw = hbm_read_bandwidth()
+    print(f"HBM: read-only reduction {bw['read']:.0f} GB/s, device copy {bw['copy']:.0f} GB/s (read+write)")
+    cfg = S2Config() if args.layers is None else S2Config().replace(n_layer=args.layers)
+    t0 = time.perf_counter()
+    model = build_model(cfg)
+    print(f"built full-shape model in {time.perf_counter() - t0:.1f} s")
+    span = -(-(args.prompt + args.frames) // 256) * 256
+    rows = []
+    for fmt in args.formats.split(","):
+        for target in (["slow"] if fmt == "bf16" else args.targets.split(",")):
+            undo = [] if fmt == "bf16" else quantize_model(model, fmt, target)
+            try:
+                kernels = sum(isinstance(m, QuantLinear) and m.kernel is not None for m in model.modules())
+                spf = time_decode(model, args.prompt, args.frames)
+                gbs = bytes_per_frame(model, span) / spf / 1e9
+                row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
+                           rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels)
+                if args.batch:
+                    row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
+                        model, args.prompt, args.frames, args.batch))
+            except Exception as e:  # a format's failure must not hide the others' numbers
+                row = dict(format=fmt, target=target, error=f"{type(e).__name__}: {e}")
+            finally:
+                for parent, attr, lin in undo:
+                    setattr(parent, attr, lin)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            if "error" in row:
+                print(f"{fmt:6s} {target:4s} ERROR {row['error']}")
+            else:
+                print(f"{fmt:6s} {target:4s} {row['ms_per_frame']:7.2f} ms/frame {row['frames_per_s']:7.1f} fps "
+                      f"RTF {row['rtf']:.3f}  {row['gb_per_s']:6.0f} GB/s = {100 * row['read_share']:.0f}% of read "
+                      f"bandwidth ({row['fused_kernels']} fused linears)")
+                if "batch" in row:
+                    print(f"{'':11s} batch {row['batch']}: {row['batch_frames_per_s']:7.1f} frames/s aggregate "
+                          f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")
+    codec = None if args.no_codec else time_codec()
+    if codec:
+        for key in ("default", "cudnn_benchmark"):
+            c = codec[key]
+            print(f"codec decode ({key}): {codec['frames']} frames in {c['seconds'] * 1e3:.1f} ms = "
+                  f"{c['x_realtime']:.0f}x real time")
+    result = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, hbm=bw, rows=rows,
+                  codec=codec, prompt=args.prompt, frames=args.frames, layers=cfg.n_layer)
+    if args.results:
+        append_markdown(args.results, result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
