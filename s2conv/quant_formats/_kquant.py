@@ -358,7 +358,7 @@ class KQuantFormat(QuantFormat):
     """
 
     block_size: ClassVar[int] = QK_K
-    chunk_weights: ClassVar[int] = 1 << 17  # weights quantized together: work arrays stay in cache, calls amortize
+    chunk_weights: ClassVar[int] = 1 << 18  # weights quantized together; 2**18 measured ~1.5x faster than 2**17 here
 
     def quantize(self, w, *, method: str = "search", tensor: str = "tensor") -> np.ndarray:
         """(rows, cols) float -> (rows, cols / 256 * type_size) uint8, bytes equal to llama.cpp's.
