@@ -20,7 +20,7 @@ LAYOUT_VERSION = 1  # version of the byte layouts in docs/formats.md (GGUF key s
 METHODS = ("rtn", "search")
 SCALE_BYTES = 4  # every block starts with its float32 scale
 FP16_MAX = 65504.0
-CHUNK_ELEMS = 1 << 17  # weights per work item: small enough that the temporaries stay in a core's L2 cache
+CHUNK_ELEMS = 1 << 19  # weights per work item: fewer, larger torch calls measured ~1.5x faster than 2**17 here
 
 # ----- bit-field packing --------------------------------------------------------------------------------------
 # A group of g codes is packed into planes of `bits`-bit fields: with n = 8 // bits fields per byte, byte j of the
