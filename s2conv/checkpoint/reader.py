@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from s2conv.checkpoint.safetensors_io import TORCH_DTYPES, read_header
 from s2conv.codec_schema import codec_config_from_shapes, codec_tensor_shapes
@@ -46,7 +45,7 @@ class Checkpoint:
         self.codec_path = codec_path
         self._model = model_index  # model name -> (file, hf name, torch dtype, shape), release order
         self._codec = codec_state  # release name -> tensor (memory-mapped)
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple] = {}  # file -> (read_header result), read lazily
         self._hash: str | None = None
 
     # -- model ----------------------------------------------------------------------------------------------------
@@ -69,15 +68,26 @@ class Checkpoint:
         return self._entry(name)[0]
 
     def model_tensor(self, name: str) -> torch.Tensor:
-        """The tensor in its source dtype, read from the memory-mapped safetensors file."""
+        """The tensor in its source dtype, read from its safetensors file into fresh memory.
+
+        Plain positioned reads rather than a memory map: mapped pages stay resident in the process (its RSS grows to
+        the whole 9 GB of shards over an export), while a read buffer is freed with the tensor."""
         file, hf_name, _, _ = self._entry(name)
-        handle = self._handles.get(file)
-        if handle is None:
-            try:
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own SafetensorError
-                raise CheckpointError(f"{file.name}: cannot open: {_first_line(e)}") from None
-        return handle.get_tensor(hf_name)
+        header = self._headers.get(file)
+        if header is None:
+            header = self._headers[file] = read_header(file)  # validated at open: offsets inside the file
+        info, data_start = header[0][hf_name], header[1]
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        try:
+            with open(file, "rb") as fh:
+                fh.seek(data_start + begin)
+                got = fh.readinto(memoryview(buf.numpy()))
+        except OSError as e:
+            raise CheckpointError(f"{file.name}: cannot read {hf_name}: {e.strerror or e}") from None
+        if got != end - begin:
+            raise CheckpointError(f"{file.name}: truncated: {hf_name} needs {end - begin} bytes, found {got}")
+        return buf.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     # -- codec ----------------------------------------------------------------------------------------------------
     def codec_names(self) -> list[str]:
@@ -139,7 +149,7 @@ class Checkpoint:
         return len(names)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self._model)} model + {len(self._codec)} codec tensors)"
