@@ -1,5 +1,6 @@
-"""Fused Triton kernels for the batch-1 decode step: RMSNorm (+ residual add), QK-norm + RoPE + KV-cache write,
+"""Fused Triton kernels for the decode step: RMSNorm (+ residual add), QK-norm + RoPE + KV-cache write,
 split-K decode attention and SwiGLU's silu(a) * b. Each replaces a chain of small eager ops by one launch.
+Batched decoding of left-padded rows passes per-row RoPE table rows and per-row first keys (the pad offsets).
 
 The rounding points follow the eager code in `s2conv.runtime.layers` / `rope.py` step by step (fp32 math, a round to
 the activation dtype wherever eager rounds), so results match eager bit for bit or within one ulp of summation order.
@@ -13,13 +14,23 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.launch import pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATTN_BLOCK_N = 64  # keys per attention loop step
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait for the previous one's writes (launch.py); no-op without PDL."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
@@ -57,8 +68,10 @@ def _sm_count(device: torch.device) -> int:
 # ---- RMSNorm -----------------------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, stride_r, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FIX_X: tl.constexpr, FIX_Y: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FIX_X: tl.constexpr, FIX_Y: tl.constexpr,
+                     PDL: tl.constexpr):
     """One row: [h = x + r (rounded to x's dtype, stored)]; y = round(round(h * rsqrt(mean(h^2) + eps)) * w)."""
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -89,7 +102,8 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
-        BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4)
+        BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4,
+        **pdl_args(x.device))
     return h, y
 
 
@@ -108,13 +122,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 # ---- QK-norm + RoPE + KV-cache write ---------------------------------------------------------------------------------
 @triton.jit
 def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr, pos_ptr,
-                          H, HKV, stride_qkv, stride_cb, stride_ch, eps,
-                          HAS_NORM: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, FIX: tl.constexpr):
+                          H, HKV, stride_qkv, stride_f, stride_cb, stride_ch, eps,
+                          HAS_NORM: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, FIX: tl.constexpr,
+                          PDL: tl.constexpr):
     """Program (b, tile of HEADS heads) over the H + 2 HKV heads of one qkv row, as [HEADS, D/2] pairs (2j, 2j+1).
 
     Query and key heads: optional per-head RMSNorm (fp32, scaled, rounded once), then the pair rotation in fp32,
     rounded; queries go to q [B, H, 1, D], keys to the k cache at position pos. Value heads pass through the same
-    arithmetic with cos = 1, sin = 0 (exact) into the v cache."""
+    arithmetic with cos = 1, sin = 0 (exact) into the v cache. Row b's (cos, sin) pairs start at f + b * stride_f
+    (stride_f 0: one table row shared by all rows)."""
+    _pdl_start(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     j = tl.arange(0, D // 2)
@@ -139,8 +156,9 @@ def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr,
         n1 = _round((x1 * inv[:, None]) * w1, dtype, FIX).to(tl.float32)
         x0 = tl.where(is_v[:, None], x0, n0)
         x1 = tl.where(is_v[:, None], x1, n1)
-    cos = tl.where(is_v[:, None], 1.0, tl.load(f_ptr + 2 * j).to(tl.float32)[None, :])
-    sin = tl.where(is_v[:, None], 0.0, tl.load(f_ptr + 2 * j + 1).to(tl.float32)[None, :])
+    f_row = f_ptr + b * stride_f
+    cos = tl.where(is_v[:, None], 1.0, tl.load(f_row + 2 * j).to(tl.float32)[None, :])
+    sin = tl.where(is_v[:, None], 0.0, tl.load(f_row + 2 * j + 1).to(tl.float32)[None, :])
     re = _round(x0 * cos - x1 * sin, dtype, FIX)
     im = _round(x1 * cos + x0 * sin, dtype, FIX)
     q_dst = q_ptr + (b * H + head[:, None]) * D + 2 * j[None, :]
@@ -175,8 +193,9 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
     """Split one decode step's fused projection qkv [B, 1, (H + 2 Hkv) * D] (q | k | v, head-major) into heads.
 
     Applies the per-head QK RMSNorm when q_norm_w / k_norm_w [D] are given, the interleaved-pair RoPE with
-    freqs_cis_row [1, D/2, 2] ((cos, sin), any float dtype), writes k and v into k_cache / v_cache
-    [B, Hkv, max_seq, D] at position pos (a 1-element device tensor or an int) and returns q [B, H, 1, D].
+    freqs_cis_row [1, D/2, 2] ((cos, sin), any float dtype; or [B, 1, D/2, 2]: one table row per batch row, e.g.
+    `freqs_cis[pos - pad_offsets]` of left-padded rows), writes k and v into k_cache / v_cache [B, Hkv, max_seq, D]
+    at position pos (a 1-element device tensor or an int, shared by all rows) and returns q [B, H, 1, D].
     """
     op = "qk_norm_rope_cache"
     b = qkv.shape[0]
@@ -188,8 +207,8 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
         raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
     if d % 2 or d & (d - 1):
         raise _fail(op, "head_dim", "an even power of two", d)
-    if freqs_cis_row.numel() != d:
-        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
+    if freqs_cis_row.numel() not in (d, b * d):
+        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2] or [{b}, 1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
     has_norm = q_norm_w is not None
     if has_norm != (k_norm_w is not None):
         raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
@@ -197,7 +216,8 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
         _check_cache(op, name, cache, b, n_kv_head, d, qkv.dtype)
     q2 = _rows(op, qkv, width)
     q = torch.empty(b, n_head, 1, d, dtype=qkv.dtype, device=qkv.device)
-    freqs = freqs_cis_row.reshape(d).contiguous()
+    freqs = freqs_cis_row.reshape(-1, d).contiguous()  # [1 or B, D]
+    stride_f = d if freqs.shape[0] > 1 else 0
     qw = q_norm_w if has_norm else freqs
     kw = k_norm_w if has_norm else freqs
     n_heads = n_head + 2 * n_kv_head
@@ -205,19 +225,24 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
     heads = triton.next_power_of_2(n_heads) if _INTERPRETED else 8
     _qk_rope_cache_kernel[(b, triton.cdiv(n_heads, heads))](
         q2, qw, kw, freqs, k_cache, v_cache, q, _pos_tensor(pos, qkv.device), n_head, n_kv_head, q2.stride(0),
-        k_cache.stride(0), k_cache.stride(1), float(eps), HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
-        num_warps=4)
+        stride_f, k_cache.stride(0), k_cache.stride(1), float(eps), HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
+        num_warps=4, **pdl_args(qkv.device))
     return q
 
 
 # ---- decode attention --------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr, ml_ptr,
                         H, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, scale,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, FIX: tl.constexpr):
+                        HAS_OFFSETS: tl.constexpr,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, FIX: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (b * H + h, split): online softmax of query head h over keys [split start, split end) with
     key j <= pos, reading KV head h // N_REP. SINGLE: one split, normalise and store out [B, 1, H * D]; else store
-    the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2]."""
+    the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2].
+    HAS_OFFSETS: row b also skips the keys j < off[b] (its left padding) and a padded query (pos < off[b]) reads
+    key pos alone. Skipped keys are never loaded, so a row costs only its own length."""
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -228,6 +253,8 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
     base = b.to(tl.int64) * stride_cb + (h // N_REP).to(tl.int64) * stride_ch
     start = split * keys_per_split
     end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
+    if HAS_OFFSETS:
+        start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
     m_i = tl.full([1], -1.0e30, tl.float32)  # finite: an empty split gives weight 0, not NaN
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -257,8 +284,9 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
 
 @triton.jit
 def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
-                               D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr):
+                               D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr):
     """Program b * H + h: merge the splits' (max, sum, accumulator) into the softmax-weighted output row."""
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -284,11 +312,13 @@ def attention_splits(span: int, rows: int, device: torch.device) -> tuple[int, i
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, span: int | None = None,
-                     n_rep: int | None = None) -> torch.Tensor:
+                     n_rep: int | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per head, q [B, H, 1, D], over the cached keys 0..pos (pos: a 1-element device
     tensor or an int; later slots are masked), with GQA: query head h reads KV head h // n_rep of
     k_cache / v_cache [B, Hkv, max_seq, D]. span (a Python int > pos, default max_seq) bounds the keys read and
     fixes the launch grid, so one CUDA graph serves every pos < span. Scale 1/sqrt(D), fp32 softmax.
+    offsets (optional [B] integer device tensor, the pad offsets of left-padded rows): row b reads only the keys
+    offsets[b] <= j <= pos, or key pos alone when pos < offsets[b] (`batch.row_mask` at one decode position).
     Returns [B, 1, H * D] in q's dtype. One kernel, or two when the key axis is split (flash-decoding).
     """
     op = "decode_attention"
@@ -303,6 +333,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise _fail(op, "head_dim", "a power of two", d)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(op, name, cache, b, n_kv, d, q.dtype)
+    if offsets is not None and (offsets.shape != (b,) or offsets.dtype.is_floating_point or offsets.is_complex()
+                                or offsets.device != q.device):
+        raise _fail(op, "offsets", f"an integer tensor of shape ({b},) on {q.device}",
+                    f"{tuple(offsets.shape)} {offsets.dtype} on {offsets.device}")
     span = min(span or k_cache.shape[2], k_cache.shape[2])
     q = q.contiguous()
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
@@ -316,18 +350,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
     fix = _fix(q.dtype)
     _decode_attn_kernel[(b * h, n_splits)](
-        q, k_cache, v_cache, pos_t, out, part, ml, h, n_rep, span, per, n_splits, k_cache.stride(0),
-        k_cache.stride(1), 1.0 / math.sqrt(d), D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4)
+        q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml, h, n_rep, span, per,
+        n_splits, k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), HAS_OFFSETS=offsets is not None, D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4,
+        **pdl_args(q.device))
     if not single:
         _decode_attn_reduce_kernel[(b * h,)](part, ml, out, h, n_splits, D=d,
-                                             SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4)
+                                             SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4,
+                                             **pdl_args(q.device))
     return out
 
 
 # ---- SwiGLU gate -------------------------------------------------------------------------------------------------
 @triton.jit
-def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, N, stride_a, stride_b, BLOCK: tl.constexpr, FIX: tl.constexpr):
+def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, N, stride_a, stride_b, BLOCK: tl.constexpr, FIX: tl.constexpr,
+                     PDL: tl.constexpr):
     """y = round(round(silu(a)) * b): eager's F.silu(a) * b with its two roundings."""
+    _pdl_start(PDL)
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -349,5 +387,5 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     block = min(1024, triton.next_power_of_2(n))
     _silu_mul_kernel[(triton.cdiv(n, block), a2.shape[0])](a2, b2, y, n, a2.stride(0), b2.stride(0), BLOCK=block,
-                                                           FIX=_fix(a.dtype), num_warps=4)
+                                                           FIX=_fix(a.dtype), num_warps=4, **pdl_args(a.device))
     return y

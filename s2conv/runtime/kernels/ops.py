@@ -16,6 +16,7 @@ import torch
 import triton
 
 from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.launch import pdl_args
 from s2conv.runtime.kernels.layout import BLOCK_K, WORDS
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
 from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
@@ -129,7 +130,7 @@ def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool) -> None:
     n = y.shape[1]
     grid = (triton.cdiv(n, 1024), m)
     splitk_reduce_kernel[grid](part, y, n, split, part.stride(0), part.stride(1), y.stride(0),
-                               GATED=gated, BLOCK=1024, num_warps=4)
+                               GATED=gated, BLOCK=1024, num_warps=4, **pdl_args(y.device))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -199,7 +200,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     stride_sn = scales.stride(0)
     m_arg = mins if mins is not None else scales
     common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
-                  GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pdl_args(dev))
     if m <= GEMV_MAX_M:  # split-K finished inside the one launch (int_gemv_kernel's PARTIAL)
         n_tiles = triton.cdiv(n, cfg.block_n)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
@@ -258,7 +260,8 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     stride_os = 0 if part is None else part.stride(0)
     s_arg = scales if scales is not None else weight
     common = dict(HAS_SCALE=scales is not None, EVEN_K=k % bk == 0, GATED=gated, PARTIAL=part is not None,
-                  BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pdl_args(dev))
     if m <= GEMV_MAX_M:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         float_gemv_kernel[grid](x, weight, s_arg, out, n, k, per * bk, x.stride(0), weight.stride(0),

@@ -6,22 +6,31 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers."""
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
+
+    PDL: the first weight tile is requested before waiting for the previous kernel (launch.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if PDL:
+        w_first = tl.load(w_rows + k_start, mask=(k_start + offs_k < k_end)[None, :], other=0.0)
+        gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
+        if PDL and k0 == k_start:
+            w = w_first
+        elif EVEN_K:
             w = tl.load(w_rows + k0)
+        else:
+            w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+        if EVEN_K:
             xv = tl.load(x_row + k0 + offs_k)
         else:
-            kmask = k0 + offs_k < K
-            w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
-            xv = tl.load(x_row + k0 + offs_k, mask=kmask, other=0.0)
+            xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
@@ -30,8 +39,10 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
 def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
                       stride_xm, stride_wn, stride_om, stride_os,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); outputs as int_gemv_kernel."""
+    if PDL:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -41,7 +52,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
     k_end = tl.minimum(k_start + k_per_split, K)
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K)
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + rows)
     out_row = out_ptr + pid_k * stride_os + pid_m * stride_om
@@ -49,7 +60,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K)
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False)
         if HAS_SCALE:
             y3 = y3 * tl.load(s_ptr + rows3)
         if PARTIAL:
@@ -87,8 +98,12 @@ def _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K: tl.const
 def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_om, stride_os,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M))."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -123,8 +138,11 @@ def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
 
 @triton.jit
 def splitk_reduce_kernel(p_ptr, out_ptr, N, SPLIT, stride_ps, stride_pm, stride_om,
-                         GATED: tl.constexpr, BLOCK: tl.constexpr):
+                         GATED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum_s p[s, m, n] (GATED: silu of that times the sum at column N + n); grid (cdiv(N, BLOCK), M)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pid_m = tl.program_id(1)
     mask = offs < N

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
@@ -68,7 +69,7 @@ def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
 @triton.jit
 def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for BLOCK_N rows -> fp32 [BLOCK_N].
 
     w_row0: [BLOCK_N] pointers to each row's first word; s_rows / m_rows: [BLOCK_N] pointers to each row's scales
@@ -79,6 +80,8 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
     window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two low-bit
     sub-tiles ([BLOCK_N, 32]); the high-bit sub-tile is read into a second tile whose column j holds word j % 16,
     shifted right by 16 * (j // 16) so that bit i is the high bit of slot t * 16 + i.
+    PDL: wait for the previous kernel (launch.py) after the first block's weights and scales are requested and
+    before x is read.
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width
@@ -110,6 +113,8 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
         s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go_s, GPW, NWIN)
         if HAS_MIN:
             m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go_s, GPW, NWIN)
+    if PDL:
+        gdc_wait()
     acc = tl.zeros([BLOCK_N, NT, _W], tl.float32)
     corr = tl.zeros([BLOCK_N, NT, _W], tl.float32)
     for b in range(b_start, b_end):
@@ -186,7 +191,8 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
 def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split,
                     n_split, magic, stride_xm, stride_wn, stride_sn, stride_om, stride_ps, stride_pm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PDL: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); magic: pass 0x4B000000.
 
     GATED: the weight holds 2N rows (w1 over w3) and y = silu(x w1^T) * (x w3^T).
@@ -195,6 +201,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
     counter back to 0 for the next launch. Launches sharing cnt must therefore not run concurrently.
     """
+    if PDL:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -205,12 +213,12 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
     x_row = x_ptr + pid_m * stride_xm
     y = _int_rows_gemv(x_row, w_ptr + rows.to(tl.int64) * stride_wn, s_ptr + rows * stride_sn,
                        m_ptr + rows * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K,
-                       BLOCK_N)
+                       BLOCK_N, PDL)
     if GATED:
         rows3 = rows + N
         y3 = _int_rows_gemv(x_row, w_ptr + rows3.to(tl.int64) * stride_wn, s_ptr + rows3 * stride_sn,
                             m_ptr + rows3 * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN,
-                            EVEN_K, BLOCK_N)
+                            EVEN_K, BLOCK_N, False)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     if PARTIAL:
@@ -309,8 +317,11 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, n_blocks, bloc
                     stride_xm, stride_wn, stride_sn, stride_om, stride_os,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs as in `int_gemv_kernel`."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

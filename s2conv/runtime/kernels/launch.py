@@ -1,0 +1,36 @@
+"""Programmatic dependent launch (PDL) for the decode kernels, on Hopper and later GPUs.
+
+Inside a CUDA graph every kernel normally waits for the previous one to finish and drain before its programs even
+start. A kernel launched with PDL starts while its predecessor is still running: its programs compute addresses and
+load their weights (which no earlier kernel writes), then wait at `gdc_wait` until the predecessor's writes are
+visible, and only then read activations. Each kernel also calls `gdc_launch_dependents` first thing, so that the
+next one can be scheduled as soon as all of its own programs are running.
+
+Rules for a kernel with a PDL flag: before `gdc_wait` it reads only constant tensors (weights, scales) and writes
+nothing; both calls are no-ops when the launch did not ask for PDL. `S2CONV_PDL=0` turns PDL off (for comparisons).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_CAPABLE: dict[torch.device, bool] = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` are launched with PDL: a CUDA device of compute capability >= 9.0, not under
+    triton's interpreter, and S2CONV_PDL is not "0"."""
+    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL", "1") == "0":
+        return False
+    ok = _CAPABLE.get(device)
+    if ok is None:
+        ok = _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return ok
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch with a `PDL` constexpr flag: PDL=..., plus launch_pdl when on."""
+    on = pdl_enabled(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
