@@ -3,7 +3,8 @@
 Prompts are left-padded to a common length T. Each row keeps its own key-validity mask (its padded key slots are
 never read) and its own RoPE positions (cache index - pad offset), so a row sees exactly what it would see decoded
 alone. Rows stop at their own <|im_end|>; finished rows keep running, unread, until every row stopped.
-The slow and fast layers run through the eager block code here (never the batch-1 fused kernels).
+Prefill runs the eager block code; decode steps use the fused kernels wherever `fused_decode.enable` put them
+(CUDA models), with per-row RoPE rows and key offsets, else the same eager code.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from s2conv.errors import RuntimeModelError
+from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import SPAN_STEP
-from s2conv.runtime.layers import Attention, RMSNorm, TransformerBlock, causal_mask
-from s2conv.runtime.sampling import SamplingParams, sample
+from s2conv.runtime.layers import Attention
+from s2conv.runtime.sampling import SamplingParams
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
 
@@ -82,38 +84,29 @@ def _attention(a: Attention, x: Tensor, freqs: Tensor, mask: Tensor, cache_pos: 
 def forward_slow_rows(model: DualARTransformer, tokens: Tensor, cache_pos: Tensor, offsets: Tensor,
                       kv_len: int) -> Tensor:
     """Slow layers over tokens [B, 11, S] written at cache indices cache_pos [S] (shared), with row b at RoPE
-    positions cache_pos - offsets[b]; returns the final-normed hidden state of the last position [B, dim]."""
+    positions cache_pos - offsets[b]; returns the final-normed hidden state of the last position [B, dim].
+
+    A decode step (S = 1) of a model with fused kernels enabled runs each block as `fused_decode.decode_block`."""
     x = model.embed(tokens)
-    mask = row_mask(cache_pos, offsets, kv_len)
     positions = (cache_pos[None, :] - offsets[:, None]).clamp_(min=0)  # padded slots: any valid row of the table
     freqs = model.freqs_cis[positions]                                  # [B, S, D/2, 2]
-    for layer in model.layers:
-        h = x + _attention(layer.attention, layer.attention_norm(x), freqs, mask, cache_pos)
-        x = h + layer.feed_forward(layer.ffn_norm(h))
-    return RMSNorm.forward(model.norm, x[:, -1])
+    if tokens.shape[2] == 1 and fused_decode.is_enabled(model.layers[0], x):
+        for layer in model.layers:
+            x = fused_decode.decode_block(layer, x, freqs, cache_pos, kv_len, offsets)
+    else:
+        mask = row_mask(cache_pos, offsets, kv_len)
+        for layer in model.layers:
+            h = x + _attention(layer.attention, layer.attention_norm(x), freqs, mask, cache_pos)
+            x = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.norm(x[:, -1])
 
 
 def sample_frame_rows(model: DualARTransformer, hidden: Tensor, params: SamplingParams,
                       previous: Tensor | None) -> Tensor:
-    """`DualARTransformer.sample_frame` for B rows through the eager fast layers -> frame columns [B, 11]."""
-    cfg = model.cfg
-    main = model.sample_main(model.semantic_logits(hidden), params, None, previous)
-
-    def fast_step(x: Tensor, pos: int) -> Tensor:
-        input_pos = model.fast_positions[pos: pos + 1]
-        mask = causal_mask(input_pos, cfg.num_codebooks)
-        for layer in model.fast_layers:
-            x = TransformerBlock.forward(layer, x, model.fast_freqs_cis[pos: pos + 1], mask, input_pos)
-        return x
-
-    fast_step(hidden[:, None], 0)  # fills the fast KV cache at depth 0; its logits are not used
-    code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
-    column = [main, code]
-    for pos in range(1, cfg.num_codebooks):
-        x = fast_step(model.fast_embeddings(code)[:, None], pos)
-        code = sample(model.fast_output(RMSNorm.forward(model.fast_norm, x[:, 0])), params, None)
-        column.append(code)
-    return torch.stack(column, dim=1)
+    """`DualARTransformer.sample_frame` for B rows -> frame columns [B, 11]. Every row is at the same depth
+    position of the fast AR (no padding there), so its blocks' own forwards serve: the fused kernels where
+    `fused_decode.enable` put them, else eager."""
+    return model.sample_frame(hidden, model.semantic_logits(hidden), params, None, previous)
 
 
 class BatchLoop:

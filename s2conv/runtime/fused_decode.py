@@ -46,23 +46,35 @@ def _norm_forward(self: RMSNorm, x: Tensor) -> Tensor:
 
 def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor,
                    input_pos: Tensor | None = None) -> Tensor:
-    attn = self.attention
-    cache = attn.kv_cache
-    if x.shape[1] != 1 or input_pos is None or cache is None or not _active(self, x):
+    if x.shape[1] != 1 or input_pos is None or self.attention.kv_cache is None or not _active(self, x):
         return TransformerBlock.forward(self, x, freqs_cis, mask, input_pos)
-    k = self._fused
-    n = k.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+    # mask [1, span]: its width is the attention span the eager path reads (keys > pos are masked inside)
+    return decode_block(self, x, freqs_cis, input_pos, mask.shape[-1])
+
+
+def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Tensor, span: int,
+                 offsets: Tensor | None = None) -> Tensor:
+    """One decode position of a block swapped by `enable`, through the fused kernels: x [B, 1, dim] -> [B, 1, dim].
+
+    pos: 1-element device tensor, the cache index of every row; span: keys read (a Python int > pos);
+    freqs_cis: RoPE table row [1, D/2, 2], or [B, 1, D/2, 2] per row; offsets (optional [B] device tensor, the pad
+    offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
+    attn, cache, k = block.attention, block.attention.kv_cache, block._fused
+    n = k.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
     qkv = attn.wqkv(n)
     qw = attn.q_norm.weight if attn.qk_norm else None
     kw = attn.k_norm.weight if attn.qk_norm else None
     eps = attn.q_norm.eps if attn.qk_norm else 0.0
-    q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, input_pos, attn.n_head,
+    q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
                              attn.n_kv_head, eps)
-    # mask [1, span]: its width is the attention span the eager path reads (keys > pos are masked inside)
-    y = k.decode_attention(q, cache.k_cache, cache.v_cache, input_pos, mask.shape[-1],
-                           attn.n_head // attn.n_kv_head)
-    h, n = k.add_rms_norm(x, attn.wo(y), self.ffn_norm.weight, self.ffn_norm.eps)
-    return h + _ffn(self.feed_forward, n, k)
+    y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
+    h, n = k.add_rms_norm(x, attn.wo(y), block.ffn_norm.weight, block.ffn_norm.eps)
+    return h + _ffn(block.feed_forward, n, k)
+
+
+def is_enabled(module: nn.Module, x: Tensor) -> bool:
+    """Whether `enable` swapped this module (a TransformerBlock or a final RMSNorm) and its kernels apply to x."""
+    return "_fused" in module.__dict__ and _active(module, x)
 
 
 def _ffn(ff: nn.Module, x: Tensor, k) -> Tensor:

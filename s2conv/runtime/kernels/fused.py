@@ -225,7 +225,8 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
     heads = triton.next_power_of_2(n_heads) if _INTERPRETED else 8
     _qk_rope_cache_kernel[(b, triton.cdiv(n_heads, heads))](
         q2, qw, kw, freqs, k_cache, v_cache, q, _pos_tensor(pos, qkv.device), n_head, n_kv_head, q2.stride(0),
-        stride_f, k_cache.stride(0), k_cache.stride(1), float(eps), HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
+        stride_f, k_cache.stride(0), k_cache.stride(1), float(eps),
+        HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
         num_warps=4, **pdl_args(qkv.device))
     return q
 
@@ -351,7 +352,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fix = _fix(q.dtype)
     _decode_attn_kernel[(b * h, n_splits)](
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml, h, n_rep, span, per,
-        n_splits, k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), HAS_OFFSETS=offsets is not None, D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4,
+        n_splits, k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d),
+        HAS_OFFSETS=offsets is not None, D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4,
         **pdl_args(q.device))
     if not single:
         _decode_attn_reduce_kernel[(b * h,)](part, ml, out, h, n_splits, D=d,
