@@ -7,7 +7,10 @@ visible, and only then read activations. Each kernel also calls `gdc_launch_depe
 next one can be scheduled as soon as all of its own programs are running.
 
 Rules for a kernel with a PDL flag: before `gdc_wait` it reads only constant tensors (weights, scales) and writes
-nothing; both calls are no-ops when the launch did not ask for PDL. `S2CONV_PDL=0` turns PDL off (for comparisons).
+nothing; both calls are no-ops when the launch did not ask for PDL.
+
+Off by default: measured on an H200 (bench/RESULTS.md), whole frames got slower with it (q4 5.38 -> 6.05 ms,
+fp8 5.49 -> 7.00 ms) although single GEMVs at their best configs got a little faster. `S2CONV_PDL=1` turns it on.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ _CAPABLE: dict[torch.device, bool] = {}
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` are launched with PDL: a CUDA device of compute capability >= 9.0, not under
-    triton's interpreter, and S2CONV_PDL is not "0"."""
-    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL", "1") == "0":
+    """Whether kernels on `device` are launched with PDL: S2CONV_PDL=1, a CUDA device of compute capability >= 9.0,
+    not under triton's interpreter."""
+    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL", "0") != "1":
         return False
     ok = _CAPABLE.get(device)
     if ok is None:

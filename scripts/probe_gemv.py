@@ -1,0 +1,129 @@
+"""Probe the M = 1 GEMV kernels at S2 Pro's shapes: launch-config sweep, PDL on/off, against a load-only roofline
+of the same byte count and against cuBLAS bf16. Graph-timed, rotating weight copies (L2 holds none).
+
+Usage: python scripts/probe_gemv.py [--formats q4,q8,q2,bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from s2conv.runtime.kernels import INT_SPECS, REPACK, cat_rows, ops
+from s2conv.runtime.kernels.ops import Config, graph_time_ms
+
+SHAPES = [("wqkv", 6144, 2560, False), ("wo", 2560, 4096, False), ("w13", 9728, 2560, True),
+          ("w2", 2560, 9728, False)]
+ROTATE = 200e6
+
+
+@triton.jit
+def _load_only(p, out, n_words, PER: tl.constexpr, BLOCK: tl.constexpr):
+    base = tl.program_id(0) * PER
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in range(0, PER, BLOCK):
+        offs = base + i + tl.arange(0, BLOCK)
+        acc ^= tl.load(p + offs, mask=offs < n_words, other=0)
+    tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def roofline_us(nbytes: int) -> float:
+    words = nbytes // 4
+    copies = [torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device="cuda")
+              for _ in range(max(2, int(ROTATE // nbytes)))]
+    best = None
+    for per in (2048, 4096, 8192, 16384):
+        out = torch.empty(triton.cdiv(words, per), dtype=torch.int32, device="cuda")
+        it = itertools.cycle(copies)
+        ms = graph_time_ms(lambda: _load_only[(out.numel(),)](next(it), out, words, PER=per, BLOCK=1024,
+                                                              num_warps=4))
+        best = ms if best is None else min(best, ms)
+    return best * 1e3
+
+
+def int_copies(fmt, n, k, gated, count):
+    spec = INT_SPECS[fmt]
+    out = []
+    for _ in range(count):
+        parts = []
+        for _ in range(2 if gated else 1):
+            codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), dtype=torch.int8, device="cuda")
+            shape = (n, k // spec.group) if spec.group else (n,)
+            sc = [torch.rand(shape, device="cuda") * 0.01]
+            if spec.has_min:
+                sc.append(torch.rand(shape, device="cuda") * 0.01)
+            parts.append(REPACK[fmt](codes, *sc))
+        out.append(cat_rows(*parts) if gated else parts[0])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", default="q4,q8,q2,bf16")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name())
+    for fmt in args.formats.split(","):
+        print(f"\n== {fmt}")
+        for name, n, k, gated in SHAPES:
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            if fmt == "bf16":
+                rows = 2 * n if gated else n
+                nbytes = rows * k * 2
+                ws = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                      for _ in range(max(2, int(ROTATE // nbytes)))]
+                it = itertools.cycle(ws)
+                cub = graph_time_ms(lambda: F.linear(x, next(it))) * 1e3
+                res = {}
+                for pdl in ("0", "1"):
+                    os.environ["S2CONV_PDL"] = pdl
+                    for bn, sp, w, bk in itertools.product((8, 16, 32), (1, 2, 4), (4, 8), (128, 256)):
+                        cfg = Config(bn, sp, w, 3, block_k=bk)
+                        try:
+                            us = graph_time_ms(lambda: ops.float_linear_impl(x, next(it), None, gated, cfg)) * 1e3
+                        except Exception as e:  # noqa: BLE001
+                            continue
+                        res[(pdl, cfg)] = us
+                roof = roofline_us(nbytes)
+                for pdl in ("0", "1"):
+                    best = min((v, c) for (p, c), v in res.items() if p == pdl)
+                    print(f"{name:5s} {nbytes / 1e6:6.1f} MB  cuBLAS {cub:6.1f} us  triton pdl={pdl} best {best[0]:6.1f} us"
+                          f" {best[1]}  roofline {roof:5.1f} us")
+                continue
+            spec = INT_SPECS[fmt]
+            one = int_copies(fmt, n, k, gated, 1)[0]
+            nbytes = sum(t.numel() * t.element_size() for t in one.values())
+            copies = [one] + int_copies(fmt, n, k, gated, max(1, int(ROTATE // nbytes)))
+            it = itertools.cycle(copies)
+
+            def call(cfg):
+                p = next(it)
+                return ops.int_linear_impl(x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
+                                           spec.group, gated, cfg)
+
+            n_blocks = -(-k // 512)
+            res = {}
+            for pdl in ("0", "1"):
+                os.environ["S2CONV_PDL"] = pdl
+                res[(pdl, "default")] = graph_time_ms(lambda: call(None)) * 1e3
+                for bn, w, sp in itertools.product((8, 16, 32), (2, 4, 8), sorted({1, 2, 4, n_blocks})):
+                    cfg = Config(bn, sp, w, 1)
+                    try:
+                        res[(pdl, cfg)] = graph_time_ms(lambda: call(cfg)) * 1e3
+                    except Exception:  # noqa: BLE001
+                        continue
+            roof = roofline_us(nbytes)
+            for pdl in ("0", "1"):
+                ranked = sorted((v, str(c)) for (p, c), v in res.items() if p == pdl)
+                print(f"{name:5s} {nbytes / 1e6:6.1f} MB pdl={pdl} default {res[(pdl, 'default')]:6.1f} us  "
+                      f"best {ranked[0][0]:6.1f} us {ranked[0][1]}  2nd {ranked[1][0]:6.1f} {ranked[1][1]}  "
+                      f"roofline {roof:5.1f} us ({nbytes / roof / 1e3:5.0f} GB/s)")
+    os.environ["S2CONV_PDL"] = "1"
+
+
+if __name__ == "__main__":
+    main()
