@@ -35,7 +35,7 @@ def main():
                 sass = kern.asm["sass"]
             except Exception as e:  # noqa: BLE001
                 print("no sass:", e)
-                sass = 
+                sass = ""
             ops_count = collections.Counter(m.group(1).split(".")[0] for m in
                                             re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)",
                                                         sass, re.M))
