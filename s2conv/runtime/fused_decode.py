@@ -6,7 +6,8 @@
 Per transformer block and decode step this leaves: norm, wqkv, qk-norm+rope+cache, attention (1-2 kernels), wo,
 add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear), silu*mul (float
 weights only), w2, residual add. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear
-modules are still called as they are, so every weight format keeps working.
+modules are still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of
+left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
 """
 from __future__ import annotations
 
