@@ -110,7 +110,7 @@ def bench_one(fmt: str, name: str, n: int, k: int, m: int, tune: bool, gen: torc
     if tune and m == 1:  # GEMM configs (M > 1) stay default: each candidate is a slow compilation
         if fmt in INT_SPECS:
             spec = INT_SPECS[fmt]
-            key = ops._int_key(x, packed["qweight"], spec.bits, spec.group, spec.has_min, gated)
+            key = ops._int_key(x, packed["scales"], spec.bits, spec.group, spec.has_min, gated)
             def run(cfg):
                 p = packs[next(rot) % copies]
                 return ops.int_linear_impl(x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,

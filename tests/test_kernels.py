@@ -83,30 +83,33 @@ def test_repack_roundtrip(fmt, k):
     packed = REPACK[fmt](*args)
     spec = INT_SPECS[fmt]
     assert packed["qweight"].dtype == torch.int32
-    assert packed["qweight"].shape == (5, layout.padded_k(k) * spec.bits // 32)
-    codes = layout.unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k)
+    assert packed["qweight"].shape == (layout.padded_rows(5), layout.padded_k(k) * spec.bits // 32)
+    codes = layout.unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, 5)
     assert torch.equal(codes.long(), args[0].long())
     assert torch.equal(dequantize_packed(fmt, packed, k), reference_weight(fmt, args, k))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_slot_planar_bit_positions(bits):
-    """A single code lands where the layout docs say: block b, sub-tile, bit position, word = k % 16."""
+    """A single code lands where the layout docs say: block b, sub-tile, bit position, word = k % 16, and rows
+    interleaved in groups of 16 (word j of row r at 16 j + r)."""
     k = 1024
     off = 1 << (bits - 1)
-    codes = torch.zeros(1, k, dtype=torch.int64)
+    row = 19  # group 1, row 3 of the group
+    codes = torch.zeros(21, k, dtype=torch.int64)
     kk = 512 + 16 * 9 + 5  # block 1, slot 9, word 5
-    codes[0, kk] = 1
+    codes[row, kk] = 1
     q = layout.pack_int_codes(codes, bits, off).view(-1).to(torch.int64) & 0xFFFFFFFF
     empty = layout.pack_int_codes(torch.zeros_like(codes), bits, off).view(-1).to(torch.int64) & 0xFFFFFFFF
     diff = (q ^ empty).nonzero().flatten().tolist()
     words_per_block = 16 * bits
+    group_start = 16 * (k // 512) * words_per_block  # words of row group 0
     if bits == 3:  # u = 5 vs 4: only the low plane changes (slot 9 -> sub-tile 0, bits 18..19)
-        assert diff == [words_per_block + 5]
+        assert diff == [group_start + 16 * (words_per_block + 5) + 3]
         assert (q ^ empty)[diff[0]] == (1 << 18)
     else:
         per_word = 32 // bits
-        assert diff == [words_per_block + 16 * (9 // per_word) + 5]
+        assert diff == [group_start + 16 * (words_per_block + 16 * (9 // per_word) + 5) + 3]
         shift = (9 % per_word) * bits
         assert ((q[diff[0]] >> shift) & ((1 << bits) - 1)) == off + 1
 

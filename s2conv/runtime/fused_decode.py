@@ -127,10 +127,9 @@ def _join_w13(ff: nn.Module):
         if gated is None:
             return None
         (l1, p1), (l3, p3) = w1.kernel, w3.kernel
-        joined = cat_rows(p1, p3)
-        n = w1.out_features
-        w1.kernel = (l1, {name: t[:n] for name, t in joined.items()})
-        w3.kernel = (l3, {name: t[n:] for name, t in joined.items()})
+        joined = cat_rows(p1, p3)  # every tensor is stacked on its own dim 0: w1 is each one's first half
+        w1.kernel = (l1, {name: t[: t.shape[0] // 2] for name, t in joined.items()})
+        w3.kernel = (l3, {name: t[t.shape[0] // 2:] for name, t in joined.items()})
         return gated, joined
     return None
 

@@ -12,17 +12,25 @@ import torch
 
 from s2conv.errors import QuantFormatError
 
-# ---- the integer layout ("slot-planar blocks") ------------------------------------------------------------------
+# ---- the integer layout ("slot-planar blocks, 16 interleaved rows") --------------------------------------------
 # Every row of the weight is cut into blocks of BLOCK_K = 512 codes (the last block is padded with zero codes).
 # Inside a block, code k_local = 16 * slot + word (slot 0..31, word 0..15). A b-bit format (b in 2, 4, 8) stores a
 # block as b sub-tiles of 16 int32 words; sub-tile t, bit position p of word w holds the unsigned code
 # u = code + offset of slot 32/b * t + p / b. So one bit field extracted from a 16-word sub-tile gives the codes of
 # 16 *consecutive* k, multiplied with 16 consecutive x: no shuffles in the kernel. 3-bit uses 3 sub-tiles: two
 # 2-bit sub-tiles (low bits of slots 0..15 and 16..31) and one 1-bit sub-tile (bit s = high bit of slot s).
-# Row layout: [block 0: sub-tile 0 | sub-tile 1 | ...][block 1: ...]... -> qweight int32 [N, n_blocks * 16 * b].
+# A row is W = n_blocks * 16 * b words: [block 0: sub-tile 0 | sub-tile 1 | ...][block 1: ...]...
+# Rows are then interleaved in groups of ROWS = 16 (N padded up with zero codes): word j of the group's row r is
+# stored at group * 16 W + 16 j + r. A thread's 16-byte load thus holds one word of 4 rows, which meet the same x
+# values: the kernel converts and scales each x once for 4 rows (with one row per load, x work doubled the
+# instructions per code). One row group's block is a single contiguous 64 b * 16-byte piece.
+# qweight is int32 [N_pad, W] (N_pad = ROWS * ceil(N / ROWS)) in that storage order: its dim-0 index is a storage
+# row, not a weight row, except that the first ROWS * g storage rows hold exactly the first ROWS * g weight rows.
+# Scales and mins keep the weight's own rows: [N] or [N, groups].
 BLOCK_K = 512
 WORDS = 16  # int32 words per sub-tile and row: 64 contiguous bytes
 SLOTS = BLOCK_K // WORDS
+ROWS = 16  # interleaved rows per group
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,11 @@ INT_SPECS: dict[str, IntSpec] = {
     "q4_k": IntSpec(4, 0, 15, 0, 32, has_min=True),
 }
 FLOAT_FORMATS = ("fp8", "bf16")
+
+
+def padded_rows(n: int) -> int:
+    """Rows of the integer layout's qweight: n rounded up to a whole number of ROWS-row groups."""
+    return -(-n // ROWS) * ROWS
 
 
 def padded_k(k: int) -> int:
@@ -97,12 +110,12 @@ def _pack_fields(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_int_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
-    """Signed codes [N, K] -> qweight int32 [N, padded_k(K) // 32 * bits] in the slot-planar layout above."""
-    n, k = codes.shape
-    kp = padded_k(k)
+    """Signed codes [N, K] -> qweight int32 [padded_rows(N), padded_k(K) // 32 * bits] in the layout above."""
+    n0, k = codes.shape
+    n, kp = padded_rows(n0), padded_k(k)
     u = codes.to(torch.int64) + offset
-    if kp != k:  # padding codes decode to 0 (and meet x = 0 in the kernels anyway)
-        u = torch.nn.functional.pad(u, (0, kp - k), value=offset)
+    if kp != k or n != n0:  # padding codes decode to 0 (and meet x = 0 in the kernels anyway)
+        u = torch.nn.functional.pad(u, (0, kp - k, 0, n - n0), value=offset)
     u = u.view(n, kp // BLOCK_K, SLOTS, WORDS)
     if bits == 3:
         lo = _pack_fields(u & 3, 2)  # [N, nb, 2, 16]
@@ -110,13 +123,16 @@ def pack_int_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
         words = torch.cat([lo, hi], dim=2)
     else:
         words = _pack_fields(u, bits)
-    return words.reshape(n, -1).contiguous()
+    w = words.numel() // n
+    return words.reshape(n // ROWS, ROWS, w).transpose(1, 2).contiguous().reshape(n, w)
 
 
-def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int) -> torch.Tensor:
-    """Inverse of `pack_int_codes`: qweight int32 [N, W] -> signed codes int16 [N, k]."""
-    n = qweight.shape[0]
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
+def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_int_codes`: qweight int32 [N_pad, W] -> signed codes int16 [n, k] (n: default N_pad)."""
+    n_pad, w = qweight.shape
+    n = n_pad if n is None else n
+    rows = qweight.reshape(n_pad // ROWS, w, ROWS).transpose(1, 2).reshape(n_pad, w)[:n]
+    words = rows.to(torch.int64) & 0xFFFFFFFF
     words = words.view(n, -1, 3 if bits == 3 else bits, WORDS)
 
     def fields(w: torch.Tensor, b: int) -> torch.Tensor:  # [N, nb, t, 16] -> [N, nb, t * 32 // b, 16]
@@ -143,7 +159,8 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
 
     codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N] (per-row formats)
     or [N, K // group]; mins: float [N, K // group], only for asymmetric formats (q4_k).
-    Returns {"qweight": int32 [N, padded_k(K) * bits // 32], "scales": float32 [N] or [N, padded_k(K) // group]}
+    Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above),
+    "scales": float32 [N] or [N, padded_k(K) // group]}
     (+ "mins", same shape as scales). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
     3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
     """
@@ -231,14 +248,16 @@ REPACK = {
 
 
 def cat_rows(a: dict, b: dict) -> dict:
-    """Stack two packed weights of one format along N (e.g. w1 over w3 for the fused gate/up kernel)."""
+    """Stack two packed weights of one format along N (e.g. w1 over w3 for the fused gate/up kernel). Each tensor
+    is stacked on its own dim 0, so the halves of every joined tensor are its first and second half."""
     if a.keys() != b.keys():
         raise QuantFormatError(f"cat_rows: packed weights differ in layout ({sorted(a)} vs {sorted(b)})")
     return {name: torch.cat([a[name], b[name]], dim=0).contiguous() for name in a}
 
 
 def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float weight [N, k] a packed dict stands for (reference and CPU fallback; materializes the matrix)."""
+    """The float weight [N, k] a packed dict stands for (reference and CPU fallback; materializes the matrix).
+    N is the scales' row count (an integer qweight has padded_rows(N) storage rows); not for cat_rows output."""
     if fmt == "bf16":
         return packed["weight"].to(dtype)
     if fmt == "fp8":
@@ -246,7 +265,7 @@ def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch
     spec = INT_SPECS.get(fmt)
     if spec is None:
         raise QuantFormatError(f"no kernel format {fmt!r}; known: {', '.join(REPACK)}")
-    codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k).to(torch.float32)
+    codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, packed["scales"].shape[0]).to(torch.float32)
     if not spec.group:
         return (codes * packed["scales"][:, None]).to(dtype)
     s = packed["scales"].repeat_interleave(spec.group, dim=1)[:, :k]

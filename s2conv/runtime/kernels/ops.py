@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.launch import pdl_args
-from s2conv.runtime.kernels.layout import BLOCK_K, WORDS
+from s2conv.runtime.kernels.layout import BLOCK_K, ROWS, WORDS, padded_rows
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
 from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
 
@@ -70,13 +70,11 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 
 
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False) -> Config:
-    """The untuned launch config. M = 1 values follow what `tune` picked at S2's shapes on an H200: integer GEMV
-    16-row tiles, split-K 4 only when N is too small to fill the GPU (N = 2560), gated 2/8-bit 32-row tiles of 2
-    warps with split 8; float BLOCK_K 256 and a split only for N = 2560."""
+    """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
+    used) and split-K 4 only when N is too small to fill the GPU (N = 2560); float BLOCK_K 256 and a split only
+    for N = 2560 (what `tune` picked at S2's shapes on an H200)."""
     if m <= GEMV_MAX_M:
         if kind == "int":
-            if gated and bits in (2, 8):
-                return Config(block_n=32, split=8, num_warps=2, num_stages=1)
             small = -(-n // 16) < 2 * _sm_count(device)
             return Config(block_n=16, split=4 if small or (gated and bits == 3) else 1, num_warps=4, num_stages=1)
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
@@ -152,18 +150,19 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 # ---- integer formats ---------------------------------------------------------------------------------------------
-def _int_key(x, qweight, bits, group, has_min, gated):
-    rows = qweight.shape[0]
+def _int_key(x, scales, bits, group, has_min, gated):
+    rows = scales.shape[0]
     return ("int", bits, group, has_min, gated, rows // 2 if gated else rows, x.shape[1], _m_bucket(x.shape[0]),
             x.dtype)
 
 
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
                     bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None) -> torch.Tensor:
-    """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the slot-planar integer layout (layout.py).
+    """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
 
-    qweight int32 [R, n_blocks * 16 * bits]; scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like
-    scales or None. R = N, or 2N with gated=True (w1 rows over w3 rows; y = silu(x w1^T) * (x w3^T)).
+    scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
+    [padded_rows(R), n_blocks * 16 * bits]. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
+    qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
     """
     op = "s2conv::int_linear"
@@ -180,17 +179,19 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     m, k = x.shape
     if not (n_blocks - 1) * BLOCK_K < k <= n_blocks * BLOCK_K:
         raise _fail(op, "K (columns of x)", f"in ({(n_blocks - 1) * BLOCK_K}, {n_blocks * BLOCK_K}] for this qweight", k)
+    rows = scales.shape[0] if scales.dim() else 0
     if gated and rows % 2:
-        raise _fail(op, "rows of a gated qweight", "even (w1 over w3)", rows)
-    _check_tensor(op, "qweight", qweight, torch.int32, (rows, words), dev)
+        raise _fail(op, "rows of gated scales", "even (w1 over w3)", rows)
+    n = rows // 2 if gated else rows
+    n_pad = padded_rows(n)
+    _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * n_pad, words), dev)
     sshape = (rows,) if group == 0 else (rows, n_blocks * BLOCK_K // group)
     _check_tensor(op, "scales", scales, torch.float32, sshape, dev)
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
         if group == 0:
             raise _fail(op, "group", "> 0 for a format with mins", group)
-    n = rows // 2 if gated else rows
-    cfg = config or TUNED.get(_int_key(x, qweight, bits, group, mins is not None, gated)) or default_config(
+    cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
         "int", bits, n, k, m, dev, gated)
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
@@ -202,18 +203,19 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
                   GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_args(dev))
-    if m <= GEMV_MAX_M:  # split-K finished inside the one launch (int_gemv_kernel's PARTIAL)
-        n_tiles = triton.cdiv(n, cfg.block_n)
+    stride_wg = ROWS * words  # int32 words per row group
+    w3_off = n_pad * words  # where w3's row groups start (gated)
+    if m <= GEMV_MAX_M:  # one row group per program; split-K finished inside the launch (int_gemv_kernel's PARTIAL)
+        n_tiles = triton.cdiv(n, ROWS)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
         int_gemv_kernel[(n_tiles, split, m)](
             x, qweight, scales, m_arg, y, p_arg, cnt, n, k, n_blocks, per, split, 0x4B000000,
-            x.stride(0), qweight.stride(0), stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
-            BLOCK_N=cfg.block_n, **common)
+            x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2), **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     int_gemm_kernel[grid](x, qweight, scales, m_arg, out, m, n, k, n_blocks, per,
-                          x.stride(0), qweight.stride(0), stride_sn, out.stride(-2), stride_os,
+                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os,
                           IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
     if part is not None:
         _reduce(part, y, gated)
@@ -286,7 +288,7 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
 
 @int_linear.register_fake
 def _(x, qweight, scales, mins, bits, offset, group, gated):
-    return x.new_empty(x.shape[0], qweight.shape[0] // (2 if gated else 1))
+    return x.new_empty(x.shape[0], scales.shape[0] // (2 if gated else 1))
 
 
 @torch.library.custom_op("s2conv::float_linear", mutates_args=())
@@ -305,8 +307,8 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     """The small search space `tune` times. Kept small because every block size is a separate compilation (the
     integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
-        if kind == "int":
-            return [Config(bn, sp, w, 1) for bn, w in ((8, 4), (16, 4), (32, 4), (32, 2)) for sp in (1, 2, 4, 8)]
+        if kind == "int":  # one 16-row group per program: only the split and the warps vary
+            return [Config(16, sp, w, 1) for w in (2, 4, 8) for sp in (1, 2, 4, 8)]
         return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":

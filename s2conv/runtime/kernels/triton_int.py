@@ -1,4 +1,5 @@
-"""Triton kernels for the integer formats in the slot-planar layout of `layout.py`: GEMV (M = 1), small-M GEMM.
+"""Triton kernels for the integer formats in the layout of `layout.py` (slot-planar blocks, 16 interleaved rows):
+GEMV (M = 1), small-M GEMM.
 
 Dequantization without integer-to-float conversions (the H100 converts 16 ints per SM and clock, 8x slower than
 it multiplies): OR-ing a bit field v < 2**23 into the mantissa of 2.0**23 gives the float 2**23 + v exactly, and
@@ -14,6 +15,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
+_R = tl.constexpr(16)  # interleaved rows per group (layout.ROWS)
 
 
 @triton.jit
@@ -67,63 +69,67 @@ def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
 
 
 @triton.jit
-def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
+def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for BLOCK_N rows -> fp32 [BLOCK_N].
+                   EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for one group of 16 interleaved rows -> fp32 [16].
 
-    w_row0: [BLOCK_N] pointers to each row's first word; s_rows / m_rows: [BLOCK_N] pointers to each row's scales
-    / mins. A whole block of a row (16 * BITS words, 64 * BITS bytes) is one tile row [BLOCK_N, WPB]: column
-    j = 16 * t + w is word w of sub-tile t, so field i of the tile holds slots t * SPW + i of every sub-tile at
-    once and meets x at k = 16 * (t * SPW + i) + w. The next block's words and scales are loaded before this
-    block's arithmetic (register double buffering), so loads overlap math inside a program. Scales apply per
-    window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two low-bit
-    sub-tiles ([BLOCK_N, 32]); the high-bit sub-tile is read into a second tile whose column j holds word j % 16,
-    shifted right by 16 * (j // 16) so that bit i is the high bit of slot t * 16 + i.
+    w_grp: the group's first word; s_rows / m_rows: [16] pointers to each row's scales / mins. A whole block of the
+    group (16 * BITS words of 16 rows) is one contiguous tile [NT, 16, 16] = (sub-tile t, word w, row r): field i
+    of the tile holds slots t * SPW + i of every sub-tile at once and meets x at k = 16 * (t * SPW + i) + w, the
+    same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). The
+    next block's words and scales are loaded before this block's arithmetic (register double buffering). Scales
+    apply per window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two
+    low-bit sub-tiles ([2, 16, 16]); the high-bit sub-tile is read into a second tile whose (t, w) entry holds
+    word w shifted right by 16 t, so that bit i is the high bit of slot t * 16 + i.
     PDL: wait for the previous kernel (launch.py) after the first block's weights and scales are requested and
     before x is read.
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
-    TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width
+    TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
     SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # fields per word
     SPG: tl.constexpr = GROUP // _W if GROUP > 0 else SPW  # slots per scale group
     NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1  # scale windows per block
     WL: tl.constexpr = SPW // NWIN  # fields per window
     GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1  # groups per block
     GPW: tl.constexpr = WL // SPG if WL >= SPG else 0  # groups from one window to the next
-    NT: tl.constexpr = TW // _W  # sub-tiles in the tile: it is [BLOCK_N, NT, 16], column (t, w) = word 16 t + w
-    tt = tl.arange(0, NT)[:, None]
-    ww = tl.arange(0, _W)[None, :]
-    x_col = x_row + tt * (SPW * _W) + ww  # [NT, 16]: x of field 0 of every column (block 0)
-    w_tile = w_row0[:, None, None] + (tt * _W + ww)[None, :, :]
-    g_t = (tl.arange(0, NT) * SPW) // SPG  # group of window 0 within the block, per sub-tile
-    # one scale per (row, sub-tile) [BLOCK_N, NT, 1], broadcast over the 16 words: no per-word copies in registers
-    s_tile = s_rows[:, None, None] + g_t[None, :, None]
-    m_tile = m_rows[:, None, None] + g_t[None, :, None]
+    NT: tl.constexpr = TW // _W  # sub-tiles in the tile
+    BSTEP: tl.constexpr = WPB * _R  # int32 words from one block of the group to the next
+    t1 = tl.arange(0, NT)
+    w1 = tl.arange(0, _W)
+    tt = t1[:, None, None]
+    ww = w1[None, :, None]
+    rr = tl.arange(0, _R)[None, None, :]
+    x_col = x_row + t1[:, None] * (SPW * _W) + w1[None, :]  # [NT, 16]: x of field 0 of every column (block 0)
+    w_tile = w_grp + (tt * _W + ww) * _R + rr  # [NT, 16, 16], contiguous
+    g_t = (t1 * SPW) // SPG  # group of window 0 within the block, per sub-tile
+    # one scale per (sub-tile, row) [NT, 1, 16], broadcast over the 16 words
+    s_tile = s_rows[None, None, :] + g_t[:, None, None]
+    m_tile = m_rows[None, None, :] + g_t[:, None, None]
     if BITS == 3:
-        h_tile = w_row0[:, None, None] + (ww + 32 + tt * 0)[None, :, :]  # word 32 + w: the high-bit sub-tile
-        h_shift = (tt * 16 + ww * 0)[None, :, :]
+        h_tile = w_grp + (32 + ww + tt * 0) * _R + rr  # word 32 + w: the high-bit sub-tile
+        h_shift = tt * 16 + ww * 0 + rr * 0
     # tile-shaped masks (scalar ones are not portable)
-    go = tl.full([BLOCK_N, NT, _W], b_start, tl.int32) < b_end
-    go_s = tl.full([BLOCK_N, NT, 1], b_start, tl.int32) < b_end
-    wt = tl.load(w_tile + b_start * WPB, mask=go, other=0)
+    go = tl.full([NT, _W, _R], b_start, tl.int32) < b_end
+    go_s = tl.full([NT, 1, _R], b_start, tl.int32) < b_end
+    wt = tl.load(w_tile + b_start * BSTEP, mask=go, other=0)
     if BITS == 3:
-        ht = tl.load(h_tile + b_start * WPB, mask=go, other=0)
+        ht = tl.load(h_tile + b_start * BSTEP, mask=go, other=0)
     if GROUP > 0:
         s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go_s, GPW, NWIN)
         if HAS_MIN:
             m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go_s, GPW, NWIN)
     if PDL:
         gdc_wait()
-    acc = tl.zeros([BLOCK_N, NT, _W], tl.float32)
-    corr = tl.zeros([BLOCK_N, NT, _W], tl.float32)
+    acc = tl.zeros([NT, _W, _R], tl.float32)
+    corr = tl.zeros([NT, _W, _R], tl.float32)
     for b in range(b_start, b_end):
         # prefetch block b + 1 (masked off past the end of this program's range)
-        nxt = tl.full([BLOCK_N, NT, _W], b + 1, tl.int32) < b_end
-        nxt_s = tl.full([BLOCK_N, NT, 1], b + 1, tl.int32) < b_end
-        wn = tl.load(w_tile + (b + 1) * WPB, mask=nxt, other=0)
+        nxt = tl.full([NT, _W, _R], b + 1, tl.int32) < b_end
+        nxt_s = tl.full([NT, 1, _R], b + 1, tl.int32) < b_end
+        wn = tl.load(w_tile + (b + 1) * BSTEP, mask=nxt, other=0)
         if BITS == 3:
-            hn = tl.load(h_tile + (b + 1) * WPB, mask=nxt, other=0)
+            hn = tl.load(h_tile + (b + 1) * BSTEP, mask=nxt, other=0)
         if GROUP > 0:
             n0, n1, n2, n3 = _load_scales(s_tile, (b + 1) * GPB, nxt_s, GPW, NWIN)
             if HAS_MIN:
@@ -134,20 +140,20 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
             ht_hi = ht >> 16
         kb = b * _BLOCK_K
         for v in tl.static_range(NWIN):
-            acc_g = acc if GROUP == 0 else tl.zeros([BLOCK_N, NT, _W], tl.float32)  # per-row scale: at the end
+            acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
             xs = tl.zeros([NT, _W], tl.float32)
             for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
                 # triton 3.6 turns an assigned int into a runtime value)
                 if EVEN_K:
                     xv = tl.load(x_col + kb + i * _W).to(tl.float32)
                 else:
-                    xv = tl.load(x_col + kb + i * _W, mask=kb + tt * (SPW * _W) + ww + i * _W < K,
+                    xv = tl.load(x_col + kb + i * _W, mask=kb + t1[:, None] * (SPW * _W) + w1[None, :] + i * _W < K,
                                  other=0.0).to(tl.float32)
                 if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[None, :, :]
-                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[None, :, :]
+                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[:, :, None]
+                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[:, :, None]
                 else:
-                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[None, :, :]
+                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[:, :, None]
                 if HAS_MIN:
                     xs += xv
             if GROUP == 0:
@@ -171,7 +177,7 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
                         mn = m2
                     else:
                         mn = m3
-                    corr += mn * xs[None, :, :]
+                    corr += mn * xs[:, :, None]
         wt = wn
         if BITS == 3:
             ht = hn
@@ -179,23 +185,24 @@ def _int_rows_gemv(x_row, w_row0, s_rows, m_rows, K, b_start, b_end, magic,
             s0, s1, s2, s3 = n0, n1, n2, n3
             if HAS_MIN:
                 m0, m1, m2, m3 = q0, q1, q2, q3
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if GROUP == 0:
         out = out * tl.load(s_rows)
     if HAS_MIN:
-        out = out - tl.sum(tl.sum(corr, axis=2), axis=1)
+        out = out - tl.sum(tl.sum(corr, axis=1), axis=0)
     return out
 
 
 @triton.jit
 def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split,
-                    n_split, magic, stride_xm, stride_wn, stride_sn, stride_om, stride_ps, stride_pm,
+                    n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps, stride_pm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PDL: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); magic: pass 0x4B000000.
+                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program;
+    magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
 
-    GATED: the weight holds 2N rows (w1 over w3) and y = silu(x w1^T) * (x w3^T).
+    GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
+    y = silu(x w1^T) * (x w3^T).
     PARTIAL (split-K in one launch): each program writes the fp32 partial sums of its K range to
     part[pid_k, m, :] (gated: both halves side by side, [.., 2N]), then counts itself in cnt[m, pid_n] (int32,
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
@@ -206,19 +213,18 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)  # clamp instead of masking the loads; the store is masked
+    offs_n = pid_n * _R + tl.arange(0, _R)
+    rows = tl.minimum(offs_n, N - 1)  # scales: clamp instead of masking the loads; the store is masked
+    w_grp = w_ptr + pid_n.to(tl.int64) * stride_wg  # padded row groups: every word of the group exists
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
-    y = _int_rows_gemv(x_row, w_ptr + rows.to(tl.int64) * stride_wn, s_ptr + rows * stride_sn,
-                       m_ptr + rows * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K,
-                       BLOCK_N, PDL)
+    y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end, magic,
+                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, PDL)
     if GATED:
         rows3 = rows + N
-        y3 = _int_rows_gemv(x_row, w_ptr + rows3.to(tl.int64) * stride_wn, s_ptr + rows3 * stride_sn,
-                            m_ptr + rows3 * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN,
-                            EVEN_K, BLOCK_N, False)
+        y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
+                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, False)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     if PARTIAL:
@@ -230,8 +236,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
         c_ptr = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
         if arrived == n_split - 1:  # the last program of this row tile: reduce (".cg": read from L2, not L1)
-            y = tl.zeros([BLOCK_N], tl.float32)
-            y3 = tl.zeros([BLOCK_N], tl.float32)
+            y = tl.zeros([_R], tl.float32)
+            y3 = tl.zeros([_R], tl.float32)
             for s in range(n_split):
                 y += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
                 if GATED:
@@ -259,7 +265,8 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over blocks [b_start, b_end) -> fp32 [BLOCK_M, BLOCK_N] (tensor cores).
 
-    x_rows: [BLOCK_M, 16] pointers (row m, column j); codes go to x's dtype exactly (|code| <= 255).
+    x_rows: [BLOCK_M, 16] pointers (row m, column j); w_rows: [BLOCK_N, 16] pointers to word j of block 0 of each
+    row (interleaved layout: words of one row are 16 apart); codes go to x's dtype exactly (|code| <= 255).
     IEEE: multiply in fp32 (fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong).
     """
     offs_w = tl.arange(0, _W)
@@ -269,12 +276,12 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     xs = tl.zeros([BLOCK_M], tl.float32)
     for b in range(b_start, b_end):
-        wb = w_rows + b * (_W * BITS)
+        wb = w_rows + b * (_W * BITS * _R)
         kb = b * _BLOCK_K
         if BITS == 3:
-            th = tl.load(wb + 2 * _W)
+            th = tl.load(wb + 2 * _W * _R)
         for t in tl.static_range(BITS if BITS != 3 else 2):
-            tw = tl.load(wb + t * _W)
+            tw = tl.load(wb + t * _W * _R)
             for i in tl.static_range(SPW):
                 s = t * SPW + i  # a compile-time slot index
                 k0 = kb + s * _W
@@ -314,11 +321,12 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
 
 @triton.jit
 def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, n_blocks, blocks_per_split,
-                    stride_xm, stride_wn, stride_sn, stride_om, stride_os,
+                    stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_os,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs as in `int_gemv_kernel`."""
+    """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
+    `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N))."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -332,14 +340,16 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, n_blocks, bloc
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, _W)[None, :]
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
+    q_rows = tl.minimum(offs_n, n_pad - 1)  # storage rows (padded groups exist)
+    q_base = (q_rows // _R).to(tl.int64) * stride_wg + q_rows % _R
+    w_rows = w_ptr + q_base[:, None] + tl.arange(0, _W)[None, :] * _R
     y = _int_rows_gemm(x_rows, m_mask, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start,
                        b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & (offs_n < N)[None, :]
     if GATED:
         rows3 = rows + N
-        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, _W)[None, :]
+        w_rows3 = w_rows + w3_off
         y3 = _int_rows_gemm(x_rows, m_mask, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
                             b_start, b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
         if PARTIAL:
