@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--formats", default="q4,q8,q2,bf16")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
+    pdls = os.environ.get("PROBE_PDL", "0,1").split(",")
     for fmt in args.formats.split(","):
         print(f"\n== {fmt}")
         for name, n, k, gated in SHAPES:
@@ -79,7 +80,7 @@ def main() -> None:
                 it = itertools.cycle(ws)
                 cub = graph_time_ms(lambda: F.linear(x, next(it))) * 1e3
                 res = {}
-                for pdl in ("0", "1"):
+                for pdl in pdls:
                     os.environ["S2CONV_PDL"] = pdl
                     for bn, sp, w, bk in itertools.product((8, 16, 32), (1, 2, 4), (4, 8), (128, 256)):
                         cfg = Config(bn, sp, w, 3, block_k=bk)
@@ -89,7 +90,7 @@ def main() -> None:
                             continue
                         res[(pdl, cfg)] = us
                 roof = roofline_us(nbytes)
-                for pdl in ("0", "1"):
+                for pdl in pdls:
                     best = min((v, c) for (p, c), v in res.items() if p == pdl)
                     print(f"{name:5s} {nbytes / 1e6:6.1f} MB  cuBLAS {cub:6.1f} us  triton pdl={pdl} best {best[0]:6.1f} us"
                           f" {best[1]}  roofline {roof:5.1f} us")
@@ -107,22 +108,22 @@ def main() -> None:
 
             n_blocks = -(-k // 512)
             res = {}
-            for pdl in ("0", "1"):
+            for pdl in pdls:
                 os.environ["S2CONV_PDL"] = pdl
                 res[(pdl, "default")] = graph_time_ms(lambda: call(None)) * 1e3
-                for bn, w, sp in itertools.product((8, 16, 32), (2, 4, 8), sorted({1, 2, 4, n_blocks})):
-                    cfg = Config(bn, sp, w, 1)
+                for w, sp in itertools.product((2, 4, 8), sorted({1, 2, 3, 4, n_blocks})):
+                    cfg = Config(16, sp, w, 1)
                     try:
                         res[(pdl, cfg)] = graph_time_ms(lambda: call(cfg)) * 1e3
                     except Exception:  # noqa: BLE001
                         continue
             roof = roofline_us(nbytes)
-            for pdl in ("0", "1"):
+            for pdl in pdls:
                 ranked = sorted((v, str(c)) for (p, c), v in res.items() if p == pdl)
                 print(f"{name:5s} {nbytes / 1e6:6.1f} MB pdl={pdl} default {res[(pdl, 'default')]:6.1f} us  "
                       f"best {ranked[0][0]:6.1f} us {ranked[0][1]}  2nd {ranked[1][0]:6.1f} {ranked[1][1]}  "
                       f"roofline {roof:5.1f} us ({nbytes / roof / 1e3:5.0f} GB/s)")
-    os.environ["S2CONV_PDL"] = "1"
+    os.environ["S2CONV_PDL"] = "0"
 
 
 if __name__ == "__main__":
