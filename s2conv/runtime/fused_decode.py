@@ -61,16 +61,17 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     freqs_cis: RoPE table row [1, D/2, 2], or [B, 1, D/2, 2] per row; offsets (optional [B] device tensor, the pad
     offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
     attn, cache, k = block.attention, block.attention.kv_cache, block._fused
+    gemv = x.shape[0] * x.shape[1] == 1  # one row: float linears take the Triton GEMV
     n = k.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
-    qkv = attn.wqkv(n)
+    qkv = _linear(attn.wqkv, n, gemv)
     qw = attn.q_norm.weight if attn.qk_norm else None
     kw = attn.k_norm.weight if attn.qk_norm else None
     eps = attn.q_norm.eps if attn.qk_norm else 0.0
     q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
                              attn.n_kv_head, eps)
     y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
-    h, n = k.add_rms_norm(x, attn.wo(y), block.ffn_norm.weight, block.ffn_norm.eps)
-    return h + _ffn(block.feed_forward, n, k)
+    h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
+    return h + _ffn(block.feed_forward, n, k, gemv)
 
 
 def is_enabled(module: nn.Module, x: Tensor) -> bool:
@@ -78,12 +79,30 @@ def is_enabled(module: nn.Module, x: Tensor) -> bool:
     return "_fused" in module.__dict__ and _active(module, x)
 
 
-def _ffn(ff: nn.Module, x: Tensor, k) -> Tensor:
+def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
+    return gemv and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+
+
+def _linear(module: nn.Module, x: Tensor, gemv: bool) -> Tensor:
+    """module(x); a bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster
+    at S2's shapes: bench/RESULTS.md). A QuantLinear keeps its own dispatch."""
+    if type(module) is nn.Linear and module.bias is None and _bf16_gemv(module.weight, x, gemv):
+        from s2conv.runtime.kernels import KERNELS
+
+        return KERNELS["bf16"](x, {"weight": module.weight})
+    return module(x)
+
+
+def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False) -> Tensor:
     """w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
     w13 = _w13(ff)
     if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
+        if _bf16_gemv(w13, x, gemv):  # silu and mul inside the Triton GEMV
+            from s2conv.runtime.kernels import GATED_KERNELS
+
+            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv)
         a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
-        return ff.w2(k.silu_mul(a, b))
+        return _linear(ff.w2, k.silu_mul(a, b), gemv)
     if w13 is not None and x.is_cuda:  # QuantLinear pair with kernels: silu and mul inside the GEMV
         launcher, packed = w13
         return ff.w2(launcher(x, packed))

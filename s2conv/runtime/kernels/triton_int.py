@@ -71,19 +71,19 @@ def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
 @triton.jit
 def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, PDL: tl.constexpr):
-    """sum_k w[n, k] * x[k] over blocks [b_start, b_end) for one group of 16 interleaved rows -> fp32 [16].
+                   EVEN_K: tl.constexpr, PDL: tl.constexpr, BPP: tl.constexpr):
+    """sum_k w[n, k] * x[k] over blocks [b_start, b_end) (at most BPP of them) for one group of 16 interleaved rows
+    -> fp32 [16].
 
     w_grp: the group's first word; s_rows / m_rows: [16] pointers to each row's scales / mins. A whole block of the
     group (16 * BITS words of 16 rows) is one contiguous tile [NT, 16, 16] = (sub-tile t, word w, row r): field i
     of the tile holds slots t * SPW + i of every sub-tile at once and meets x at k = 16 * (t * SPW + i) + w, the
-    same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). The
-    next block's words and scales are loaded before this block's arithmetic (register double buffering). Scales
+    same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). Scales
     apply per window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two
     low-bit sub-tiles ([2, 16, 16]); the high-bit sub-tile is read into a second tile whose (t, w) entry holds
     word w shifted right by 16 t, so that bit i is the high bit of slot t * 16 + i.
-    PDL: wait for the previous kernel (launch.py) after the first block's weights and scales are requested and
-    before x is read.
+    PDL: wait for the previous kernel (launch.py) before anything is read (the unrolled loads are scheduled by the
+    compiler, so weights are not requested ahead of the wait).
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
@@ -109,46 +109,39 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr  # word 32 + w: the high-bit sub-tile
         h_shift = tt * 16 + ww * 0 + rr * 0
-    # tile-shaped masks (scalar ones are not portable)
-    go = tl.full([NT, _W, _R], b_start, tl.int32) < b_end
-    go_s = tl.full([NT, 1, _R], b_start, tl.int32) < b_end
-    wt = tl.load(w_tile + b_start * BSTEP, mask=go, other=0)
-    if BITS == 3:
-        ht = tl.load(h_tile + b_start * BSTEP, mask=go, other=0)
-    if GROUP > 0:
-        s0, s1, s2, s3 = _load_scales(s_tile, b_start * GPB, go_s, GPW, NWIN)
-        if HAS_MIN:
-            m0, m1, m2, m3 = _load_scales(m_tile, b_start * GPB, go_s, GPW, NWIN)
     if PDL:
         gdc_wait()
     acc = tl.zeros([NT, _W, _R], tl.float32)
     corr = tl.zeros([NT, _W, _R], tl.float32)
-    for b in range(b_start, b_end):
-        # prefetch block b + 1 (masked off past the end of this program's range)
-        nxt = tl.full([NT, _W, _R], b + 1, tl.int32) < b_end
-        nxt_s = tl.full([NT, 1, _R], b + 1, tl.int32) < b_end
-        wn = tl.load(w_tile + (b + 1) * BSTEP, mask=nxt, other=0)
+    # fully unrolled over the program's BPP blocks (masked past b_end): straight-line code lets the compiler issue
+    # every block's weight, scale and x loads early, instead of one memory round trip per block
+    for j in tl.static_range(BPP):
+        b = b_start + j
+        live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
+        live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
+        wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
         if BITS == 3:
-            hn = tl.load(h_tile + (b + 1) * BSTEP, mask=nxt, other=0)
+            ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
         if GROUP > 0:
-            n0, n1, n2, n3 = _load_scales(s_tile, (b + 1) * GPB, nxt_s, GPW, NWIN)
+            s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
             if HAS_MIN:
-                q0, q1, q2, q3 = _load_scales(m_tile, (b + 1) * GPB, nxt_s, GPW, NWIN)
+                m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
         wt_hi = wt >> 16
         if BITS == 3:
             ht = ht >> h_shift
             ht_hi = ht >> 16
         kb = b * _BLOCK_K
+        x_live = (tl.full([NT, _W], b, tl.int32) < b_end) & (kb + t1[:, None] * (SPW * _W) + w1[None, :] < K)
         for v in tl.static_range(NWIN):
             acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
             xs = tl.zeros([NT, _W], tl.float32)
             for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
                 # triton 3.6 turns an assigned int into a runtime value)
                 if EVEN_K:
-                    xv = tl.load(x_col + kb + i * _W).to(tl.float32)
+                    xv = tl.load(x_col + kb + i * _W, mask=x_live, other=0.0).to(tl.float32)
                 else:
-                    xv = tl.load(x_col + kb + i * _W, mask=kb + t1[:, None] * (SPW * _W) + w1[None, :] + i * _W < K,
-                                 other=0.0).to(tl.float32)
+                    xv = tl.load(x_col + kb + i * _W, mask=x_live & (kb + t1[:, None] * (SPW * _W) + w1[None, :]
+                                                                     + i * _W < K), other=0.0).to(tl.float32)
                 if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
                     acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[:, :, None]
                     acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[:, :, None]
@@ -178,13 +171,6 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                     else:
                         mn = m3
                     corr += mn * xs[:, :, None]
-        wt = wn
-        if BITS == 3:
-            ht = hn
-        if GROUP > 0:
-            s0, s1, s2, s3 = n0, n1, n2, n3
-            if HAS_MIN:
-                m0, m1, m2, m3 = q0, q1, q2, q3
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if GROUP == 0:
         out = out * tl.load(s_rows)
@@ -197,8 +183,10 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
 def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split,
                     n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps, stride_pm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program;
+                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr,
+                    BPP: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
+    blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
 
     GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
@@ -220,11 +208,11 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
     y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end, magic,
-                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, PDL)
+                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, PDL, BPP)
     if GATED:
         rows3 = rows + N
         y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
-                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, False)
+                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, False, BPP)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     if PARTIAL:
