@@ -215,13 +215,15 @@ def append_markdown(path: str, result: dict) -> None:
     bw = result["hbm"]
     lines = ["", f"## {result['date']}, {result['gpu']} (`s2conv bench`, torch {result['torch']})", "",
              f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
-             "| format | target | ms/frame | frames/s | RTF | read share |", "|---|---|---|---|---|---|"]
+             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | |")
         else:
+            batch = f"{r['batch_frames_per_s']:.0f} at batch {r['batch']}" if "batch" in r else "-"
             lines.append(f"| {r['format']} | {r['target']} | {r['ms_per_frame']:.2f} | {r['frames_per_s']:.1f} | "
-                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% |")
+                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% | {batch} |")
     if result.get("codec"):
         lines += ["", f"Codec decode: {result['codec']['x_realtime']:.0f}x real time."]
     with open(path, "a") as f:

@@ -176,7 +176,8 @@ def test_split_k_equals_single_pass(fmt, m):
                                             False, cfg))
         else:
             runs.append(ops.float_linear_impl(x, p["weight"], p.get("scales"), False, cfg))
-    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=1e-5)
+    # equal up to fp32 summation order (GPUs reorder the tensor-core sums: ~1e-6 of the largest output)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5 * float(runs[0].abs().max()))
     assert_matches(runs[1], x.cpu() @ reference_weight(fmt, args, k).T, torch.float32)
 
 
