@@ -211,7 +211,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         p_arg = part if part is not None else y
         int_gemv_kernel[(n_tiles, split, m)](
             x, qweight, scales, m_arg, y, p_arg, cnt, n, k, n_blocks, per, split, 0x4B000000,
-            x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2), BPP=per,
+            x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
+            BPP=1 if mins is not None else per,
             **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))

@@ -113,64 +113,67 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
         gdc_wait()
     acc = tl.zeros([NT, _W, _R], tl.float32)
     corr = tl.zeros([NT, _W, _R], tl.float32)
-    # fully unrolled over the program's BPP blocks (masked past b_end): straight-line code lets the compiler issue
-    # every block's weight, scale and x loads early, instead of one memory round trip per block
-    for j in tl.static_range(BPP):
-        b = b_start + j
-        live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
-        live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
-        wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
-        if BITS == 3:
-            ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
-        if GROUP > 0:
-            s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
-            if HAS_MIN:
-                m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
-        wt_hi = wt >> 16
-        if BITS == 3:
-            ht = ht >> h_shift
-            ht_hi = ht >> 16
-        kb = b * _BLOCK_K
-        x_live = (tl.full([NT, _W], b, tl.int32) < b_end) & (kb + t1[:, None] * (SPW * _W) + w1[None, :] < K)
-        for v in tl.static_range(NWIN):
-            acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
-            xs = tl.zeros([NT, _W], tl.float32)
-            for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
-                # triton 3.6 turns an assigned int into a runtime value)
-                if EVEN_K:
-                    xv = tl.load(x_col + kb + i * _W, mask=x_live, other=0.0).to(tl.float32)
-                else:
-                    xv = tl.load(x_col + kb + i * _W, mask=x_live & (kb + t1[:, None] * (SPW * _W) + w1[None, :]
-                                                                     + i * _W < K), other=0.0).to(tl.float32)
-                if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                    acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[:, :, None]
-                    acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[:, :, None]
-                else:
-                    acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * _xq(xv, i * BITS, BITS, 1.0)[:, :, None]
+    # BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their weight,
+    # scale and x loads early instead of one memory round trip per block (BPP = all of a program's blocks, except
+    # for formats with mins: unrolled, a q4_k frame ran 4x slower on an H100, bench/RESULTS.md; BPP = 1)
+    for b0 in range(b_start, b_end, BPP):
+        for j in tl.static_range(BPP):
+            b = b0 + j
+            live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
+            live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
+            wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
+            if BITS == 3:
+                ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
+            if GROUP > 0:
+                s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
                 if HAS_MIN:
-                    xs += xv
-            if GROUP == 0:
-                acc = acc_g
-            else:
-                if v == 0:
-                    sc = s0
-                elif v == 1:
-                    sc = s1
-                elif v == 2:
-                    sc = s2
-                else:
-                    sc = s3
-                acc += acc_g * sc
-                if HAS_MIN:
-                    if v == 0:
-                        mn = m0
-                    elif v == 1:
-                        mn = m1
-                    elif v == 2:
-                        mn = m2
+                    m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
+            wt_hi = wt >> 16
+            if BITS == 3:
+                ht = ht >> h_shift
+                ht_hi = ht >> 16
+            kb = b * _BLOCK_K
+            x_live = (tl.full([NT, _W], b, tl.int32) < b_end) & (kb + t1[:, None] * (SPW * _W) + w1[None, :] < K)
+            for v in tl.static_range(NWIN):
+                acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
+                xs = tl.zeros([NT, _W], tl.float32)
+                for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
+                    # triton 3.6 turns an assigned int into a runtime value)
+                    if EVEN_K:
+                        xv = tl.load(x_col + kb + i * _W, mask=x_live, other=0.0).to(tl.float32)
                     else:
-                        mn = m3
-                    corr += mn * xs[:, :, None]
+                        xv = tl.load(x_col + kb + i * _W, mask=x_live & (kb + t1[:, None] * (SPW * _W) + w1[None, :]
+                                                                         + i * _W < K), other=0.0).to(tl.float32)
+                    if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
+                        acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[:, :, None]
+                        acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[:, :, None]
+                    else:
+                        xq = _xq(xv, i * BITS, BITS, 1.0)
+                        acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * xq[:, :, None]
+                    if HAS_MIN:
+                        xs += xv
+                if GROUP == 0:
+                    acc = acc_g
+                else:
+                    if v == 0:
+                        sc = s0
+                    elif v == 1:
+                        sc = s1
+                    elif v == 2:
+                        sc = s2
+                    else:
+                        sc = s3
+                    acc += acc_g * sc
+                    if HAS_MIN:
+                        if v == 0:
+                            mn = m0
+                        elif v == 1:
+                            mn = m1
+                        elif v == 2:
+                            mn = m2
+                        else:
+                            mn = m3
+                        corr += mn * xs[:, :, None]
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if GROUP == 0:
         out = out * tl.load(s_rows)
