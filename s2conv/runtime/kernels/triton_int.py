@@ -69,6 +69,33 @@ def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
 
 
 @triton.jit
+def _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr,
+                HAS_MIN: tl.constexpr, NT: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr,
+                GPW: tl.constexpr, NWIN: tl.constexpr):
+    """Block b's weight tile [NT, 16, 16] (and 3-bit high-bit tile, else the same tile again), its window scales
+    and mins [NT, 1, 16] (zeros where the format has none); everything masked off when b >= b_end."""
+    live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
+    live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
+    wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
+    ht = wt
+    if BITS == 3:
+        ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
+    s0 = tl.zeros([NT, 1, _R], tl.float32)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    m0 = s0
+    m1 = s0
+    m2 = s0
+    m3 = s0
+    if GROUP > 0:
+        s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
+        if HAS_MIN:
+            m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
+    return wt, ht, s0, s1, s2, s3, m0, m1, m2, m3
+
+
+@triton.jit
 def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                    EVEN_K: tl.constexpr, PDL: tl.constexpr, BPP: tl.constexpr):
@@ -109,25 +136,28 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr  # word 32 + w: the high-bit sub-tile
         h_shift = tt * 16 + ww * 0 + rr * 0
+    else:
+        h_tile = w_tile
     if PDL:
         gdc_wait()
     acc = tl.zeros([NT, _W, _R], tl.float32)
     corr = tl.zeros([NT, _W, _R], tl.float32)
-    # BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their weight,
-    # scale and x loads early instead of one memory round trip per block (BPP = all of a program's blocks, except
-    # for formats with mins: unrolled, a q4_k frame ran 4x slower on an H100, bench/RESULTS.md; BPP = 1)
+    # BPP > 1: BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their
+    # weight, scale and x loads early instead of one memory round trip per block (ops.py: BPP = all of a program's
+    # blocks). BPP = 1 (formats with mins, whose unrolled version ran a q4_k frame 4x slower on an H100,
+    # bench/RESULTS.md): block b + 1 is loaded while block b computes (register double buffering).
+    if BPP == 1:
+        wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = _load_block(w_tile, h_tile, s_tile, m_tile, b_start, b_end, BITS,
+                                                             GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
     for b0 in range(b_start, b_end, BPP):
         for j in tl.static_range(BPP):
             b = b0 + j
-            live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
-            live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
-            wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
-            if BITS == 3:
-                ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
-            if GROUP > 0:
-                s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
-                if HAS_MIN:
-                    m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
+            if BPP == 1:
+                wn, hn, n0, n1, n2, n3, q0, q1, q2, q3 = _load_block(w_tile, h_tile, s_tile, m_tile, b + 1, b_end,
+                                                                     BITS, GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
+            else:
+                wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS,
+                                                                     GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
             wt_hi = wt >> 16
             if BITS == 3:
                 ht = ht >> h_shift
@@ -174,6 +204,8 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                         else:
                             mn = m3
                         corr += mn * xs[:, :, None]
+            if BPP == 1:
+                wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = wn, hn, n0, n1, n2, n3, q0, q1, q2, q3
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if GROUP == 0:
         out = out * tl.load(s_rows)
