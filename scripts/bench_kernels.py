@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark s2conv's fused GEMV/GEMM kernels at S2 Pro's linear shapes against cuBLAS bf16 and the HBM roofline.
 
-Usage: python scripts/bench_kernels.py [--formats q4,q2] [--no-tune] [--m 1,16]
+Usage: python scripts/bench_kernels.py [--formats q4,q2] [--no-tune] [--m 1,16] [--libraries]
 Prints a table; writes bench_kernels.json to $OUT when set. Exits 1 when any kernel disagrees with the reference.
+--libraries also times, at M = 1 on the same shapes, tinygemm's int4 g128 (`aten._weight_int4pack_mm`, the kernel
+behind torchao's int4 weight-only), torchao's `Int4WeightOnlyConfig` and gemlite's A16W8 (int8, fp8) and A16Wn
+(4-bit g128, 2-bit g64) when those packages are installed. They see w13 as one [2N, K] linear (no silu).
 """
 from __future__ import annotations
 
@@ -162,12 +165,69 @@ def cublas_one(name: str, n: int, k: int, m: int, gen: torch.Generator) -> dict:
                 GBps_graph=io / t_graph / 1e3, GBps_bench=io / t_bench / 1e3, rel_err=0.0, ok=True, config=None)
 
 
+def _int4_tinygemm(n: int, k: int, gen: torch.Generator):
+    """(weight bytes, call(x)) for aten's tinygemm int4 GEMV, group 128, random codes and scales."""
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32, generator=gen)
+    packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+    sz = torch.rand(k // 128, n, 2, device="cuda", generator=gen).to(torch.bfloat16)
+    return packed.numel() * packed.element_size() + sz.numel() * 2, \
+        lambda x, p=packed, s=sz: torch.ops.aten._weight_int4pack_mm(x, p, 128, s)
+
+
+def _torchao_int4(n: int, k: int, gen: torch.Generator):
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    quantize_(lin, Int4WeightOnlyConfig(group_size=128))
+    return n * k // 2 + n * k // 128 * 4, lin
+
+
+def _gemlite(kind: str, n: int, k: int, gen: torch.Generator):
+    from gemlite.helper import A16W8_FP8, A16W8_INT8, A16Wn
+
+    if kind in ("w8_int8", "w8_fp8"):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        cls = A16W8_INT8 if kind == "w8_int8" else A16W8_FP8
+        return n * k + 4 * n, cls(device="cuda:0", dtype=torch.bfloat16).from_weights(w)
+    bits, group = (4, 128) if kind == "w4_g128" else (2, 64)
+    q = torch.randint(0, 2**bits, (n, k), device="cuda", dtype=torch.uint8, generator=gen)
+    sc = torch.rand(n, k // group, device="cuda", generator=gen).to(torch.bfloat16) * 0.01
+    zr = torch.full_like(sc, 2**bits / 2)
+    layer = A16Wn(device="cuda:0", dtype=torch.bfloat16).from_weights(q, sc, zr, bits, group)
+    return n * k * bits // 8 + 2 * sc.numel() * 2, layer
+
+
+LIBRARIES = {
+    "tinygemm_int4": _int4_tinygemm, "torchao_int4": _torchao_int4,
+    "gemlite_w8_int8": lambda n, k, g: _gemlite("w8_int8", n, k, g),
+    "gemlite_w8_fp8": lambda n, k, g: _gemlite("w8_fp8", n, k, g),
+    "gemlite_w4_g128": lambda n, k, g: _gemlite("w4_g128", n, k, g),
+    "gemlite_w2_g64": lambda n, k, g: _gemlite("w2_g64", n, k, g),
+}
+
+
+def library_one(lib: str, name: str, n: int, k: int, gen: torch.Generator) -> dict:
+    """One library GEMV at M = 1 (w13 as one [2N, K] linear), graph-timed over rotating weight copies."""
+    rows = 2 * n if name == "w13" else n
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    wbytes, first = LIBRARIES[lib](rows, k, gen)
+    copies = max(2, min(32, math.ceil(ROTATE_BYTES / wbytes)))
+    fns = [first] + [LIBRARIES[lib](rows, k, gen)[1] for _ in range(copies - 1)]
+    for f in fns[:1]:
+        f(x)  # compile / autotune outside the graph
+    t_graph = graph_time_us([lambda f=f: f(x) for f in fns])
+    io = wbytes + k * 2 + rows * 2
+    return dict(fmt=lib, shape=name, n=n, k=k, m=1, bytes=io, us_graph=t_graph, us_bench=float("nan"),
+                GBps_graph=io / t_graph / 1e3, GBps_bench=float("nan"), rel_err=float("nan"), ok=True, config=None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--m", default="1,16", help="batch rows to time (M=1: GEMV, larger: GEMM)")
     ap.add_argument("--no-tune", action="store_true", help="use the default launch configs")
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new formats after this long")
+    ap.add_argument("--libraries", action="store_true", help="also time tinygemm / torchao / gemlite at M = 1")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -190,6 +250,23 @@ def main() -> int:
             rows.append(r)
             print(f"{r['fmt']:<12}{name:<6}{m:>3}{r['bytes'] / 1e6:>8.1f}{r['us_graph']:>10.1f}{r['us_bench']:>10.1f}"
                   f"{r['GBps_graph']:>7.0f}{100 * r['GBps_graph'] / bw['read_GBps']:>6.0f}%{1.0:>10.2f}  -")
+    libs = []
+    for lib in LIBRARIES if args.libraries else ():
+        for name, n, k in SHAPES:
+            if name == "w1":
+                continue
+            try:
+                r = library_one(lib, name, n, k, gen)
+            except Exception as e:  # noqa: BLE001  (a missing package or an unsupported shape skips that row)
+                print(f"{lib:<12}{name:<6} skipped: {type(e).__name__}: {str(e)[:80]}")
+                break
+            rows.append(r)
+            if lib not in libs:
+                libs.append(lib)
+            print(f"{lib:<12}{name:<6}{1:>3}{r['bytes'] / 1e6:>8.1f}{r['us_graph']:>10.1f}{'-':>10}"
+                  f"{r['GBps_graph']:>7.0f}{100 * r['GBps_graph'] / bw['read_GBps']:>6.0f}%"
+                  f"{base[(name, 1)] / r['us_graph'] if (name, 1) in base else float('nan'):>10.2f}  -", flush=True)
+        torch.cuda.empty_cache()
     failures = 0
     for fmt in args.formats.split(","):
         if time.time() - t0 > args.budget_s:
@@ -207,7 +284,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     # per-layer totals at M=1 (wqkv + wo + w13 fused + w2), graph time
     print("\nper-layer M=1 (wqkv + wo + gated w13 + w2), CUDA graph:")
-    for fmt in ["cublas_bf16"] + args.formats.split(","):
+    for fmt in ["cublas_bf16"] + libs + args.formats.split(","):
         parts = {r["shape"]: r for r in rows if r["fmt"] == fmt and r["m"] == 1}
         if all(s in parts for s in ("wqkv", "wo", "w13", "w2")):
             us = sum(parts[s]["us_graph"] for s in ("wqkv", "wo", "w13", "w2"))
