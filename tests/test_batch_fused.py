@@ -2,12 +2,10 @@
 eager batched code of batch.py, on CPU through triton's interpreter at tiny shapes."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,7 +22,7 @@ from s2conv.runtime.layers import HeadRMSNorm, KVCache  # noqa: E402
 from s2conv.runtime.rope import precompute_freqs_cis  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from test_batch import _force_eos_rows  # noqa: E402
-from test_fused_decode import close  # noqa: E402
+from test_fused_decode import close, eager_attention  # noqa: E402
 from test_runtime_math import TINY, random_prompt, random_s2_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,16 +75,8 @@ def test_qk_norm_rope_cache_with_a_table_row_per_batch_row(dtype):
 # ---- attention with per-row key offsets ------------------------------------------------------------------------------
 def eager_row_attention(q, k_cache, v_cache, pos, span, offsets, explicit):
     """batch._attention's masked attention of one position: row_mask, K/V repeated per query head."""
-    n_rep = q.shape[1] // k_cache.shape[1]
     mask = row_mask(torch.tensor([pos], device=q.device), offsets, span)  # [B, 1, 1, span]
-    k = k_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
-    v = v_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
-    if explicit:
-        s = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))).masked_fill(~mask, float("-inf"))
-        y = torch.softmax(s, dim=-1) @ v
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.transpose(1, 2).reshape(q.shape[0], 1, -1)
+    return eager_attention(q, k_cache, v_cache, pos, span, explicit, mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

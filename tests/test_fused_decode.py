@@ -126,9 +126,11 @@ def test_qk_norm_rope_cache(dtype, qk_norm, pos):
 
 
 # ---- attention ----------------------------------------------------------------------------------------------------
-def eager_attention(q, k_cache, v_cache, pos, span, explicit):
+def eager_attention(q, k_cache, v_cache, pos, span, explicit, mask=None):
+    """The eager attention of one position, K/V repeated per query head; mask [.., 1, span] (default: causal)."""
     n_rep = q.shape[1] // k_cache.shape[1]
-    mask = causal_mask(torch.tensor([pos], device=q.device), span)
+    if mask is None:
+        mask = causal_mask(torch.tensor([pos], device=q.device), span)
     k = k_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
     v = v_cache[:, :, :span].repeat_interleave(n_rep, dim=1)
     if explicit:  # the fast AR's hand-written softmax in the model dtype

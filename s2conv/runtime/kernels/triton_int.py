@@ -69,6 +69,19 @@ def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
 
 
 @triton.jit
+def _window(v: tl.constexpr, a0, a1, a2, a3):
+    """The scale (or min) tile of window v (compile time) of a block."""
+    if v == 0:
+        return a0
+    elif v == 1:
+        return a1
+    elif v == 2:
+        return a2
+    else:
+        return a3
+
+
+@triton.jit
 def _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr,
                 HAS_MIN: tl.constexpr, NT: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr,
                 GPW: tl.constexpr, NWIN: tl.constexpr):
@@ -185,25 +198,9 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                 if GROUP == 0:
                     acc = acc_g
                 else:
-                    if v == 0:
-                        sc = s0
-                    elif v == 1:
-                        sc = s1
-                    elif v == 2:
-                        sc = s2
-                    else:
-                        sc = s3
-                    acc += acc_g * sc
+                    acc += acc_g * _window(v, s0, s1, s2, s3)
                     if HAS_MIN:
-                        if v == 0:
-                            mn = m0
-                        elif v == 1:
-                            mn = m1
-                        elif v == 2:
-                            mn = m2
-                        else:
-                            mn = m3
-                        corr += mn * xs[:, :, None]
+                        corr += _window(v, m0, m1, m2, m3) * xs[:, :, None]
             if BPP == 1:
                 wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = wn, hn, n0, n1, n2, n3, q0, q1, q2, q3
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
