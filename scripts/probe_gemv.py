@@ -86,7 +86,7 @@ def main() -> None:
                         cfg = Config(bn, sp, w, 3, block_k=bk)
                         try:
                             us = graph_time_ms(lambda: ops.float_linear_impl(x, next(it), None, gated, cfg)) * 1e3
-                        except Exception as e:  # noqa: BLE001
+                        except Exception:  # noqa: BLE001
                             continue
                         res[(pdl, cfg)] = us
                 roof = roofline_us(nbytes)
