@@ -204,6 +204,36 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
             assert_matches(y, ref, torch.float32)
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "fp8", "bf16"])  # per-row, grouped, with mins, float
+def test_residual_epilogue_equals_a_separate_add(fmt):
+    """residual + x W^T from the kernel's epilogue is the eager `h + linear(x)`: at M = 1 (GEMV) and M = 3 (GEMM),
+    with and without split-K (the last-arriving program or the reduction kernel adds the residual). fp32: exactly
+    equal; bf16: within one rounding of the sum."""
+    n, k = 21, 640  # two 512-code blocks: split 2 gives each program one
+    gen = torch.Generator().manual_seed(5)
+    p = packed_on_device(fmt, make_weight(fmt, n, k, gen))
+    spec = INT_SPECS.get(fmt)
+    for m, split, dtype in ((1, 1, torch.float32), (1, 2, torch.float32), (3, 1, torch.float32),
+                            (3, 2, torch.bfloat16)):
+        x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+        r = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE) * 10
+        cfg = ops.Config(block_n=16, split=split, block_k=128)
+        if spec is not None:
+            args = (x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset, spec.group, False, cfg)
+            plain, fused_add = ops.int_linear_impl(*args), ops.int_linear_impl(*args, residual=r)
+        else:
+            args = (x, p["weight"], p.get("scales"), False, cfg)
+            plain, fused_add = ops.float_linear_impl(*args), ops.float_linear_impl(*args, residual=r)
+        want = (plain.float() + r.float()).to(dtype)
+        if dtype == torch.float32:
+            assert torch.equal(fused_add, want), (m, split)
+        else:
+            torch.testing.assert_close(fused_add.float(), want.float(), rtol=2.0**-7, atol=0)
+        assert (fused_add.float() - plain.float()).abs().max() > 1.0  # the residual really was added
+    with pytest.raises(RuntimeModelError, match="residual must be"):
+        KERNELS[fmt](x, p, residual=r[:, :5])
+
+
 def test_launcher_errors_name_the_problem():
     gen = torch.Generator().manual_seed(0)
     p = packed_on_device("q4", make_weight("q4", 8, 256, gen))

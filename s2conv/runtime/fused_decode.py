@@ -71,7 +71,7 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
                              attn.n_kv_head, eps)
     y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
     h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
-    return h + _ffn(block.feed_forward, n, k, gemv)
+    return _ffn(block.feed_forward, n, k, gemv, residual=h)
 
 
 def is_enabled(module: nn.Module, x: Tensor) -> bool:
@@ -83,30 +83,36 @@ def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
     return gemv and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
 
 
-def _linear(module: nn.Module, x: Tensor, gemv: bool) -> Tensor:
-    """module(x); a bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster
-    at S2's shapes: bench/RESULTS.md). A QuantLinear keeps its own dispatch."""
+def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = None) -> Tensor:
+    """module(x), plus residual when given (added in the kernel's epilogue where a kernel runs: one launch fewer).
+
+    A bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster at S2's
+    shapes: bench/RESULTS.md); a QuantLinear with a kernel (CUDA) calls it directly."""
     if type(module) is nn.Linear and module.bias is None and _bf16_gemv(module.weight, x, gemv):
         from s2conv.runtime.kernels import KERNELS
 
-        return KERNELS["bf16"](x, {"weight": module.weight})
-    return module(x)
+        return KERNELS["bf16"](x, {"weight": module.weight}, residual=residual)
+    if isinstance(module, QuantLinear) and module.kernel is not None and x.is_cuda:
+        launcher, packed = module.kernel
+        return launcher(x, packed, residual=residual)
+    y = module(x)
+    return y if residual is None else residual + y
 
 
-def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False) -> Tensor:
-    """w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
+def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None) -> Tensor:
+    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
     w13 = _w13(ff)
     if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
         if _bf16_gemv(w13, x, gemv):  # silu and mul inside the Triton GEMV
             from s2conv.runtime.kernels import GATED_KERNELS
 
-            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv)
+            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv, residual)
         a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
-        return _linear(ff.w2, k.silu_mul(a, b), gemv)
+        return _linear(ff.w2, k.silu_mul(a, b), gemv, residual)
     if w13 is not None and x.is_cuda:  # QuantLinear pair with kernels: silu and mul inside the GEMV
         launcher, packed = w13
-        return ff.w2(launcher(x, packed))
-    return ff.w2(k.silu_mul(ff.w1(x), ff.w3(x)))
+        return _linear(ff.w2, launcher(x, packed), gemv, residual)
+    return _linear(ff.w2, k.silu_mul(ff.w1(x), ff.w3(x)), gemv, residual)
 
 
 # ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     packed = REPACK["q4"](codes, scales)        # once, at model load: kernel layout (layout.py)
     y = KERNELS["q4"](x, packed)                # x [..., K] bf16/fp16/fp32 -> y [..., N], x's dtype
+    h = KERNELS["q4"](x, packed, residual=h)    # h + x W^T, the add in the kernel's epilogue
     h = GATED_KERNELS["q4"](x, cat_rows(p1, p3))  # silu(x W1^T) * (x W3^T) in one weight pass
 
 The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
@@ -38,10 +39,11 @@ def _eager() -> bool:
 def _int_kernel(fmt: str, gated: bool):
     spec = INT_SPECS[fmt]
 
-    def linear(x: torch.Tensor, packed: dict) -> torch.Tensor:
-        op = ops.int_linear_impl if _eager() else torch.ops.s2conv.int_linear
-        y = op(_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
-               spec.group, gated)
+    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+        r = None if residual is None else _flat(residual)
+        args = (_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
+                spec.group, gated)
+        y = ops.int_linear_impl(*args, residual=r) if _eager() else torch.ops.s2conv.int_linear(*args, r)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
@@ -50,9 +52,10 @@ def _int_kernel(fmt: str, gated: bool):
 
 
 def _float_kernel(fmt: str, gated: bool):
-    def linear(x: torch.Tensor, packed: dict) -> torch.Tensor:
-        op = ops.float_linear_impl if _eager() else torch.ops.s2conv.float_linear
-        y = op(_flat(x), packed["weight"], packed.get("scales"), gated)
+    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+        r = None if residual is None else _flat(residual)
+        args = (_flat(x), packed["weight"], packed.get("scales"), gated)
+        y = ops.float_linear_impl(*args, residual=r) if _eager() else torch.ops.s2conv.float_linear(*args, r)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"

@@ -123,12 +123,26 @@ def _outputs(x: torch.Tensor, n: int, split: int, gated: bool) -> tuple[torch.Te
     return y, torch.empty(split, m, 2 * n if gated else n, device=x.device, dtype=torch.float32)
 
 
-def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool) -> None:
+def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool, residual: Optional[torch.Tensor]) -> None:
     split, m, _ = part.shape
     n = y.shape[1]
     grid = (triton.cdiv(n, 1024), m)
-    splitk_reduce_kernel[grid](part, y, n, split, part.stride(0), part.stride(1), y.stride(0),
-                               GATED=gated, BLOCK=1024, num_warps=4, **pdl_args(y.device))
+    r = residual if residual is not None else y
+    splitk_reduce_kernel[grid](part, y, r, n, split, part.stride(0), part.stride(1), y.stride(0), r.stride(0),
+                               GATED=gated, BLOCK=1024, num_warps=4, HAS_RES=residual is not None,
+                               **pdl_args(y.device))
+
+
+def _check_residual(op: str, residual: Optional[torch.Tensor], x: torch.Tensor, n: int, gated: bool) -> None:
+    if residual is None:
+        return
+    if gated:
+        raise _fail(op, "residual", "None for a gated (w1|w3) linear", tuple(residual.shape))
+    if tuple(residual.shape) != (x.shape[0], n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+        raise _fail(op, "residual", f"[{x.shape[0]}, {n}] {x.dtype}, contiguous along N",
+                    f"{tuple(residual.shape)} {residual.dtype} {residual.stride()}")
+    if residual.device != x.device:
+        raise _fail(op, "residual device", str(x.device), residual.device)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -157,13 +171,15 @@ def _int_key(x, scales, bits, group, has_min, gated):
 
 
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-                    bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None) -> torch.Tensor:
+                    bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None,
+                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
 
     scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
     [padded_rows(R), n_blocks * 16 * bits]. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
     qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
+    residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
     """
     op = "s2conv::int_linear"
     dev = qweight.device
@@ -191,6 +207,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
         if group == 0:
             raise _fail(op, "group", "> 0 for a format with mins", group)
+    _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
         "int", bits, n, k, m, dev, gated)
     per = -(-n_blocks // cfg.split)
@@ -200,6 +217,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     stride_os = 0 if part is None else part.stride(0)
     stride_sn = scales.stride(0)
     m_arg = mins if mins is not None else scales
+    r_arg = residual if residual is not None else y
     common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
                   GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_args(dev))
@@ -209,18 +227,19 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         n_tiles = triton.cdiv(n, ROWS)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
+        # the last-arriving program of a split finishes the row tile, residual included
         int_gemv_kernel[(n_tiles, split, m)](
-            x, qweight, scales, m_arg, y, p_arg, cnt, n, k, n_blocks, per, split, 0x4B000000,
+            x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
-            BPP=1 if mins is not None else per,
-            **common)
+            r_arg.stride(0), BPP=1 if mins is not None else per, HAS_RES=residual is not None, **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    int_gemm_kernel[grid](x, qweight, scales, m_arg, out, m, n, k, n_blocks, per,
-                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os,
-                          IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    int_gemm_kernel[grid](x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
+                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
+                          IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          HAS_RES=residual is not None and part is None, **common)
     if part is not None:
-        _reduce(part, y, gated)
+        _reduce(part, y, gated, residual)
     return y
 
 
@@ -233,9 +252,9 @@ def _float_key(x, weight, has_scale, gated):
 
 
 def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
-                      config: Optional[Config] = None) -> torch.Tensor:
+                      config: Optional[Config] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn or bfloat16 [R, K], scales fp32 [R] or
-    None; R = N, or 2N with gated=True (as in `int_linear_impl`)."""
+    None; R = N, or 2N with gated=True; residual as in `int_linear_impl`."""
     op = "s2conv::float_linear"
     dev = weight.device
     _check_x(op, x, dev)
@@ -253,6 +272,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     if scales is not None:
         _check_tensor(op, "scales", scales, torch.float32, (rows,), dev)
     n = rows // 2 if gated else rows
+    _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
         "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev)
     bk = cfg.block_k
@@ -263,44 +283,48 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     out = y if part is None else part
     stride_os = 0 if part is None else part.stride(0)
     s_arg = scales if scales is not None else weight
+    r_arg = residual if residual is not None else y
     common = dict(HAS_SCALE=scales is not None, EVEN_K=k % bk == 0, GATED=gated, PARTIAL=part is not None,
+                  HAS_RES=residual is not None and part is None,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_args(dev))
     if m <= GEMV_MAX_M:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
-        float_gemv_kernel[grid](x, weight, s_arg, out, n, k, per * bk, x.stride(0), weight.stride(0),
-                                out.stride(-2), stride_os, **common)
+        float_gemv_kernel[grid](x, weight, s_arg, out, r_arg, n, k, per * bk, x.stride(0), weight.stride(0),
+                                out.stride(-2), stride_os, r_arg.stride(0), **common)
     else:
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        float_gemm_kernel[grid](x, weight, s_arg, out, m, n, k, per * bk, x.stride(0), weight.stride(0),
-                                out.stride(-2), stride_os, IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m,
-                                **common)
+        float_gemm_kernel[grid](x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0), weight.stride(0),
+                                out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),
+                                BLOCK_M=cfg.block_m, **common)
     if part is not None:
-        _reduce(part, y, gated)
+        _reduce(part, y, gated, residual)
     return y
 
 
 # ---- torch custom ops ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("s2conv::int_linear", mutates_args=())
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-               bits: int, offset: int, group: int, gated: bool) -> torch.Tensor:
+               bits: int, offset: int, group: int, gated: bool,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Custom-op form of `int_linear_impl` (tuned or default config)."""
-    return int_linear_impl(x, qweight, scales, mins, bits, offset, group, gated)
+    return int_linear_impl(x, qweight, scales, mins, bits, offset, group, gated, residual=residual)
 
 
 @int_linear.register_fake
-def _(x, qweight, scales, mins, bits, offset, group, gated):
+def _(x, qweight, scales, mins, bits, offset, group, gated, residual=None):
     return x.new_empty(x.shape[0], scales.shape[0] // (2 if gated else 1))
 
 
 @torch.library.custom_op("s2conv::float_linear", mutates_args=())
-def float_linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool) -> torch.Tensor:
+def float_linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Custom-op form of `float_linear_impl`."""
-    return float_linear_impl(x, weight, scales, gated)
+    return float_linear_impl(x, weight, scales, gated, residual=residual)
 
 
 @float_linear.register_fake
-def _(x, weight, scales, gated):
+def _(x, weight, scales, gated, residual=None):
     return x.new_empty(x.shape[0], weight.shape[0] // (2 if gated else 1))
 
 

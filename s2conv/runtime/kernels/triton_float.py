@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from s2conv.runtime.kernels.epilogue import store_output
+
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -36,11 +38,12 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
 
 
 @triton.jit
-def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
-                      stride_xm, stride_wn, stride_om, stride_os,
+def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, N, K, k_per_split,
+                      stride_xm, stride_wn, stride_om, stride_os, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); outputs as int_gemv_kernel."""
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
+    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); PARTIAL: fp32 partials to
+    out [split, M, N (2N gated)] for `splitk_reduce_kernel`; HAS_RES (not with PARTIAL): y = r + ... (`store_output`)."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -70,7 +73,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, k_per_split,
             y = y * tl.sigmoid(y) * y3
             tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        store_output(out_row + offs_n, y, n_mask, r_ptr + pid_m * stride_rm + offs_n, HAS_RES)
 
 
 @triton.jit
@@ -95,12 +98,13 @@ def _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K: tl.const
 
 
 @triton.jit
-def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
-                      stride_xm, stride_wn, stride_om, stride_os,
+def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, M, N, K, k_per_split,
+                      stride_xm, stride_wn, stride_om, stride_os, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr):
-    """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M))."""
+                      PDL: tl.constexpr, HAS_RES: tl.constexpr):
+    """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs as
+    `float_gemv_kernel`."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -133,13 +137,14 @@ def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
             y = y * tl.sigmoid(y) * y3
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        store_output(out_ptrs, y, mask, r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], HAS_RES)
 
 
 @triton.jit
-def splitk_reduce_kernel(p_ptr, out_ptr, N, SPLIT, stride_ps, stride_pm, stride_om,
-                         GATED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[m, n] = sum_s p[s, m, n] (GATED: silu of that times the sum at column N + n); grid (cdiv(N, BLOCK), M)."""
+def splitk_reduce_kernel(p_ptr, out_ptr, r_ptr, N, SPLIT, stride_ps, stride_pm, stride_om, stride_rm,
+                         GATED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
+    """out[m, n] = sum_s p[s, m, n] (GATED: silu of that times the sum at column N + n; HAS_RES: + r[m, n] as in
+    `store_output`); grid (cdiv(N, BLOCK), M)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -155,4 +160,4 @@ def splitk_reduce_kernel(p_ptr, out_ptr, N, SPLIT, stride_ps, stride_pm, stride_
             acc3 += tl.load(p_row + s * stride_ps + N, mask=mask, other=0.0)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc3
-    tl.store(out_ptr + pid_m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_output(out_ptr + pid_m * stride_om + offs, acc, mask, r_ptr + pid_m * stride_rm + offs, HAS_RES)

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from s2conv.runtime.kernels.epilogue import store_output
+
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
 _R = tl.constexpr(16)  # interleaved rows per group (layout.ROWS)
@@ -212,17 +214,17 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
 
 
 @triton.jit
-def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split,
-                    n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps, stride_pm,
-                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr,
-                    BPP: tl.constexpr):
+def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N, K, n_blocks,
+                    blocks_per_split, n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps,
+                    stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
+                    HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
+                    PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
 
     GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
-    y = silu(x w1^T) * (x w3^T).
+    y = silu(x w1^T) * (x w3^T). HAS_RES: y = r + x w^T (r [M, N] in y's dtype, `store_output`).
     PARTIAL (split-K in one launch): each program writes the fp32 partial sums of its K range to
     part[pid_k, m, :] (gated: both halves side by side, [.., 2N]), then counts itself in cnt[m, pid_n] (int32,
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
@@ -247,6 +249,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
                             b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, False, BPP)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
+    r_row = r_ptr + pid_m * stride_rm
     if PARTIAL:
         p_row = part_ptr + pid_m * stride_pm
         tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
@@ -265,12 +268,12 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, N, K
                                   cache_modifier=".cg")
             if GATED:
                 y = y * tl.sigmoid(y) * y3
-            tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+            store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES)
             tl.store(c_ptr, 0)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
-        tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES)
 
 
 @triton.jit
@@ -340,13 +343,14 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
 
 
 @triton.jit
-def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, n_blocks, blocks_per_split,
-                    stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_os,
+def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_blocks, blocks_per_split,
+                    stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_os, stride_rm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
-    `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N))."""
+    `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N)). HAS_RES only without PARTIAL (the
+    split-K reduction adds the residual then)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -379,4 +383,5 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, n_blocks, bloc
             y = y * tl.sigmoid(y) * y3
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        r_ptrs = r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+        store_output(out_ptrs, y, mask, r_ptrs, HAS_RES)
