@@ -104,9 +104,8 @@ def bytes_per_frame(model: DualARTransformer, span: int) -> int:
     cfg = model.cfg
 
     def nbytes(m: nn.Module) -> int:
-        if isinstance(m, QuantLinear):
-            packed = m.kernel[1] if m.kernel is not None else {"w": m.weight}
-            return sum(t.numel() * t.element_size() for t in packed.values() if isinstance(t, torch.Tensor))
+        if isinstance(m, QuantLinear):  # the kernel layout once prepared (its storage bytes are freed then)
+            return m.resident_bytes()
         return m.weight.numel() * m.weight.element_size()
 
     def layer_bytes(layer) -> int:

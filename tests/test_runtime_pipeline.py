@@ -1,5 +1,6 @@
 """GGUF -> runtime: the loader rebuilds the exported model exactly, decodes like the source checkpoint, and the
 synthesis pipeline / `s2conv synth` produce audio or one-line errors."""
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,35 @@ def test_quantized_file_keeps_weights_packed_and_computes_with_them(exports, sou
     q8 = _semantic_logits(load_model(exports["q8_0"]).model, tokens)
     err = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
     assert 0 < err(q8) < err(got)
+
+
+def _prepared_q4_model(exports):
+    """A q4 file loaded in fp32 (greedy codes must not hinge on bf16 rounding ties), its greedy codes from the
+    storage bytes, and its QuantLinears after what `load_model` does on CUDA: prepare_kernel (kernel layout in,
+    storage bytes out), forced on CPU where the kernels run in triton's interpreter."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
+    loaded = load_model(exports["q4"], dtype=torch.float32)
+    tokens = _prompt(loaded)
+    want = generate(loaded.model, tokens, 4, GREEDY)
+    qlinears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert qlinears and all(m.prepare_kernel(force=True) for m in qlinears)
+    assert all(m.weight.numel() == 0 for m in qlinears)
+    return loaded, tokens, want, qlinears
+
+
+def test_prepared_model_frees_the_storage_bytes_and_generates_the_same_codes(exports):
+    loaded, tokens, want, qlinears = _prepared_q4_model(exports)
+    for m in qlinears:
+        m._kernel_on_cpu = False  # CPU inputs take the reference path, which now decodes the kernel layout
+    assert torch.equal(generate(loaded.model, tokens, 4, GREEDY), want)
+
+
+@pytest.mark.slow  # ~70 s: every linear of every step in triton's interpreter
+def test_prepared_model_generates_the_same_codes_through_the_kernels(exports):
+    loaded, tokens, want, _ = _prepared_q4_model(exports)
+    assert torch.equal(generate(loaded.model, tokens, 4, GREEDY), want)
 
 
 def test_target_all_quantizes_the_fast_ar_too(exports):

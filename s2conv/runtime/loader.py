@@ -121,9 +121,12 @@ def _build_dual_ar(f: GGUFFile, cfg: S2Config, dtype, device, formats: dict) -> 
     except (RuntimeError, ValueError) as e:  # shape mismatch between metadata and tensors
         raise SchemaError(f"{f.path.name}: tensors do not fit the model described by its metadata: "
                           f"{str(e).splitlines()[0]}") from None
+    weights.clear()  # the model holds the tensors now: each prepare_kernel below frees its storage bytes at once
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.prepare_kernel()
+            m.prepare_kernel()  # CUDA: repack into the kernel layout, which replaces the storage bytes
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed storage bytes back to the driver (nvidia-smi shows the real size)
     fused_decode.enable(model)  # CUDA models only: batch-1 decode steps through the fused Triton kernels
     return model
 
