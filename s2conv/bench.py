@@ -182,8 +182,8 @@ def time_codec(n_frames: int = 256) -> dict:
 
 @torch.inference_mode()
 def time_decode_batch(model: DualARTransformer, prompt_len: int, frames: int, batch: int, repeats: int = 3) -> float:
-    """Median aggregate frames/s of the batched loop (`s2conv.runtime.batch`: eager layers, CUDA graphs) over
-    `batch` prompts of lengths prompt_len, prompt_len - 16, ... (left-padded), counting every row's frames."""
+    """Median aggregate frames/s of the batched loop (`s2conv.runtime.batch`: fused decode kernels, CUDA graphs)
+    over `batch` prompts of lengths prompt_len, prompt_len - 16, ... (left-padded), counting every row's frames."""
     cfg = model.cfg
     params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
     g = torch.Generator(device="cuda").manual_seed(1)
