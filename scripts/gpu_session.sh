@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call that checks and measures the runtime on a GPU (about 8 minutes on an H100):
+#   1. the kernel, QuantLinear and fused-decode tests including the `cuda`-marked ones (S2 shapes, CUDA graphs),
+#   2. `s2conv bench` for every format (all linears) plus the codec, then bf16 and q4 at batch 32,
+#   3. the kernel-level comparison with cuBLAS, tinygemm, torchao and gemlite (`bench_kernels.py --libraries`).
+# Run from the repository root with the wheels of .whl installed (see the device notes); Markdown and JSON go to
+# $OUT (default ./gpu_session_out). Each step runs even when an earlier one failed; the exit status is the worst.
+set -uo pipefail
+out="${OUT:-gpu_session_out}"
+mkdir -p "$out"
+status=0
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" tests/test_kernels.py tests/test_qlinear.py \
+    tests/test_fused_decode.py tests/test_batch_fused.py 2>&1 | tail -15 || status=1
+python3 -m s2conv.bench --formats bf16,fp8,q8,q8_0,q4,q4_k,q3,q2 --targets all --frames 100 \
+    --results "$out/results.md" --json "$out/bench_all.json" 2>&1 | grep -v -i warn || status=1
+python3 -m s2conv.bench --formats bf16,q4 --targets all --frames 64 --batch 32 --no-codec \
+    --results "$out/results_batch.md" --json "$out/bench_batch.json" 2>&1 | grep -v -i warn || status=1
+timeout 240 python3 scripts/bench_kernels.py --formats q4,q8,fp8,q2 --m 1 --no-tune --libraries --budget-s 150 \
+    2>&1 | grep -v -i warn | tail -40 || status=1
+exit $status
