@@ -4,8 +4,9 @@ GEMV (M = 1), small-M GEMM.
 Dequantization without integer-to-float conversions (the H100 converts 16 ints per SM and clock, 8x slower than
 it multiplies): OR-ing a bit field v < 2**23 into the mantissa of 2.0**23 gives the float 2**23 + v exactly, and
 one subtraction gives the code. A field at bit position p is read in place as v = u * 2**p (no shift) and the x
-it meets is pre-scaled by 2**-p, once per program instead of once per weight row. Both scalings are powers of two,
-so products equal the reference dequantize-then-multiply in fp32.
+it meets is pre-scaled by 2**-p, once for the 4 weight rows a thread holds (layout.py interleaves rows so that one
+16-byte load brings the same word of 4 rows). Both scalings are powers of two, so products equal the reference
+dequantize-then-multiply in fp32.
 """
 from __future__ import annotations
 
@@ -18,15 +19,6 @@ from s2conv.runtime.kernels.epilogue import store_output
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
 _R = tl.constexpr(16)  # interleaved rows per group (layout.ROWS)
-
-
-@triton.jit
-def _load_x(x_ptrs, k0, K, offs, EVEN_K: tl.constexpr):
-    """x[k0 + offs] (zero beyond K) in the pointer's dtype."""
-    if EVEN_K:
-        return tl.load(x_ptrs + k0)
-    else:
-        return tl.load(x_ptrs + k0, mask=k0 + offs < K, other=0.0)
 
 
 @triton.jit
