@@ -14,23 +14,15 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.common import pdl_start
 from s2conv.runtime.kernels.launch import pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATTN_BLOCK_N = 64  # keys per attention loop step
-
-
-@triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """Let the next kernel launch, then wait for the previous one's writes (launch.py); no-op without PDL."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
 
 
 @triton.jit
@@ -71,7 +63,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, stride_r, e
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FIX_X: tl.constexpr, FIX_Y: tl.constexpr,
                      PDL: tl.constexpr):
     """One row: [h = x + r (rounded to x's dtype, stored)]; y = round(round(h * rsqrt(mean(h^2) + eps)) * w)."""
-    _pdl_start(PDL)
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -131,7 +123,7 @@ def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr,
     rounded; queries go to q [B, H, 1, D], keys to the k cache at position pos. Value heads pass through the same
     arithmetic with cos = 1, sin = 0 (exact) into the v cache. Row b's (cos, sin) pairs start at f + b * stride_f
     (stride_f 0: one table row shared by all rows)."""
-    _pdl_start(PDL)
+    pdl_start(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     j = tl.arange(0, D // 2)
@@ -243,7 +235,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
     the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2].
     HAS_OFFSETS: row b also skips the keys j < off[b] (its left padding) and a padded query (pos < off[b]) reads
     key pos alone. Skipped keys are never loaded, so a row costs only its own length."""
-    _pdl_start(PDL)
+    pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -287,7 +279,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
 def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
                                D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr):
     """Program b * H + h: merge the splits' (max, sum, accumulator) into the softmax-weighted output row."""
-    _pdl_start(PDL)
+    pdl_start(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -367,7 +359,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, N, stride_a, stride_b, BLOCK: tl.constexpr, FIX: tl.constexpr,
                      PDL: tl.constexpr):
     """y = round(round(silu(a)) * b): eager's F.silu(a) * b with its two roundings."""
-    _pdl_start(PDL)
+    pdl_start(PDL)
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N

@@ -1,16 +1,17 @@
 """Programmatic dependent launch (PDL) for the decode kernels, on Hopper and later GPUs.
 
 Inside a CUDA graph every kernel normally waits for the previous one to finish and drain before its programs even
-start. A kernel launched with PDL starts while its predecessor is still running: its programs compute addresses and
-load their weights (which no earlier kernel writes), then wait at `gdc_wait` until the predecessor's writes are
-visible, and only then read activations. Each kernel also calls `gdc_launch_dependents` first thing, so that the
-next one can be scheduled as soon as all of its own programs are running.
+start. A kernel launched with PDL starts while its predecessor is still running: its programs wait at `gdc_wait`
+until the predecessor's writes are visible (`kernels.common.pdl_start`; the float GEMV first requests its first
+weight tile, which no earlier kernel writes). Each kernel also calls `gdc_launch_dependents` first thing, so that
+the next one can be scheduled as soon as all of its own programs are running.
 
 Rules for a kernel with a PDL flag: before `gdc_wait` it reads only constant tensors (weights, scales) and writes
 nothing; both calls are no-ops when the launch did not ask for PDL.
 
-Off by default: measured on an H200 (bench/RESULTS.md), whole frames got slower with it (q4 5.38 -> 6.05 ms,
-fp8 5.49 -> 7.00 ms) although single GEMVs at their best configs got a little faster. `S2CONV_PDL=1` turns it on.
+Off by default: measured on an H200 (bench/RESULTS.md, when the integer GEMV also requested its first block before
+the wait), whole frames got slower with it (q4 5.38 -> 6.05 ms, fp8 5.49 -> 7.00 ms) although single GEMVs at
+their best configs got a little faster. `S2CONV_PDL=1` turns it on.
 """
 from __future__ import annotations
 

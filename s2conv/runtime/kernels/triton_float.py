@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from s2conv.runtime.kernels.epilogue import store_output
+from s2conv.runtime.kernels.common import pdl_start, store_output
 
 
 @triton.jit
@@ -105,9 +105,7 @@ def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, M, N, K, k_per_split,
                       PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs as
     `float_gemv_kernel`."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -145,9 +143,7 @@ def splitk_reduce_kernel(p_ptr, out_ptr, r_ptr, N, SPLIT, stride_ps, stride_pm, 
                          GATED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """out[m, n] = sum_s p[s, m, n] (GATED: silu of that times the sum at column N + n; HAS_RES: + r[m, n] as in
     `store_output`); grid (cdiv(N, BLOCK), M)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pid_m = tl.program_id(1)
     mask = offs < N

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from s2conv.runtime.kernels.epilogue import store_output
+from s2conv.runtime.kernels.common import pdl_start, store_output
 
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
@@ -105,7 +103,7 @@ def _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS: tl.constexpr, GR
 @triton.jit
 def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, PDL: tl.constexpr, BPP: tl.constexpr):
+                   EVEN_K: tl.constexpr, BPP: tl.constexpr):
     """sum_k w[n, k] * x[k] over blocks [b_start, b_end) (at most BPP of them) for one group of 16 interleaved rows
     -> fp32 [16].
 
@@ -116,8 +114,6 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     apply per window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two
     low-bit sub-tiles ([2, 16, 16]); the high-bit sub-tile is read into a second tile whose (t, w) entry holds
     word w shifted right by 16 t, so that bit i is the high bit of slot t * 16 + i.
-    PDL: wait for the previous kernel (launch.py) before anything is read (the unrolled loads are scheduled by the
-    compiler, so weights are not requested ahead of the wait).
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
@@ -145,8 +141,6 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
         h_shift = tt * 16 + ww * 0 + rr * 0
     else:
         h_tile = w_tile
-    if PDL:
-        gdc_wait()
     acc = tl.zeros([NT, _W, _R], tl.float32)
     corr = tl.zeros([NT, _W, _R], tl.float32)
     # BPP > 1: BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their
@@ -222,8 +216,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
     counter back to 0 for the next launch. Launches sharing cnt must therefore not run concurrently.
     """
-    if PDL:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -234,11 +227,11 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
     y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end, magic,
-                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, PDL, BPP)
+                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
     if GATED:
         rows3 = rows + N
         y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
-                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, False, BPP)
+                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     r_row = r_ptr + pid_m * stride_rm
@@ -343,9 +336,7 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_block
     """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
     `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N)). HAS_RES only without PARTIAL (the
     split-K reduction adds the residual then)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

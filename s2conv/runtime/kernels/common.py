@@ -1,8 +1,17 @@
-"""The output store shared by the linear kernels, with the residual add of a pre-norm block folded in."""
+"""Pieces every decode kernel shares: the PDL prologue (launch.py) and the output store with a folded residual add."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait for the previous one's writes (launch.py); no-op without PDL."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
