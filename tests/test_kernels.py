@@ -207,8 +207,9 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "fp8", "bf16"])  # per-row, grouped, with mins, float
 def test_residual_epilogue_equals_a_separate_add(fmt):
     """residual + x W^T from the kernel's epilogue is the eager `h + linear(x)`: at M = 1 (GEMV) and M = 3 (GEMM),
-    with and without split-K (the last-arriving program or the reduction kernel adds the residual). fp32: exactly
-    equal; bf16: within one rounding of the sum."""
+    with and without split-K (the last-arriving program or the reduction kernel adds the residual). fp32: within a
+    few ulps (the GPU compiler may contract the per-row scale and the add into one FMA); bf16: within one rounding
+    of the sum."""
     n, k = 21, 640  # two 512-code blocks: split 2 gives each program one
     gen = torch.Generator().manual_seed(5)
     p = packed_on_device(fmt, make_weight(fmt, n, k, gen))
@@ -226,7 +227,9 @@ def test_residual_epilogue_equals_a_separate_add(fmt):
             plain, fused_add = ops.float_linear_impl(*args), ops.float_linear_impl(*args, residual=r)
         want = (plain.float() + r.float()).to(dtype)
         if dtype == torch.float32:
-            assert torch.equal(fused_add, want), (m, split)
+            # an FMA skips the product's rounding: half an ulp of the product, whatever the sum's size
+            atol = 2.0**-23 * plain.abs().max().item()
+            torch.testing.assert_close(fused_add, want, rtol=2.0**-22, atol=atol, msg=str((m, split)))
         else:
             torch.testing.assert_close(fused_add.float(), want.float(), rtol=2.0**-7, atol=0)
         assert (fused_add.float() - plain.float()).abs().max() > 1.0  # the residual really was added
