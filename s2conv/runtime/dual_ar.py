@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.layers import KVCache, RMSNorm, TransformerBlock, causal_mask
 from s2conv.runtime.rope import precompute_freqs_cis
-from s2conv.runtime.sampling import SamplingParams, ras_select, sample
+from s2conv.runtime.sampling import SamplingParams, ras_select, sample, sample_many
 from s2conv.schema import S2Config
 
 
@@ -175,10 +175,10 @@ class DualARTransformer(nn.Module):
     def sample_main(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
                     previous: Tensor | None) -> Tensor:
         """Main token ids [B] from semantic logits, with RAS against previous main tokens [B, W] (None: no RAS)."""
-        token = self.semantic_index_to_token(sample(logits, params, generator))
         if previous is None or params.greedy or params.ras_window == 0:
-            return token
-        high = self.semantic_index_to_token(sample(logits, params.high(), generator))
+            return self.semantic_index_to_token(sample(logits, params, generator))
+        token, high = (self.semantic_index_to_token(t) for t in sample_many(logits, [params, params.high()],
+                                                                              generator))
         cfg = self.cfg
         repeatable = (token >= cfg.semantic_begin_id) & (token <= cfg.semantic_end_id)
         return ras_select(token, high, previous, repeatable)

@@ -87,12 +87,42 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -
     return torch.argmax(probs.float() / noise, dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           fused: bool | None = None) -> Tensor:
     """One token per row of logits [..., V] -> [...] int64; greedy settings take the argmax and use no randomness."""
-    if params.greedy:
-        return torch.argmax(logits, dim=-1)
-    probs = logits_to_probs(logits, params.temperature, params.top_p, params.top_k)
-    return sample_from_probs(probs, generator)
+    return sample_many(logits, [params], generator, fused)[0]
+
+
+def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch.Generator | None = None,
+                fused: bool | None = None) -> list[Tensor]:
+    """One token per row of logits [..., V] for each of `settings` (RAS: the normal and the high draw).
+
+    fused (default: on CUDA when triton is installed): torch.topk plus one Triton kernel for all draws
+    (`kernels/sampling.py`, 3 launches instead of about 18 per draw); noise is drawn only for the top_k
+    candidates, so a seed gives other tokens than the eager path, from the same distribution. Otherwise each draw
+    runs `logits_to_probs` and `sample_from_probs` in turn."""
+    kernel = _fused_kernel() if (logits.is_cuda if fused is None else fused) else None
+    if kernel is None or any(p.greedy for p in settings) or len({p.top_k for p in settings}) > 1 \
+            or len(settings) > kernel.MAX_DRAWS:
+        return [torch.argmax(logits, dim=-1) if p.greedy else
+                sample_from_probs(logits_to_probs(logits, p.temperature, p.top_p, p.top_k), generator)
+                for p in settings]
+    rows = logits.reshape(-1, logits.shape[-1]).contiguous()
+    vals, idx = torch.topk(rows, min(settings[0].top_k, rows.shape[-1]), dim=-1)
+    noise = torch.empty(len(settings), *vals.shape, dtype=torch.float32, device=rows.device)
+    noise.exponential_(generator=generator)
+    draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
+    tokens = kernel.topk_sample(rows, vals, idx, noise, draws)
+    return [t.reshape(logits.shape[:-1]) for t in tokens]
+
+
+def _fused_kernel():
+    """kernels/sampling.py, or None without triton."""
+    try:
+        from s2conv.runtime.kernels import sampling
+    except ImportError:
+        return None
+    return sampling
 
 
 def ras_select(normal: Tensor, high: Tensor, previous: Tensor, repeatable: Tensor) -> Tensor:

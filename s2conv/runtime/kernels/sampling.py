@@ -1,0 +1,94 @@
+"""One Triton kernel for the top-k / top-p / temperature filter and the exponential-race draw of `runtime.sampling`.
+
+The eager filter sorts the whole row and runs about 18 small kernels per draw (sort, softmax, cumsum, scatter, ...);
+a decode frame draws 11 or 12 times. Only the top_k highest logits can survive, so here torch.topk picks them (in
+rank order) and one kernel does the rest for every row and every (temperature, top_p) pair at once (RAS's normal and
+"high" draws share the top-k and the launch):
+
+    vals, idx = torch.topk(logits, k)                        # [B, k], descending
+    noise = torch.empty(P, B, k).exponential_()              # one Exp(1) per candidate and draw
+    tokens = topk_sample(logits, vals, idx, noise, [(0.8, 0.8), (1.0, 0.9)])   # [P, B] column indices
+
+Rounding follows the eager code where it rounds to the logits' dtype (softmax outputs, the tempered logits, the
+cumulative sum's outputs); its sums run in fp32, so a draw can differ from the eager filter only when a cumulative
+probability lies within one bf16 rounding of top_p.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.fused import _fix, _round
+
+_BLOCK_V = 1024  # logits per step of the normalizer loop
+MAX_DRAWS = 4  # (temperature, top_p) pairs per launch
+
+
+@triton.jit
+def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, V, K, stride_l, stride_v, stride_i, stride_eb,
+                        stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3,
+                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, FIX: tl.constexpr):
+    """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair."""
+    b = tl.program_id(0)
+    d = tl.program_id(1)
+    t = tl.where(d == 0, t0, tl.where(d == 1, t1, tl.where(d == 2, t2, t3)))
+    top_p = tl.where(d == 0, p0, tl.where(d == 1, p1, tl.where(d == 2, p2, p3)))
+    dtype = l_ptr.dtype.element_ty
+    r = tl.arange(0, BLOCK_K)
+    live = r < K
+    v = tl.load(v_ptr + b * stride_v + r, mask=live, other=float("-inf")).to(tl.float32)
+    top = tl.max(v, axis=0)  # = v[0]: topk returns the row maximum first
+    # softmax normalizer of the untempered row (eager: softmax over all V sorted logits)
+    total = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        lv = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        total += tl.exp(lv - top)
+    norm = tl.sum(total, axis=0)
+    p = _round(tl.exp(v - top) / norm, dtype, FIX).to(tl.float32)  # eager: softmax in the logits' dtype
+    cum = _round(tl.cumsum(p, axis=0), dtype, FIX).to(tl.float32)
+    keep = live & ((cum <= top_p) | (r == 0))  # rank >= top_k is already outside the K candidates
+    # tempered softmax over the kept candidates, in the logits' dtype, then the race: argmax(prob / Exp(1))
+    z = _round(v / t, dtype, FIX).to(tl.float32)
+    z = tl.where(keep, z, float("-inf"))
+    ez = tl.exp(z - tl.max(z, axis=0))
+    prob = _round(ez / tl.sum(ez, axis=0), dtype, FIX).to(tl.float32)
+    noise = tl.load(e_ptr + d * stride_ep + b * stride_eb + r, mask=live, other=1.0)
+    score = tl.where(keep, prob / noise, -1.0)
+    pick = tl.argmax(score, axis=0)
+    token = tl.load(i_ptr + b * stride_i + pick)
+    tl.store(out_ptr + d * stride_o + b, token)
+
+
+def _fail(what: str, expected: str, got) -> RuntimeModelError:
+    return RuntimeModelError(f"topk_sample: {what} must be {expected}, got {got}")
+
+
+def topk_sample(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, noise: torch.Tensor,
+                draws: list[tuple[float, float]]) -> torch.Tensor:
+    """Column indices [P, B] (int64) of one token per row and draw.
+
+    logits [B, V] (bf16, fp16 or fp32; contiguous rows); vals, idx [B, k]: torch.topk(logits, k) with k = min(top_k,
+    V), sorted; noise fp32 [P, B, k] of Exp(1) draws; draws: P <= 4 pairs (temperature > 0, top_p), each already
+    rounded to the logits' dtype as the eager filter rounds them. No host synchronisation (CUDA-graph safe).
+    """
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise _fail("logits", "2-D [B, V] with contiguous rows", f"{tuple(logits.shape)} {logits.stride()}")
+    bsz, v = logits.shape
+    k = vals.shape[-1]
+    if vals.shape != (bsz, k) or idx.shape != (bsz, k) or vals.stride(1) != 1 or idx.stride(1) != 1 or k > v:
+        raise _fail("vals / idx", f"[{bsz}, k <= {v}] from torch.topk", f"{tuple(vals.shape)} {tuple(idx.shape)}")
+    if not 1 <= len(draws) <= MAX_DRAWS:
+        raise _fail("draws", f"1 to {MAX_DRAWS} (temperature, top_p) pairs", len(draws))
+    if noise.shape != (len(draws), bsz, k) or noise.dtype != torch.float32 or noise.stride(2) != 1:
+        raise _fail("noise", f"fp32 [{len(draws)}, {bsz}, {k}]", f"{noise.dtype} {tuple(noise.shape)}")
+    out = torch.empty(len(draws), bsz, dtype=torch.int64, device=logits.device)
+    pairs = [float(x) for pair in draws for x in pair] + [1.0, 1.0] * (MAX_DRAWS - len(draws))
+    block_k = max(16, triton.next_power_of_2(k))
+    _topk_sample_kernel[(bsz, len(draws))](
+        logits, vals, idx, noise, out, v, k, logits.stride(0), vals.stride(0), idx.stride(0), noise.stride(1),
+        noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=_BLOCK_V, FIX=_fix(logits.dtype),
+        num_warps=4 if block_k <= 1024 else 8)
+    return out

@@ -1,0 +1,106 @@
+"""The fused top-k / top-p sampling kernel against the eager filter of runtime.sampling (on CPU through triton's
+interpreter): the same kept candidates, the same exponential-race winner for the same noise, and the right draw
+frequencies through `sample_many`."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from s2conv.errors import RuntimeModelError  # noqa: E402
+from s2conv.runtime.kernels.sampling import topk_sample  # noqa: E402
+from s2conv.runtime.sampling import SamplingParams, _round_to, logits_to_probs, sample_many  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def distinct_logits(b: int, v: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[b, v] logits whose 40 highest are distinct (ties make the rank order, and so top-k, arbitrary): a ramp of
+    step 0.25 from a random top, so top_p cuts inside the top 30, at random columns; the rest lie below."""
+    rows = []
+    for _ in range(b):
+        top = float(torch.rand(1, generator=gen)) * 4
+        row = torch.rand(v, generator=gen) * -20 + top - 12
+        n = min(v, 40)
+        row[torch.randperm(v, generator=gen)[:n]] = top - 0.25 * torch.arange(n)
+        rows.append(row)
+    return torch.stack(rows).to(dtype)
+
+
+def eager_kept(logits: torch.Tensor, idx: torch.Tensor, t: float, p: float, k: int) -> torch.Tensor:
+    """[b, k] whether the eager filter gives each top-k candidate a non-zero probability."""
+    return logits_to_probs(logits, t, p, k).gather(-1, idx) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v, k", [(7, 30), (40, 40), (1100, 30)])  # k > V, k = V, V over one normalizer step
+def test_kernel_keeps_exactly_the_eager_candidates(dtype, v, k):
+    """Row j of a batch repeats one logits row with a vanishing noise at rank j only: the race then picks rank j
+    exactly when the kernel keeps it, which must be exactly when the eager filter does."""
+    gen = torch.Generator().manual_seed(v + k)
+    kk = min(k, v)
+    for t, p in ((0.8, 0.8), (1.0, 0.3)):
+        row = distinct_logits(1, v, dtype, gen)
+        logits = row.expand(kk, v).contiguous()
+        vals, idx = torch.topk(logits, kk, dim=-1)
+        noise = torch.ones(2, kk, kk)
+        noise[0] = noise[0].fill_diagonal_(1e-30)
+        noise[1] = torch.rand(kk, kk, generator=gen) + 0.5  # second draw: ordinary noise on the same candidates
+        draws = [(_round_to(t, dtype), _round_to(p, dtype)), (_round_to(1.0, dtype), _round_to(0.9, dtype))]
+        got = topk_sample(logits.to(DEVICE), vals.to(DEVICE), idx.to(DEVICE), noise.to(DEVICE), draws).cpu()
+        kept = eager_kept(row, idx[:1], t, p, k)[0]
+        assert torch.equal(got[0] == idx[0], kept), (t, p)
+        assert 1 <= int(kept.sum()) < kk or p == 1.0  # the filter really cut something here
+        probs = logits_to_probs(logits, 1.0, 0.9, k).gather(-1, idx).float()
+        assert torch.equal(got[1], idx.gather(-1, (probs / noise[1]).argmax(-1, keepdim=True))[:, 0])
+
+
+def test_kernel_race_matches_the_eager_draw_for_the_same_noise():
+    gen = torch.Generator().manual_seed(3)
+    logits = distinct_logits(32, 300, torch.bfloat16, gen)
+    vals, idx = torch.topk(logits, 30, dim=-1)
+    noise = torch.empty(1, 32, 30).exponential_(generator=gen)
+    got = topk_sample(logits.to(DEVICE), vals.to(DEVICE), idx.to(DEVICE), noise.to(DEVICE),
+                      [(_round_to(0.8, torch.bfloat16), _round_to(0.8, torch.bfloat16))])[0].cpu()
+    probs = logits_to_probs(logits, 0.8, 0.8, 30).gather(-1, idx).float()
+    want = idx.gather(-1, (probs / noise[0]).argmax(-1, keepdim=True))[:, 0]
+    assert torch.equal(got, want)
+    assert len(set(got.tolist())) > 1  # really random draws, not the argmax every time
+
+
+def test_fused_sample_many_frequencies_follow_the_filtered_distribution():
+    """300 draws (the interpreter runs a program in milliseconds): 0.12 is about four standard deviations."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -3.0]).expand(300, 5).contiguous().to(DEVICE)
+    # untempered softmax .47 .29 .17 .06 .003: cumulative .47 .76 .93 .997
+    normal, high = SamplingParams(temperature=0.7, top_p=0.8, top_k=4), SamplingParams(1.0, 0.95, 4, 0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    draws = sample_many(logits, [normal, high], gen, fused=True)
+    for params, tokens in zip((normal, high), draws):
+        want = logits_to_probs(logits[0].cpu(), params.temperature, params.top_p, params.top_k)
+        freq = torch.bincount(tokens.cpu(), minlength=5).float() / len(tokens)
+        assert torch.allclose(freq, want, atol=0.12), (params, freq, want)
+    assert int(draws[0].max()) <= 1 < int(draws[1].max())  # top_p 0.8 keeps two tokens, 0.95 three
+
+
+def test_fused_sampling_keeps_shapes_and_greedy():
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (tokens,) = sample_many(logits, [SamplingParams()], gen, fused=True)
+    assert tokens.shape == (2, 3) and tokens.dtype == torch.int64
+    (greedy,) = sample_many(logits, [SamplingParams(temperature=0)], gen, fused=True)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
+def test_kernel_rejects_mismatched_noise():
+    logits = torch.randn(2, 40).to(DEVICE)
+    vals, idx = torch.topk(logits, 8)
+    with pytest.raises(RuntimeModelError, match="noise must be fp32 \\[1, 2, 8\\]"):
+        topk_sample(logits, vals, idx, torch.ones(1, 2, 7, device=DEVICE), [(1.0, 1.0)])
