@@ -40,9 +40,20 @@ def eager_kept(logits: torch.Tensor, idx: torch.Tensor, t: float, p: float, k: i
     return logits_to_probs(logits, t, p, k).gather(-1, idx) > 0
 
 
+def run_kernel(logits, vals, idx, noise, draws, k, select):
+    """topk_sample on the device, candidates from torch.topk (vals, idx) or picked in the kernel (select)."""
+    dev = [t.to(DEVICE) for t in (logits, vals, idx, noise)]
+    if select:
+        dev[1] = dev[2] = None
+    return topk_sample(dev[0], dev[1], dev[2], dev[3], draws, k).cpu()
+
+
+# k > V, k = V, V over one normalizer step; candidates from torch.topk or picked in the kernel (one round per
+# candidate: slow under the interpreter, so not at k = V = 40)
+@pytest.mark.parametrize("v, k, select", [(7, 30, False), (40, 40, False), (1100, 30, False), (7, 30, True),
+                                          (300, 12, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("v, k", [(7, 30), (40, 40), (1100, 30)])  # k > V, k = V, V over one normalizer step
-def test_kernel_keeps_exactly_the_eager_candidates(dtype, v, k):
+def test_kernel_keeps_exactly_the_eager_candidates(dtype, v, k, select):
     """Row j of a batch repeats one logits row with a vanishing noise at rank j only: the race then picks rank j
     exactly when the kernel keeps it, which must be exactly when the eager filter does."""
     gen = torch.Generator().manual_seed(v + k)
@@ -55,7 +66,7 @@ def test_kernel_keeps_exactly_the_eager_candidates(dtype, v, k):
         noise[0] = noise[0].fill_diagonal_(1e-30)
         noise[1] = torch.rand(kk, kk, generator=gen) + 0.5  # second draw: ordinary noise on the same candidates
         draws = [(_round_to(t, dtype), _round_to(p, dtype)), (_round_to(1.0, dtype), _round_to(0.9, dtype))]
-        got = topk_sample(logits.to(DEVICE), vals.to(DEVICE), idx.to(DEVICE), noise.to(DEVICE), draws).cpu()
+        got = run_kernel(logits, vals, idx, noise, draws, k, select)
         kept = eager_kept(row, idx[:1], t, p, k)[0]
         assert torch.equal(got[0] == idx[0], kept), (t, p)
         assert 1 <= int(kept.sum()) < kk or p == 1.0  # the filter really cut something here
@@ -63,13 +74,14 @@ def test_kernel_keeps_exactly_the_eager_candidates(dtype, v, k):
         assert torch.equal(got[1], idx.gather(-1, (probs / noise[1]).argmax(-1, keepdim=True))[:, 0])
 
 
-def test_kernel_race_matches_the_eager_draw_for_the_same_noise():
+@pytest.mark.parametrize("select", [False, True], ids=["torch_topk", "in_kernel"])
+def test_kernel_race_matches_the_eager_draw_for_the_same_noise(select):
     gen = torch.Generator().manual_seed(3)
     logits = distinct_logits(32, 300, torch.bfloat16, gen)
     vals, idx = torch.topk(logits, 30, dim=-1)
     noise = torch.empty(1, 32, 30).exponential_(generator=gen)
-    got = topk_sample(logits.to(DEVICE), vals.to(DEVICE), idx.to(DEVICE), noise.to(DEVICE),
-                      [(_round_to(0.8, torch.bfloat16), _round_to(0.8, torch.bfloat16))])[0].cpu()
+    draws = [(_round_to(0.8, torch.bfloat16), _round_to(0.8, torch.bfloat16))]
+    got = run_kernel(logits, vals, idx, noise, draws, 30, select)[0]
     probs = logits_to_probs(logits, 0.8, 0.8, 30).gather(-1, idx).float()
     want = idx.gather(-1, (probs / noise[0]).argmax(-1, keepdim=True))[:, 0]
     assert torch.equal(got, want)
@@ -99,8 +111,20 @@ def test_fused_sampling_keeps_shapes_and_greedy():
     assert torch.equal(greedy, logits.argmax(-1))
 
 
+def test_fused_sampling_over_64_candidates_takes_torch_topk():
+    """top_k 80 > SELECT_MAX_K: the candidates come from torch.topk; top_p 1 keeps all 80 of the 100 columns."""
+    logits = distinct_logits(1, 100, torch.float32, torch.Generator().manual_seed(2)).expand(200, 100)
+    params = SamplingParams(temperature=5.0, top_p=1.0, top_k=80)
+    (tokens,) = sample_many(logits.contiguous().to(DEVICE), [params], torch.Generator(DEVICE).manual_seed(3), True)
+    top80 = set(torch.topk(logits[0], 80).indices.tolist())
+    assert set(tokens.cpu().tolist()) <= top80 and len(set(tokens.tolist())) > 40
+
+
 def test_kernel_rejects_mismatched_noise():
     logits = torch.randn(2, 40).to(DEVICE)
     vals, idx = torch.topk(logits, 8)
     with pytest.raises(RuntimeModelError, match="noise must be fp32 \\[1, 2, 8\\]"):
         topk_sample(logits, vals, idx, torch.ones(1, 2, 7, device=DEVICE), [(1.0, 1.0)])
+    with pytest.raises(RuntimeModelError, match="top_k must be 1..64"):
+        topk_sample(torch.randn(2, 100, device=DEVICE), None, None, torch.ones(1, 2, 65, device=DEVICE), [(1.0, 1.0)],
+                    top_k=65)

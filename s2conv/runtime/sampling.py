@@ -7,6 +7,7 @@ All functions are free of host synchronisation so a decode step can be captured 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,22 +98,28 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
                 fused: bool | None = None) -> list[Tensor]:
     """One token per row of logits [..., V] for each of `settings` (RAS: the normal and the high draw).
 
-    fused (default: on CUDA when triton is installed): torch.topk plus one Triton kernel for all draws
-    (`kernels/sampling.py`, 3 launches instead of about 18 per draw); noise is drawn only for the top_k
-    candidates, so a seed gives other tokens than the eager path, from the same distribution. Otherwise each draw
-    runs `logits_to_probs` and `sample_from_probs` in turn."""
-    kernel = _fused_kernel() if (logits.is_cuda if fused is None else fused) else None
+    fused (default: on CUDA when triton is installed): one noise draw and one Triton kernel for all draws
+    (`kernels/sampling.py`; torch.topk first for top_k > 64) instead of about 18 launches per draw. Noise is drawn
+    only for the top_k candidates, so a seed gives other tokens than the eager path, from the same distribution.
+    Otherwise each draw runs `logits_to_probs` and `sample_from_probs` in turn."""
+    if fused is None:  # S2CONV_FUSED_SAMPLING=0: the eager filter on CUDA too (benchmark baseline)
+        fused = logits.is_cuda and os.environ.get("S2CONV_FUSED_SAMPLING", "1") != "0"
+    kernel = _fused_kernel() if fused else None
     if kernel is None or any(p.greedy for p in settings) or len({p.top_k for p in settings}) > 1 \
             or len(settings) > kernel.MAX_DRAWS:
         return [torch.argmax(logits, dim=-1) if p.greedy else
                 sample_from_probs(logits_to_probs(logits, p.temperature, p.top_p, p.top_k), generator)
                 for p in settings]
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()
-    vals, idx = torch.topk(rows, min(settings[0].top_k, rows.shape[-1]), dim=-1)
-    noise = torch.empty(len(settings), *vals.shape, dtype=torch.float32, device=rows.device)
+    top_k = settings[0].top_k
+    k = min(top_k, rows.shape[-1])
+    vals = idx = None
+    if not kernel.select_in_kernel(rows.shape[-1], k):
+        vals, idx = torch.topk(rows, k, dim=-1)
+    noise = torch.empty(len(settings), rows.shape[0], k, dtype=torch.float32, device=rows.device)
     noise.exponential_(generator=generator)
     draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
-    tokens = kernel.topk_sample(rows, vals, idx, noise, draws)
+    tokens = kernel.topk_sample(rows, vals, idx, noise, draws, top_k)
     return [t.reshape(logits.shape[:-1]) for t in tokens]
 
 

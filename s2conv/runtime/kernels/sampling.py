@@ -1,17 +1,17 @@
 """One Triton kernel for the top-k / top-p / temperature filter and the exponential-race draw of `runtime.sampling`.
 
 The eager filter sorts the whole row and runs about 18 small kernels per draw (sort, softmax, cumsum, scatter, ...);
-a decode frame draws 11 or 12 times. Only the top_k highest logits can survive, so here torch.topk picks them (in
-rank order) and one kernel does the rest for every row and every (temperature, top_p) pair at once (RAS's normal and
-"high" draws share the top-k and the launch):
+a decode frame draws 11 or 12 times. Only the top_k highest logits can survive: for top_k <= 64 and rows of up to
+8192 logits (S2's 4097 semantic columns, 4096 codes) the kernel picks them itself, otherwise torch.topk does. One
+launch serves every row and every (temperature, top_p) pair (RAS's normal and "high" draws share it):
 
-    vals, idx = torch.topk(logits, k)                        # [B, k], descending
-    noise = torch.empty(P, B, k).exponential_()              # one Exp(1) per candidate and draw
-    tokens = topk_sample(logits, vals, idx, noise, [(0.8, 0.8), (1.0, 0.9)])   # [P, B] column indices
+    noise = torch.empty(P, B, k).exponential_()              # one Exp(1) per candidate and draw, k = min(top_k, V)
+    tokens = topk_sample(logits, None, None, noise, [(0.8, 0.8), (1.0, 0.9)], top_k=30)   # [P, B] columns
+    vals, idx = torch.topk(logits, k); tokens = topk_sample(logits, vals, idx, noise, draws)   # any k, any V
 
 Rounding follows the eager code where it rounds to the logits' dtype (softmax outputs, the tempered logits, the
 cumulative sum's outputs); its sums run in fp32, so a draw can differ from the eager filter only when a cumulative
-probability lies within one bf16 rounding of top_p.
+probability lies within one bf16 rounding of top_p (or among tied logits, which the kernel ranks by column).
 """
 from __future__ import annotations
 
@@ -24,13 +24,19 @@ from s2conv.runtime.kernels.fused import _fix, _round
 
 _BLOCK_V = 1024  # logits per step of the normalizer loop
 MAX_DRAWS = 4  # (temperature, top_p) pairs per launch
+SELECT_MAX_K = 64  # in-kernel candidate selection: at most this many rounds ...
+SELECT_MAX_V = 8192  # ... over a row held in registers
 
 
 @triton.jit
 def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, V, K, stride_l, stride_v, stride_i, stride_eb,
                         stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3,
-                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, FIX: tl.constexpr):
-    """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair."""
+                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SELECT: tl.constexpr, FIX: tl.constexpr):
+    """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair.
+
+    SELECT: the whole row fits one BLOCK_V tile and the kernel picks the K candidates itself, K rounds of
+    "take the maximum, lowest column first, and mask it out" (torch.topk's radix select costs ~20 us a row on an
+    H100); otherwise v_ptr / i_ptr hold torch.topk's output."""
     b = tl.program_id(0)
     d = tl.program_id(1)
     t = tl.where(d == 0, t0, tl.where(d == 1, t1, tl.where(d == 2, t2, t3)))
@@ -38,15 +44,30 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, V, K, stride_l, str
     dtype = l_ptr.dtype.element_ty
     r = tl.arange(0, BLOCK_K)
     live = r < K
-    v = tl.load(v_ptr + b * stride_v + r, mask=live, other=float("-inf")).to(tl.float32)
-    top = tl.max(v, axis=0)  # = v[0]: topk returns the row maximum first
-    # softmax normalizer of the untempered row (eager: softmax over all V sorted logits)
-    total = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        lv = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        total += tl.exp(lv - top)
-    norm = tl.sum(total, axis=0)
+    if SELECT:
+        cols = tl.arange(0, BLOCK_V)
+        row = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        top = tl.max(row, axis=0)
+        norm = tl.sum(tl.exp(row - top), axis=0)
+        v = tl.full([BLOCK_K], float("-inf"), tl.float32)
+        idx = tl.zeros([BLOCK_K], tl.int64)
+        rest = row
+        for j in range(0, K):
+            best, at = tl.max(rest, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            v = tl.where(r == j, best, v)
+            idx = tl.where(r == j, at.to(tl.int64), idx)
+            rest = tl.where(cols == at, float("-inf"), rest)
+    else:
+        v = tl.load(v_ptr + b * stride_v + r, mask=live, other=float("-inf")).to(tl.float32)
+        idx = tl.load(i_ptr + b * stride_i + r, mask=live, other=0)
+        top = tl.max(v, axis=0)  # = v[0]: topk returns the row maximum first
+        # softmax normalizer of the untempered row (eager: softmax over all V sorted logits)
+        total = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            lv = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            total += tl.exp(lv - top)
+        norm = tl.sum(total, axis=0)
     p = _round(tl.exp(v - top) / norm, dtype, FIX).to(tl.float32)  # eager: softmax in the logits' dtype
     cum = _round(tl.cumsum(p, axis=0), dtype, FIX).to(tl.float32)
     keep = live & ((cum <= top_p) | (r == 0))  # rank >= top_k is already outside the K candidates
@@ -58,7 +79,7 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, V, K, stride_l, str
     noise = tl.load(e_ptr + d * stride_ep + b * stride_eb + r, mask=live, other=1.0)
     score = tl.where(keep, prob / noise, -1.0)
     pick = tl.argmax(score, axis=0)
-    token = tl.load(i_ptr + b * stride_i + pick)
+    token = tl.sum(tl.where(r == pick, idx, 0), axis=0)
     tl.store(out_ptr + d * stride_o + b, token)
 
 
@@ -66,20 +87,35 @@ def _fail(what: str, expected: str, got) -> RuntimeModelError:
     return RuntimeModelError(f"topk_sample: {what} must be {expected}, got {got}")
 
 
-def topk_sample(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, noise: torch.Tensor,
-                draws: list[tuple[float, float]]) -> torch.Tensor:
+def select_in_kernel(v: int, k: int) -> bool:
+    """Whether `topk_sample` picks the candidates itself (then vals / idx may be None): small k, rows of <= 8192."""
+    return k <= SELECT_MAX_K and v <= SELECT_MAX_V
+
+
+def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tensor | None, noise: torch.Tensor,
+                draws: list[tuple[float, float]], top_k: int | None = None) -> torch.Tensor:
     """Column indices [P, B] (int64) of one token per row and draw.
 
-    logits [B, V] (bf16, fp16 or fp32; contiguous rows); vals, idx [B, k]: torch.topk(logits, k) with k = min(top_k,
-    V), sorted; noise fp32 [P, B, k] of Exp(1) draws; draws: P <= 4 pairs (temperature > 0, top_p), each already
-    rounded to the logits' dtype as the eager filter rounds them. No host synchronisation (CUDA-graph safe).
+    logits [B, V] (bf16, fp16 or fp32; contiguous rows); k = min(top_k, V) candidates: vals, idx [B, k] from
+    torch.topk(logits, k) (sorted), or None where `select_in_kernel(V, k)` (then top_k is required); noise fp32
+    [P, B, k] of Exp(1) draws; draws: P <= 4 pairs (temperature > 0, top_p), each already rounded to the logits'
+    dtype as the eager filter rounds them. No host synchronisation (CUDA-graph safe).
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise _fail("logits", "2-D [B, V] with contiguous rows", f"{tuple(logits.shape)} {logits.stride()}")
     bsz, v = logits.shape
-    k = vals.shape[-1]
-    if vals.shape != (bsz, k) or idx.shape != (bsz, k) or vals.stride(1) != 1 or idx.stride(1) != 1 or k > v:
-        raise _fail("vals / idx", f"[{bsz}, k <= {v}] from torch.topk", f"{tuple(vals.shape)} {tuple(idx.shape)}")
+    select = vals is None
+    if select:
+        if top_k is None or top_k < 1 or not select_in_kernel(v, min(top_k, v)):
+            raise _fail("top_k", f"1..{SELECT_MAX_K} with V <= {SELECT_MAX_V} when vals / idx are None",
+                        f"top_k {top_k}, V {v}")
+        k = min(top_k, v)
+        vals = idx = noise  # unused pointers
+    else:
+        k = vals.shape[-1]
+        if vals.shape != (bsz, k) or idx.shape != (bsz, k) or vals.stride(1) != 1 or idx.stride(1) != 1 or k > v:
+            raise _fail("vals / idx", f"[{bsz}, k <= {v}] from torch.topk",
+                        f"{tuple(vals.shape)} {tuple(idx.shape)}")
     if not 1 <= len(draws) <= MAX_DRAWS:
         raise _fail("draws", f"1 to {MAX_DRAWS} (temperature, top_p) pairs", len(draws))
     if noise.shape != (len(draws), bsz, k) or noise.dtype != torch.float32 or noise.stride(2) != 1:
@@ -87,8 +123,9 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, noi
     out = torch.empty(len(draws), bsz, dtype=torch.int64, device=logits.device)
     pairs = [float(x) for pair in draws for x in pair] + [1.0, 1.0] * (MAX_DRAWS - len(draws))
     block_k = max(16, triton.next_power_of_2(k))
+    block_v = max(16, triton.next_power_of_2(v)) if select else _BLOCK_V
     _topk_sample_kernel[(bsz, len(draws))](
         logits, vals, idx, noise, out, v, k, logits.stride(0), vals.stride(0), idx.stride(0), noise.stride(1),
-        noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=_BLOCK_V, FIX=_fix(logits.dtype),
-        num_warps=4 if block_k <= 1024 else 8)
+        noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
+        FIX=_fix(logits.dtype), num_warps=8 if max(block_k, block_v) > 1024 else 4)
     return out
