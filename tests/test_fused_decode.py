@@ -175,6 +175,57 @@ def test_decode_attention_split_path_with_many_splits():
     assert torch.allclose(got, vc[:, :, 0].reshape(1, 1, 16).repeat(1, 1, 2), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm,n_kv,pos,span", [(True, 2, 0, 8), (False, 1, 5, 16), (True, 2, 77, 256),
+                                                   (True, 4, 250, 256)])  # one split / 4 splits (pos early, late)
+def test_rope_attention_equals_the_two_kernel_path(dtype, qk_norm, n_kv, pos, span):
+    """qk-norm + RoPE + cache write inside the attention launch: the same caches and the same output as
+    `qk_norm_rope_cache` then `decode_attention` (fp32: summation order; bf16: one rounding). Row 1 is left-padded
+    (offset min(pos + 1, 3): at pos 0 a padded query, which reads key pos alone)."""
+    b, n_head, d, max_seq = 2, 4, 32, 256
+    assert fused.attention_splits(256, b * n_head, torch.device("cpu"))[0] == 4
+    g = gen(11)
+    qkv = (torch.randn(b, 1, (n_head + 2 * n_kv) * d, generator=g) * 3).to(dtype).to(DEVICE)
+    table = precompute_freqs_cis(max_seq, d, 10000.0).to(DEVICE)
+    w = [(1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEVICE) for _ in range(2)] if qk_norm else [None] * 2
+    caches = [KVCache(b, n_kv, max_seq, d, dtype, DEVICE) for _ in range(2)]
+    filler = torch.randn(caches[0].k_cache.shape, generator=g).to(dtype).to(DEVICE)
+    for c in caches:
+        c.k_cache.copy_(filler)
+        c.v_cache.copy_(-filler)
+    pos_t = torch.tensor([pos], device=DEVICE)
+    offsets = torch.tensor([0, min(pos + 1, 3)], device=DEVICE)
+    q = fused.qk_norm_rope_cache(qkv, w[0], w[1], table[pos_t], caches[0].k_cache, caches[0].v_cache, pos_t, n_head,
+                                 n_kv, 1e-6)
+    want = fused.decode_attention(q, caches[0].k_cache, caches[0].v_cache, pos_t, span, offsets=offsets)
+    got = fused.rope_attention(qkv, w[0], w[1], table[pos_t], caches[1].k_cache, caches[1].v_cache, pos_t, span,
+                               n_head, n_kv, 1e-6, offsets=offsets)
+    assert torch.equal(caches[1].k_cache, caches[0].k_cache) and torch.equal(caches[1].v_cache, caches[0].v_cache)
+    assert got.shape == want.shape == (b, 1, n_head * d) and got.dtype == dtype
+    assert close(got, want)
+
+
+def test_cache_writes_stay_inside_the_caches():
+    """H + 2 Hkv = 12 heads: the last head tile of `qk_norm_rope_cache` is partly padding, whose value-head
+    arithmetic once wrote zeros past the v cache (into the next row's heads). Caches are views of one buffer here,
+    followed by a guard that must stay untouched; so must every slot but pos."""
+    b, n_head, n_kv, d, max_seq, pos = 2, 4, 4, 32, 16, 5
+    qkv = torch.randn(b, 1, (n_head + 2 * n_kv) * d, generator=gen(12)).to(DEVICE)
+    table = precompute_freqs_cis(max_seq, d, 10000.0).to(DEVICE)
+    pos_t = torch.tensor([pos], device=DEVICE)
+    for step in ("two kernels", "rope_attention"):
+        buf = torch.full((4, b, n_kv, max_seq, d), 7.0, device=DEVICE)
+        kc, vc = buf[0], buf[1]
+        if step == "two kernels":
+            q = fused.qk_norm_rope_cache(qkv, None, None, table[pos_t], kc, vc, pos_t, n_head, n_kv)
+            fused.decode_attention(q, kc, vc, pos_t, max_seq)
+        else:
+            fused.rope_attention(qkv, None, None, table[pos_t], kc, vc, pos_t, max_seq, n_head, n_kv)
+        assert bool((buf[2:] == 7).all()), step
+        others = torch.arange(max_seq, device=DEVICE) != pos
+        assert bool((buf[:2, :, :, others] == 7).all()) and not bool((buf[:2, :, :, pos] == 7).any()), step
+
+
 # ---- silu * mul ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_on_halves_of_one_tensor(dtype):

@@ -130,7 +130,7 @@ def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr,
     pos = tl.load(pos_ptr).to(tl.int64)
     live = head < H + 2 * HKV
     is_q = head < H
-    is_v = head >= H + HKV
+    is_v = live & (head >= H + HKV)  # not the padding heads of the last tile: they would write past the cache
     is_k = live & ~is_q & ~is_v
     src = qkv_ptr + b * stride_qkv + head[:, None] * D + 2 * j[None, :]
     x0 = tl.load(src, mask=live[:, None], other=0.0).to(tl.float32)
@@ -225,16 +225,41 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
 
 # ---- decode attention --------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr, ml_ptr,
-                        H, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, scale,
-                        HAS_OFFSETS: tl.constexpr,
+def _rope_head(row_ptr, w_ptr, f_row, eps, D: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+               dtype: tl.constexpr, FIX: tl.constexpr):
+    """One head of a qkv row as `_qk_rope_cache_kernel` computes it (RMSNorm, pair rotation, each rounded to
+    dtype), in natural order: fp32 [D]."""
+    j = tl.arange(0, D // 2)
+    x0 = tl.load(row_ptr + 2 * j).to(tl.float32)
+    x1 = tl.load(row_ptr + 2 * j + 1).to(tl.float32)
+    if NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(x0 * x0 + x1 * x1, axis=0) / D + eps)
+        x0 = _round((x0 * inv) * tl.load(w_ptr + 2 * j).to(tl.float32), dtype, FIX).to(tl.float32)
+        x1 = _round((x1 * inv) * tl.load(w_ptr + 2 * j + 1).to(tl.float32), dtype, FIX).to(tl.float32)
+    if ROPE:
+        cos = tl.load(f_row + 2 * j).to(tl.float32)
+        sin = tl.load(f_row + 2 * j + 1).to(tl.float32)
+        re = _round(x0 * cos - x1 * sin, dtype, FIX).to(tl.float32)
+        im = _round(x1 * cos + x0 * sin, dtype, FIX).to(tl.float32)
+        return tl.interleave(re, im)
+    return tl.interleave(x0, x1)
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr, ml_ptr, qw_ptr, kw_ptr, f_ptr,
+                        H, HKV, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, stride_qkv, stride_f,
+                        scale, eps, HAS_OFFSETS: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr,
                         D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, FIX: tl.constexpr,
                         PDL: tl.constexpr):
     """Program (b * H + h, split): online softmax of query head h over keys [split start, split end) with
     key j <= pos, reading KV head h // N_REP. SINGLE: one split, normalise and store out [B, 1, H * D]; else store
     the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2].
     HAS_OFFSETS: row b also skips the keys j < off[b] (its left padding) and a padded query (pos < off[b]) reads
-    key pos alone. Skipped keys are never loaded, so a row costs only its own length."""
+    key pos alone. Skipped keys are never loaded, so a row costs only its own length.
+    FUSED: q_ptr is the projection qkv [B, (H + 2 HKV) * D] instead of q: the program builds its query head and
+    the new key / value of position pos itself (`_rope_head`: the arithmetic of `_qk_rope_cache_kernel`), the
+    split that owns pos takes the new key from registers, and one program per (row, KV head) writes it to the
+    caches (the other programs read only keys < pos, so nobody reads the slot being written)."""
     pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -242,12 +267,27 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
     h = bh % H
     pos = tl.load(pos_ptr).to(tl.int32)
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + bh * D + offs_d).to(tl.float32)
     base = b.to(tl.int64) * stride_cb + (h // N_REP).to(tl.int64) * stride_ch
     start = split * keys_per_split
     end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
     if HAS_OFFSETS:
         start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
+    if FUSED:
+        dtype = o_ptr.dtype.element_ty
+        row = q_ptr + b.to(tl.int64) * stride_qkv
+        f_row = f_ptr + b * stride_f
+        g = h // N_REP
+        q = _rope_head(row + h * D, qw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
+        k_new = _rope_head(row + (H + g) * D, kw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
+        v_new = tl.load(row + (H + HKV + g) * D + offs_d).to(tl.float32)
+        writer = offs_d < tl.where(h % N_REP + split == 0, D, 0)  # split 0 of the KV head's first query head
+        slot = base + pos.to(tl.int64) * D + offs_d
+        tl.store(kc_ptr + slot, k_new.to(dtype), mask=writer)
+        tl.store(vc_ptr + slot, v_new.to(dtype), mask=writer)
+        owner = (start <= pos) & (pos < end)  # this split's range holds key pos
+        end = tl.minimum(end, pos)  # cached keys only
+    else:
+        q = tl.load(q_ptr + bh * D + offs_d).to(tl.float32)
     m_i = tl.full([1], -1.0e30, tl.float32)  # finite: an empty split gives weight 0, not NaN
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -264,6 +304,14 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
         v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    if FUSED:  # key pos, last in order, where this split owns it (weight 0 elsewhere)
+        s_new = tl.where(owner, tl.sum(k_new * q, axis=0) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s_new - m_new)
+        acc = acc * alpha + p * v_new
+        l_i = l_i * alpha + p
         m_i = m_new
     if SINGLE:
         out = acc / l_i
@@ -324,6 +372,40 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise _fail(op, "n_rep * KV heads", f"the {h} query heads", f"{n_rep} * {n_kv}")
     if d & (d - 1):
         raise _fail(op, "head_dim", "a power of two", d)
+    return _attention(op, q.contiguous(), None, k_cache, v_cache, pos, span, b, h, n_kv, d, offsets)
+
+
+def rope_attention(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                   freqs_cis_row: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, span: int,
+                   n_head: int, n_kv_head: int, eps: float = 1e-6, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """`qk_norm_rope_cache` followed by `decode_attention`, in the attention kernel's launch: one decode step's
+    projection qkv [B, 1, (H + 2 Hkv) * D] -> attention output [B, 1, H * D], writing the new key and value into
+    the caches at pos. Arguments as in those two functions (one launch fewer per transformer block)."""
+    op = "rope_attention"
+    b = qkv.shape[0]
+    width = qkv.shape[-1]
+    if width % (n_head + 2 * n_kv_head) or n_head % n_kv_head:
+        raise _fail(op, "qkv width and heads", f"a multiple of {n_head + 2 * n_kv_head} heads, H a multiple of Hkv",
+                    (width, n_head, n_kv_head))
+    d = width // (n_head + 2 * n_kv_head)
+    if qkv.numel() != b * width:
+        raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
+    if d % 2 or d & (d - 1):
+        raise _fail(op, "head_dim", "an even power of two", d)
+    if freqs_cis_row.numel() not in (d, b * d):
+        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2] or [{b}, 1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
+    if (q_norm_w is None) != (k_norm_w is None):
+        raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
+    freqs = freqs_cis_row.reshape(-1, d).contiguous()  # [1 or B, D]
+    fused_args = (q_norm_w, k_norm_w, freqs, 0 if freqs.shape[0] == 1 else d, eps)
+    return _attention(op, _rows(op, qkv, width), fused_args, k_cache, v_cache, pos, span, b, n_head, n_kv_head, d,
+                      offsets)
+
+
+def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, pos, span, b: int, h: int,
+               n_kv: int, d: int, offsets) -> torch.Tensor:
+    """Launch `_decode_attn_kernel` (+ the split reduction); q: q [B, H, 1, D], or qkv rows [B, width] with
+    fused_args = (q_norm_w, k_norm_w, freqs [1 or B, D], freqs row stride, eps)."""
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(op, name, cache, b, n_kv, d, q.dtype)
     if offsets is not None and (offsets.shape != (b,) or offsets.dtype.is_floating_point or offsets.is_complex()
@@ -331,7 +413,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise _fail(op, "offsets", f"an integer tensor of shape ({b},) on {q.device}",
                     f"{tuple(offsets.shape)} {offsets.dtype} on {offsets.device}")
     span = min(span or k_cache.shape[2], k_cache.shape[2])
-    q = q.contiguous()
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     pos_t = _pos_tensor(pos, q.device)
     n_splits, per = attention_splits(span, b * h, q.device)
@@ -341,12 +422,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         part = torch.empty(b * h, n_splits, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
+    qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
+    has_norm = qw is not None
     fix = _fix(q.dtype)
     _decode_attn_kernel[(b * h, n_splits)](
-        q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml, h, n_rep, span, per,
-        n_splits, k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d),
-        HAS_OFFSETS=offsets is not None, D=d, BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4,
-        **pdl_args(q.device))
+        q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
+        qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
+        k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),
+        HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
+        BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4, **pdl_args(q.device))
     if not single:
         _decode_attn_reduce_kernel[(b * h,)](part, ml, out, h, n_splits, D=d,
                                              SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4,
