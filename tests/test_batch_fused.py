@@ -143,9 +143,9 @@ def test_greedy_batch_with_fused_kernels_equals_eager_batch(weights, prompts, mo
     fast = model()
     assert fused_decode.enable(fast, force=True)
     calls = []
-    original = fused.rope_attention
-    monkeypatch.setattr(fused, "rope_attention",
-                        lambda *a, **kw: calls.append(kw.get("offsets") is not None) or original(*a, **kw))
+    original = fused.decode_attention
+    monkeypatch.setattr(fused, "decode_attention",
+                        lambda *a, **kw: calls.append(len(a) > 6 and a[6] is not None) or original(*a, **kw))
     got = generate_frames_batch(fast, prompts, 3, GREEDY, use_graphs=False)
     # 2 decode steps through the slow blocks with row offsets; 10 depth steps per frame through the fast blocks
     # without (the prefill frame too)

@@ -200,7 +200,8 @@ def test_rope_attention_equals_the_two_kernel_path(dtype, qk_norm, n_kv, pos, sp
     want = fused.decode_attention(q, caches[0].k_cache, caches[0].v_cache, pos_t, span, offsets=offsets)
     got = fused.rope_attention(qkv, w[0], w[1], table[pos_t], caches[1].k_cache, caches[1].v_cache, pos_t, span,
                                n_head, n_kv, 1e-6, offsets=offsets)
-    assert torch.equal(caches[1].k_cache, caches[0].k_cache) and torch.equal(caches[1].v_cache, caches[0].v_cache)
+    # fp32 on a GPU: the two kernels' compilations may contract the rotation into FMAs differently (last-bit)
+    assert close(caches[1].k_cache, caches[0].k_cache) and torch.equal(caches[1].v_cache, caches[0].v_cache)
     assert got.shape == want.shape == (b, 1, n_head * d) and got.dtype == dtype
     assert close(got, want)
 
@@ -240,16 +241,20 @@ def weights():
     return random_s2_weights(TINY)
 
 
-def test_greedy_decode_with_fused_kernels_equals_eager(weights):
+def test_greedy_decode_with_fused_kernels_equals_eager(weights, monkeypatch):
     prompt = random_prompt(TINY, 8).to(DEVICE)
     model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
     _force_eos_at(model, -1)
     want = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
     assert fused_decode.enable(model, force=True)
-    calls = []
+    calls, attention = [], []
     model.layers[0].attention.wqkv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    original = fused.rope_attention
+    monkeypatch.setattr(fused, "rope_attention", lambda *a, **kw: attention.append(1) or original(*a, **kw))
     got = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
     assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill stays eager (S = 8), every decode step is S = 1
+    # batch 1: one attention launch with the qk-norm/RoPE per block and step (slow: 2 steps; fast: 10 per frame)
+    assert len(attention) == 2 * TINY.n_layer + 3 * TINY.num_codebooks * TINY.n_fast_layer
     assert "forward" in model.norm.__dict__ and "forward" not in model.layers[0].attention_norm.__dict__
     assert got.shape == want.shape == (10, 3)
     assert torch.equal(got, want)

@@ -4,7 +4,7 @@
     fused_decode.disable(model)   # back to the eager forwards
 
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
-the new position (1-2 kernels), wo, add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of
+the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of
 a QuantLinear; silu*mul inside), w2 with the residual add in its epilogue. Prefill (S > 1) and CPU tensors keep the
 eager code of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of
 left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
@@ -67,8 +67,13 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     qw = attn.q_norm.weight if attn.qk_norm else None
     kw = attn.k_norm.weight if attn.qk_norm else None
     eps = attn.q_norm.eps if attn.qk_norm else 0.0
-    y = k.rope_attention(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, span, attn.n_head,
-                         attn.n_kv_head, eps, offsets=offsets)
+    if x.shape[0] == 1:  # qk-norm, RoPE and cache write inside the attention launch
+        y = k.rope_attention(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, span, attn.n_head,
+                             attn.n_kv_head, eps, offsets=offsets)
+    else:  # batched rows: the two-kernel form measured 2-3% faster at batch 32 on an H100 (bench/RESULTS.md)
+        q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
+                                 attn.n_kv_head, eps)
+        y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
     h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
     return _ffn(block.feed_forward, n, k, gemv, residual=h)
 
