@@ -4,10 +4,11 @@
     fused_decode.disable(model)   # back to the eager forwards
 
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
-the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of
-a QuantLinear; silu*mul inside), w2 with the residual add in its epilogue. Prefill (S > 1) and CPU tensors keep the
-eager code of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of
-left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
+the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
+GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
+add in its epilogue. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear modules are
+still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of left-padded
+rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
 """
 from __future__ import annotations
 
