@@ -127,28 +127,44 @@ class AtomicDir:
             raise ConversionError(f"output directory {parent} does not exist")
         _remove_stale_dirs(parent, self.target.name)
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=TMP_MARK,
-                                             dir=parent))
+            with _signals_deferred():  # an interrupt lands after the name is known, so the except can remove it
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=TMP_MARK,
+                                                 dir=parent))
         except OSError as e:
             raise os_error("cannot write to", parent, e) from None
+        except BaseException:  # KeyboardInterrupt: `with` calls no __exit__ when __enter__ raises
+            self._discard()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            with _signals_deferred():
+                self._discard()
             return
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old{TMP_MARK}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        try:
+            # fsyncs, renames and the old directory's removal run with SIGINT / SIGTERM held back: an interrupt
+            # arriving meanwhile takes effect once the target is complete and no temporary name is left
+            with _signals_deferred():
+                for f in self.tmp.iterdir():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                old = None
+                if self.target.exists():
+                    old = self.target.with_name(f".{self.target.name}.old{TMP_MARK}")
+                    os.replace(self.target, old)
+                os.replace(self.tmp, self.target)
+                _fsync_dir(self.target.parent)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _remove_stale_dirs(parent: Path, name: str) -> None:
@@ -186,6 +202,20 @@ def _fsync_dir(d: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back while the block runs (they are delivered when it ends); no-op where the platform
+    has no signal masks."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
