@@ -91,6 +91,25 @@ def test_prepare_kernel_twice_keeps_the_kernel_and_a_lost_weight_is_a_clear_erro
         m(x_rows(m.in_features))
 
 
+def test_the_kernel_moves_with_the_module_and_keeps_its_dtypes():
+    """model.to(device) after prepare_kernel: the kernel layout (the only copy of W) goes along; .double() or
+    .half() convert no kernel tensor (int32 codes, fp32 scales)."""
+    m = quant_linear("q4_k")
+    m.prepare_kernel(force=True)
+    dtypes = {name: t.dtype for name, t in m.kernel[1].items()}
+    w = m.dequantized(torch.float32)
+    m.double().half()
+    assert {name: t.dtype for name, t in m.kernel[1].items()} == dtypes
+    if DEVICE == "cuda":  # a real round trip through host memory
+        m.cpu()
+        assert all(t.device.type == "cpu" for t in m.kernel[1].values())
+        m.to(DEVICE)
+    assert all(t.device.type == DEVICE for t in m.kernel[1].values())
+    assert torch.equal(m.dequantized(torch.float32), w)
+    m.to("meta")  # any device: no tensor of the kernel stays behind
+    assert all(t.device.type == "meta" for t in m.kernel[1].values()) and m.weight.device.type == "meta"
+
+
 def test_new_storage_bytes_assigned_after_prepare_are_repacked():
     m = quant_linear("q4")
     m.prepare_kernel(force=True)

@@ -35,7 +35,7 @@ class QuantLinear(nn.Module):
       dequantizes `packed` (exactly the same W) otherwise.
     `state_dict()` then holds the empty `weight`; loading a state dict with the full storage bytes (e.g.
     `load_state_dict`) drops the kernel and restores the storage state, to be prepared again. The kernel is built
-    on the weight's device: move the module before `prepare_kernel`, not after.
+    on the weight's device and moves with the module (`.to(device)`).
     """
 
     def __init__(self, fmt: QuantFormat, in_features: int, out_features: int, device=None):
@@ -102,6 +102,15 @@ class QuantLinear(nn.Module):
         if self.storage_released:
             raise self._missing_weight()
         return self.fmt.dequantize_torch(self.weight, self.in_features, dtype=dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)`, `.cuda()`, `.half()`, ...: the kernel tensors move with the module but keep their dtypes
+        (the kernels read int32 codes and fp32 scales whatever the activation dtype)."""
+        super()._apply(fn, recurse)
+        if self.kernel is not None:
+            launcher, packed = self.kernel
+            self.kernel = (launcher, {name: t.to(fn(t.new_empty(0)).device) for name, t in packed.items()})
+        return self
 
     def resident_bytes(self) -> int:
         """Bytes this module keeps in memory for its weight: storage bytes plus kernel tensors (one of the two
