@@ -1,0 +1,98 @@
+"""Instructions per code of the integer GEMV, without a GPU: compile `int_gemv_kernel` for sm_90 with triton's
+bundled ptxas, disassemble the main loop and count its SASS instructions by opcode.
+
+The GEMV is issue-bound at S2's shapes (bench/RESULTS.md: Nsight Compute on an H100), so the instruction count of
+its loop is the first thing a change to it should move; this measures it on any machine, before device time.
+The arguments get the specializations triton's JIT gives them at S2's shapes (16-byte aligned pointers, integers
+divisible by 16). Mind the triton version: the device may run another one (its code generation differs).
+
+Usage: python scripts/sass_gemv.py [--formats q4,q8,...] [--warps 4] [--blocks 5] [--dump DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what ops.py's launches get (fused multiply-adds)
+
+import triton  # noqa: E402
+import triton.backends.nvidia as nvidia_backend  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from s2conv.runtime.kernels.layout import BLOCK_K, INT_SPECS  # noqa: E402
+from s2conv.runtime.kernels.triton_int import int_gemv_kernel  # noqa: E402
+
+_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp32", "out_ptr": "*bf16",
+              "part_ptr": "*bf16", "cnt_ptr": "*i32", "r_ptr": "*bf16", "N": "i32", "K": "i32", "n_blocks": "i32",
+              "blocks_per_split": "i32", "n_split": "i32", "magic": "i32", "stride_xm": "i32", "stride_wg": "i32",
+              "w3_off": "i32", "stride_sn": "i32", "stride_om": "i32", "stride_ps": "i32", "stride_pm": "i32",
+              "stride_rm": "i32"}
+_NOT_DIVISIBLE = ("magic", "n_split", "blocks_per_split", "n_blocks")  # small counts and the 0x4B000000 constant
+
+
+def compile_gemv(fmt: str, bpp: int, warps: int):
+    """The compiled kernel (triton CompiledKernel) of `fmt` with BPP blocks per loop step, M = 1, no split-K."""
+    spec = INT_SPECS[fmt]
+    const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
+                 PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False)
+    sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
+    attrs = {(int_gemv_kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in _SIGNATURE if n not in _NOT_DIVISIBLE}
+    src = ASTSource(fn=int_gemv_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def sass(kernel) -> str:
+    tool = Path(nvidia_backend.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]+)?\s*(.*?);")
+
+
+def main_loop(text: str) -> list[str]:
+    """Opcodes of the longest loop: from the target of a backward BRA up to that branch."""
+    lines = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_LINE.match, text.splitlines()) if m]
+    best: list[str] = []
+    for addr, op, args in lines:
+        target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in lines if int(target.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default=",".join(INT_SPECS))
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--blocks", type=int, default=5, help="blocks of a program (K = 2560: 5); BPP of the no-min formats")
+    ap.add_argument("--dump", type=Path, help="write each kernel's SASS here")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_90, {args.warps} warps, M = 1, one 16-row group per program")
+    for fmt in args.formats.split(","):
+        bpp = 1 if INT_SPECS[fmt].has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
+        text = sass(compile_gemv(fmt, bpp, args.warps))
+        body = main_loop(text)
+        codes = 16 * bpp * BLOCK_K / (32 * args.warps)  # codes per thread and loop step
+        spills = len(re.findall(r"\b(?:STL|LDL)\b", text))
+        top = collections.Counter(body).most_common(10)
+        print(f"{fmt:5s} loop {len(body):5d} instr / {codes:4.0f} codes = {len(body) / codes:5.2f} per code, "
+              f"{spills} local-memory ops;  " + ", ".join(f"{op} {n}" for op, n in top))
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"int_gemv_{fmt}.sass").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
