@@ -74,11 +74,10 @@ def _window(v: tl.constexpr, a0, a1, a2, a3):
 
 
 @triton.jit
-def _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr,
-                HAS_MIN: tl.constexpr, NT: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr,
-                GPW: tl.constexpr, NWIN: tl.constexpr):
-    """Block b's weight tile [NT, 16, 16] (and 3-bit high-bit tile, else the same tile again), its window scales
-    and mins [NT, 1, 16] (zeros where the format has none); everything masked off when b >= b_end."""
+def _load_block(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr, NT: tl.constexpr,
+                BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
+    """Block b's weight tile [NT, 16, 16] (and 3-bit high-bit tile, else the same tile again) and its window
+    scales [NT, 1, 16] (zeros for per-row formats); everything masked off when b >= b_end."""
     live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
     live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
     wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
@@ -89,15 +88,31 @@ def _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS: tl.constexpr, GR
     s1 = s0
     s2 = s0
     s3 = s0
-    m0 = s0
-    m1 = s0
-    m2 = s0
-    m3 = s0
     if GROUP > 0:
         s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
-        if HAS_MIN:
-            m0, m1, m2, m3 = _load_scales(m_tile, b * GPB, live_s, GPW, NWIN)
-    return wt, ht, s0, s1, s2, s3, m0, m1, m2, m3
+    return wt, ht, s0, s1, s2, s3
+
+
+@triton.jit
+def _min_correction(x_row, m_rows, K, b_start, b_end, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum_g mins[r, g] * (sum of x over group g) for the 16 rows r over blocks [b_start, b_end) -> fp32 [16].
+
+    The group sums of x are the same for every row, so formats with mins pay for them once per block here (a
+    [groups, GROUP] reshape of the block's x) instead of once per code in the main loop; mins [16, groups] load
+    along each row's contiguous groups."""
+    GPB: tl.constexpr = _BLOCK_K // GROUP  # groups per block
+    g = tl.arange(0, GPB)
+    j = tl.arange(0, GROUP)
+    corr = tl.zeros([_R, GPB], tl.float32)
+    for b in range(b_start, b_end):
+        k = b * _BLOCK_K + g[:, None] * GROUP + j[None, :]  # [groups, GROUP]
+        if EVEN_K:
+            xv = tl.load(x_row + k).to(tl.float32)
+        else:
+            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        xsum = tl.sum(xv, axis=1)  # [groups]
+        corr += tl.load(m_rows[:, None] + b * GPB + g[None, :]) * xsum[None, :]
+    return tl.sum(corr, axis=1)
 
 
 @triton.jit
@@ -135,30 +150,28 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     g_t = (t1 * SPW) // SPG  # group of window 0 within the block, per sub-tile
     # one scale per (sub-tile, row) [NT, 1, 16], broadcast over the 16 words
     s_tile = s_rows[None, None, :] + g_t[:, None, None]
-    m_tile = m_rows[None, None, :] + g_t[:, None, None]
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr  # word 32 + w: the high-bit sub-tile
         h_shift = tt * 16 + ww * 0 + rr * 0
     else:
         h_tile = w_tile
     acc = tl.zeros([NT, _W, _R], tl.float32)
-    corr = tl.zeros([NT, _W, _R], tl.float32)
     # BPP > 1: BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their
     # weight, scale and x loads early instead of one memory round trip per block (ops.py: BPP = all of a program's
-    # blocks). BPP = 1 (formats with mins, whose unrolled version ran a q4_k frame 4x slower on an H100,
-    # bench/RESULTS.md): block b + 1 is loaded while block b computes (register double buffering).
+    # blocks). BPP = 1: block b + 1 is loaded while block b computes (register double buffering). Mins never enter
+    # this loop: `_min_correction` subtracts them afterwards.
     if BPP == 1:
-        wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = _load_block(w_tile, h_tile, s_tile, m_tile, b_start, b_end, BITS,
-                                                             GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
+        wt, ht, s0, s1, s2, s3 = _load_block(w_tile, h_tile, s_tile, b_start, b_end, BITS, GROUP, NT, BSTEP, GPB,
+                                             GPW, NWIN)
     for b0 in range(b_start, b_end, BPP):
         for j in tl.static_range(BPP):
             b = b0 + j
             if BPP == 1:
-                wn, hn, n0, n1, n2, n3, q0, q1, q2, q3 = _load_block(w_tile, h_tile, s_tile, m_tile, b + 1, b_end,
-                                                                     BITS, GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
+                wn, hn, n0, n1, n2, n3 = _load_block(w_tile, h_tile, s_tile, b + 1, b_end, BITS, GROUP, NT, BSTEP,
+                                                     GPB, GPW, NWIN)
             else:
-                wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = _load_block(w_tile, h_tile, s_tile, m_tile, b, b_end, BITS,
-                                                                     GROUP, HAS_MIN, NT, BSTEP, GPB, GPW, NWIN)
+                wt, ht, s0, s1, s2, s3 = _load_block(w_tile, h_tile, s_tile, b, b_end, BITS, GROUP, NT, BSTEP, GPB,
+                                                     GPW, NWIN)
             wt_hi = wt >> 16
             if BITS == 3:
                 ht = ht >> h_shift
@@ -167,7 +180,6 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
             x_live = (tl.full([NT, _W], b, tl.int32) < b_end) & (kb + t1[:, None] * (SPW * _W) + w1[None, :] < K)
             for v in tl.static_range(NWIN):
                 acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
-                xs = tl.zeros([NT, _W], tl.float32)
                 for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
                     # triton 3.6 turns an assigned int into a runtime value)
                     if EVEN_K:
@@ -181,21 +193,17 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                     else:
                         xq = _xq(xv, i * BITS, BITS, 1.0)
                         acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * xq[:, :, None]
-                    if HAS_MIN:
-                        xs += xv
                 if GROUP == 0:
                     acc = acc_g
                 else:
                     acc += acc_g * _window(v, s0, s1, s2, s3)
-                    if HAS_MIN:
-                        corr += _window(v, m0, m1, m2, m3) * xs[:, :, None]
             if BPP == 1:
-                wt, ht, s0, s1, s2, s3, m0, m1, m2, m3 = wn, hn, n0, n1, n2, n3, q0, q1, q2, q3
+                wt, ht, s0, s1, s2, s3 = wn, hn, n0, n1, n2, n3
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
     if GROUP == 0:
         out = out * tl.load(s_rows)
     if HAS_MIN:
-        out = out - tl.sum(tl.sum(corr, axis=1), axis=0)
+        out = out - _min_correction(x_row, m_rows, K, b_start, b_end, GROUP, EVEN_K)
     return out
 
 
