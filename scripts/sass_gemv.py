@@ -3,7 +3,8 @@ bundled ptxas, disassemble the main loop and count its SASS instructions by opco
 
 The GEMV is issue-bound at S2's shapes (bench/RESULTS.md: Nsight Compute on an H100), so the instruction count of
 its loop is the first thing a change to it should move; this measures it on any machine, before device time.
-The arguments get the specializations triton's JIT gives them at S2's shapes (16-byte aligned pointers, integers
+Other loops are listed by length: for q4_k the min correction runs one iteration per block (so its length / 64
+adds to the main loop's per-code figure). The arguments get the specializations triton's JIT gives them at S2's shapes (16-byte aligned pointers, integers
 divisible by 16). Mind the triton version: the device may run another one (its code generation differs).
 
 Usage: python scripts/sass_gemv.py [--formats q4,q8,...] [--warps 4] [--blocks 5] [--dump DIR]
@@ -60,16 +61,15 @@ def sass(kernel) -> str:
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]+)?\s*(.*?);")
 
 
-def main_loop(text: str) -> list[str]:
-    """Opcodes of the longest loop: from the target of a backward BRA up to that branch."""
+def loops(text: str) -> list[list[str]]:
+    """Opcodes of every loop (from the target of a backward BRA up to that branch), longest first."""
     lines = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_LINE.match, text.splitlines()) if m]
-    best: list[str] = []
+    found = []
     for addr, op, args in lines:
         target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            body = [o for a, o, _ in lines if int(target.group(1), 16) <= a <= addr]
-            best = max(best, body, key=len)
-    return best
+            found.append([o for a, o, _ in lines if int(target.group(1), 16) <= a <= addr])
+    return sorted(found, key=len, reverse=True)
 
 
 def main() -> None:
@@ -83,12 +83,13 @@ def main() -> None:
     for fmt in args.formats.split(","):
         bpp = 1 if INT_SPECS[fmt].has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
         text = sass(compile_gemv(fmt, bpp, args.warps))
-        body = main_loop(text)
+        body, *others = loops(text)
         codes = 16 * bpp * BLOCK_K / (32 * args.warps)  # codes per thread and loop step
         spills = len(re.findall(r"\b(?:STL|LDL)\b", text))
         top = collections.Counter(body).most_common(10)
         print(f"{fmt:5s} loop {len(body):5d} instr / {codes:4.0f} codes = {len(body) / codes:5.2f} per code, "
-              f"{spills} local-memory ops;  " + ", ".join(f"{op} {n}" for op, n in top))
+              f"{spills} local-memory ops, other loops {[len(o) for o in others]};  "
+              + ", ".join(f"{op} {n}" for op, n in top))
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"int_gemv_{fmt}.sass").write_text(text)
