@@ -14,12 +14,12 @@ pytest.importorskip("triton")
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.runtime import fused_decode  # noqa: E402
-from s2conv.runtime.batch import (_rope_rows, forward_slow_rows, generate_frames_batch, left_pad,  # noqa: E402
+from s2conv.runtime.batch import (forward_slow_rows, generate_frames_batch, left_pad,  # noqa: E402
                                   prefill_batch, row_mask)
 from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
 from s2conv.runtime.kernels import fused  # noqa: E402
 from s2conv.runtime.layers import HeadRMSNorm, KVCache  # noqa: E402
-from s2conv.runtime.rope import precompute_freqs_cis  # noqa: E402
+from s2conv.runtime.rope import apply_rotary_emb, precompute_freqs_cis  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from test_batch import _force_eos_rows  # noqa: E402
 from test_fused_decode import close, eager_attention  # noqa: E402
@@ -54,9 +54,9 @@ def test_qk_norm_rope_cache_with_a_table_row_per_batch_row(dtype):
     cache.k_cache.copy_(sentinel)
     cache.v_cache.copy_(-sentinel)
 
-    q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)  # batch._attention's steps
-    q_want = _rope_rows(qn(q.view(b, 1, n_head, d)), freqs).transpose(1, 2)
-    k_want = _rope_rows(kn(k.view(b, 1, n_kv, d)), freqs).transpose(1, 2)
+    q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)  # Attention.forward's steps
+    q_want = apply_rotary_emb(qn(q.view(b, 1, n_head, d)), freqs).transpose(1, 2)
+    k_want = apply_rotary_emb(kn(k.view(b, 1, n_kv, d)), freqs).transpose(1, 2)
     got = fused.qk_norm_rope_cache(qkv, qn.weight, kn.weight, freqs, cache.k_cache, cache.v_cache, pos_t, n_head,
                                    n_kv, 1e-6)
     assert close(got, q_want) and close(cache.k_cache[:, :, pos:pos + 1], k_want)
@@ -74,7 +74,7 @@ def test_qk_norm_rope_cache_with_a_table_row_per_batch_row(dtype):
 
 # ---- attention with per-row key offsets ------------------------------------------------------------------------------
 def eager_row_attention(q, k_cache, v_cache, pos, span, offsets, explicit):
-    """batch._attention's masked attention of one position: row_mask, K/V repeated per query head."""
+    """Attention.forward's masked attention of one position with a per-row mask: row_mask, K/V repeated per query head."""
     mask = row_mask(torch.tensor([pos], device=q.device), offsets, span)  # [B, 1, 1, span]
     return eager_attention(q, k_cache, v_cache, pos, span, explicit, mask)
 

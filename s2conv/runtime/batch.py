@@ -8,17 +8,13 @@ Prefill runs the eager block code; decode steps use the fused kernels wherever `
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import SPAN_STEP
-from s2conv.runtime.layers import Attention
 from s2conv.runtime.sampling import SamplingParams
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
@@ -48,39 +44,6 @@ def row_mask(cache_pos: Tensor, offsets: Tensor, n_keys: int) -> Tensor:
     return ((causal[None] & valid) | (padded_query & own))[:, None]
 
 
-def _rope_rows(x: Tensor, freqs: Tensor) -> Tensor:
-    """`apply_rotary_emb` with a table row per batch row: x [B, S, H, D], freqs [B, S, D/2, 2] (same arithmetic)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    f = freqs.float()[:, :, None]
-    cos, sin = f[..., 0], f[..., 1]
-    re = xp[..., 0] * cos - xp[..., 1] * sin
-    im = xp[..., 1] * cos + xp[..., 0] * sin
-    return torch.stack([re, im], dim=-1).flatten(3).type_as(x)
-
-
-def _attention(a: Attention, x: Tensor, freqs: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
-    """`Attention.forward` with per-row RoPE rows freqs [B, S, D/2, 2] and a per-row mask [B, 1, S, K]."""
-    b, s, _ = x.shape
-    q_size, kv_size = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-    q, k, v = a.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(b, s, a.n_head, a.head_dim)
-    k = k.view(b, s, a.n_kv_head, a.head_dim)
-    v = v.view(b, s, a.n_kv_head, a.head_dim)
-    if a.qk_norm:
-        q, k = a.q_norm(q), a.k_norm(k)
-    q, k = _rope_rows(q, freqs), _rope_rows(k, freqs)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    k, v = a.kv_cache.update(cache_pos, k, v, mask.shape[-1])
-    groups = a.n_head // a.n_kv_head
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if a.explicit_softmax:
-        scores = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(a.head_dim))).masked_fill(~mask, float("-inf"))
-        y = torch.softmax(scores, dim=-1) @ v
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return a.wo(y.transpose(1, 2).reshape(b, s, q_size))
-
-
 def forward_slow_rows(model: DualARTransformer, tokens: Tensor, cache_pos: Tensor, offsets: Tensor,
                       kv_len: int) -> Tensor:
     """Slow layers over tokens [B, 11, S] written at cache indices cache_pos [S] (shared), with row b at RoPE
@@ -96,7 +59,7 @@ def forward_slow_rows(model: DualARTransformer, tokens: Tensor, cache_pos: Tenso
     else:
         mask = row_mask(cache_pos, offsets, kv_len)
         for layer in model.layers:
-            h = x + _attention(layer.attention, layer.attention_norm(x), freqs, mask, cache_pos)
+            h = x + layer.attention(layer.attention_norm(x), freqs, mask, cache_pos)
             x = h + layer.feed_forward(layer.ffn_norm(h))
     return model.norm(x[:, -1])
 

@@ -87,8 +87,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """x: [B, S, dim]; freqs_cis: [S, D/2, 2]; mask: bool [S, K] (True = attend) where K is the number of keys:
-        S without a cache, else the cache prefix length; input_pos: [S] cache positions."""
+        """x: [B, S, dim]; freqs_cis: [S, D/2, 2] (or [B, S, D/2, 2], per batch row); mask: bool [S, K] (or
+        [B, 1, S, K]; True = attend) where K is the number of keys: S without a cache, else the cache prefix length;
+        input_pos: [S] cache positions."""
         b, s, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)

@@ -27,11 +27,12 @@ def precompute_freqs_cis(n_positions: int, head_dim: int, base: float) -> Tensor
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of each head by the table rows of their positions.
 
-    x: [B, S, H, D]; freqs_cis: [S, D // 2, 2] (any float dtype, usually the bf16 table rows of the positions).
-    The product is computed in fp32 and cast back to x's dtype.
+    x: [B, S, H, D]; freqs_cis: [S, D // 2, 2] (any float dtype, usually the bf16 table rows of the positions),
+    or [B, S, D // 2, 2] with table rows per batch row (left-padded batches). The product is computed in fp32 and
+    cast back to x's dtype.
     """
     xp = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, S, H, D/2, 2]
-    f = freqs_cis.float().view(1, xp.shape[1], 1, xp.shape[3], 2)
+    f = freqs_cis.float().view(-1 if freqs_cis.dim() == 4 else 1, xp.shape[1], 1, xp.shape[3], 2)
     cos, sin = f[..., 0], f[..., 1]
     re = xp[..., 0] * cos - xp[..., 1] * sin
     im = xp[..., 1] * cos + xp[..., 0] * sin
