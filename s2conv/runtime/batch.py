@@ -14,7 +14,7 @@ from torch import Tensor
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
-from s2conv.runtime.frame_loop import SPAN_STEP
+from s2conv.runtime.frame_loop import SPAN_STEP, capture_step
 from s2conv.runtime.sampling import SamplingParams
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
@@ -105,20 +105,8 @@ class BatchLoop:
 
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         graph = self.graphs.get(span)
-        if graph is None:  # warm up on a side stream, restoring the state (as FrameLoop._graph)
-            saved = [t.clone() for t in self._state()]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step(span)
-                    for t, s in zip(self._state(), saved):
-                        t.copy_(s)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(span)
-            self.graphs[span] = graph
+        if graph is None:
+            graph = self.graphs[span] = capture_step(lambda: self._step(span), self._state())
         return graph
 
     def run(self, first: Tensor, start_pos: int, max_frames: int) -> int:

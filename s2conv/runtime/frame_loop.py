@@ -18,6 +18,25 @@ from s2conv.runtime.sampling import SamplingParams
 SPAN_STEP = 256
 
 
+def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `step()`. Two warm-up calls run first on a side stream (allocator, cuBLAS handles, Triton
+    compilation), each followed by restoring the `state` tensors the step advances; the KV slots they wrote are
+    rewritten with the same values on replay."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+            for t, s in zip(state, saved):
+                t.copy_(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class FrameLoop:
     """Decodes frames into `frames` [1 + num_codebooks, max_frames] starting after a prefilled prompt."""
 
@@ -46,21 +65,8 @@ class FrameLoop:
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         graph = self.graphs.get(span)
         if graph is None:
-            # warm up on a side stream (allocator, cuBLAS handles, Triton autotuning), restoring the state the
-            # warm-up steps advanced; the KV slots they wrote are rewritten with the same values on replay
-            saved = [t.clone() for t in (self.column, self.pos, self.index, self.previous)]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step(span)
-                    for t, s in zip((self.column, self.pos, self.index, self.previous), saved):
-                        t.copy_(s)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(span)
-            self.graphs[span] = graph
+            graph = self.graphs[span] = capture_step(lambda: self._step(span),
+                                                     (self.column, self.pos, self.index, self.previous))
         return graph
 
     def _run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int, on_frame) -> Tensor:
