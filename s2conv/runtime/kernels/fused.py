@@ -179,6 +179,25 @@ def _check_cache(op: str, name: str, cache: torch.Tensor, batch: int, n_kv: int,
         raise _fail(op, name, f"{dtype} with contiguous [max_seq, {d}] planes", f"{cache.dtype} {cache.stride()}")
 
 
+def _check_qkv(op: str, qkv: torch.Tensor, q_norm_w, k_norm_w, freqs_cis_row: torch.Tensor, n_head: int,
+               n_kv_head: int) -> tuple[int, torch.Tensor]:
+    """Check one decode step's qkv [B, 1, (H + 2 Hkv) * D], the norm weights and the RoPE rows; -> (D, the RoPE
+    rows as [1 or B, D])."""
+    b, width = qkv.shape[0], qkv.shape[-1]
+    if width % (n_head + 2 * n_kv_head):
+        raise _fail(op, "qkv width", f"a multiple of {n_head + 2 * n_kv_head} heads", width)
+    d = width // (n_head + 2 * n_kv_head)
+    if qkv.numel() != b * width:
+        raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
+    if d % 2 or d & (d - 1):
+        raise _fail(op, "head_dim", "an even power of two", d)
+    if freqs_cis_row.numel() not in (d, b * d):
+        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2] or [{b}, 1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
+    if (q_norm_w is None) != (k_norm_w is None):
+        raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
+    return d, freqs_cis_row.reshape(-1, d).contiguous()
+
+
 def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                        freqs_cis_row: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos,
                        n_head: int, n_kv_head: int, eps: float = 1e-6) -> torch.Tensor:
@@ -190,25 +209,13 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
     at position pos (a 1-element device tensor or an int, shared by all rows) and returns q [B, H, 1, D].
     """
     op = "qk_norm_rope_cache"
-    b = qkv.shape[0]
-    width = qkv.shape[-1]
-    if width % (n_head + 2 * n_kv_head):
-        raise _fail(op, "qkv width", f"a multiple of {n_head + 2 * n_kv_head} heads", width)
-    d = width // (n_head + 2 * n_kv_head)
-    if qkv.numel() != b * width:
-        raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
-    if d % 2 or d & (d - 1):
-        raise _fail(op, "head_dim", "an even power of two", d)
-    if freqs_cis_row.numel() not in (d, b * d):
-        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2] or [{b}, 1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
+    b, width = qkv.shape[0], qkv.shape[-1]
+    d, freqs = _check_qkv(op, qkv, q_norm_w, k_norm_w, freqs_cis_row, n_head, n_kv_head)
     has_norm = q_norm_w is not None
-    if has_norm != (k_norm_w is not None):
-        raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(op, name, cache, b, n_kv_head, d, qkv.dtype)
     q2 = _rows(op, qkv, width)
     q = torch.empty(b, n_head, 1, d, dtype=qkv.dtype, device=qkv.device)
-    freqs = freqs_cis_row.reshape(-1, d).contiguous()  # [1 or B, D]
     stride_f = d if freqs.shape[0] > 1 else 0
     qw = q_norm_w if has_norm else freqs
     kw = k_norm_w if has_norm else freqs
@@ -382,21 +389,10 @@ def rope_attention(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: t
     projection qkv [B, 1, (H + 2 Hkv) * D] -> attention output [B, 1, H * D], writing the new key and value into
     the caches at pos. Arguments as in those two functions (one launch fewer per transformer block)."""
     op = "rope_attention"
-    b = qkv.shape[0]
-    width = qkv.shape[-1]
-    if width % (n_head + 2 * n_kv_head) or n_head % n_kv_head:
-        raise _fail(op, "qkv width and heads", f"a multiple of {n_head + 2 * n_kv_head} heads, H a multiple of Hkv",
-                    (width, n_head, n_kv_head))
-    d = width // (n_head + 2 * n_kv_head)
-    if qkv.numel() != b * width:
-        raise _fail(op, "qkv", f"[B, 1, {width}] (one position)", tuple(qkv.shape))
-    if d % 2 or d & (d - 1):
-        raise _fail(op, "head_dim", "an even power of two", d)
-    if freqs_cis_row.numel() not in (d, b * d):
-        raise _fail(op, "freqs_cis_row", f"[1, {d // 2}, 2] or [{b}, 1, {d // 2}, 2]", tuple(freqs_cis_row.shape))
-    if (q_norm_w is None) != (k_norm_w is None):
-        raise _fail(op, "q_norm_w and k_norm_w", "both given or both None", (q_norm_w is None, k_norm_w is None))
-    freqs = freqs_cis_row.reshape(-1, d).contiguous()  # [1 or B, D]
+    b, width = qkv.shape[0], qkv.shape[-1]
+    if n_head % n_kv_head:
+        raise _fail(op, "query heads", f"a multiple of the {n_kv_head} KV heads", n_head)
+    d, freqs = _check_qkv(op, qkv, q_norm_w, k_norm_w, freqs_cis_row, n_head, n_kv_head)
     fused_args = (q_norm_w, k_norm_w, freqs, 0 if freqs.shape[0] == 1 else d, eps)
     return _attention(op, _rows(op, qkv, width), fused_args, k_cache, v_cache, pos, span, b, n_head, n_kv_head, d,
                       offsets)
