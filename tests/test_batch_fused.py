@@ -2,15 +2,12 @@
 eager batched code of batch.py, on CPU through triton's interpreter at tiny shapes."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import kernel_device
 
-pytest.importorskip("triton")
+DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.runtime import fused_decode  # noqa: E402
@@ -25,9 +22,6 @@ from test_batch import _force_eos_rows  # noqa: E402
 from test_fused_decode import close, eager_attention  # noqa: E402
 from test_runtime_math import TINY, random_prompt, random_s2_weights  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16]
 GREEDY = SamplingParams(temperature=0)

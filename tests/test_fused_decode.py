@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import kernel_device
 
-pytest.importorskip("triton")
+DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.runtime import fused_decode  # noqa: E402
 from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
@@ -23,9 +20,6 @@ from s2conv.runtime.rope import apply_rotary_emb, precompute_freqs_cis  # noqa: 
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from test_runtime_math import TINY, _force_eos_at, random_prompt, random_s2_weights  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16]
 GREEDY = SamplingParams(temperature=0)

@@ -1,15 +1,12 @@
 """Fused GEMV/GEMM kernels vs `x @ dequant(W).T` in fp32; on CPU through triton's interpreter (small shapes)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import kernel_device
 
-pytest.importorskip("triton")
+DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import QuantFormatError, RuntimeModelError  # noqa: E402
 from s2conv.runtime import kernels  # noqa: E402
@@ -18,9 +15,6 @@ from s2conv.runtime.kernels import (  # noqa: E402
 )
 from s2conv.runtime.kernels import layout, ops  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 FORMATS = list(INT_SPECS) + ["fp8", "bf16"]
 # Per output dtype: one rounding step of the output. bf16 keeps 8 significant bits: 2**-8 relative with

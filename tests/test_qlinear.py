@@ -3,18 +3,15 @@
 run in triton's interpreter, small shapes)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import kernel_device
 
-pytest.importorskip("triton")
+DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.quant_formats import get_format  # noqa: E402
@@ -23,9 +20,6 @@ from s2conv.runtime.kernel_weights import kernel_pieces  # noqa: E402
 from s2conv.runtime.kernels import KERNELS, REPACK  # noqa: E402
 from s2conv.runtime.qlinear import QuantLinear  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 KERNEL_FORMATS = ["q8", "q4", "q3", "q2", "q8_0", "q4_0", "q4_k", "fp8"]
 

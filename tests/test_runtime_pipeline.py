@@ -1,6 +1,5 @@
 """GGUF -> runtime: the loader rebuilds the exported model exactly, decodes like the source checkpoint, and the
 synthesis pipeline / `s2conv synth` produce audio or one-line errors."""
-import os
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from kernel_device import kernel_device
 from s2conv.checkpoint import open_checkpoint
 from s2conv.codec_schema import fold_weight_norm, is_transposed_conv, weight_norm_pairs
 from s2conv.converter import Policy, export_gguf
@@ -106,9 +106,7 @@ def _prepared_q4_model(exports):
     """A q4 file loaded in fp32 (greedy codes must not hinge on bf16 rounding ties), its greedy codes from the
     storage bytes, and its QuantLinears after what `load_model` does on CUDA: prepare_kernel (kernel layout in,
     storage bytes out), forced on CPU where the kernels run in triton's interpreter."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
+    kernel_device()
     loaded = load_model(exports["q4"], dtype=torch.float32)
     tokens = _prompt(loaded)
     want = generate(loaded.model, tokens, 4, GREEDY)

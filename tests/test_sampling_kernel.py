@@ -3,23 +3,16 @@ interpreter): the same kept candidates, the same exponential-race winner for the
 frequencies through `sample_many`."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_device import kernel_device
 
-pytest.importorskip("triton")
+DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.runtime.kernels.sampling import topk_sample  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams, _round_to, logits_to_probs, sample_many  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and the kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 
 def distinct_logits(b: int, v: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
