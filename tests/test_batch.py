@@ -129,3 +129,16 @@ def test_pipeline_batch_matches_single_texts(tts):
     assert len(wavs) == 2 and all(w.dtype == torch.float32 and 0 < w.numel() <= 6 * frame for w in wavs)
     with pytest.raises(RuntimeModelError, match="text 1 splits into 2 turn batches"):
         tts.generate_codes_batch(["Hi.", "<|speaker:0|>" + "a" * 400 + "<|speaker:1|>" + "b" * 400])
+
+
+def test_over_long_prompts_are_one_error_in_both_paths(tts):
+    """A reference of more frames than the prompt limit (max_seq_len - PROMPT_RESERVE) leaves no room: refused
+    before any decoding, by the single-text and the batched path alike."""
+    from s2conv.runtime.pipeline import PROMPT_RESERVE, Reference
+
+    limit = tts.cfg.max_seq_len - PROMPT_RESERVE
+    ref = Reference("a long reference", torch.zeros(tts.cfg.num_codebooks, limit + 1, dtype=torch.long))
+    with pytest.raises(RuntimeModelError, match=f"exceeds the model's limit of {limit}: shorten the text or the ref"):
+        tts.generate_codes("Hi.", [ref], max_frames=2)
+    with pytest.raises(RuntimeModelError, match=f"exceeds the model's limit of {limit}: shorten text 0"):
+        tts.generate_codes_batch(["Hi."], [ref], max_frames=2)

@@ -74,12 +74,8 @@ class TTS:
         model, cfg = self.loaded.model, self.cfg
         all_codes = []
         for batch in P.text_batches(text, chunk_bytes):
-            tokens = P.encode_parts(self.loaded.tokenizer, P.generation_prompt(history, batch),
-                                    semantic_begin_id=cfg.semantic_begin_id, num_codebooks=cfg.num_codebooks)
-            limit = cfg.max_seq_len - PROMPT_RESERVE
-            if tokens.shape[1] > limit:
-                raise RuntimeModelError(f"prompt of {tokens.shape[1]} tokens exceeds the model's limit of {limit}: "
-                                        "shorten the text or the reference, or split it with <|speaker:N|> tags")
+            tokens = self._turn_tokens(history, batch, "shorten the text or the reference, or split it with "
+                                                       "<|speaker:N|> tags")
             frames = min(max_frames, cfg.max_seq_len - tokens.shape[1])
             with tqdm(total=frames, unit="frame", disable=not progress, leave=False,
                       desc=f"batch {len(all_codes) + 1}") as bar:
@@ -92,6 +88,17 @@ class TTS:
             all_codes.append(codes)
             history += [P.Message("user", [batch]), P.Message("assistant", [codes.cpu()], voice=True)]
         return torch.cat(all_codes, dim=1)
+
+    def _turn_tokens(self, history: list, text: str, hint: str) -> torch.Tensor:
+        """The prompt matrix [1 + num_codebooks, T] of the conversation so far plus the user turn `text`; one error
+        line (ending in `hint`) when T is over the model's prompt limit."""
+        cfg = self.cfg
+        tokens = P.encode_parts(self.loaded.tokenizer, P.generation_prompt(history, text),
+                                semantic_begin_id=cfg.semantic_begin_id, num_codebooks=cfg.num_codebooks)
+        limit = cfg.max_seq_len - PROMPT_RESERVE
+        if tokens.shape[1] > limit:
+            raise RuntimeModelError(f"prompt of {tokens.shape[1]} tokens exceeds the model's limit of {limit}: {hint}")
+        return tokens
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [num_codebooks, T] -> float32 waveform [T * frame_length]."""
@@ -123,7 +130,7 @@ class TTS:
             raise RuntimeModelError(f"--max-frames must be >= 1, got {max_frames}")
         references = references or []
         history = [P.system_message([r.text for r in references], [r.codes for r in references])]
-        cfg, limit = self.cfg, self.cfg.max_seq_len - PROMPT_RESERVE
+        cfg = self.cfg
         prompts = []
         for i, text in enumerate(texts):
             text = _clean_text(text)
@@ -133,12 +140,7 @@ class TTS:
             if len(batches) != 1:
                 raise RuntimeModelError(f"text {i} splits into {len(batches)} turn batches, expected 1: "
                                         "synthesize it alone with generate_codes")
-            tokens = P.encode_parts(self.loaded.tokenizer, P.generation_prompt(history, batches[0]),
-                                    semantic_begin_id=cfg.semantic_begin_id, num_codebooks=cfg.num_codebooks)
-            if tokens.shape[1] > limit:
-                raise RuntimeModelError(f"text {i}: prompt of {tokens.shape[1]} tokens exceeds the model's limit "
-                                        f"of {limit}")
-            prompts.append(tokens.to(self.device))
+            prompts.append(self._turn_tokens(history, batches[0], f"shorten text {i}").to(self.device))
         frames = min(max_frames, cfg.max_seq_len - max(p.shape[1] for p in prompts))
         return generate_frames_batch(self.loaded.model, prompts, frames, params, seed=seed)
 
