@@ -3,7 +3,10 @@
 Builds the model with random weights directly on the device (quantized formats: one quantized template per matrix
 shape, copied into every layer so each layer reads its own bytes), then times the runtime's real decode path
 (`s2conv.runtime.frame_loop`, whole-frame CUDA graphs) per format and target, beside the measured HBM read
-bandwidth and the codec decoder, in the same run. With --results FILE, appends a dated Markdown section to FILE.
+bandwidth and the codec decoder, in the same run. Before timing a format it checks one linear of each shape against
+the reference path (dequantize, then an fp32 matmul) on fresh random inputs; a mismatch fails the run. The baseline,
+fish-speech's own decode step at the same shapes (`--fish-speech eager,compiled`; needs the `fish-speech` package),
+runs in the same process. With --results FILE, appends a dated Markdown section to FILE.
 
     s2conv bench --formats bf16,q8,q4 --targets slow,all --frames 200      (or: python scripts/bench_decode.py ...)
 """
@@ -90,7 +93,7 @@ def quantize_model(model: DualARTransformer, fmt_name: str, target: str) -> list
         shape = tuple(lin.weight.shape)
         if shape not in templates:
             w = lin.weight.float().cpu().numpy()
-            templates[shape] = torch.from_numpy(fmt.quantize(w)).cuda()
+            templates[shape] = torch.from_numpy(fmt.quantize(w)).to(lin.weight.device)
         q = QuantLinear(fmt, shape[1], shape[0])
         q.weight = templates[shape].clone()
         q.prepare_kernel()
@@ -117,6 +120,75 @@ def bytes_per_frame(model: DualARTransformer, span: int) -> int:
     head = (cfg.semantic_end_id - cfg.semantic_begin_id + 2) * cfg.dim * 2
     kv = cfg.n_layer * 2 * cfg.n_local_heads * span * cfg.head_dim * 2
     return slow + head + kv + cfg.num_codebooks * fast + (cfg.num_codebooks - 1) * nbytes(model.fast_output)
+
+
+@torch.inference_mode()
+def check_linears(model: DualARTransformer, target: str) -> dict:
+    """The fused kernels of one linear per weight shape against the reference path on a fresh random x [1, K]:
+    worst relative error (Frobenius) and worst max-abs error over max |reference|. ok: within bf16 output rounding
+    (the thresholds of scripts/bench_kernels.py)."""
+    seen, err, max_rel = set(), 0.0, 0.0
+    for parent, attr in linear_modules(model, target):
+        q = getattr(parent, attr)
+        if not isinstance(q, QuantLinear) or q.kernel is None or (q.in_features, q.out_features) in seen:
+            continue
+        seen.add((q.in_features, q.out_features))
+        dev = q.weight.device
+        g = torch.Generator(device=dev).manual_seed(len(seen))
+        x = torch.randn(1, q.in_features, device=dev, generator=g).to(torch.bfloat16)
+        y = q(x).float()
+        ref = x.float() @ q.dequantized(torch.float32).T
+        err = max(err, ((y - ref).norm() / ref.norm()).item())
+        max_rel = max(max_rel, ((y - ref).abs().max() / ref.abs().max()).item())
+    return dict(shapes=len(seen), rel_err=err, max_rel=max_rel, ok=err < 4e-3 and max_rel < 1e-2)
+
+
+def time_fish_speech(compiled: bool, frames: int = 20, prompt_len: int = 256) -> dict:
+    """fish-speech's decode step (`decode_one_token_ar`: one slow-AR step and the fast AR's 10 codebooks) on its own
+    `DualARTransformer` built at S2 Pro's shapes with random bf16 weights, eager or under
+    `torch.compile(mode="reduce-overhead", fullgraph=True)` as its `init_model` does. Median seconds per frame after
+    3 warm-up frames, and the first call's seconds (compilation and graph capture when compiled). Needs the
+    `fish-speech` package (0.1.0 from the package registry) and its light imports (einops, loguru, loralib)."""
+    from fish_speech.models.text2semantic import inference as fs
+    from fish_speech.models.text2semantic.llama import DualARModelArgs, DualARTransformer as FishDualAR
+
+    class Tokenizer:  # the attributes fish-speech's model reads from its tokenizer (S2 Pro's ids)
+        semantic_begin_id, semantic_end_id = 151678, 155773
+        semantic_id_to_token_id = {i: 151678 + i for i in range(4096)}
+
+    c = S2Config()
+    args = DualARModelArgs(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_local_heads=c.n_local_heads,
+                           head_dim=c.head_dim, dim=c.dim, intermediate_size=c.intermediate_size,
+                           rope_base=c.rope_base, norm_eps=c.norm_eps, max_seq_len=2048, attention_qk_norm=True,
+                           codebook_size=c.codebook_size, num_codebooks=c.num_codebooks, n_fast_layer=c.n_fast_layer,
+                           fast_attention_qk_norm=False, scale_codebook_embeddings=True,
+                           use_gradient_checkpointing=False)
+    with torch.device("cuda"):
+        model = FishDualAR(args, Tokenizer()).to(torch.bfloat16).eval()
+        model.setup_caches(1, 2048, dtype=torch.bfloat16)
+    step = fs.decode_one_token_ar
+    if compiled:
+        step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    x = torch.zeros(1, c.num_codebooks + 1, 1, dtype=torch.long, device="cuda")
+    x[0, 0] = Tokenizer.semantic_begin_id + 7
+    t, p, r = (torch.tensor(v, device="cuda", dtype=torch.bfloat16) for v in (0.8, 0.8, 1.0))
+    prev = torch.zeros(c.num_codebooks + 1, 16, dtype=torch.int, device="cuda")
+    times = []
+    try:
+        with torch.inference_mode(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            for i in range(frames + 3):
+                pos = torch.tensor([prompt_len + i], device="cuda", dtype=torch.long)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(model, x, pos, t, p, r, None, None, prev)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    spf = sorted(times[3:])[len(times[3:]) // 2]
+    return dict(compiled=compiled, ms_per_frame=spf * 1e3, frames_per_s=1 / spf, rtf=FRAME_HZ * spf,
+                first_call_s=times[0])
 
 
 @torch.inference_mode()
@@ -216,6 +288,10 @@ def append_markdown(path: str, result: dict) -> None:
              f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
              "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) |",
              "|---|---|---|---|---|---|---|"]
+    for fs in result.get("fish_speech", []):
+        mode = "compiled (reduce-overhead)" if fs["compiled"] else "eager"
+        lines.append(f"| fish-speech 0.1.0 step, {mode} (baseline, first call {fs['first_call_s']:.0f} s) | - | "
+                     f"{fs['ms_per_frame']:.2f} | {fs['frames_per_s']:.1f} | {fs['rtf']:.3f} | - | - |")
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | |")
@@ -238,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="slow layers (default: S2 Pro's 36)")
     ap.add_argument("--no-codec", action="store_true")
     ap.add_argument("--batch", type=int, default=0, help="also time the batched loop with this many prompts")
+    ap.add_argument("--fish-speech", default="eager", help="baseline modes to time: eager, compiled (minutes of "
+                    "compilation), both comma-separated, or none")
     ap.add_argument("--results", default=None, help="append a Markdown section with the figures to this file")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = ap.parse_args(argv)
@@ -253,16 +331,34 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg)
     print(f"built full-shape model in {time.perf_counter() - t0:.1f} s")
     span = -(-(args.prompt + args.frames) // 256) * 256
+    baselines = []
+    for mode in [m for m in args.fish_speech.split(",") if m and m != "none"]:
+        if mode not in ("eager", "compiled"):
+            print(f"error: --fish-speech takes eager, compiled or none, not {mode!r}", file=sys.stderr)
+            return 2
+        try:
+            fs = time_fish_speech(mode == "compiled", prompt_len=args.prompt)
+        except ImportError as e:
+            print(f"fish-speech {mode}: skipped ({e}; install the fish-speech package to time the baseline)")
+            continue
+        baselines.append(fs)
+        print(f"fish-speech {mode:8s} {fs['ms_per_frame']:7.2f} ms/frame {fs['frames_per_s']:7.1f} fps "
+              f"RTF {fs['rtf']:.3f}  (first call {fs['first_call_s']:.1f} s)")
     rows = []
     for fmt in args.formats.split(","):
         for target in (["slow"] if fmt == "bf16" else args.targets.split(",")):
             undo = [] if fmt == "bf16" else quantize_model(model, fmt, target)
             try:
                 kernels = sum(isinstance(m, QuantLinear) and m.kernel is not None for m in model.modules())
+                check = check_linears(model, target)
+                if not check["ok"]:
+                    raise RuntimeError(f"kernel output differs from the reference path: relative error "
+                                       f"{check['rel_err']:.2e}, max {check['max_rel']:.2e}")
                 spf = time_decode(model, args.prompt, args.frames)
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
-                           rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels)
+                           rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels,
+                           check=check)
                 if args.batch:
                     row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
                         model, args.prompt, args.frames, args.batch))
@@ -278,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{fmt:6s} {target:4s} {row['ms_per_frame']:7.2f} ms/frame {row['frames_per_s']:7.1f} fps "
                       f"RTF {row['rtf']:.3f}  {row['gb_per_s']:6.0f} GB/s = {100 * row['read_share']:.0f}% of read "
-                      f"bandwidth ({row['fused_kernels']} fused linears)")
+                      f"bandwidth ({row['fused_kernels']} fused linears; vs reference: "
+                      f"{row['check']['rel_err']:.1e} relative error over {row['check']['shapes']} shapes)")
                 if "batch" in row:
                     print(f"{'':11s} batch {row['batch']}: {row['batch_frames_per_s']:7.1f} frames/s aggregate "
                           f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")
@@ -289,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"codec decode ({key}): {codec['frames']} frames in {c['seconds'] * 1e3:.1f} ms = "
                   f"{c['x_realtime']:.0f}x real time")
     result = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, hbm=bw, rows=rows,
-                  codec=codec, prompt=args.prompt, frames=args.frames, layers=cfg.n_layer)
+                  fish_speech=baselines, codec=codec, prompt=args.prompt, frames=args.frames, layers=cfg.n_layer)
     if args.results:
         append_markdown(args.results, result)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -2,7 +2,8 @@
 # One device call that checks and measures the runtime on a GPU (about 10 minutes on an H100 with every step):
 #   tests:   the kernel, sampling, QuantLinear and fused-decode tests including the `cuda`-marked ones (S2 shapes,
 #            CUDA graphs),
-#   bench:   `s2conv bench` for every format (all linears) plus the codec, eager sampling as the baseline for bf16/q4,
+#   bench:   `s2conv bench` for every format (all linears) plus the codec and fish-speech's step (FISH=eager,compiled
+#            adds its 4-8 minute compilation), eager sampling as the baseline for bf16/q4,
 #   batch:   bf16 and q4 at batch 32,
 #   kernels: the kernel-level comparison with cuBLAS, tinygemm, torchao and gemlite (`bench_kernels.py --libraries`).
 # STEPS="tests bench" runs a subset, TESTS_K a pytest -k expression over the tests. Run from the repository root with the wheels of .whl installed (see the device
@@ -21,13 +22,13 @@ if [[ " $steps " == *" tests "* ]]; then
         2>&1 | tail -15 || status=1
 fi
 if [[ " $steps " == *" bench "* ]]; then
-    S2CONV_FUSED_SAMPLING=0 python3 -m s2conv.bench --formats bf16,q4 --targets all --frames 100 --no-codec \
+    S2CONV_FUSED_SAMPLING=0 python3 -m s2conv.bench --formats bf16,q4 --targets all --frames 100 --no-codec --fish-speech none \
         --json "$out/bench_eager_sampling.json" 2>&1 | grep -E "fps|GPU:|HBM:" | sed 's/^/eager sampling: /' || status=1
-    python3 -m s2conv.bench --formats bf16,fp8,q8,q8_0,q4,q4_k,q3,q2 --targets all --frames 100 \
+    python3 -m s2conv.bench --formats bf16,fp8,q8,q8_0,q4,q4_k,q3,q2 --targets all --frames 100 --fish-speech "${FISH:-eager}" \
         --results "$out/results.md" --json "$out/bench_all.json" 2>&1 | grep -v -i warn || status=1
 fi
 if [[ " $steps " == *" batch "* ]]; then
-    python3 -m s2conv.bench --formats bf16,q4 --targets all --frames 64 --batch 32 --no-codec \
+    python3 -m s2conv.bench --formats bf16,q4 --targets all --frames 64 --batch 32 --no-codec --fish-speech none \
         --results "$out/results_batch.md" --json "$out/bench_batch.json" 2>&1 | grep -v -i warn || status=1
 fi
 if [[ " $steps " == *" kernels "* ]]; then

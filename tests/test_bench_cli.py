@@ -27,3 +27,34 @@ def test_results_section_names_the_card_and_every_row(tmp_path):
     text = out.read_text()
     assert text.startswith("# earlier\n") and "NVIDIA H100 80GB HBM3" in text and "3038 GB/s" in text
     assert "| q4 | all | 5.59 | 179.0 | 0.120 | 26% |" in text and "error: RuntimeError: boom" in text
+
+
+def test_results_section_lists_the_fish_speech_baseline(tmp_path):
+    result = dict(date="2026-11-26", gpu="NVIDIA H100 80GB HBM3", torch="2.11", hbm={"read": 3038.0, "copy": 3020.0},
+                  prompt=256, frames=100, codec=None, rows=[],
+                  fish_speech=[dict(compiled=True, ms_per_frame=9.42, frames_per_s=106.2, rtf=0.203, first_call_s=258.6)])
+    out = tmp_path / "RESULTS.md"
+    append_markdown(str(out), result)
+    assert "| fish-speech 0.1.0 step, compiled (reduce-overhead) (baseline, first call 259 s) | - | 9.42 | 106.2 |" \
+        in out.read_text()
+
+
+def test_kernel_check_passes_the_kernels_and_catches_one_that_disagrees():
+    """`s2conv bench` refuses to time a format whose kernels disagree with the reference path: the check runs the
+    real kernels (triton's interpreter here) on one linear per shape."""
+    from s2conv.bench import check_linears, quantize_model
+    from s2conv.runtime.dual_ar import DualARTransformer
+    from s2conv.runtime.qlinear import QuantLinear
+    from test_runtime_math import TINY, random_s2_weights
+
+    model = DualARTransformer(TINY)
+    model.load_weights({k: v.to(torch.bfloat16) for k, v in random_s2_weights(TINY).items()})
+    quantize_model(model, "q8", "all")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.prepare_kernel(force=True) for m in linears)
+    good = check_linears(model, "all")
+    assert good["ok"] and good["shapes"] >= 3 and good["rel_err"] < 4e-3
+    launcher, packed = linears[0].kernel
+    linears[0].kernel = (lambda x, p: launcher(x, p) * 1.02, packed)  # a 2% error in one shape's kernel
+    bad = check_linears(model, "all")
+    assert not bad["ok"] and bad["rel_err"] > 1e-2
