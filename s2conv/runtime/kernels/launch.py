@@ -11,7 +11,9 @@ nothing; both calls are no-ops when the launch did not ask for PDL.
 
 Off by default: measured on an H200 (bench/RESULTS.md, when the integer GEMV also requested its first block before
 the wait), whole frames got slower with it (q4 5.38 -> 6.05 ms, fp8 5.49 -> 7.00 ms) although single GEMVs at
-their best configs got a little faster. `S2CONV_PDL=1` turns it on.
+their best configs got a little faster. On an H100 (fourth session in bench/RESULTS.md) other placements (waiting
+first, then letting the next kernel launch; waiting only; either with an L2 prefetch of the integer GEMV's first
+weight blocks before the wait) moved whole frames by no more than the run-to-run spread. `S2CONV_PDL=1` turns it on.
 """
 from __future__ import annotations
 
