@@ -126,18 +126,26 @@ def bytes_per_frame(model: DualARTransformer, span: int) -> int:
 def check_linears(model: DualARTransformer, target: str) -> dict:
     """The fused kernels of one linear per weight shape against the reference path on a fresh random x [1, K]:
     worst relative error (Frobenius) and worst max-abs error over max |reference|. ok: within bf16 output rounding
-    (the thresholds of scripts/bench_kernels.py)."""
+    (the thresholds of scripts/bench_kernels.py). Quantized linears run their `QuantLinear` kernel against its
+    dequantized weight; plain bf16 linears the bf16 GEMV that decoding uses at one row against an fp32 matmul."""
+    from s2conv.runtime.kernels import KERNELS
+
     seen, err, max_rel = set(), 0.0, 0.0
     for parent, attr in linear_modules(model, target):
         q = getattr(parent, attr)
-        if not isinstance(q, QuantLinear) or q.kernel is None or (q.in_features, q.out_features) in seen:
+        quantized = isinstance(q, QuantLinear) and q.kernel is not None
+        plain = type(q) is nn.Linear and q.bias is None and q.weight.dtype == torch.bfloat16 and "bf16" in KERNELS
+        if not (quantized or plain) or (q.in_features, q.out_features) in seen:
             continue
         seen.add((q.in_features, q.out_features))
         dev = q.weight.device
         g = torch.Generator(device=dev).manual_seed(len(seen))
         x = torch.randn(1, q.in_features, device=dev, generator=g).to(torch.bfloat16)
-        y = q(x).float()
-        ref = x.float() @ q.dequantized(torch.float32).T
+        if quantized:
+            y, w = q(x).float(), q.dequantized(torch.float32)
+        else:
+            y, w = KERNELS["bf16"](x, {"weight": q.weight}).float(), q.weight.float()
+        ref = x.float() @ w.T
         err = max(err, ((y - ref).norm() / ref.norm()).item())
         max_rel = max(max_rel, ((y - ref).abs().max() / ref.abs().max()).item())
     return dict(shapes=len(seen), rel_err=err, max_rel=max_rel, ok=err < 4e-3 and max_rel < 1e-2)

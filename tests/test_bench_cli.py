@@ -49,6 +49,8 @@ def test_kernel_check_passes_the_kernels_and_catches_one_that_disagrees():
 
     model = DualARTransformer(TINY)
     model.load_weights({k: v.to(torch.bfloat16) for k, v in random_s2_weights(TINY).items()})
+    plain = check_linears(model, "all")  # bf16 nn.Linear: the bf16 GEMV that decoding uses
+    assert plain["ok"] and plain["shapes"] >= 3
     quantize_model(model, "q8", "all")
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert linears and all(m.prepare_kernel(force=True) for m in linears)
