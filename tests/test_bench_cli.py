@@ -15,6 +15,13 @@ def test_bench_without_a_gpu_is_one_line_and_nonzero():
     assert r.stderr.strip() == "error: s2conv bench needs a CUDA GPU"
 
 
+def test_unknown_baseline_mode_is_one_line_before_any_gpu_work():
+    r = subprocess.run([sys.executable, "-m", "s2conv", "bench", "--fish-speech", "eager,bogus"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --fish-speech takes eager, compiled or none, not 'bogus'"
+
+
 def test_results_section_names_the_card_and_every_row(tmp_path):
     result = dict(date="2026-11-26", gpu="NVIDIA H100 80GB HBM3", torch="2.11", hbm={"read": 3038.0, "copy": 3020.0},
                   prompt=256, frames=100, codec=None,
