@@ -85,8 +85,8 @@ def test_repack_roundtrip(fmt, k):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_slot_planar_bit_positions(bits):
-    """A single code lands where the layout docs say: block b, sub-tile, bit position, word = k % 16, and rows
-    interleaved in groups of 16 (word j of row r at 16 j + r)."""
+    """A single code lands where the layout docs say: block b, sub-tile, field -> bit 8 * (field % 4) + bits *
+    (field // 4), word = k % 16, and rows interleaved in groups of 16 (word j of row r at 16 j + r)."""
     k = 1024
     off = 1 << (bits - 1)
     row = 19  # group 1, row 3 of the group
@@ -98,13 +98,15 @@ def test_slot_planar_bit_positions(bits):
     diff = (q ^ empty).nonzero().flatten().tolist()
     words_per_block = 16 * bits
     group_start = 16 * (k // 512) * words_per_block  # words of row group 0
-    if bits == 3:  # u = 5 vs 4: only the low plane changes (slot 9 -> sub-tile 0, bits 18..19)
+    if bits == 3:  # u = 5 vs 4: only the low plane changes (slot 9 -> sub-tile 0, field 9: byte 1, bits 12..13)
         assert diff == [group_start + 16 * (words_per_block + 5) + 3]
-        assert (q ^ empty)[diff[0]] == (1 << 18)
+        assert (q ^ empty)[diff[0]] == (1 << 12)
     else:
         per_word = 32 // bits
         assert diff == [group_start + 16 * (words_per_block + 16 * (9 // per_word) + 5) + 3]
-        shift = (9 % per_word) * bits
+        field = 9 % per_word
+        shift = 8 * (field % 4) + bits * (field // 4)  # 8- and 4-bit: field 1 at bit 8; 2-bit: field 9 at 12
+        assert shift == {8: 8, 4: 8, 2: 12}[bits]
         assert ((q[diff[0]] >> shift) & ((1 << bits) - 1)) == off + 1
 
 

@@ -15,10 +15,13 @@ from s2conv.errors import QuantFormatError
 # ---- the integer layout ("slot-planar blocks, 16 interleaved rows") --------------------------------------------
 # Every row of the weight is cut into blocks of BLOCK_K = 512 codes (the last block is padded with zero codes).
 # Inside a block, code k_local = 16 * slot + word (slot 0..31, word 0..15). A b-bit format (b in 2, 4, 8) stores a
-# block as b sub-tiles of 16 int32 words; sub-tile t, bit position p of word w holds the unsigned code
-# u = code + offset of slot 32/b * t + p / b. So one bit field extracted from a 16-word sub-tile gives the codes of
-# 16 *consecutive* k, multiplied with 16 consecutive x: no shuffles in the kernel. 3-bit uses 3 sub-tiles: two
-# 2-bit sub-tiles (low bits of slots 0..15 and 16..31) and one 1-bit sub-tile (bit s = high bit of slot s).
+# block as b sub-tiles of 16 int32 words; in sub-tile t, field i (i = 0 .. 32/b - 1) of word w holds the unsigned
+# code u = code + offset of slot 32/b * t + i. So one field extracted from a 16-word sub-tile gives the codes of
+# 16 *consecutive* k, multiplied with 16 consecutive x: no shuffles in the kernel. Field i sits at bit
+# `field_bit(i, b)` = 8 * (i % 4) + b * (i // 4): byte i % 4 of the word, so that one shift and one mask,
+# (word >> b * e) & byte_mask(b), put fields 4e .. 4e + 3 in the four bytes in order (what the integer-dot GEMV
+# multiplies, two bytes per dp2a). 3-bit uses 3 sub-tiles: two 2-bit sub-tiles (low bits of slots 0..15 and
+# 16..31) and one 1-bit sub-tile whose field s (bit field_bit(s, 1)) is the high bit of slot s.
 # A row is W = n_blocks * 16 * b words: [block 0: sub-tile 0 | sub-tile 1 | ...][block 1: ...]...
 # Rows are then interleaved in groups of ROWS = 16 (N padded up with zero codes): word j of the group's row r is
 # stored at group * 16 W + 16 j + r. A thread's 16-byte load thus holds one word of 4 rows, which meet the same x
@@ -62,6 +65,20 @@ INT_SPECS: dict[str, IntSpec] = {
 FLOAT_FORMATS = ("fp8", "bf16")
 
 
+def field_bit(i: int, bits: int) -> int:
+    """Bit position of field i of a `bits`-bit word (see the layout notes above)."""
+    return 8 * (i % 4) + bits * (i // 4)
+
+
+def byte_mask(bits: int) -> int:
+    """The mask that keeps the low `bits` bits of each byte of a word."""
+    return ((1 << bits) - 1) * 0x01010101
+
+
+def _field_shifts(bits: int, device) -> torch.Tensor:
+    return torch.tensor([field_bit(i, bits) for i in range(32 // bits)], dtype=torch.int64, device=device)
+
+
 def padded_rows(n: int) -> int:
     """Rows of the integer layout's qweight: n rounded up to a whole number of ROWS-row groups."""
     return -(-n // ROWS) * ROWS
@@ -101,11 +118,11 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_fields(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """u int64 [N, nb, 32 // bits * t, 16] (slot-major) -> int32 words [N, nb, t, 16]; slot i of a word at bit i*bits."""
+    """u int64 [N, nb, 32 // bits * t, 16] (slot-major) -> int32 words [N, nb, t, 16]; field i at field_bit(i, bits)."""
     n, nb, slots, w = u.shape
     per_word = 32 // bits
     u = u.reshape(n, nb, slots // per_word, per_word, w)
-    shifts = (torch.arange(per_word, dtype=torch.int64, device=u.device) * bits).view(1, 1, 1, per_word, 1)
+    shifts = _field_shifts(bits, u.device).view(1, 1, 1, per_word, 1)
     return _to_int32((u << shifts).sum(dim=3))
 
 
@@ -136,7 +153,7 @@ def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int, n: i
     words = words.view(n, -1, 3 if bits == 3 else bits, WORDS)
 
     def fields(w: torch.Tensor, b: int) -> torch.Tensor:  # [N, nb, t, 16] -> [N, nb, t * 32 // b, 16]
-        shifts = (torch.arange(32 // b, dtype=torch.int64, device=w.device) * b).view(1, 1, 1, -1, 1)
+        shifts = _field_shifts(b, w.device).view(1, 1, 1, -1, 1)
         f = (w.unsqueeze(3) >> shifts) & ((1 << b) - 1)
         return f.reshape(n, w.shape[1], -1, WORDS)
 

@@ -20,6 +20,12 @@ _R = tl.constexpr(16)  # interleaved rows per group (layout.ROWS)
 
 
 @triton.jit
+def _fb(i: tl.constexpr, NB: tl.constexpr) -> tl.constexpr:
+    """Bit position of field i of an NB-bit word (layout.field_bit): byte i % 4, then NB * (i // 4) in the byte."""
+    return 8 * (i % 4) + NB * (i // 4)
+
+
+@triton.jit
 def _field(t, t_hi, magic, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr):
     """(field - OFF) * 2**Q in fp32 for the NB-bit field at bit P of the int32 words t (t_hi = t >> 16).
 
@@ -128,7 +134,7 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). Scales
     apply per window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two
     low-bit sub-tiles ([2, 16, 16]); the high-bit sub-tile is read into a second tile whose (t, w) entry holds
-    word w shifted right by 16 t, so that bit i is the high bit of slot t * 16 + i.
+    word w shifted right by 4 t, so that field i (bit _fb(i, 1)) is the high bit of slot t * 16 + i.
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
@@ -152,7 +158,7 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     s_tile = s_rows[None, None, :] + g_t[:, None, None]
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr  # word 32 + w: the high-bit sub-tile
-        h_shift = tt * 16 + ww * 0 + rr * 0
+        h_shift = tt * 4 + ww * 0 + rr * 0
     else:
         h_tile = w_tile
     acc = tl.zeros([NT, _W, _R], tl.float32)
@@ -188,11 +194,11 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                         xv = tl.load(x_col + kb + i * _W, mask=x_live & (kb + t1[:, None] * (SPW * _W) + w1[None, :]
                                                                          + i * _W < K), other=0.0).to(tl.float32)
                     if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                        acc_g += _field(wt, wt_hi, magic, 2 * i, 2, OFF) * _xq(xv, 2 * i, 2, 1.0)[:, :, None]
-                        acc_g += _field(ht, ht_hi, magic, i, 1, 0) * _xq(xv, i, 1, 4.0)[:, :, None]
+                        acc_g += _field(wt, wt_hi, magic, _fb(i, 2), 2, OFF) * _xq(xv, _fb(i, 2), 2, 1.0)[:, :, None]
+                        acc_g += _field(ht, ht_hi, magic, _fb(i, 1), 1, 0) * _xq(xv, _fb(i, 1), 1, 4.0)[:, :, None]
                     else:
-                        xq = _xq(xv, i * BITS, BITS, 1.0)
-                        acc_g += _field(wt, wt_hi, magic, i * BITS, BITS, OFF) * xq[:, :, None]
+                        xq = _xq(xv, _fb(i, BITS), BITS, 1.0)
+                        acc_g += _field(wt, wt_hi, magic, _fb(i, BITS), BITS, OFF) * xq[:, :, None]
                 if GROUP == 0:
                     acc = acc_g
                 else:
@@ -306,9 +312,9 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                 else:
                     xv = tl.load(x_rows + k0, mask=m_mask[:, None] & (k0 + offs_w < K)[None, :], other=0.0)
                 if BITS == 3:
-                    u = _int_codes(tw, 2 * i, 2) | (_int_codes(th, s, 1) << 2)
+                    u = _int_codes(tw, _fb(i, 2), 2) | (_int_codes(th, _fb(s, 1), 1) << 2)
                 else:
-                    u = _int_codes(tw, i * BITS, BITS)
+                    u = _int_codes(tw, _fb(i, BITS), BITS)
                 wv = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
                 if IEEE:
                     part = tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
