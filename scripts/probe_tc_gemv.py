@@ -1,7 +1,8 @@
 """Probe: a q4 (g128) GEMV on tensor cores over the runtime's packed integer layout, against the landed CUDA-core
 kernel (`ops.int_linear_impl`) at S2's four layer shapes, M = 1, graph-timed with rotating weights.
 
-Dequantization: field i of a word sits at bit 4 i; (word >> 4 i) & 0x000F000F | 0x43004300 turns fields i and i + 4
+Dequantization: fields f and f + 2 of a word sit at bits s and s + 16 (s = 4 i, f = 0, 4, 1, 5: layout.field_bit);
+(word >> s) & 0x000F000F | 0x43004300 turns them
 into the bf16 pair (128 + u_i, 128 + u_{i+4}) with one shift and one LOP3 (no conversions), and the code offset
 comes back per group as -136 sum(x), so sum_k s (u - 8) x = s (dot(128 + u, x) - 136 sum(x)). `tl.dot` multiplies
 those pairs with x broadcast to NB columns. bench/RESULTS.md (fourth session) has the outcome: fewer instructions
@@ -37,12 +38,12 @@ def tc_q4_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, n_blocks, blocks_per_prog, 
             words = tl.load(base + b * 1024 + t * 256)
             xg = x_ptr + b * 512 + t * 128
             acc_t = tl.zeros([RT, NB], tl.float32)
-            for i in tl.static_range(4):  # k' = 2 w + j <-> field i + 4 j of word w, x index 16 (i + 4 j) + w
+            for i in tl.static_range(4):  # shift 4 i: fields f + 2 j (f = 0, 4, 1, 5: layout.field_bit) of word w
                 pair = ((words >> (4 * i)) & 0x000F000F) | 0x43004300
                 lo = (pair & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
                 hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
                 a = tl.join(lo, hi).reshape(RT, 32)
-                xo = (16 * (i + 4 * jj[None, :]) + w[:, None]).reshape(32)
+                xo = (16 * ((i % 2) * 4 + i // 2 + 2 * jj[None, :]) + w[:, None]).reshape(32)  # x of those fields
                 xb = tl.load(xg + xo[:, None] + 0 * tl.arange(0, NB)[None, :])  # [32, NB], every column x
                 if IEEE:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
                     acc_t = tl.dot(a.to(tl.float32), xb.to(tl.float32), acc_t, input_precision="ieee")
