@@ -27,7 +27,10 @@ import triton.backends.nvidia as nvidia_backend  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import torch  # noqa: E402
+
 from s2conv.runtime.kernels.layout import BLOCK_K, INT_SPECS  # noqa: E402
+from s2conv.runtime.kernels.ops import default_config, int_dot_xmax  # noqa: E402
 from s2conv.runtime.kernels.triton_int import int_gemv_kernel  # noqa: E402
 
 _SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp32", "out_ptr": "*bf16",
@@ -38,11 +41,12 @@ _SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp
 _NOT_DIVISIBLE = ("magic", "n_split", "blocks_per_split", "n_blocks")  # small counts and the 0x4B000000 constant
 
 
-def compile_gemv(fmt: str, bpp: int, warps: int):
-    """The compiled kernel (triton CompiledKernel) of `fmt` with BPP blocks per loop step, M = 1, no split-K."""
+def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1):
+    """The compiled kernel (triton CompiledKernel) of `fmt` with BPP blocks per loop step, M = 1, no split-K;
+    xmax > 0: the dp2a path with that x range and `slices` row slices."""
     spec = INT_SPECS[fmt]
     const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
-                 PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False)
+                 PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True)
     sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
     attrs = {(int_gemv_kernel.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in _SIGNATURE if n not in _NOT_DIVISIBLE}
@@ -75,19 +79,30 @@ def loops(text: str) -> list[list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default=",".join(INT_SPECS))
-    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--warps", type=int, default=0, help="default: 4, or the launcher's for --int-dot")
     ap.add_argument("--blocks", type=int, default=5, help="blocks of a program (K = 2560: 5); BPP of the no-min formats")
     ap.add_argument("--dump", type=Path, help="write each kernel's SASS here")
+    ap.add_argument("--int-dot", type=int, default=0, metavar="SLICES",
+                    help="the dp2a path with 1 or 4 row slices (warps: the launcher's, unless --warps is given)")
     args = ap.parse_args()
-    print(f"triton {triton.__version__}, sm_90, {args.warps} warps, M = 1, one 16-row group per program")
+    print(f"triton {triton.__version__}, sm_90, M = 1, one 16-row group per program"
+          + (f", dp2a path with {args.int_dot} slices" if args.int_dot else ""))
     for fmt in args.formats.split(","):
-        bpp = 1 if INT_SPECS[fmt].has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
-        text = sass(compile_gemv(fmt, bpp, args.warps))
+        spec = INT_SPECS[fmt]
+        bpp = 1 if spec.has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
+        warps = args.warps
+        xmax = int_dot_xmax(spec.bits, spec.offset, spec.group, args.blocks) if args.int_dot else 0
+        if xmax:
+            bpp = 1  # the dp2a loop steps one block at a time
+            cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group)
+            warps = warps or cfg.num_warps
+        warps = warps or 4
+        text = sass(compile_gemv(fmt, bpp, warps, xmax, args.int_dot or 1))
         body, *others = loops(text)
-        codes = 16 * bpp * BLOCK_K / (32 * args.warps)  # codes per thread and loop step
+        codes = 16 * bpp * BLOCK_K / (32 * warps)  # codes per thread and loop step
         spills = len(re.findall(r"\b(?:STL|LDL)\b", text))
         top = collections.Counter(body).most_common(10)
-        print(f"{fmt:5s} loop {len(body):5d} instr / {codes:4.0f} codes = {len(body) / codes:5.2f} per code, "
+        print(f"{fmt:5s} {warps}w loop {len(body):5d} instr / {codes:4.0f} codes = {len(body) / codes:5.2f} per code, "
               f"{spills} local-memory ops, other loops {[len(o) for o in others]};  "
               + ", ".join(f"{op} {n}" for op, n in top))
         if args.dump:

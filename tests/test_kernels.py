@@ -60,10 +60,27 @@ def packed_on_device(fmt: str, args: tuple) -> dict:
     return {name: t.to(DEVICE) for name, t in REPACK[fmt](*args).items()}
 
 
-def assert_matches(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+def int_dot_error(fmt: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | float:
+    """Worst-case |y - ref| [1, N] that the dp2a GEMV (M = 1, bf16/fp16 x, integer formats) adds: each x becomes a
+    multiple of max|x| / XMAX, off by at most half of one, so row n is off by at most that times sum_k |w[n, k]|.
+    0 where only the float path runs (fp32 x, M > 1, float formats)."""
+    spec = INT_SPECS.get(fmt)
+    if spec is None or x.shape[0] != 1 or x.dtype == torch.float32:
+        return 0.0
+    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, 1)
+    return 0.5 * x.float().abs().max() / xmax * w.abs().sum(dim=1)[None, :]
+
+
+def gated_error(h1: torch.Tensor, h3: torch.Tensor, e1, e3):
+    """How errors e1, e3 of the two halves carry into silu(h1) * h3 (|silu'| <= 1.1)."""
+    return 1.1 * e1 * (h3.abs() + e3) + torch.nn.functional.silu(h1).abs() * e3
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, extra=0.0) -> None:
+    """|y - ref| within one output rounding (RTOL), fp32 summation noise, and `extra` (a known error budget)."""
     assert y.dtype == dtype and y.shape == ref.shape
     y = y.float().cpu()
-    tol = RTOL[dtype] * ref.abs() + 1e-5 * ref.abs().max()
+    tol = RTOL[dtype] * ref.abs() + 1e-5 * ref.abs().max() + extra
     bad = (y - ref).abs() > tol
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off; max err {(y - ref).abs().max():.3g}"
 
@@ -137,7 +154,8 @@ def test_kernel_matches_reference(fmt, m, k, dtype):
     args = make_weight(fmt, n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     y = KERNELS[fmt](x.to(DEVICE), packed_on_device(fmt, args))
-    assert_matches(y, x.float() @ reference_weight(fmt, args, k).T, dtype)
+    w = reference_weight(fmt, args, k)
+    assert_matches(y, x.float() @ w.T, dtype, int_dot_error(fmt, x, w))
 
 
 @pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 1), ("q2", 1), ("q4_k", 1), ("fp8", 1), ("q8", 3), ("bf16", 3)])
@@ -152,7 +170,7 @@ def test_gated_kernel(fmt, m):
     h3 = x.float() @ reference_weight(fmt, a3, k).T
     ref = torch.nn.functional.silu(h1) * h3
     assert y.shape == (2, m, n)
-    assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16)
+    assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16)  # 2 m rows: the GEMM kernel
 
 
 @pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 3), ("bf16", 1), ("fp8", 3)])
@@ -198,6 +216,66 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
             if gated:
                 ref = torch.nn.functional.silu(ref) * (x @ reference_weight(fmt, a3, k).T)
             assert_matches(y, ref, torch.float32)
+
+
+INT_DOT_CASES = [("q4", 4, 1, False), ("q4", 4, 2, True), ("q4", 1, 3, False), ("q3", 1, 2, True),
+                 ("q2", 1, 1, True), ("q8", 1, 2, False), ("q8", 4, 1, True), ("q8_0", 1, 1, False),
+                 ("q4_0", 4, 3, False), ("q4_k", 1, 2, True)]
+
+
+@pytest.mark.parametrize("fmt,slices,split,gated", INT_DOT_CASES)
+def test_int_dot_gemv(fmt, slices, split, gated):
+    """The dp2a GEMV path (x as 16-bit integers) for every format, 1 and 4 row slices, several blocks per program
+    (the prefetch chain), split-K finished in the launch, gated, a K that ends inside a block, a residual: within
+    its error budget of the reference, and close to the float path's output on the same x. A second call with an
+    outlier in x (one element 1000x the rest) checks that the x scale follows the data."""
+    n, k = 21, 1408  # 3 blocks, the last one partial (11 groups of 128)
+    gen = torch.Generator().manual_seed(hash((fmt, slices, split)) % 2**31)
+    spec = INT_SPECS[fmt]
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    w1, w3 = reference_weight(fmt, a1, k), reference_weight(fmt, a3, k)
+    for outlier in (False, True):
+        x = torch.randn(1, k, generator=gen)
+        if outlier:
+            x[0, 777] = 1000.0
+        x = x.to(torch.bfloat16)
+        r = None if gated else torch.randn(1, n, generator=gen).to(torch.bfloat16)
+        runs = []
+        for int_dot in (True, False):
+            cfg = ops.Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot, slices=slices)
+            runs.append(ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits,
+                                            spec.offset, spec.group, gated, cfg,
+                                            residual=None if r is None else r.to(DEVICE)).float().cpu())
+        h1 = x.float() @ w1.T
+        e1 = int_dot_error(fmt, x, w1)
+        if gated:
+            h3 = x.float() @ w3.T
+            ref, extra = torch.nn.functional.silu(h1) * h3, gated_error(h1, h3, e1, int_dot_error(fmt, x, w3))
+        else:
+            ref, extra = h1, e1
+        ref_out = ref if r is None else (ref.to(torch.bfloat16).float() + r.float())
+        slack = 0.0 if r is None else 2.0**-7 * ref_out.abs()  # the residual sum's own rounding
+        assert_matches(runs[0].to(torch.bfloat16), ref_out, torch.bfloat16, extra + slack)
+        assert_matches(runs[0].to(torch.bfloat16), runs[1], torch.bfloat16, extra + slack + 2.0**-7 * ref.abs())
+
+
+def test_int_dot_xmax_respects_the_integer_ranges():
+    """XMAX keeps every integer the dp2a path forms exact: a window's sum of (code - offset) * xi below 2**22 (the
+    float bias trick), a per-row format's running int32 sum over a program's blocks below 2**31."""
+    for spec in INT_SPECS.values():
+        fields = 16 if spec.bits == 3 else 32 // spec.bits
+        dev = max(spec.offset, 2**spec.bits - 1 - spec.offset)
+        for blocks in (1, 5, 19, 100, 10**4):
+            xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, blocks)
+            assert xmax == 0 or 4095 <= xmax <= 32767
+            if spec.group:
+                assert xmax * dev * min(spec.group // 16, fields) < 2**22
+                assert xmax >= 16383  # grouped formats never need a coarser x
+            elif xmax:
+                assert xmax * dev * fields * blocks < 2**31
+    assert ops.int_dot_xmax(8, 128, 0, 19) == 32767  # q8 at S2's largest K (9728)
+    assert ops.int_dot_xmax(8, 128, 0, 10**4) == 0  # K beyond 2.5M codes: the float path
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "fp8", "bf16"])  # per-row, grouped, with mins, float
@@ -279,10 +357,10 @@ def test_s2_shape_and_cuda_graph(fmt):
     for m in (1, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = KERNELS[fmt](x, p)
-        assert_matches(y, (x.float() @ ref_w.T).cpu(), torch.bfloat16)
+        assert_matches(y, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x, ref_w).cpu())
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             yg = KERNELS[fmt](x, p)
         x.copy_(torch.randn_like(x))
         g.replay()
-        assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16)
+        assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x, ref_w).cpu())

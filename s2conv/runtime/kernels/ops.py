@@ -44,6 +44,8 @@ class Config:
     num_stages: int = 2
     block_m: int = 16
     block_k: int = 128
+    int_dot: bool = False  # integer GEMV with bf16/fp16 x: the dp2a path (`int_dot_xmax`)
+    slices: int = 1  # its row slices (1 or 4)
 
 
 # (kernel kind, bits (16 = bf16, 8 = fp8 for float kinds), group, has_min, gated, N, K, M bucket, x dtype) ->
@@ -69,14 +71,21 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
     return -(-n_chunks // per), per
 
 
-def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False) -> Config:
+def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False,
+                   group: int = 0) -> Config:
     """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
     used) and split-K 4 only when N is too small to fill the GPU (N = 2560); float BLOCK_K 256 and a split only
     for N = 2560 (what `tune` picked at S2's shapes on an H200)."""
     if m <= GEMV_MAX_M:
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
-            return Config(block_n=16, split=4 if small or (gated and bits == 3) else 1, num_warps=4, num_stages=1)
+            split = 4 if small or (gated and bits == 3) else 1
+            # the dp2a path except for per-row 8-bit (q8: no faster there; bench/RESULTS.md, fifth session);
+            # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
+            # S2CONV_INT_DOT=0 keeps every format on the float path (the baseline for benchmarks)
+            int_dot = not (bits == 8 and group == 0) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
+                          slices=4 if bits == 4 and group >= 128 else 1)
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
@@ -84,6 +93,24 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         return Config(block_n=64, split=split, num_warps=4, num_stages=2, block_m=block_m)
     split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // 128), device, waves=1.0)
     return Config(block_n=64, split=split, num_warps=4, num_stages=3, block_m=block_m, block_k=128)
+
+
+def int_dot_xmax(bits: int, offset: int, group: int, blocks_per_program: int) -> int:
+    """The integer range [-XMAX, XMAX] the dp2a GEMV scales x to, 0 where it cannot run exactly.
+
+    A grouped format converts each window's integer sum (min(group / 16, fields per word) codes of one word) through
+    a float with integers exact below 2**22; a per-row format keeps int32 running sums over all of a program's
+    blocks. XMAX is the largest 2**b - 1 (b <= 15, the int16 halves of dp2a) under those bounds, at least 2**12 - 1:
+    x keeps >= 12 bits against its largest element, an error far below bf16 rounding of the output.
+    """
+    fields = 16 if bits == 3 else 32 // bits
+    dev = max(offset, (1 << bits) - 1 - offset)  # largest |code|
+    if group:
+        bound = (2**22 - 1) // (min(group // 16, fields) * dev)
+    else:
+        bound = (2**31 - 1) // (max(blocks_per_program, 1) * fields * dev)
+    b = min(15, (bound + 1).bit_length() - 1)
+    return 2**b - 1 if b >= 12 else 0
 
 
 def _fail(op: str, what: str, expected: str, got) -> RuntimeModelError:
@@ -209,7 +236,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             raise _fail(op, "group", "> 0 for a format with mins", group)
     _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
-        "int", bits, n, k, m, dev, gated)
+        "int", bits, n, k, m, dev, gated, group)
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
     y, part = _outputs(x, n, split, gated)
@@ -227,12 +254,18 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         n_tiles = triton.cdiv(n, ROWS)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
+        # fp32 x keeps the float path: its outputs equal the reference to fp32 rounding, the dp2a path's to x's
+        # 16-bit integer rounding (far below a bf16/fp16 output's)
+        xmax = int_dot_xmax(bits, offset, group, per) if cfg.int_dot and x.dtype != torch.float32 else 0
+        if xmax:
+            common.update(num_warps=cfg.num_warps if cfg.slices == 4 else max(cfg.num_warps, 4))
         # the last-arriving program of a split finishes the row tile, residual included
         int_gemv_kernel[(n_tiles, split, m)](
             x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
             # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md)
-            r_arg.stride(0), BPP=1 if mins is not None else per, HAS_RES=residual is not None, **common)
+            r_arg.stride(0), BPP=1 if mins is not None else per, HAS_RES=residual is not None, XMAX=xmax,
+            SLICES=cfg.slices, ASM=not _INTERPRETED, **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     int_gemm_kernel[grid](x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
@@ -334,8 +367,9 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
     """The small search space `tune` times. Kept small because every block size is a separate compilation (the
     integer kernels unroll 32 slots per block); splits are clamped to the number of K chunks at launch."""
     if m <= GEMV_MAX_M:
-        if kind == "int":  # one 16-row group per program: only the split and the warps vary
-            return [Config(16, sp, w, 1) for w in (2, 4, 8) for sp in (1, 2, 4, 8)]
+        if kind == "int":  # one 16-row group per program: the path, the split and the warps vary
+            return ([Config(16, sp, w, 1) for w in (2, 4, 8) for sp in (1, 2, 4, 8)]
+                    + [Config(16, sp, 4, 1, int_dot=True, slices=sl) for sl in (1, 4) for sp in (1, 2, 4, 8)])
         return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":

@@ -20,12 +20,6 @@ _R = tl.constexpr(16)  # interleaved rows per group (layout.ROWS)
 
 
 @triton.jit
-def _fb(i: tl.constexpr, NB: tl.constexpr) -> tl.constexpr:
-    """Bit position of field i of an NB-bit word (layout.field_bit): byte i % 4, then NB * (i // 4) in the byte."""
-    return 8 * (i % 4) + NB * (i // 4)
-
-
-@triton.jit
 def _field(t, t_hi, magic, P: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr):
     """(field - OFF) * 2**Q in fp32 for the NB-bit field at bit P of the int32 words t (t_hi = t >> 16).
 
@@ -134,7 +128,8 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). Scales
     apply per window of WL fields, inside which every column stays in one group. 3-bit: the tile is the two
     low-bit sub-tiles ([2, 16, 16]); the high-bit sub-tile is read into a second tile whose (t, w) entry holds
-    word w shifted right by 4 t, so that field i (bit _fb(i, 1)) is the high bit of slot t * 16 + i.
+    word w shifted right by 4 t, so that field i (bit 8 * (i % 4) + i // 4, layout.field_bit) is the high bit of
+    slot t * 16 + i.
     """
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
@@ -194,11 +189,14 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                         xv = tl.load(x_col + kb + i * _W, mask=x_live & (kb + t1[:, None] * (SPW * _W) + w1[None, :]
                                                                          + i * _W < K), other=0.0).to(tl.float32)
                     if BITS == 3:  # u = low2 + 4 * high1; the offset goes with the low field
-                        acc_g += _field(wt, wt_hi, magic, _fb(i, 2), 2, OFF) * _xq(xv, _fb(i, 2), 2, 1.0)[:, :, None]
-                        acc_g += _field(ht, ht_hi, magic, _fb(i, 1), 1, 0) * _xq(xv, _fb(i, 1), 1, 4.0)[:, :, None]
+                        # field i at bit 8 (i % 4) + bits (i // 4) (layout.field_bit; inline: constexpr in triton 3.6)
+                        acc_g += (_field(wt, wt_hi, magic, 8 * (i % 4) + 2 * (i // 4), 2, OFF)
+                                  * _xq(xv, 8 * (i % 4) + 2 * (i // 4), 2, 1.0)[:, :, None])
+                        acc_g += (_field(ht, ht_hi, magic, 8 * (i % 4) + i // 4, 1, 0)
+                                  * _xq(xv, 8 * (i % 4) + i // 4, 1, 4.0)[:, :, None])
                     else:
-                        xq = _xq(xv, _fb(i, BITS), BITS, 1.0)
-                        acc_g += _field(wt, wt_hi, magic, _fb(i, BITS), BITS, OFF) * xq[:, :, None]
+                        xq = _xq(xv, 8 * (i % 4) + BITS * (i // 4), BITS, 1.0)
+                        acc_g += _field(wt, wt_hi, magic, 8 * (i % 4) + BITS * (i // 4), BITS, OFF) * xq[:, :, None]
                 if GROUP == 0:
                     acc = acc_g
                 else:
@@ -213,15 +211,232 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     return out
 
 
+# ---- integer-dot GEMV (bf16/fp16 x): x quantized to 16-bit integers, codes multiplied two per dp2a ----------------
+@triton.jit
+def _dp2(a, b, c, HALF: tl.constexpr, ASM: tl.constexpr):
+    """c + a.lo16 * b.byte(2 HALF) + a.hi16 * b.byte(2 HALF + 1): PTX dp2a (a two signed 16-bit halves, b four
+    unsigned bytes), one instruction for two multiply-adds; ASM=False computes the same with plain integer ops (the
+    triton interpreter runs no PTX)."""
+    if ASM:
+        if HALF == 0:
+            return tl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bh = b >> (16 * HALF)
+        return c + ((a << 16) >> 16) * (bh & 0xFF) + (a >> 16) * ((bh >> 8) & 0xFF)
+
+
+@triton.jit
+def _bytes(wt, ht, e: tl.constexpr, BITS: tl.constexpr):
+    """Fields 4e .. 4e + 3 of the words as their four unsigned bytes (layout.field_bit); 3-bit: the low 2 bits
+    from wt, the high bit from ht (already shifted to its sub-tile)."""
+    if BITS == 8:
+        return wt
+    elif BITS == 3:
+        return ((wt >> (2 * e)) & 0x03030303) | (((ht >> e) & 0x01010101) << 2)
+    else:
+        return (wt >> (BITS * e)) & (((1 << BITS) - 1) * 0x01010101)
+
+
+@triton.jit
+def _xint(xv, inv):
+    """The int32 0x4B400000 + round(x * inv) (|x * inv| < 2**22): its low 16 bits are round(x * inv) as int16."""
+    return (xv.to(tl.float32) * inv + 12582912.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _x_absmax(x_row, K, k_start, k_end, EVEN_K: tl.constexpr):
+    """max |x[k]| over k in [k_start, min(k_end, K))."""
+    offs = tl.arange(0, _BLOCK_K)
+    m = tl.zeros([_BLOCK_K], tl.float32)
+    for k0 in range(k_start, k_end, _BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_row + k0 + offs)
+        else:
+            xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0)
+        m = tl.maximum(m, tl.abs(xv.to(tl.float32)))
+    return tl.max(m, axis=0)
+
+
+@triton.jit
+def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr, NT: tl.constexpr,
+                RS: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
+    """`_load_block` for a slice of RS of the group's 16 rows: tiles [NT, 16, RS], window scales [NT, 1, RS]."""
+    live = tl.full([NT, _W, RS], b, tl.int32) < b_end
+    live_s = tl.full([NT, 1, RS], b, tl.int32) < b_end
+    wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
+    ht = wt
+    if BITS == 3:
+        ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
+    s0 = tl.zeros([NT, 1, RS], tl.float32)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    if GROUP > 0:
+        s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
+    return wt, ht, s0, s1, s2, s3
+
+
+@triton.jit
+def _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 NT: tl.constexpr, RS: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr,
+                 NWIN: tl.constexpr, SLICES: tl.constexpr):
+    """`_load_slice` of each of the SLICES slices (rows s RS .. s RS + RS - 1, scale rows clamped to N - 1);
+    SLICES = 1 repeats slice 0 for the unused three."""
+    w0, h0, s00, s01, s02, s03 = _load_slice(w_tile, h_tile, s_t + tl.minimum(row0 + rr, N - 1) * stride_sn, b,
+                                             b_end, BITS, GROUP, NT, RS, BSTEP, GPB, GPW, NWIN)
+    w1, h1, s10, s11, s12, s13 = w0, h0, s00, s01, s02, s03
+    w2, h2, s20, s21, s22, s23 = w0, h0, s00, s01, s02, s03
+    w3, h3, s30, s31, s32, s33 = w0, h0, s00, s01, s02, s03
+    if SLICES == 4:
+        w1, h1, s10, s11, s12, s13 = _load_slice(w_tile + RS, h_tile + RS,
+                                                 s_t + tl.minimum(row0 + RS + rr, N - 1) * stride_sn, b, b_end, BITS,
+                                                 GROUP, NT, RS, BSTEP, GPB, GPW, NWIN)
+        w2, h2, s20, s21, s22, s23 = _load_slice(w_tile + 2 * RS, h_tile + 2 * RS,
+                                                 s_t + tl.minimum(row0 + 2 * RS + rr, N - 1) * stride_sn, b, b_end,
+                                                 BITS, GROUP, NT, RS, BSTEP, GPB, GPW, NWIN)
+        w3, h3, s30, s31, s32, s33 = _load_slice(w_tile + 3 * RS, h_tile + 3 * RS,
+                                                 s_t + tl.minimum(row0 + 3 * RS + rr, N - 1) * stride_sn, b, b_end,
+                                                 BITS, GROUP, NT, RS, BSTEP, GPB, GPW, NWIN)
+    return (w0, h0, s00, s01, s02, s03, w1, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31, s32,
+            s33)
+
+
+@triton.jit
+def _window_sum(a, corr, acc, s, GROUP: tl.constexpr):
+    """Add one window's integer dot a (+ corr, its offset correction) to the running sum acc: grouped formats
+    scale it (converted exactly through the 0x4B400000 bias that corr carries), per-row formats keep integers."""
+    if GROUP == 0:
+        return acc + (a + corr)
+    else:
+        return acc + ((a + corr).to(tl.float32, bitcast=True) - 12582912.0) * s
+
+
+@triton.jit
+def _int_rows_gemv_idp(x_row, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_end, inv,
+                       BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                       SLICES: tl.constexpr, ASM: tl.constexpr):
+    """sum_k (code[n, k] * scale) * xi[k] over blocks [b_start, b_end) for one group of 16 interleaved rows, with
+    xi = round(x * inv) the 16-bit integer x -> fp32 [16] (the caller multiplies by 1 / inv).
+
+    Same tiles as `_int_rows_gemv`, cut into SLICES slices of 16 / SLICES rows, so that a thread holding one
+    16-byte word vector of every slice (SLICES = 4) shares each x conversion among 16 rows instead of 4. Per word,
+    (w >> bits * e) & byte_mask gives 4 consecutive fields as bytes and two dp2a multiply them with two pairs of
+    x integers. Integer sums per window (the scale group's fields of a word) are exact; the code offset comes off
+    as -OFF * sum(xi) per window; grouped formats convert each window's sum with the 2**23 + 2**22 bias trick (no
+    integer-to-float instruction), so |sum| < 2**22 bounds xi (ops.py picks XMAX).
+    """
+    WPB: tl.constexpr = 16 * BITS
+    TW: tl.constexpr = 32 if BITS == 3 else WPB
+    SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else SPW
+    NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1
+    WL: tl.constexpr = SPW // NWIN
+    GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1
+    GPW: tl.constexpr = WL // SPG if WL >= SPG else 0
+    NT: tl.constexpr = TW // _W
+    BSTEP: tl.constexpr = WPB * _R
+    RS: tl.constexpr = _R // SLICES
+    # 0x4B400000 = the bits of 2**23 + 2**22, a float that holds 2**23 + 2**22 + i exactly for |i| < 2**22: the bias
+    # of a grouped window's sum, and the -OFF * (count * bias) that a sum of `_xint` values carries, wrapped to int32
+    CORR0: tl.constexpr = ((0x4B400000 * (1 + OFF * WL) if GROUP > 0 else 0x4B400000 * OFF * WL) + 2**31) % 2**32 \
+        - 2**31
+    t1 = tl.arange(0, NT)
+    w1 = tl.arange(0, _W)
+    tt = t1[:, None, None]
+    ww = w1[None, :, None]
+    rr = tl.arange(0, RS)[None, None, :]
+    x_col = x_row + t1[:, None] * (SPW * _W) + w1[None, :]
+    g_t = (t1 * SPW) // SPG
+    kcol = t1[:, None] * (SPW * _W) + w1[None, :]  # [NT, 16]: k of field 0 of every column (block 0)
+    w_tile = w_grp + (tt * _W + ww) * _R + rr
+    h_tile = w_tile
+    if BITS == 3:
+        h_tile = w_grp + (32 + ww + tt * 0) * _R + rr
+        h_shift = tt * 4 + ww * 0 + rr * 0
+    if GROUP == 0:
+        a0 = tl.zeros([NT, _W, RS], tl.int32)
+    else:
+        a0 = tl.zeros([NT, _W, RS], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    s_t = s_row0 + g_t[:, None, None]
+    # register double buffering: block b + 1's words and scales load while block b computes
+    (w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31, s32,
+     s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b_start, b_end, BITS, GROUP, NT, RS, BSTEP,
+                         GPB, GPW, NWIN, SLICES)
+    for b in range(b_start, b_end):
+        (nw0, nh0, n00, n01, n02, n03, nw1, nh1, n10, n11, n12, n13, nw2, nh2, n20, n21, n22, n23, nw3, nh3, n30, n31,
+         n32, n33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b + 1, b_end, BITS, GROUP, NT, RS,
+                                  BSTEP, GPB, GPW, NWIN, SLICES)
+        if BITS == 3:
+            h0 = h0 >> h_shift
+            if SLICES == 4:
+                h1 = h1 >> h_shift
+                h2 = h2 >> h_shift
+                h3 = h3 >> h_shift
+        kb = b * _BLOCK_K
+        for v in tl.static_range(NWIN):
+            qsum = tl.zeros([NT, _W], tl.int32)
+            d0 = tl.zeros([NT, _W, RS], tl.int32)
+            d1 = d0
+            d2 = d0
+            d3 = d0
+            for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
+                if EVEN_K:
+                    xa = tl.load(x_col + kb + (2 * p) * _W)
+                    xb = tl.load(x_col + kb + (2 * p + 1) * _W)
+                else:
+                    xa = tl.load(x_col + kb + (2 * p) * _W, mask=kb + kcol + (2 * p) * _W < K, other=0.0)
+                    xb = tl.load(x_col + kb + (2 * p + 1) * _W, mask=kb + kcol + (2 * p + 1) * _W < K, other=0.0)
+                qa = _xint(xa, inv)
+                qb = _xint(xb, inv)
+                qsum += qa + qb
+                pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
+                d0 = _dp2(pair, _bytes(w0, h0, p // 2, BITS), d0, p % 2, ASM)
+                if SLICES == 4:
+                    d1 = _dp2(pair, _bytes(w1_, h1, p // 2, BITS), d1, p % 2, ASM)
+                    d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
+                    d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
+            corr = (qsum * (-OFF) + CORR0)[:, :, None]
+            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
+            if SLICES == 4:
+                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
+                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
+                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
+        w0, h0, s00, s01, s02, s03 = nw0, nh0, n00, n01, n02, n03
+        w1_, h1, s10, s11, s12, s13 = nw1, nh1, n10, n11, n12, n13
+        w2, h2, s20, s21, s22, s23 = nw2, nh2, n20, n21, n22, n23
+        w3, h3, s30, s31, s32, s33 = nw3, nh3, n30, n31, n32, n33
+    y0 = tl.sum(tl.sum(a0.to(tl.float32), axis=1), axis=0)
+    if SLICES == 4:
+        y1 = tl.sum(tl.sum(a1.to(tl.float32), axis=1), axis=0)
+        y2 = tl.sum(tl.sum(a2.to(tl.float32), axis=1), axis=0)
+        y3 = tl.sum(tl.sum(a3.to(tl.float32), axis=1), axis=0)
+        # rows 4 s + j of slice s: [j, q, p] -> [p, q, j] is slice 2 p + q
+        y0 = tl.reshape(tl.permute(tl.join(tl.join(y0, y1), tl.join(y2, y3)), (2, 1, 0)), (_R,))
+    if GROUP == 0:
+        rows = tl.minimum(row0 + tl.arange(0, _R), N - 1)
+        y0 = y0 * tl.load(s_row0 + rows * stride_sn)
+    return y0
+
+
 @triton.jit
 def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N, K, n_blocks,
                     blocks_per_split, n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps,
                     stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
                     HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                    PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr):
+                    PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
+                    SLICES: tl.constexpr = 1, ASM: tl.constexpr = True):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
+    XMAX > 0: the integer-dot path (`_int_rows_gemv_idp`): x[m, this program's K range] is scaled to integers in
+    [-XMAX, XMAX] (one max |x| pass first) and meets the codes in dp2a instructions; SLICES, ASM as there.
 
     GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
     y = silu(x w1^T) * (x w3^T). HAS_RES: y = r + x w^T (r [M, N] in y's dtype, `store_output`).
@@ -240,12 +455,25 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
-    y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end, magic,
-                       BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
-    if GATED:
-        rows3 = rows + N
-        y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K, b_start,
-                            b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
+    if XMAX > 0:
+        amax = _x_absmax(x_row, K, b_start * _BLOCK_K, b_end * _BLOCK_K, EVEN_K)
+        inv = tl.where(amax > 0, XMAX / amax, 0.0)
+        y = _int_rows_gemv_idp(x_row, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS, OFF,
+                               GROUP, EVEN_K, SLICES, ASM) * (amax / XMAX)
+        if HAS_MIN:
+            y -= _min_correction(x_row, m_ptr + rows * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
+        if GATED:
+            y3 = _int_rows_gemv_idp(x_row, w_grp + w3_off, s_ptr + N * stride_sn, stride_sn, pid_n * _R, N, K,
+                                    b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM) * (amax / XMAX)
+            if HAS_MIN:
+                y3 -= _min_correction(x_row, m_ptr + (rows + N) * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
+    else:
+        y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end,
+                           magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
+        if GATED:
+            rows3 = rows + N
+            y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
+                                b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     r_row = r_ptr + pid_m * stride_rm
@@ -312,9 +540,9 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                 else:
                     xv = tl.load(x_rows + k0, mask=m_mask[:, None] & (k0 + offs_w < K)[None, :], other=0.0)
                 if BITS == 3:
-                    u = _int_codes(tw, _fb(i, 2), 2) | (_int_codes(th, _fb(s, 1), 1) << 2)
+                    u = _int_codes(tw, 8 * (i % 4) + 2 * (i // 4), 2) | (_int_codes(th, 8 * (s % 4) + s // 4, 1) << 2)
                 else:
-                    u = _int_codes(tw, _fb(i, BITS), BITS)
+                    u = _int_codes(tw, 8 * (i % 4) + BITS * (i // 4), BITS)
                 wv = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
                 if IEEE:
                     part = tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
