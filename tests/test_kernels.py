@@ -357,10 +357,10 @@ def test_s2_shape_and_cuda_graph(fmt):
     for m in (1, 16):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = KERNELS[fmt](x, p)
-        assert_matches(y, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x, ref_w).cpu())
+        assert_matches(y, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x.cpu(), ref_w.cpu()))
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             yg = KERNELS[fmt](x, p)
         x.copy_(torch.randn_like(x))
         g.replay()
-        assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x, ref_w).cpu())
+        assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x.cpu(), ref_w.cpu()))
