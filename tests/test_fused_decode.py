@@ -297,6 +297,42 @@ def test_fused_block_step_matches_eager_block(weights):
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
 
 
+@pytest.mark.slow  # ~1 minute in triton's interpreter (CPU); seconds on a GPU
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
+    """A slow decode step of a quantized bf16 model: with q4 (dp2a GEMV) both RMSNorms of every block fold into
+    the next GEMV (no norm launch left in the blocks), with q8 (float GEMV: no folding) the norm kernels stay;
+    either way the hidden state and logits match the eager quantized model's within bf16 tolerance."""
+    from s2conv.bench import quantize_model
+    from s2conv.runtime.qlinear import QuantLinear
+
+    def build():
+        m = DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE)
+        quantize_model(m, fmt, "all")
+        for q in m.modules():
+            if isinstance(q, QuantLinear):
+                assert q.prepare_kernel(force=True)
+        return m
+
+    eager, fast = build(), build()
+    assert fused_decode.enable(fast, force=True)
+    norms = []
+    for name in ("rms_norm", "add_rms_norm"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    for m in (eager, fast):
+        m.setup_caches(1, 16)
+        m.prefill(prompt[None])
+    pos = torch.tensor([8], device=DEVICE)
+    norms.clear()
+    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
+    block_norms = len(norms) - 1  # the model's final norm is one more launch
+    assert block_norms == (0 if fmt == "q4" else 2 * TINY.n_layer)
+    assert float((hf.float() - he.float()).abs().max()) < 2**-5 * float(he.float().abs().max())
+    assert float((lf.float() - le.float()).abs().max()) < 2**-5 * float(le.float().abs().max())
+
+
 def test_enable_is_a_no_op_on_a_cpu_model_without_force(weights):
     model = DualARTransformer.from_weights(TINY, weights, torch.float32)
     w1 = model.layers[0].feed_forward.w1.weight

@@ -260,6 +260,40 @@ def test_int_dot_gemv(fmt, slices, split, gated):
         assert_matches(runs[0].to(torch.bfloat16), runs[1], torch.bfloat16, extra + slack + 2.0**-7 * ref.abs())
 
 
+@pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
+                                         ("q4_k", 1, False), ("q8", 1, False), ("q4", 3, True)])
+def test_norm_folded_into_the_linear(fmt, m, gated):
+    """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
+    dp2a path, no mins: the kernel multiplies the unrounded x * g and scales by the rsqrt, so it matches the exact
+    norm within the dp2a path's budget), else fish-speech's norm (rounded to bf16) first."""
+    n, k = 19, 1408
+    gen = torch.Generator().manual_seed(13)
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
+    launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
+    fused = m == 1 and fmt not in ("q4_k", "q8")  # q8: float path; q4_k: mins
+    assert launcher.fuses_norm(x.to(DEVICE), p) == fused
+    y = launcher(x.to(DEVICE), p, norm=(g.to(DEVICE), 1e-6)).float().cpu()
+    if fused:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * g.float()
+    else:
+        normed = ops.rms_norm_reference(x, g, 1e-6).float()
+    w1, w3 = reference_weight(fmt, a1, k), reference_weight(fmt, a3, k)
+    e1 = int_dot_error(fmt, normed.to(torch.bfloat16), w1) if fused else 0.0
+    h1 = normed @ w1.T
+    if gated:
+        h3 = normed @ w3.T
+        e3 = int_dot_error(fmt, normed.to(torch.bfloat16), w3) if fused else 0.0
+        ref, extra = torch.nn.functional.silu(h1) * h3, gated_error(h1, h3, e1, e3)
+    else:
+        ref, extra = h1, e1
+    assert_matches(y.to(torch.bfloat16), ref, torch.bfloat16, extra)
+    # the norm really is applied: without it the output is far off
+    assert (launcher(x.to(DEVICE), p).float().cpu() - ref).abs().max() > 10 * (y - ref).abs().max()
+
+
 def test_int_dot_xmax_respects_the_integer_ranges():
     """XMAX keeps every integer the dp2a path forms exact: a window's sum of (code - offset) * xi below 2**22 (the
     float bias trick), a per-row format's running int32 sum over a program's blocks below 2**31."""

@@ -6,7 +6,8 @@
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
 the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
 GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
-add in its epilogue. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear modules are
+add in its epilogue. Integer formats at one row fold both norms into the next GEMV (`_folds_norm`): the residual
+add then moves into wo's epilogue, and a block is 5-6 launches. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear modules are
 still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of left-padded
 rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
 """
@@ -63,8 +64,10 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
     attn, cache, k = block.attention, block.attention.kv_cache, block._fused
     gemv = x.shape[0] * x.shape[1] == 1  # one row: float linears take the Triton GEMV
-    n = k.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
-    qkv = _linear(attn.wqkv, n, gemv)
+    if _folds_norm(attn.wqkv, x):  # the attention norm inside the wqkv GEMV
+        qkv = _linear(attn.wqkv, x, gemv, norm=block.attention_norm)
+    else:
+        qkv = _linear(attn.wqkv, k.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps), gemv)
     qw = attn.q_norm.weight if attn.qk_norm else None
     kw = attn.k_norm.weight if attn.qk_norm else None
     eps = attn.q_norm.eps if attn.qk_norm else 0.0
@@ -75,6 +78,11 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
         q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
                                  attn.n_kv_head, eps)
         y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
+    w13 = _w13(block.feed_forward)
+    if isinstance(w13, tuple) and _kernel_runs(block.feed_forward.w1, x) and _launcher_folds(w13[0], x, w13[1]):
+        # the residual add in wo's epilogue, the ffn norm inside the w1|w3 GEMV: no add+norm launch
+        h = _linear(attn.wo, y, gemv, residual=x)
+        return _linear(block.feed_forward.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h)
     h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
     return _ffn(block.feed_forward, n, k, gemv, residual=h)
 
@@ -88,8 +96,10 @@ def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
     return gemv and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
 
 
-def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = None) -> Tensor:
-    """module(x), plus residual when given (added in the kernel's epilogue where a kernel runs: one launch fewer).
+def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = None,
+            norm: RMSNorm | None = None) -> Tensor:
+    """module(x), plus residual when given (added in the kernel's epilogue where a kernel runs: one launch fewer);
+    norm (only where `_folds_norm(module, x)`): module(norm(x)) with the norm inside the kernel.
 
     A bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster at S2's
     shapes: bench/RESULTS.md); a QuantLinear with a kernel (CUDA) calls it directly."""
@@ -97,11 +107,33 @@ def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = 
         from s2conv.runtime.kernels import KERNELS
 
         return KERNELS["bf16"](x, {"weight": module.weight}, residual=residual)
-    if isinstance(module, QuantLinear) and module.kernel is not None and x.is_cuda:
+    if isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x):
         launcher, packed = module.kernel
+        if norm is not None:
+            return launcher(x, packed, residual=residual, norm=_norm_args(norm))
         return launcher(x, packed, residual=residual)
     y = module(x)
     return y if residual is None else residual + y
+
+
+def _kernel_runs(module: nn.Module, x: Tensor) -> bool:
+    """Whether a QuantLinear's kernel takes x: CUDA inputs, or any after `prepare_kernel(force=True)` (tests)."""
+    return x.is_cuda or getattr(module, "_kernel_on_cpu", False)
+
+
+def _norm_args(norm: RMSNorm) -> tuple[Tensor, float]:
+    return norm.weight, norm.eps
+
+
+def _launcher_folds(launcher, x: Tensor, packed: dict) -> bool:
+    fuses = getattr(launcher, "fuses_norm", None)
+    return fuses is not None and fuses(x, packed)
+
+
+def _folds_norm(module: nn.Module, x: Tensor) -> bool:
+    """Whether module's kernel takes an RMSNorm of x inside its own launch (integer formats on the dp2a GEMV)."""
+    return (isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x)
+            and _launcher_folds(module.kernel[0], x, module.kernel[1]))
 
 
 def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None) -> Tensor:
@@ -114,7 +146,7 @@ def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | Non
             return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv, residual)
         a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
         return _linear(ff.w2, k.silu_mul(a, b), gemv, residual)
-    if w13 is not None and x.is_cuda:  # QuantLinear pair with kernels: silu and mul inside the GEMV
+    if w13 is not None and _kernel_runs(ff.w1, x):  # QuantLinear pair with kernels: silu and mul inside the GEMV
         launcher, packed = w13
         return _linear(ff.w2, launcher(x, packed), gemv, residual)
     return _linear(ff.w2, k.silu_mul(ff.w1(x), ff.w3(x)), gemv, residual)

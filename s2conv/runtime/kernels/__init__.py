@@ -4,6 +4,8 @@
     y = KERNELS["q4"](x, packed)                # x [..., K] bf16/fp16/fp32 -> y [..., N], x's dtype
     h = KERNELS["q4"](x, packed, residual=h)    # h + x W^T, the add in the kernel's epilogue
     h = GATED_KERNELS["q4"](x, cat_rows(p1, p3))  # silu(x W1^T) * (x W3^T) in one weight pass
+    y = KERNELS["q4"](h, packed, norm=(g, eps))  # rms_norm(h) W^T (integer formats; folded in where
+                                                 # KERNELS["q4"].fuses_norm(h, packed), else a norm first)
 
 The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
 triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
@@ -39,12 +41,23 @@ def _eager() -> bool:
 def _int_kernel(fmt: str, gated: bool):
     spec = INT_SPECS[fmt]
 
-    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
+               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
+        g, eps = norm if norm is not None else (None, 0.0)
         args = (_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
                 spec.group, gated)
-        y = ops.int_linear_impl(*args, residual=r) if _eager() else torch.ops.s2conv.int_linear(*args, r)
+        if _eager():
+            y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps)
+        else:
+            y = torch.ops.s2conv.int_linear(*args, r, g, eps)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fuses_norm(x: torch.Tensor, packed: dict) -> bool:
+        """Whether linear(x, packed, norm=...) folds the norm into its one kernel launch."""
+        return ops.fuses_norm(_flat(x), spec.bits, spec.offset, spec.group, "mins" in packed, x.shape[-1])
+
+    linear.fuses_norm = fuses_norm
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")

@@ -197,9 +197,27 @@ def _int_key(x, scales, bits, group, has_min, gated):
             x.dtype)
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fish-speech's RMSNorm in torch (normalise in fp32, round to x's dtype, scale by the weight in that dtype):
+    what the launchers run first when a folded norm cannot be fused into the kernel."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
+
+
+def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int,
+               config: Optional[Config] = None) -> bool:
+    """Whether `int_linear_impl(.., norm_weight=..)` folds the RMSNorm into its kernel for this x (one row on the
+    dp2a path, no mins) rather than running `rms_norm_reference` first."""
+    if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
+        return False
+    cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
+    return cfg.int_dot and int_dot_xmax(bits, offset, group, -(-k // BLOCK_K)) > 0
+
+
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
                     bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None,
-                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+                    norm_eps: float = 0.0) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
 
     scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
@@ -207,10 +225,19 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
+    norm_weight [K] (with norm_eps): x is first put through fish-speech's RMSNorm with that weight, folded into
+    the kernel where `fuses_norm` says so (one launch, x read once), else by `rms_norm_reference`.
     """
     op = "s2conv::int_linear"
     dev = qweight.device
     _check_x(op, x, dev)
+    if norm_weight is not None:
+        if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.device != dev or not norm_weight.is_contiguous():
+            raise _fail(op, "norm_weight", f"a contiguous [{x.shape[1]}] tensor on {dev}",
+                        f"{tuple(norm_weight.shape)} on {norm_weight.device}")
+        if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config):
+            x = rms_norm_reference(x, norm_weight, norm_eps)
+            norm_weight = None
     if bits not in (2, 3, 4, 8):
         raise _fail(op, "bits", "2, 3, 4 or 8", bits)
     if group not in _GROUPS:
@@ -265,7 +292,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
             # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md)
             r_arg.stride(0), BPP=1 if mins is not None else per, HAS_RES=residual is not None, XMAX=xmax,
-            SLICES=cfg.slices, ASM=not _INTERPRETED, **common)
+            SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
+            eps=float(norm_eps), NORM=norm_weight is not None, **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     int_gemm_kernel[grid](x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
@@ -339,14 +367,15 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
 # ---- torch custom ops ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("s2conv::int_linear", mutates_args=())
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-               bits: int, offset: int, group: int, gated: bool,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               bits: int, offset: int, group: int, gated: bool, residual: Optional[torch.Tensor] = None,
+               norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> torch.Tensor:
     """Custom-op form of `int_linear_impl` (tuned or default config)."""
-    return int_linear_impl(x, qweight, scales, mins, bits, offset, group, gated, residual=residual)
+    return int_linear_impl(x, qweight, scales, mins, bits, offset, group, gated, residual=residual,
+                           norm_weight=norm_weight, norm_eps=norm_eps)
 
 
 @int_linear.register_fake
-def _(x, qweight, scales, mins, bits, offset, group, gated, residual=None):
+def _(x, qweight, scales, mins, bits, offset, group, gated, residual=None, norm_weight=None, norm_eps=0.0):
     return x.new_empty(x.shape[0], scales.shape[0] // (2 if gated else 1))
 
 

@@ -242,9 +242,23 @@ def _bytes(wt, ht, e: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _x_field(x_col, g_col, k0, kcol, K, EVEN_K: tl.constexpr, NORM: tl.constexpr):
+    """x (times the norm weight g with NORM) at k0 + kcol [NT, 16], in fp32."""
+    if EVEN_K:
+        xv = tl.load(x_col + k0).to(tl.float32)
+        if NORM:
+            xv = xv * tl.load(g_col + k0).to(tl.float32)
+    else:
+        xv = tl.load(x_col + k0, mask=k0 + kcol < K, other=0.0).to(tl.float32)
+        if NORM:
+            xv = xv * tl.load(g_col + k0, mask=k0 + kcol < K, other=0.0).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _xint(xv, inv):
     """The int32 0x4B400000 + round(x * inv) (|x * inv| < 2**22): its low 16 bits are round(x * inv) as int16."""
-    return (xv.to(tl.float32) * inv + 12582912.0).to(tl.int32, bitcast=True)
+    return (xv * inv + 12582912.0).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -259,6 +273,25 @@ def _x_absmax(x_row, K, k_start, k_end, EVEN_K: tl.constexpr):
             xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0)
         m = tl.maximum(m, tl.abs(xv.to(tl.float32)))
     return tl.max(m, axis=0)
+
+
+@triton.jit
+def _x_norm_stats(x_row, g_ptr, K, EVEN_K: tl.constexpr):
+    """(sum_k x[k]**2, max_k |x[k] g[k]|) over the whole row: an RMSNorm folded into the GEMV reads its input
+    x and multiplies by g (the norm weight) on the fly; the per-row rsqrt scales the output instead."""
+    offs = tl.arange(0, _BLOCK_K)
+    ss = tl.zeros([_BLOCK_K], tl.float32)
+    m = tl.zeros([_BLOCK_K], tl.float32)
+    for k0 in range(0, K, _BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_row + k0 + offs).to(tl.float32)
+            gv = tl.load(g_ptr + k0 + offs).to(tl.float32)
+        else:
+            xv = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            gv = tl.load(g_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += xv * xv
+        m = tl.maximum(m, tl.abs(xv * gv))
+    return tl.sum(ss, axis=0), tl.max(m, axis=0)
 
 
 @triton.jit
@@ -316,11 +349,12 @@ def _window_sum(a, corr, acc, s, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _int_rows_gemv_idp(x_row, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_end, inv,
+def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_end, inv,
                        BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                       SLICES: tl.constexpr, ASM: tl.constexpr):
+                       SLICES: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
     """sum_k (code[n, k] * scale) * xi[k] over blocks [b_start, b_end) for one group of 16 interleaved rows, with
-    xi = round(x * inv) the 16-bit integer x -> fp32 [16] (the caller multiplies by 1 / inv).
+    xi = round(x * inv) the 16-bit integer x -> fp32 [16] (the caller multiplies by 1 / inv). NORM: x[k] * g[k]
+    in place of x[k] (g: an RMSNorm's weight, fp32 product of the two).
 
     Same tiles as `_int_rows_gemv`, cut into SLICES slices of 16 / SLICES rows, so that a thread holding one
     16-byte word vector of every slice (SLICES = 4) shares each x conversion among 16 rows instead of 4. Per word,
@@ -387,12 +421,8 @@ def _int_rows_gemv_idp(x_row, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_e
             d2 = d0
             d3 = d0
             for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
-                if EVEN_K:
-                    xa = tl.load(x_col + kb + (2 * p) * _W)
-                    xb = tl.load(x_col + kb + (2 * p + 1) * _W)
-                else:
-                    xa = tl.load(x_col + kb + (2 * p) * _W, mask=kb + kcol + (2 * p) * _W < K, other=0.0)
-                    xb = tl.load(x_col + kb + (2 * p + 1) * _W, mask=kb + kcol + (2 * p + 1) * _W < K, other=0.0)
+                xa = _x_field(x_col, g_ptr + kcol, kb + (2 * p) * _W, kcol, K, EVEN_K, NORM)
+                xb = _x_field(x_col, g_ptr + kcol, kb + (2 * p + 1) * _W, kcol, K, EVEN_K, NORM)
                 qa = _xint(xa, inv)
                 qb = _xint(xb, inv)
                 qsum += qa + qb
@@ -431,12 +461,15 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                     stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
                     HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                     PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
-                    SLICES: tl.constexpr = 1, ASM: tl.constexpr = True):
+                    SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
+                    NORM: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
     XMAX > 0: the integer-dot path (`_int_rows_gemv_idp`): x[m, this program's K range] is scaled to integers in
     [-XMAX, XMAX] (one max |x| pass first) and meets the codes in dp2a instructions; SLICES, ASM as there.
+    NORM (XMAX > 0, no mins): y = rms_norm(x) w^T with the norm folded in (weight g [K], eps): the first pass
+    takes sum(x**2) and max |x g| over the whole row, the codes meet x g, and rsqrt(mean(x**2) + eps) scales y.
 
     GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
     y = silu(x w1^T) * (x w3^T). HAS_RES: y = r + x w^T (r [M, N] in y's dtype, `store_output`).
@@ -456,15 +489,20 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     x_row = x_ptr + pid_m * stride_xm
     if XMAX > 0:
-        amax = _x_absmax(x_row, K, b_start * _BLOCK_K, b_end * _BLOCK_K, EVEN_K)
+        if NORM:
+            ss, amax = _x_norm_stats(x_row, g_ptr, K, EVEN_K)
+            out_scale = amax / XMAX * (1.0 / tl.sqrt_rn(ss / K + eps))
+        else:
+            amax = _x_absmax(x_row, K, b_start * _BLOCK_K, b_end * _BLOCK_K, EVEN_K)
+            out_scale = amax / XMAX
         inv = tl.where(amax > 0, XMAX / amax, 0.0)
-        y = _int_rows_gemv_idp(x_row, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS, OFF,
-                               GROUP, EVEN_K, SLICES, ASM) * (amax / XMAX)
+        y = _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS,
+                               OFF, GROUP, EVEN_K, SLICES, ASM, NORM) * out_scale
         if HAS_MIN:
             y -= _min_correction(x_row, m_ptr + rows * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
         if GATED:
-            y3 = _int_rows_gemv_idp(x_row, w_grp + w3_off, s_ptr + N * stride_sn, stride_sn, pid_n * _R, N, K,
-                                    b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM) * (amax / XMAX)
+            y3 = _int_rows_gemv_idp(x_row, g_ptr, w_grp + w3_off, s_ptr + N * stride_sn, stride_sn, pid_n * _R, N,
+                                    K, b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM) * out_scale
             if HAS_MIN:
                 y3 -= _min_correction(x_row, m_ptr + (rows + N) * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
     else:
