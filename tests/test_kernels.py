@@ -262,7 +262,7 @@ def test_int_dot_gemv(fmt, slices, split, gated):
 
 @pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
                                          ("q4_k", 1, False), ("q8", 1, False), ("q4", 3, True)])
-def test_norm_folded_into_the_linear(fmt, m, gated):
+def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
     dp2a path, no mins: the kernel multiplies the unrounded x * g and scales by the rsqrt, so it matches the exact
     norm within the dp2a path's budget), else fish-speech's norm (rounded to bf16) first."""
@@ -273,6 +273,8 @@ def test_norm_folded_into_the_linear(fmt, m, gated):
     x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
     g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
     launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
+    assert not launcher.fuses_norm(x.to(DEVICE), p)  # opt-in
+    monkeypatch.setenv("S2CONV_FOLD_NORM", "1")
     fused = m == 1 and fmt not in ("q4_k", "q8")  # q8: float path; q4_k: mins
     assert launcher.fuses_norm(x.to(DEVICE), p) == fused
     y = launcher(x.to(DEVICE), p, norm=(g.to(DEVICE), 1e-6)).float().cpu()

@@ -6,9 +6,10 @@
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
 the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
 GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
-add in its epilogue. Integer formats at one row fold both norms into the next GEMV (`_folds_norm`): the residual
-add then moves into wo's epilogue, and a block is 5-6 launches. Prefill (S > 1) and CPU tensors keep the eager code of `layers.py`. The Linear modules are
-still called as they are, so every weight format keeps working. `batch.py` runs its decode steps of left-padded
+add in its epilogue. With S2CONV_FOLD_NORM=1, integer formats at one row fold both norms into the next GEMV
+(`_folds_norm`): the residual add then moves into wo's epilogue, and a block is 5-6 launches. Prefill (S > 1)
+and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
+weight format keeps working. `batch.py` runs its decode steps of left-padded
 rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
 """
 from __future__ import annotations

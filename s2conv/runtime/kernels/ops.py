@@ -46,6 +46,7 @@ class Config:
     block_k: int = 128
     int_dot: bool = False  # integer GEMV with bf16/fp16 x: the dp2a path (`int_dot_xmax`)
     slices: int = 1  # its row slices (1 or 4)
+    fold_norm: bool = False  # the dp2a path takes a preceding RMSNorm into its launch (`fuses_norm`)
 
 
 # (kernel kind, bits (16 = bf16, 8 = fp8 for float kinds), group, has_min, gated, N, K, M bucket, x dtype) ->
@@ -84,8 +85,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
             # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
             # S2CONV_INT_DOT=0 keeps every format on the float path (the baseline for benchmarks)
             int_dot = not (bits == 8 and group == 0) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            # folding the RMSNorm in measured no faster on an H100 (the saved norm launches cost as much again in
+            # the GEMV's extra loads: bench/RESULTS.md, fifth session): opt-in, S2CONV_FOLD_NORM=1
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
-                          slices=4 if bits == 4 and group >= 128 else 1)
+                          slices=4 if bits == 4 and group >= 128 else 1,
+                          fold_norm=os.environ.get("S2CONV_FOLD_NORM", "0") == "1")
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
@@ -207,11 +211,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int,
                config: Optional[Config] = None) -> bool:
     """Whether `int_linear_impl(.., norm_weight=..)` folds the RMSNorm into its kernel for this x (one row on the
-    dp2a path, no mins) rather than running `rms_norm_reference` first."""
+    dp2a path, no mins, config.fold_norm) rather than running `rms_norm_reference` first."""
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
         return False
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
-    return cfg.int_dot and int_dot_xmax(bits, offset, group, -(-k // BLOCK_K)) > 0
+    return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group, -(-k // BLOCK_K)) > 0
 
 
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
