@@ -24,7 +24,7 @@ SHAPES = {"wqkv": (6144, 2560, False), "wo": (2560, 4096, False), "w1|w3": (9728
 
 def variants(fmt: str, n: int, k: int, gated: bool) -> dict[str, ops.Config]:
     spec = INT_SPECS[fmt]
-    base = ops.default_config("int", spec.bits, n, k, 1, torch.device("cuda"), gated, spec.group)
+    base = ops.default_config("int", spec.bits, n, k, 1, torch.device("cuda"), gated, spec.group, spec.has_min)
     fl = dataclasses.replace(base, int_dot=False, slices=1, num_warps=4)
     return {"float": fl,
             "default": base,

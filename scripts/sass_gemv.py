@@ -94,7 +94,8 @@ def main() -> None:
         xmax = int_dot_xmax(spec.bits, spec.offset, spec.group, args.blocks) if args.int_dot else 0
         if xmax:
             bpp = 1  # the dp2a loop steps one block at a time
-            cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group)
+            cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group,
+                                 has_min=spec.has_min)
             warps = warps or cfg.num_warps
         warps = warps or 4
         text = sass(compile_gemv(fmt, bpp, warps, xmax, args.int_dot or 1))

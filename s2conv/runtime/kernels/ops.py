@@ -73,7 +73,7 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 
 
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False,
-                   group: int = 0) -> Config:
+                   group: int = 0, has_min: bool = False) -> Config:
     """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
     used) and split-K 4 only when N is too small to fill the GPU (N = 2560); float BLOCK_K 256 and a split only
     for N = 2560 (what `tune` picked at S2's shapes on an H200)."""
@@ -81,10 +81,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
             split = 4 if small or (gated and bits == 3) else 1
-            # the dp2a path except for per-row 8-bit (q8: no faster there; bench/RESULTS.md, fifth session);
-            # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
-            # S2CONV_INT_DOT=0 keeps every format on the float path (the baseline for benchmarks)
-            int_dot = not (bits == 8 and group == 0) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            # the dp2a path except for per-row 8-bit and formats with mins (q8, q4_k: no faster there;
+            # bench/RESULTS.md, fifth session); 4 row slices only for 4-bit codes with one scale per 128 (slower
+            # with per-32 windows); S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
+            int_dot = (not (bits == 8 and group == 0) and not has_min
+                       and os.environ.get("S2CONV_INT_DOT", "1") != "0")
             # folding the RMSNorm in measured no faster on an H100 (the saved norm launches cost as much again in
             # the GEMV's extra loads: bench/RESULTS.md, fifth session): opt-in, S2CONV_FOLD_NORM=1
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
@@ -267,7 +268,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             raise _fail(op, "group", "> 0 for a format with mins", group)
     _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
-        "int", bits, n, k, m, dev, gated, group)
+        "int", bits, n, k, m, dev, gated, group, mins is not None)
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
     y, part = _outputs(x, n, split, gated)
