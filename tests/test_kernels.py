@@ -227,8 +227,8 @@ INT_DOT_CASES = [("q4", 4, 1, False), ("q4", 4, 2, True), ("q4", 1, 3, False), (
 def test_int_dot_gemv(fmt, slices, split, gated):
     """The dp2a GEMV path (x as 16-bit integers) for every format, 1 and 4 row slices, several blocks per program
     (the prefetch chain), split-K finished in the launch, gated, a K that ends inside a block, a residual: within
-    its error budget of the reference, and close to the float path's output on the same x. A second call with an
-    outlier in x (one element 1000x the rest) checks that the x scale follows the data."""
+    its error budget of the reference. A second call with an outlier in x (one element 1000x the rest) checks that
+    the x scale follows the data."""
     n, k = 21, 1408  # 3 blocks, the last one partial (11 groups of 128)
     gen = torch.Generator().manual_seed(hash((fmt, slices, split)) % 2**31)
     spec = INT_SPECS[fmt]
@@ -241,12 +241,9 @@ def test_int_dot_gemv(fmt, slices, split, gated):
             x[0, 777] = 1000.0
         x = x.to(torch.bfloat16)
         r = None if gated else torch.randn(1, n, generator=gen).to(torch.bfloat16)
-        runs = []
-        for int_dot in (True, False):
-            cfg = ops.Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot, slices=slices)
-            runs.append(ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits,
-                                            spec.offset, spec.group, gated, cfg,
-                                            residual=None if r is None else r.to(DEVICE)).float().cpu())
+        cfg = ops.Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=True, slices=slices)
+        y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
+                                spec.group, gated, cfg, residual=None if r is None else r.to(DEVICE))
         h1 = x.float() @ w1.T
         e1 = int_dot_error(fmt, x, w1)
         if gated:
@@ -256,8 +253,7 @@ def test_int_dot_gemv(fmt, slices, split, gated):
             ref, extra = h1, e1
         ref_out = ref if r is None else (ref.to(torch.bfloat16).float() + r.float())
         slack = 0.0 if r is None else 2.0**-7 * ref_out.abs()  # the residual sum's own rounding
-        assert_matches(runs[0].to(torch.bfloat16), ref_out, torch.bfloat16, extra + slack)
-        assert_matches(runs[0].to(torch.bfloat16), runs[1], torch.bfloat16, extra + slack + 2.0**-7 * ref.abs())
+        assert_matches(y, ref_out, torch.bfloat16, extra + slack)
 
 
 @pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
