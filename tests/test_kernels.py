@@ -292,6 +292,25 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     assert (launcher(x.to(DEVICE), p).float().cpu() - ref).abs().max() > 10 * (y - ref).abs().max()
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-36, 1e-20, 1e20])
+def test_int_dot_gemv_extreme_activation_scales(scale):
+    """x of all zeros, below fp32's reach for XMAX / max|x| (1e-36), tiny and huge: finite outputs, as close to the
+    reference as the dp2a budget allows (zeros for the first two)."""
+    n, k = 21, 512
+    gen = torch.Generator().manual_seed(17)
+    args = make_weight("q4", n, k, gen)
+    w = reference_weight("q4", args, k)
+    x = (torch.randn(1, k, generator=gen) * scale).to(torch.bfloat16)  # bf16 reaches 1e-38 .. 3e38
+    cfg = ops.Config(block_n=16, split=1, num_warps=4, num_stages=1, int_dot=True, slices=4)
+    p = packed_on_device("q4", args)
+    y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], None, 4, 8, 128, False, cfg).double().cpu()
+    assert torch.isfinite(y).all()
+    ref = x.double() @ w.double().T
+    assert ((y - ref).abs() <= 2.0**-7 * ref.abs() + 1e-3 * ref.abs().max() + 1e-30).all()
+    if scale < 1e-30:
+        assert (y == 0).all()
+
+
 def test_int_dot_xmax_respects_the_integer_ranges():
     """XMAX keeps every integer the dp2a path forms exact: a window's sum of (code - offset) * xi below 2**22 (the
     float bias trick), a per-row format's running int32 sum over a program's blocks below 2**31."""

@@ -495,7 +495,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
         else:
             amax = _x_absmax(x_row, K, b_start * _BLOCK_K, b_end * _BLOCK_K, EVEN_K)
             out_scale = amax / XMAX
-        inv = tl.where(amax > 0, XMAX / amax, 0.0)
+        # below 1e-30 (XMAX / amax would overflow fp32) x counts as zero: an output error under 1e-30 sum |w|
+        inv = tl.where(amax > 1e-30, XMAX / amax, 0.0)
         y = _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS,
                                OFF, GROUP, EVEN_K, SLICES, ASM, NORM) * out_scale
         if HAS_MIN:
