@@ -7,6 +7,9 @@ one subtraction gives the code. A field at bit position p is read in place as v 
 it meets is pre-scaled by 2**-p, once for the 4 weight rows a thread holds (layout.py interleaves rows so that one
 16-byte load brings the same word of 4 rows). Both scalings are powers of two, so products equal the reference
 dequantize-then-multiply in fp32.
+
+The GEMV's second path (`_int_rows_gemv_idp`, bf16/fp16 x, the default for most formats) multiplies in integers
+instead: x scaled to 16-bit integers, four codes per shift-and-mask as bytes, two multiply-adds per dp2a.
 """
 from __future__ import annotations
 
