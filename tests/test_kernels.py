@@ -277,7 +277,9 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     if fused:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * g.float()
     else:
-        normed = ops.rms_norm_reference(x, g, 1e-6).float()
+        # fish-speech's RMSNorm: normalise in fp32, round to bf16, scale by the weight in bf16
+        normed = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+                  * g).float()
     w1, w3 = reference_weight(fmt, a1, k), reference_weight(fmt, a3, k)
     e1 = int_dot_error(fmt, normed.to(torch.bfloat16), w1) if fused else 0.0
     h1 = normed @ w1.T

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels import fused
 from s2conv.runtime.kernels.launch import pdl_args
 from s2conv.runtime.kernels.layout import BLOCK_K, ROWS, WORDS, padded_rows
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
@@ -202,17 +203,10 @@ def _int_key(x, scales, bits, group, has_min, gated):
             x.dtype)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """fish-speech's RMSNorm in torch (normalise in fp32, round to x's dtype, scale by the weight in that dtype):
-    what the launchers run first when a folded norm cannot be fused into the kernel."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
-
-
 def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int,
                config: Optional[Config] = None) -> bool:
     """Whether `int_linear_impl(.., norm_weight=..)` folds the RMSNorm into its kernel for this x (one row on the
-    dp2a path, no mins, config.fold_norm) rather than running `rms_norm_reference` first."""
+    dp2a path, no mins, config.fold_norm) rather than running the RMSNorm kernel first."""
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
         return False
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
@@ -231,7 +225,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
     norm_weight [K] (with norm_eps): x is first put through fish-speech's RMSNorm with that weight, folded into
-    the kernel where `fuses_norm` says so (one launch, x read once), else by `rms_norm_reference`.
+    the kernel where `fuses_norm` says so (one launch, x read once), else by `fused.rms_norm` first.
     """
     op = "s2conv::int_linear"
     dev = qweight.device
@@ -241,7 +235,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             raise _fail(op, "norm_weight", f"a contiguous [{x.shape[1]}] tensor on {dev}",
                         f"{tuple(norm_weight.shape)} on {norm_weight.device}")
         if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config):
-            x = rms_norm_reference(x, norm_weight, norm_eps)
+            x = fused.rms_norm(x, norm_weight, norm_eps)
             norm_weight = None
     if bits not in (2, 3, 4, 8):
         raise _fail(op, "bits", "2, 3, 4 or 8", bits)

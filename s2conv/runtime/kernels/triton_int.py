@@ -81,19 +81,7 @@ def _load_block(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.
                 BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
     """Block b's weight tile [NT, 16, 16] (and 3-bit high-bit tile, else the same tile again) and its window
     scales [NT, 1, 16] (zeros for per-row formats); everything masked off when b >= b_end."""
-    live = tl.full([NT, _W, _R], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
-    live_s = tl.full([NT, 1, _R], b, tl.int32) < b_end
-    wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
-    ht = wt
-    if BITS == 3:
-        ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
-    s0 = tl.zeros([NT, 1, _R], tl.float32)
-    s1 = s0
-    s2 = s0
-    s3 = s0
-    if GROUP > 0:
-        s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
-    return wt, ht, s0, s1, s2, s3
+    return _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS, GROUP, NT, _R, BSTEP, GPB, GPW, NWIN)
 
 
 @triton.jit
@@ -300,8 +288,10 @@ def _x_norm_stats(x_row, g_ptr, K, EVEN_K: tl.constexpr):
 @triton.jit
 def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr, NT: tl.constexpr,
                 RS: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
-    """`_load_block` for a slice of RS of the group's 16 rows: tiles [NT, 16, RS], window scales [NT, 1, RS]."""
-    live = tl.full([NT, _W, RS], b, tl.int32) < b_end
+    """Block b's tiles for a slice of RS of the group's 16 rows: weight words [NT, 16, RS] (and the 3-bit high-bit
+    tile, else the same tile again), window scales [NT, 1, RS] (zeros for per-row formats); everything masked off
+    when b >= b_end."""
+    live = tl.full([NT, _W, RS], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
     live_s = tl.full([NT, 1, RS], b, tl.int32) < b_end
     wt = tl.load(w_tile + b * BSTEP, mask=live, other=0)
     ht = wt
