@@ -95,7 +95,9 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
-        split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // BLOCK_K), device, waves=1.0)
+        # about 3 waves of 64-row tiles: one wave left the SMs latency-bound (q4 at M = 32 on an H100: 131 ->
+        # 100 us per layer with the swapped tiles; bench/RESULTS.md, sixth session)
+        split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // BLOCK_K), device, waves=3.0)
         return Config(block_n=64, split=split, num_warps=4, num_stages=2, block_m=block_m)
     split, _ = _split_for(-(-n // 64) * -(-m // block_m), -(-k // 128), device, waves=1.0)
     return Config(block_n=64, split=split, num_warps=4, num_stages=3, block_m=block_m, block_k=128)

@@ -542,20 +542,23 @@ def _int_codes(t, P: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
+def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over blocks [b_start, b_end) -> fp32 [BLOCK_M, BLOCK_N] (tensor cores).
+    """w[BLOCK_N rows] @ x[BLOCK_M, K]^T over blocks [b_start, b_end) -> fp32 [BLOCK_N, BLOCK_M] (tensor cores).
 
-    x_rows: [BLOCK_M, 16] pointers (row m, column j); w_rows: [BLOCK_N, 16] pointers to word j of block 0 of each
+    The weight is the dot's left operand (the "swapped" small-M GEMM): with BLOCK_N = 64 rows and 4 warps the
+    compiler loads the words straight into wgmma's register operand and dequantizes them there, where the weight
+    as the right operand went through shared memory (bench/RESULTS.md, sixth session); x^T is the small operand.
+    x_cols: [16, BLOCK_M] pointers (column j, row m); w_rows: [BLOCK_N, 16] pointers to word j of block 0 of each
     row (interleaved layout: words of one row are 16 apart); codes go to x's dtype exactly (|code| <= 255).
     IEEE: multiply in fp32 (fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong).
     """
     offs_w = tl.arange(0, _W)
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16
     SPG: tl.constexpr = GROUP // _W if GROUP > 0 else 1
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     xs = tl.zeros([BLOCK_M], tl.float32)
     for b in range(b_start, b_end):
         wb = w_rows + b * (_W * BITS * _R)
@@ -568,36 +571,36 @@ def _int_rows_gemm(x_rows, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                 s = t * SPW + i  # a compile-time slot index
                 k0 = kb + s * _W
                 if EVEN_K:
-                    xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+                    xv = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
                 else:
-                    xv = tl.load(x_rows + k0, mask=m_mask[:, None] & (k0 + offs_w < K)[None, :], other=0.0)
+                    xv = tl.load(x_cols + k0, mask=m_mask[None, :] & (k0 + offs_w < K)[:, None], other=0.0)
                 if BITS == 3:
                     u = _int_codes(tw, 8 * (i % 4) + 2 * (i // 4), 2) | (_int_codes(th, 8 * (s % 4) + s // 4, 1) << 2)
                 else:
                     u = _int_codes(tw, 8 * (i % 4) + BITS * (i // 4), BITS)
                 wv = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
                 if IEEE:
-                    part = tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
+                    part = tl.dot(wv, xv.to(tl.float32), input_precision="ieee")
                 else:
-                    part = tl.dot(xv, tl.trans(wv.to(xv.dtype)))
+                    part = tl.dot(wv.to(xv.dtype), xv)
                 if GROUP == 0:
                     acc += part
                 else:
                     if s % SPG == 0:
                         acc_g = part
                         if HAS_MIN:
-                            xs = tl.sum(xv.to(tl.float32), axis=1)
+                            xs = tl.sum(xv.to(tl.float32), axis=0)
                     else:
                         acc_g += part
                         if HAS_MIN:
-                            xs += tl.sum(xv.to(tl.float32), axis=1)
+                            xs += tl.sum(xv.to(tl.float32), axis=0)
                     if s % SPG == SPG - 1:
                         g = b * (_BLOCK_K // GROUP) + s // SPG
-                        acc += acc_g * tl.load(s_rows + g)[None, :]
+                        acc += acc_g * tl.load(s_rows + g)[:, None]
                         if HAS_MIN:
-                            acc -= xs[:, None] * tl.load(m_rows + g)[None, :]
+                            acc -= tl.load(m_rows + g)[:, None] * xs[None, :]
     if GROUP == 0:
-        acc = acc * tl.load(s_rows)[None, :]
+        acc = acc * tl.load(s_rows)[:, None]
     return acc
 
 
@@ -609,7 +612,7 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_block
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
     `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N)). HAS_RES only without PARTIAL (the
-    split-K reduction adds the residual then)."""
+    split-K reduction adds the residual then). Tiles are [BLOCK_N, BLOCK_M] (`_int_rows_gemm`), stored transposed."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -620,18 +623,18 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_block
     m_mask = offs_m < M
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, _W)[None, :]
+    x_cols = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, _W)[:, None]
     q_rows = tl.minimum(offs_n, n_pad - 1)  # storage rows (padded groups exist)
     q_base = (q_rows // _R).to(tl.int64) * stride_wg + q_rows % _R
     w_rows = w_ptr + q_base[:, None] + tl.arange(0, _W)[None, :] * _R
-    y = _int_rows_gemm(x_rows, m_mask, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start,
+    y = _int_rows_gemm(x_cols, m_mask, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start,
                        b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & (offs_n < N)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = m_mask[None, :] & (offs_n < N)[:, None]
     if GATED:
         rows3 = rows + N
         w_rows3 = w_rows + w3_off
-        y3 = _int_rows_gemm(x_rows, m_mask, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
+        y3 = _int_rows_gemm(x_cols, m_mask, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
                             b_start, b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
         if PARTIAL:
             tl.store(out_ptrs, y, mask=mask)
@@ -640,5 +643,5 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_block
             y = y * tl.sigmoid(y) * y3
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        r_ptrs = r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+        r_ptrs = r_ptr + offs_m[None, :] * stride_rm + offs_n[:, None]
         store_output(out_ptrs, y, mask, r_ptrs, HAS_RES)
