@@ -207,27 +207,35 @@ def time_fish_speech(compiled: bool, frames: int = 20, prompt_len: int = 256) ->
 
 
 @torch.inference_mode()
-def time_decode(model: DualARTransformer, prompt_len: int, frames: int, repeats: int = 3) -> float:
-    """Median seconds per frame of the graph-replayed frame loop, after a warm-up run that captures the graphs."""
+def time_decode(model: DualARTransformer, prompt_len: int, frames: int, repeats: int = 3) -> tuple[float, float]:
+    """(median seconds per frame of the graph-replayed frame loop, after a warm-up run that captures the graphs;
+    seconds of one-time work before steady decoding: prefill plus the first run's excess over its frames at the
+    median rate, i.e. kernel compilation not done before and CUDA-graph capture)."""
     cfg = model.cfg
     params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
     g = torch.Generator(device="cuda").manual_seed(1)
     prompt = torch.zeros(1, cfg.num_codebooks + 1, prompt_len, dtype=torch.long, device="cuda")
     prompt[:, 0] = torch.randint(0, cfg.semantic_begin_id, (prompt_len,), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    t_start = time.perf_counter()
     model.setup_caches(1, prompt_len + frames + 8)
     hidden, logits = model.prefill(prompt)
     first = model.sample_frame(hidden, logits, params, None)
     loop = FrameLoop(model, params, frames, use_graphs=True)
-    times = []
+    times, counts = [], []
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = loop.run(first, prompt_len, frames, model.max_seq)
         torch.cuda.synchronize()
+        if not times:
+            first_end = time.perf_counter()
         times.append((time.perf_counter() - t0) / max(1, out.shape[1]))
+        counts.append(out.shape[1])
         if out.shape[1] < frames:
             print(f"  (stopped early at {out.shape[1]} frames: <|im_end|> sampled)")
-    return sorted(times[1:])[len(times[1:]) // 2]
+    spf = sorted(times[1:])[len(times[1:]) // 2]
+    return spf, first_end - t_start - counts[0] * spf
 
 
 @torch.inference_mode()
@@ -301,19 +309,20 @@ def append_markdown(path: str, result: dict) -> None:
     bw = result["hbm"]
     lines = ["", f"## {result['date']}, {result['gpu']} (`s2conv bench`, torch {result['torch']})", "",
              f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
-             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) |",
-             "|---|---|---|---|---|---|---|"]
+             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) | ready after (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for fs in result.get("fish_speech", []):
         mode = "compiled (reduce-overhead)" if fs["compiled"] else "eager"
         lines.append(f"| fish-speech 0.1.0 step, {mode} (baseline, first call {fs['first_call_s']:.0f} s) | - | "
                      f"{fs['ms_per_frame']:.2f} | {fs['frames_per_s']:.1f} | {fs['rtf']:.3f} | - | - |")
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | | |")
         else:
             batch = f"{r['batch_frames_per_s']:.0f} at batch {r['batch']}" if "batch" in r else "-"
+            ready = f"{r['ready_s']:.1f}" if "ready_s" in r else "-"
             lines.append(f"| {r['format']} | {r['target']} | {r['ms_per_frame']:.2f} | {r['frames_per_s']:.1f} | "
-                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% | {batch} |")
+                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% | {batch} | {ready} |")
     if result.get("codec"):
         lines += ["", f"Codec decode: {result['codec']['x_realtime']:.0f}x real time."]
     with open(path, "a") as f:
@@ -367,15 +376,18 @@ def main(argv: list[str] | None = None) -> int:
             undo = [] if fmt == "bf16" else quantize_model(model, fmt, target)
             try:
                 kernels = sum(isinstance(m, QuantLinear) and m.kernel is not None for m in model.modules())
-                check = check_linears(model, target)
+                torch.cuda.synchronize()
+                t_check = time.perf_counter()
+                check = check_linears(model, target)  # (also compiles the GEMV kernels of the format)
                 if not check["ok"]:
                     raise RuntimeError(f"kernel output differs from the reference path: relative error "
                                        f"{check['rel_err']:.2e}, max {check['max_rel']:.2e}")
-                spf = time_decode(model, args.prompt, args.frames)
+                t_check = time.perf_counter() - t_check
+                spf, setup_s = time_decode(model, args.prompt, args.frames)
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
                            rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels,
-                           check=check)
+                           check=check, ready_s=t_check + setup_s)
                 if args.batch:
                     row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
                         model, args.prompt, args.frames, args.batch))
@@ -392,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{fmt:6s} {target:4s} {row['ms_per_frame']:7.2f} ms/frame {row['frames_per_s']:7.1f} fps "
                       f"RTF {row['rtf']:.3f}  {row['gb_per_s']:6.0f} GB/s = {100 * row['read_share']:.0f}% of read "
                       f"bandwidth ({row['fused_kernels']} fused linears; vs reference: "
-                      f"{row['check']['rel_err']:.1e} relative error over {row['check']['shapes']} shapes)")
+                      f"{row['check']['rel_err']:.1e} relative error over {row['check']['shapes']} shapes); "
+                      f"ready after {row['ready_s']:.1f} s of one-time work (kernel compilation, prefill, graph "
+                      f"capture)")
                 if "batch" in row:
                     print(f"{'':11s} batch {row['batch']}: {row['batch_frames_per_s']:7.1f} frames/s aggregate "
                           f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")

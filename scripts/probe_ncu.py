@@ -1,4 +1,7 @@
-"""Run the q4 GEMV kernels a few times at S2 Pro shapes (for `ncu`), and write their SASS to $OUT."""
+"""Run the integer GEMV kernels a few times at S2 Pro shapes (for `ncu`), and write their SASS to $OUT.
+
+    ncu --kernel-name int_gemv_kernel --launch-skip 2 --launch-count 1 ... python scripts/probe_ncu.py
+(FMTS: formats, default q4; SHAPES: some of wqkv,wo,w13,w2, default all; CALLS: launches per shape, default 3)"""
 from __future__ import annotations
 
 import collections
@@ -22,10 +25,14 @@ def packed(fmt, n, k, gated):
 
 def main():
     for fmt in os.environ.get("FMTS", "q4").split(","):
-        for name, n, k, gated in (("wqkv", 6144, 2560, False), ("w13", 9728, 2560, True)):
+        shapes = (("wqkv", 6144, 2560, False), ("wo", 2560, 4096, False), ("w13", 9728, 2560, True),
+                  ("w2", 2560, 9728, False))
+        for name, n, k, gated in shapes:
+            if name not in os.environ.get("SHAPES", "wqkv,wo,w13,w2").split(","):
+                continue
             p, spec = packed(fmt, n, k, gated)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            for _ in range(3):
+            for _ in range(int(os.environ.get("CALLS", "3"))):
                 ops.int_linear_impl(x, p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group, gated)
             torch.cuda.synchronize()
     out = os.environ.get("OUT")
