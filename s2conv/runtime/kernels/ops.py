@@ -1,7 +1,7 @@
 """Launchers for the Triton kernels: argument checks, launch configs (heuristic or tuned), torch custom ops.
 
-Each launch is host-side arithmetic plus one kernel (two when a float GEMM's split-K needs its reduction; the
-integer GEMV and GEMM reduce their split-K in the same launch, with a persistent per-device counter buffer): no host sync, outputs
+Each launch is host-side arithmetic plus one kernel (two when a GEMM's split-K needs its reduction; the integer
+GEMV reduces its split-K in the same launch, with a persistent per-device counter buffer): no host sync, outputs
 from torch's caching allocator, so the ops can be captured in CUDA graphs and traced by torch.compile
 (`s2conv::int_linear`, `s2conv::float_linear`, each with a fake implementation).
 """
@@ -268,6 +268,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
     y, part = _outputs(x, n, split, gated)
+    out = y if part is None else part
+    stride_os = 0 if part is None else part.stride(0)
     stride_sn = scales.stride(0)
     m_arg = mins if mins is not None else scales
     r_arg = residual if residual is not None else y
@@ -294,15 +296,13 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
             eps=float(norm_eps), NORM=norm_weight is not None, **common)
         return y
-    # split-K finished inside the launch as in the GEMV: the last-arriving program of each tile sums the partials
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    cnt = _counters(dev, grid[0] * grid[2]) if part is not None else y
-    p_arg = part if part is not None else y
-    int_gemm_kernel[grid](x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, m, n, k, n_blocks, per, split,
-                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, y.stride(0), p_arg.stride(0),
-                          p_arg.stride(-2), r_arg.stride(0),
+    int_gemm_kernel[grid](x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
+                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
                           IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          HAS_RES=residual is not None, **common)
+                          HAS_RES=residual is not None and part is None, **common)
+    if part is not None:
+        _reduce(part, y, gated, residual)
     return y
 
 

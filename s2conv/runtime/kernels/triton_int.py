@@ -605,18 +605,14 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
 
 
 @triton.jit
-def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K, n_blocks,
-                    blocks_per_split, n_split, stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_ps,
-                    stride_pm, stride_rm,
+def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_blocks, blocks_per_split,
+                    stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_os, stride_rm,
                     BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
-    """Small-M GEMM, grid (cdiv(N, BLOCK_N), n_split, cdiv(M, BLOCK_M)); weight arguments as in `int_gemv_kernel`;
-    n_pad: storage rows of one weight (padded_rows(N)). Tiles are [BLOCK_N, BLOCK_M] (`_int_rows_gemm`), stored
-    transposed into out [M, N] (GATED: silu(x w1^T) * (x w3^T); HAS_RES: + r, `store_output`).
-    PARTIAL (split-K in one launch, as in `int_gemv_kernel`): each program writes its fp32 tile(s) to
-    part[pid_k] ([M, 2N] when gated), then counts itself in cnt[pid_m * n_tiles + pid_n] (zero before the
-    launch); the last to arrive sums the n_split partials, finishes the tile and sets the counter back to 0."""
+    """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
+    `int_gemv_kernel`; n_pad: storage rows of one weight (padded_rows(N)). HAS_RES only without PARTIAL (the
+    split-K reduction adds the residual then). Tiles are [BLOCK_N, BLOCK_M] (`_int_rows_gemm`), stored transposed."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -633,32 +629,19 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     w_rows = w_ptr + q_base[:, None] + tl.arange(0, _W)[None, :] * _R
     y = _int_rows_gemm(x_cols, m_mask, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start,
                        b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
-    y3 = y
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = m_mask[None, :] & (offs_n < N)[:, None]
     if GATED:
         rows3 = rows + N
-        y3 = _int_rows_gemm(x_cols, m_mask, w_rows + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn,
-                            K, b_start, b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
-    mask = m_mask[None, :] & (offs_n < N)[:, None]
-    tile = offs_m[None, :] * stride_pm + offs_n[:, None]
-    finish = True
-    if PARTIAL:
-        tl.store(part_ptr + pid_k * stride_ps + tile, y, mask=mask)
-        if GATED:
-            tl.store(part_ptr + pid_k * stride_ps + N + tile, y3, mask=mask)
-        tl.debug_barrier()  # every thread's partials are written before the count (release) below
-        c_ptr = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
-        finish = arrived == n_split - 1
-        if finish:  # the last program of this tile sums the partials (".cg": from L2, not L1)
-            y = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            y3 = y
-            for sp in range(n_split):
-                y += tl.load(part_ptr + sp * stride_ps + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                if GATED:
-                    y3 += tl.load(part_ptr + sp * stride_ps + N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(c_ptr, 0)
-    if finish:
-        if GATED:
+        w_rows3 = w_rows + w3_off
+        y3 = _int_rows_gemm(x_cols, m_mask, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
+                            b_start, b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
+        if PARTIAL:
+            tl.store(out_ptrs, y, mask=mask)
+            tl.store(out_ptrs + N, y3, mask=mask)
+        else:
             y = y * tl.sigmoid(y) * y3
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        store_output(out_ptrs, y, mask, r_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], HAS_RES)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        r_ptrs = r_ptr + offs_m[None, :] * stride_rm + offs_n[:, None]
+        store_output(out_ptrs, y, mask, r_ptrs, HAS_RES)
