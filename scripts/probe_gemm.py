@@ -20,11 +20,11 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probe_int_dot import SHAPES, random_pack  # noqa: E402
 
 
-def configs(m: int) -> list[ops.Config]:
+def configs(m: int, pairs: list[tuple[int, int]], stages: list[int]) -> list[ops.Config]:
+    """Every (block_n, warps) pair x stages x split 1/2/4/8 at M's row tile; each (block_n, warps, stages) is one
+    compilation (block_n 16 and 2 warps never won on an H100 at M = 32, q4)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    # block_n 16 and 2 warps never won on an H100 (M = 32, q4); each (block_n, warps, stages) is one compilation
-    return [ops.Config(bn, sp, w, st, block_m=bm) for bn in (64, 32) for w in (4, 8) for st in (1, 2)
-            for sp in (1, 2, 4, 8)]
+    return [ops.Config(bn, sp, w, st, block_m=bm) for bn, w in pairs for st in stages for sp in (1, 2, 4, 8)]
 
 
 def main() -> int:
@@ -33,17 +33,14 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=32)
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--kernel", default="", help="a module in scripts/ whose int_gemm_kernel replaces the landed one")
-    ap.add_argument("--grid", default="64:4,64:8,32:4", help="block_n:warps pairs")
+    ap.add_argument("--grid", default="64:4,64:8,32:4", help="block_n:warps pairs to sweep")
     ap.add_argument("--stages", default="1,2")
     args = ap.parse_args()
     if args.kernel:
         import importlib
         ops.int_gemm_kernel = importlib.import_module(args.kernel).int_gemm_kernel
-    global configs
     pairs = [tuple(map(int, p.split(":"))) for p in args.grid.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
-    configs = lambda m: [ops.Config(bn, sp, w, st, block_m=16 if m <= 16 else 32 if m <= 32 else 64)  # noqa: E731
-                         for bn, w in pairs for st in stages for sp in (1, 2, 4, 8)]
     print("device:", torch.cuda.get_device_name())
     g = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.time()
@@ -72,7 +69,7 @@ def main() -> int:
             default = ops.default_config("int", spec.bits, n, k, m, torch.device("cuda"), gated, spec.group,
                                          spec.has_min)
             results = []
-            for cfg in [default] + configs(m):
+            for cfg in [default] + configs(m, pairs, stages):
                 if time.time() - t0 > args.budget_s:
                     break
                 call = lambda q: ops.int_linear_impl(x, q["qweight"], q["scales"], q.get("mins"), spec.bits,  # noqa
