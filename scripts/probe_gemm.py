@@ -14,10 +14,10 @@ import time
 import torch
 
 from s2conv.bench import output_error
-from s2conv.runtime.kernels import INT_SPECS, cat_rows, ops
+from s2conv.runtime.kernels import INT_SPECS, ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probe_int_dot import SHAPES, random_pack  # noqa: E402
+from probe_int_dot import SHAPES, layer_case  # noqa: E402
 
 
 def configs(m: int, pairs: list[tuple[int, int]], stages: list[int]) -> list[ops.Config]:
@@ -50,17 +50,9 @@ def main() -> int:
         spec = INT_SPECS[fmt]
         tot_default = tot_best = tot_cublas = 0.0
         for name, (n, k, gated) in SHAPES.items():
-            p, w = random_pack(fmt, n, k, g)
-            if gated:
-                p3, w3 = random_pack(fmt, n, k, g)
-                p, w = cat_rows(p, p3), torch.cat([w, w3])
-            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-            ref = x.float() @ w.T
-            if gated:
-                ref = torch.nn.functional.silu(ref[:, :n]) * ref[:, n:]
+            p, w, x, ref, packs = layer_case(fmt, n, k, gated, m, g)
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
-            copies = max(2, int(120e6 // wbytes) + 1)
-            packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(copies)]
+            copies = len(packs)
             wb = w.to(torch.bfloat16)
             bcopies = max(2, int(120e6 // (wb.numel() * 2)) + 1)
             bf = [wb.clone() for _ in range(bcopies)]

@@ -73,6 +73,23 @@ def random_pack(fmt: str, n: int, k: int, g: torch.Generator) -> tuple[dict, tor
     return p, dequantize_packed(fmt, p, k)
 
 
+def layer_case(fmt: str, n: int, k: int, gated: bool, m: int, g: torch.Generator):
+    """One S2 linear in `fmt` with random codes: (packed weight, its dequantized fp32 rows (w1 over w3 when gated),
+    bf16 x [m, k], the fp32 reference output, rotating copies of the packed weight (> 120 MB in all, so that L2
+    holds none between calls))."""
+    p, w = random_pack(fmt, n, k, g)
+    if gated:
+        p3, w3 = random_pack(fmt, n, k, g)
+        p, w = cat_rows(p, p3), torch.cat([w, w3])
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    ref = x.float() @ w.T
+    if gated:
+        ref = torch.nn.functional.silu(ref[:, :n]) * ref[:, n:]
+    wbytes = sum(t.numel() * t.element_size() for t in p.values())
+    packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(max(2, int(120e6 // wbytes) + 1))]
+    return p, w, x, ref, packs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="q4,q8,q8_0,q4_0,q4_k,q3,q2")
@@ -86,17 +103,9 @@ def main() -> int:
         spec = INT_SPECS[fmt]
         totals: dict[str, float] = {}
         for name, (n, k, gated) in SHAPES.items():
-            p, w = random_pack(fmt, n, k, g)
-            if gated:
-                p3, w3 = random_pack(fmt, n, k, g)
-                p, w = cat_rows(p, p3), torch.cat([w, w3])
-            x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
-            ref = x.float() @ w.T
-            if gated:
-                ref = torch.nn.functional.silu(ref[:, :n]) * ref[:, n:]
+            p, _, x, ref, packs = layer_case(fmt, n, k, gated, 1, g)
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
-            copies = max(2, int(120e6 // wbytes) + 1)
-            packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(copies)]
+            copies = len(packs)
             line = []
             for vname, cfg in variants(fmt, n, k, gated).items():
                 if args.variants and vname not in args.variants.split(","):
