@@ -21,7 +21,26 @@ def test_repacked_kernel_weights_decode_exactly_like_the_file(name, shape):
     assert torch.equal(got, torch.from_numpy(fmt.dequantize(data, shape[1])))
 
 
-def test_formats_without_a_kernel_have_no_pieces():
-    fmt = get_format("q5_k")
-    data = fmt.quantize(np.ones((2, 256), dtype=np.float32))
+@pytest.mark.parametrize("name", ["iq4_nl", "f16"])
+def test_formats_without_a_kernel_have_no_pieces(name):
+    """Lookup-table codes (iq4_nl) and plain floats have no integer codes: those weights keep the reference path."""
+    fmt = get_format(name)
+    data = np.zeros((2, fmt.row_bytes(256)), dtype=np.uint8)
+    assert fmt.integer_codes_torch(torch.from_numpy(data), 256) is None
     assert kernel_pieces(fmt, torch.from_numpy(data), 256) is None
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REPACK) if get_format(n).code_group])
+def test_integer_codes_of_ggml_types_rebuild_their_weights(name):
+    """codes * scales - mins per code_group columns is exactly the format's own dequantization."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((4, 512)) * 0.05).astype(np.float32)
+    fmt = get_format(name)
+    data = fmt.quantize(w)
+    got = fmt.integer_codes_torch(torch.from_numpy(data), 512)
+    g = fmt.code_group
+    assert got.group == g and got.codes.shape == (4, 512) and got.scales.shape == (4, 512 // g)
+    rebuilt = got.codes.float() * got.scales.repeat_interleave(g, dim=1)
+    if got.mins is not None:
+        rebuilt = rebuilt - got.mins.repeat_interleave(g, dim=1)
+    assert torch.equal(rebuilt, torch.from_numpy(fmt.dequantize(data, 512)))

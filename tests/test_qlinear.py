@@ -21,7 +21,7 @@ from s2conv.runtime.kernels import KERNELS, REPACK  # noqa: E402
 from s2conv.runtime.qlinear import QuantLinear  # noqa: E402
 
 
-KERNEL_FORMATS = ["q8", "q4", "q3", "q2", "q8_0", "q4_0", "q4_k", "fp8"]
+KERNEL_FORMATS = ["q8", "q4", "q3", "q2", "q8_0", "q4_0", "q4_k", "q6_k", "q3_k", "q2_k", "fp8"]
 
 
 def storage_bytes(fmt_name: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -120,11 +120,15 @@ def test_no_kernel_keeps_the_storage_bytes():
     m = quant_linear("q4")
     assert not m.prepare_kernel()  # CPU weight, not forced
     assert m.kernel is None and m.weight.shape == m.storage_shape
-    q5 = quant_linear("q5_k", n=4, k=256)  # a format without a kernel, even when forced
-    want = q5(x_rows(256))
-    assert not q5.prepare_kernel(force=True)
-    assert q5.kernel is None and q5.weight.shape == q5.storage_shape
-    assert torch.equal(q5(x_rows(256)), want)
+    # a format without a kernel (iq4_nl: codes index a table), even when forced: blocks of fp16 d + 16 code bytes
+    blocks = np.random.default_rng(0).integers(0, 256, (4, 8, 18), dtype=np.uint8)
+    blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    iq = QuantLinear(get_format("iq4_nl"), 256, 4, device=DEVICE)
+    iq.load_state_dict({"weight": torch.from_numpy(blocks.reshape(4, -1)).to(DEVICE)})
+    want = iq(x_rows(256))
+    assert not iq.prepare_kernel(force=True)
+    assert iq.kernel is None and iq.weight.shape == iq.storage_shape
+    assert torch.equal(iq(x_rows(256)), want)
 
 
 def test_state_dict_after_release_and_reloading_the_storage_bytes():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from s2conv.errors import QuantFormatError
-from s2conv.quant_formats.base import QuantFormat
+from s2conv.quant_formats.base import IntegerCodes, QuantFormat, combine_codes
 
 QK_K = 256  # weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this max |x| a sub-block counts as all zero (ggml-quants.c)
@@ -353,8 +353,9 @@ def _n_threads() -> int:
 class KQuantFormat(QuantFormat):
     """A ggml K-quant: 256-weight super-blocks, quantized exactly like llama.cpp's `quantize_row_*_ref`.
 
-    Subclasses implement `_quantize_blocks` ((B, 256) float32 -> (B, type_size) uint8) and the two
-    block dequantizers ((B, type_size) uint8 -> (B, 256) float32).
+    Subclasses implement `_quantize_blocks` ((B, 256) float32 -> (B, type_size) uint8), the numpy block
+    dequantizer `_dequantize_blocks` ((B, type_size) uint8 -> (B, 256) float32) and, for torch, `_codes_blocks`:
+    the block's integer codes with their sub-block scales and mins, which the torch dequantizer combines.
     """
 
     block_size: ClassVar[int] = QK_K
@@ -427,4 +428,15 @@ class KQuantFormat(QuantFormat):
         raise NotImplementedError
 
     def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+        return combine_codes(*self._codes_blocks(blocks))
+
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, type_size) uint8 -> integer codes [B, S, code_group], float32 sub-block scales [B, S] (d * sc) and
+        mins [B, S] (dmin * m) or None: w = scale * code - min."""
         raise NotImplementedError
+
+    def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes:
+        rows = data.shape[0]
+        q, scales, mins = self._codes_blocks(self._blocks_of(data.contiguous(), n_cols))
+        return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
+                            None if mins is None else mins.reshape(rows, -1), self.code_group)

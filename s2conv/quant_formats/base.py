@@ -12,7 +12,7 @@ and `get_format("q4")` finds them. Adding a format means adding one module to th
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,24 @@ from gguf import GGMLQuantizationType
 from s2conv.errors import QuantFormatError
 
 _REGISTRY: dict[str, "QuantFormat"] = {}
+
+
+class IntegerCodes(NamedTuple):
+    """A weight [rows, cols] as integer codes and per-group float32 scales (and mins): see `code_group`."""
+
+    codes: torch.Tensor  # int16 [rows, cols]
+    scales: torch.Tensor  # float32 [rows, cols // group]
+    mins: torch.Tensor | None  # float32 [rows, cols // group] (w = scale * code - min), or None
+    group: int
+
+
+def combine_codes(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """Blocks of integer codes q [nb, S, G] with scales (and mins) [nb, S] -> float32 weights [nb, S * G]:
+    scale * q - min per group, in float32 (the products of fp16 block scales and small integers are exact)."""
+    w = scales[..., None] * q.to(torch.float32)
+    if mins is not None:
+        w = w - mins[..., None]
+    return w.reshape(q.shape[0], -1)
 
 
 class QuantFormat:
@@ -36,6 +54,9 @@ class QuantFormat:
                    I8 for s2conv's private layouts (decoded through `s2conv.format.<tensor>` metadata)
       lossless:    True when dequantize(quantize(w)) == w for every float32 w representable in the format's dtype
       kernel:      the key of a fused runtime kernel for this format, or None
+      code_group:  > 0 when every weight is scale * integer code (- min), one scale (and min) per `code_group`
+                   consecutive columns: `integer_codes_torch` then returns those pieces (what the runtime's
+                   integer kernels are repacked from); 0 for formats of another form (floats, lookup tables)
     """
 
     name: ClassVar[str]
@@ -45,6 +66,7 @@ class QuantFormat:
     ggml_type: ClassVar[GGMLQuantizationType] = GGMLQuantizationType.I8
     lossless: ClassVar[bool] = False
     kernel: ClassVar[str | None] = None
+    code_group: ClassVar[int] = 0
 
     def __init_subclass__(cls, name: str | None = None, **kw):
         super().__init_subclass__(**kw)
@@ -88,6 +110,11 @@ class QuantFormat:
         """Torch version of `dequantize`, on data's device. Slow fallback through numpy when not overridden."""
         out = self.dequantize(data.cpu().numpy(), n_cols)
         return torch.from_numpy(out).to(device=data.device, dtype=dtype)
+
+    def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes | None:
+        """The weight as integers on data's device: w[r, c] = scales[r, c // g] * codes[r, c] - mins[r, c // g]
+        (g = `code_group`; no mins term when mins is None). None for formats without integer codes."""
+        return None
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name}>"

@@ -15,7 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from s2conv.errors import QuantFormatError
-from s2conv.quant_formats.base import QuantFormat
+from s2conv.quant_formats.base import IntegerCodes, QuantFormat, combine_codes
 
 # Elements per chunk: 256 Ki float32 = 1 MiB stays in the L2 cache through the kernels' passes.
 CHUNK_ELEMENTS = 1 << 18
@@ -152,7 +152,15 @@ class GGMLFormat(QuantFormat):
         raise NotImplementedError
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """(nb, type_size) uint8 -> (nb, block_size) float32."""
+        """(nb, type_size) uint8 -> (nb, block_size) float32. Formats with integer codes (`code_group`) decode
+        through `_codes_blocks`; the others override this."""
+        if not self.code_group:
+            raise NotImplementedError
+        return combine_codes(*self._codes_blocks(blocks))
+
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(nb, type_size) uint8 -> integer codes [nb, S, code_group], float32 scales [nb, S], mins [nb, S] or
+        None (w = scale * code - min), for formats with `code_group` > 0."""
         raise NotImplementedError
 
     # ----- public API --------------------------------------------------------------------------------------------
@@ -196,6 +204,15 @@ class GGMLFormat(QuantFormat):
         self._check_data(tuple(data.shape), data.dtype == torch.uint8, n_cols)
         out = self._dequantize_blocks(data.contiguous().reshape(-1, self.type_size))
         return out.reshape(data.shape[0], n_cols).to(dtype)
+
+    def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes | None:
+        if not self.code_group:
+            return None
+        self._check_data(tuple(data.shape), data.dtype == torch.uint8, n_cols)
+        rows = data.shape[0]
+        q, scales, mins = self._codes_blocks(data.contiguous().reshape(-1, self.type_size))
+        return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
+                            None if mins is None else mins.reshape(rows, -1), self.code_group)
 
     def _check_data(self, shape: tuple, is_uint8: bool, n_cols: int) -> None:
         self.check_cols(n_cols)

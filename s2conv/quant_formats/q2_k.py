@@ -27,6 +27,7 @@ def _nibble_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Q2K(KQuantFormat, name="q2_k"):
     ggml_type = GGMLQuantizationType.Q2_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]
+    code_group = 16
     chunk_weights = 1 << 18  # short (16-weight) columns: larger chunks amortize the per-call overhead
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
@@ -49,8 +50,8 @@ class Q2K(KQuantFormat, name="q2_k"):
         d, dmin = half_np(blocks[:, 80:82]), half_np(blocks[:, 82:84])
         return ((d * (sc & 0xF))[..., None] * q - (dmin * (sc >> 4))[..., None]).reshape(-1, 256)
 
-    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sc = blocks[:, :16]
-        q = bits_torch(blocks[:, 16:80].reshape(-1, 32), 2).reshape(-1, 16, 16).to(torch.float32)
+        q = bits_torch(blocks[:, 16:80].reshape(-1, 32), 2).reshape(-1, 16, 16)
         d, dmin = half_torch(blocks[:, 80:82]), half_torch(blocks[:, 82:84])
-        return ((d * (sc & 0xF))[..., None] * q - (dmin * (sc >> 4))[..., None]).reshape(-1, 256)
+        return q, d * (sc & 0xF), dmin * (sc >> 4)

@@ -28,6 +28,7 @@ def pack_2bit(L: np.ndarray) -> np.ndarray:
 class Q3K(KQuantFormat, name="q3_k"):
     ggml_type = GGMLQuantizationType.Q3_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]
+    code_group = 256
     chunk_weights = 1 << 18  # its search runs on (N,) vectors, one per sub-block: larger chunks amortize calls
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
@@ -62,13 +63,14 @@ class Q3K(KQuantFormat, name="q3_k"):
         d = half_np(blocks[:, 108:110])
         return ((d * sc)[..., None] * q).reshape(-1, 256)
 
-    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Codes sc * q in [-124, 128] (the 6-bit sub-block scale folded in) with the super-block scale d:
+        w = d * (sc * q), the same float32 value as (d * sc) * q (both products are exact)."""
         high = bits_torch(blocks[:, :32], 1)
         low = bits_torch(blocks[:, 32:96].reshape(-1, 32), 2).reshape(-1, 8, 32)
-        q = (low.to(torch.float32) - ((high ^ 1) << 2).to(torch.float32)).reshape(-1, 16, 16)
+        q = (low.to(torch.int16) - ((high ^ 1) << 2).to(torch.int16)).reshape(-1, 16, 16)
         s = blocks[:, 96:108]
         sc_low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=1)
         sc_high = bits_torch(s[:, 8:12], 2).reshape(-1, 16)
-        sc = (sc_low | (sc_high << 4)).to(torch.float32) - 32
-        d = half_torch(blocks[:, 108:110])
-        return ((d * sc)[..., None] * q).reshape(-1, 256)
+        sc = (sc_low | (sc_high << 4)).to(torch.int16) - 32
+        return (sc[..., None] * q).reshape(-1, 1, 256), half_torch(blocks[:, 108:110]), None

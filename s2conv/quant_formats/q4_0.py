@@ -16,6 +16,7 @@ from s2conv.quant_formats.ggml_common import (GGMLFormat, f16_from_bytes, pack_n
 
 class Q4_0(GGMLFormat, name="q4_0"):
     ggml_type = GGMLQuantizationType.Q4_0
+    code_group = 32
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
         m = signed_absmax(blocks)
@@ -30,7 +31,6 @@ class Q4_0(GGMLFormat, name="q4_0"):
         out[:, 2:] = pack_nibbles(q)
         return out
 
-    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_from_bytes(blocks[:, :2])
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         q = unpack_nibbles(blocks[:, 2:]).to(torch.int8) - 8
-        return d * q.to(torch.float32)
+        return q[:, None], f16_from_bytes(blocks[:, :2]), None

@@ -18,6 +18,7 @@ from s2conv.quant_formats._kquant import (
 class Q4K(KQuantFormat, name="q4_k"):
     ggml_type = GGMLQuantizationType.Q4_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]
+    code_group = 32
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         n_blocks = x.shape[0]
@@ -43,9 +44,8 @@ class Q4K(KQuantFormat, name="q4_k"):
         q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
         return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, 256)
 
-    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d, dmin = half_torch(blocks[:, 0:2]), half_torch(blocks[:, 2:4])
         sc, m = unpack_scales_mins_k4_torch(blocks[:, 4:16])
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)
-        return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, 256)
+        return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32), d * sc, dmin * m

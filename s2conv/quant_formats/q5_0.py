@@ -15,6 +15,7 @@ from s2conv.quant_formats.ggml_common import (GGMLFormat, f16_from_bytes, pack_b
 
 class Q5_0(GGMLFormat, name="q5_0"):
     ggml_type = GGMLQuantizationType.Q5_0
+    code_group = 32
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
         m = signed_absmax(blocks)
@@ -29,7 +30,6 @@ class Q5_0(GGMLFormat, name="q5_0"):
         out[:, 6:] = pack_nibbles(q & np.uint8(15))
         return out
 
-    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_from_bytes(blocks[:, :2])
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         q = unpack_5bit(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16
-        return d * q.to(torch.float32)
+        return q[:, None], f16_from_bytes(blocks[:, :2]), None

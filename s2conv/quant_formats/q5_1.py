@@ -15,6 +15,7 @@ from s2conv.quant_formats.ggml_common import (GGMLFormat, block_min_max, f16_fro
 
 class Q5_1(GGMLFormat, name="q5_1"):
     ggml_type = GGMLQuantizationType.Q5_1
+    code_group = 32
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
         lo, hi = block_min_max(blocks)
@@ -31,7 +32,7 @@ class Q5_1(GGMLFormat, name="q5_1"):
         out[:, 8:] = pack_nibbles(q & np.uint8(15))
         return out
 
-    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_from_bytes(blocks[:, :2])
-        m = f16_from_bytes(blocks[:, 2:4])
-        return d * unpack_5bit(blocks[:, 4:8], blocks[:, 8:]).to(torch.float32) + m
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # w = d * q + m, as scale * code - min with min = -m (the same float32 result)
+        q = unpack_5bit(blocks[:, 4:8], blocks[:, 8:])
+        return q[:, None], f16_from_bytes(blocks[:, :2]), -f16_from_bytes(blocks[:, 2:4])

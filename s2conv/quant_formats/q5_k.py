@@ -20,6 +20,7 @@ _BIT_WEIGHTS = (1 << np.arange(8, dtype=np.uint8))[None, :, None]
 class Q5K(KQuantFormat, name="q5_k"):
     ggml_type = GGMLQuantizationType.Q5_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]
+    code_group = 32
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         n_blocks = x.shape[0]
@@ -48,11 +49,10 @@ class Q5K(KQuantFormat, name="q5_k"):
         q = (low | (high << 4)).astype(np.float32)
         return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, 256)
 
-    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d, dmin = half_torch(blocks[:, 0:2]), half_torch(blocks[:, 2:4])
         sc, m = unpack_scales_mins_k4_torch(blocks[:, 4:16])
         high = bits_torch(blocks[:, 16:48], 1)
         qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
         low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32)
-        q = (low | (high << 4)).to(torch.float32)
-        return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, 256)
+        return low | (high << 4), d * sc, dmin * m

@@ -19,6 +19,7 @@ from s2conv.quant_formats._kquant import (
 class Q6K(KQuantFormat, name="q6_k"):
     ggml_type = GGMLQuantizationType.Q6_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]
+    code_group = 16
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         n_blocks = x.shape[0]
@@ -52,11 +53,11 @@ class Q6K(KQuantFormat, name="q6_k"):
         d = half_np(blocks[:, 208:210])
         return ((d * sc)[..., None] * q).reshape(-1, 256)
 
-    def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         ql = blocks[:, :128].reshape(-1, 2, 2, 32)
         low = torch.stack([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
         high = bits_torch(blocks[:, 128:192].reshape(-1, 32), 2).reshape(-1, 2, 4, 32)
-        q = ((low | (high << 4)).to(torch.float32) - 32).reshape(-1, 16, 16)
+        q = (low | (high << 4)).to(torch.int16).reshape(-1, 16, 16) - 32
         sc = blocks[:, 192:208].contiguous().view(torch.int8)
         d = half_torch(blocks[:, 208:210])
-        return ((d * sc)[..., None] * q).reshape(-1, 256)
+        return q, d * sc, None

@@ -13,6 +13,7 @@ from s2conv.quant_formats.ggml_common import GGMLFormat, absmax, f16_from_bytes,
 
 class Q8_0(GGMLFormat, name="q8_0"):
     ggml_type = GGMLQuantizationType.Q8_0
+    code_group = 32
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
         a = np.abs(blocks)
@@ -25,6 +26,5 @@ class Q8_0(GGMLFormat, name="q8_0"):
         out[:, 2:] = roundf_int8(a, np.signbit(blocks)).view(np.uint8)
         return out
 
-    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_from_bytes(blocks[:, :2])
-        return blocks[:, 2:].view(torch.int8).to(torch.float32) * d
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return blocks[:, None, 2:].view(torch.int8), f16_from_bytes(blocks[:, :2]), None

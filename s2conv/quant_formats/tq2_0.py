@@ -14,6 +14,7 @@ from s2conv.quant_formats.ggml_common import GGMLFormat, absmax, f16_from_bytes,
 
 class TQ2_0(GGMLFormat, name="tq2_0"):
     ggml_type = GGMLQuantizationType.TQ2_0
+    code_group = 256
 
     def _quantize_blocks(self, blocks: np.ndarray, tensor: str) -> np.ndarray:
         nb = blocks.shape[0]
@@ -27,9 +28,8 @@ class TQ2_0(GGMLFormat, name="tq2_0"):
         out[:, :64] = (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(nb, 64)
         return out
 
-    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         nb = blocks.shape[0]
-        d = f16_from_bytes(blocks[:, 64:])
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
         c = (blocks[:, :64].reshape(nb, 2, 1, 32) >> shifts) & 3  # (nb, half, n, m)
-        return d * (c.reshape(nb, 256).to(torch.int8) - 1).to(torch.float32)
+        return c.reshape(nb, 1, 256).to(torch.int8) - 1, f16_from_bytes(blocks[:, 64:]), None

@@ -7,6 +7,7 @@ on machines without triton.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -59,8 +60,19 @@ INT_SPECS: dict[str, IntSpec] = {
     "q2": IntSpec(2, -1, 1, 2, 64),
     "q8_0": IntSpec(8, -128, 127, 128, 32),
     "q4_0": IntSpec(4, -8, 7, 8, 32),
-    # Q4_K decoded to per-32 (scale, min) pairs: w = scale * code - min, codes 0..15
+    # the other ggml types, from their integer codes (QuantFormat.integer_codes_torch): w = scale * code (- min),
+    # scales (and mins) decoded to float32 per group; K-quants per sub-block (d * sc, dmin * m). 5- and 6-bit codes
+    # take the 8-bit layout, and so does Q3_K with its sub-block scales folded into the codes (sc * q fits a byte;
+    # one scale per 256 codes then lets the dp2a GEMV run it, where 16-code groups keep a format on the float path).
+    "q4_1": IntSpec(4, 0, 15, 0, 32, has_min=True),
+    "q5_0": IntSpec(8, -16, 15, 128, 32),
+    "q5_1": IntSpec(8, 0, 31, 0, 32, has_min=True),
+    "tq2_0": IntSpec(2, -1, 1, 2, 256),
+    "q2_k": IntSpec(2, 0, 3, 0, 16, has_min=True),
+    "q3_k": IntSpec(8, -124, 128, 124, 256),  # codes sc * q (sub-block scale folded in), scale d per 256
     "q4_k": IntSpec(4, 0, 15, 0, 32, has_min=True),
+    "q5_k": IntSpec(8, 0, 31, 0, 32, has_min=True),
+    "q6_k": IntSpec(8, -32, 31, 128, 16),
 }
 FLOAT_FORMATS = ("fp8", "bf16")
 
@@ -175,7 +187,7 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     """Pack one integer format for the kernels.
 
     codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N] (per-row formats)
-    or [N, K // group]; mins: float [N, K // group], only for asymmetric formats (q4_k).
+    or [N, K // group]; mins: float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...).
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above),
     "scales": float32 [N] or [N, padded_k(K) // group]}
     (+ "mins", same shape as scales). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
@@ -258,6 +270,7 @@ def repack_q4_k(codes, scales, mins=None):
 
 
 REPACK = {
+    **{fmt: partial(repack_int, fmt) for fmt in INT_SPECS},
     "q8": repack_q8, "q4": repack_q4, "q3": repack_q3, "q2": repack_q2,
     "q8_0": repack_q8_0, "q4_0": repack_q4_0, "q4_k": repack_q4_k,
     "fp8": repack_fp8, "bf16": repack_bf16,

@@ -82,10 +82,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
             split = 4 if small or (gated and bits == 3) else 1
-            # the dp2a path except for per-row 8-bit and formats with mins (q8, q4_k: no faster there;
-            # bench/RESULTS.md, fifth session); 4 row slices only for 4-bit codes with one scale per 128 (slower
-            # with per-32 windows); S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
-            int_dot = (not (bits == 8 and group == 0) and not has_min
+            # the dp2a path except for per-row 8-bit and 4-bit codes with mins (q8, q4_k: no faster there;
+            # bench/RESULTS.md, fifth session; 8-bit codes with mins, q5_k: 93 -> 69 us per layer, seventh);
+            # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
+            # S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
+            int_dot = (not (bits == 8 and group == 0) and not (has_min and bits < 8)
                        and os.environ.get("S2CONV_INT_DOT", "1") != "0")
             # folding the RMSNorm in measured no faster on an H100 (the saved norm launches cost as much again in
             # the GEMV's extra loads: bench/RESULTS.md, fifth session): opt-in, S2CONV_FOLD_NORM=1
@@ -103,6 +104,15 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
     return Config(block_n=64, split=split, num_warps=4, num_stages=3, block_m=block_m, block_k=128)
 
 
+def scale_windows(bits: int, group: int) -> tuple[int, int]:
+    """(windows per word, fields per window) of the integer GEMV: the fields of a word (one per 16-code slot)
+    that share one scale group of every column (as `_int_rows_gemv` computes them)."""
+    fields = 16 if bits == 3 else 32 // bits
+    slots = group // WORDS if group else fields  # slots per scale group
+    n = fields // slots if slots < fields else 1
+    return n, fields // n
+
+
 def int_dot_xmax(bits: int, offset: int, group: int, blocks_per_program: int) -> int:
     """The integer range [-XMAX, XMAX] the dp2a GEMV scales x to, 0 where it cannot run exactly.
 
@@ -110,7 +120,12 @@ def int_dot_xmax(bits: int, offset: int, group: int, blocks_per_program: int) ->
     a float with integers exact below 2**22; a per-row format keeps int32 running sums over all of a program's
     blocks. XMAX is the largest 2**b - 1 (b <= 15, the int16 halves of dp2a) under those bounds, at least 2**12 - 1:
     x keeps >= 12 bits against its largest element, an error far below bf16 rounding of the output.
+    0 also where the dp2a kernel has no form for the scale windows: it pairs fields (two per dp2a) inside a window
+    and keeps up to 4 windows' scales in registers (16-code groups: one field per window).
     """
+    windows, per_window = scale_windows(bits, group)
+    if group and (per_window < 2 or windows > 4):
+        return 0
     fields = 16 if bits == 3 else 32 // bits
     dev = max(offset, (1 << bits) - 1 - offset)  # largest |code|
     if group:

@@ -190,6 +190,10 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                         acc_g += _field(wt, wt_hi, magic, 8 * (i % 4) + BITS * (i // 4), BITS, OFF) * xq[:, :, None]
                 if GROUP == 0:
                     acc = acc_g
+                elif NWIN > 4:  # one scale per 16-code slot and a field per window: no registers to prefetch
+                    # them all, so each window loads its own (L1 holds a block's scale rows after the first)
+                    s_live = tl.full([NT, 1, _R], b, tl.int32) < b_end
+                    acc += acc_g * tl.load(s_tile + b * GPB + v * GPW, mask=s_live, other=0.0)
                 else:
                     acc += acc_g * _window(v, s0, s1, s2, s3)
             if BPP == 1:
@@ -301,7 +305,7 @@ def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.
     s1 = s0
     s2 = s0
     s3 = s0
-    if GROUP > 0:
+    if GROUP > 0 and NWIN <= 4:  # more windows (16-code groups of 2-4-bit codes): loaded in the loop
         s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
     return wt, ht, s0, s1, s2, s3
 
