@@ -306,8 +306,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         int_gemv_kernel[(n_tiles, split, m)](
             x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
-            # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md)
-            r_arg.stride(0), BPP=1 if mins is not None else per, HAS_RES=residual is not None, XMAX=xmax,
+            # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md),
+            # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
+            r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
             eps=float(norm_eps), NORM=norm_weight is not None, **common)
         return y
