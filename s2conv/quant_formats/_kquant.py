@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from s2conv.errors import QuantFormatError
-from s2conv.quant_formats.base import IntegerCodes, QuantFormat, combine_codes
+from s2conv.quant_formats.base import QuantFormat, combine_codes
 
 QK_K = 256  # weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this max |x| a sub-block counts as all zero (ggml-quants.c)
@@ -417,9 +417,8 @@ class KQuantFormat(QuantFormat):
 
     def dequantize_torch(self, data: torch.Tensor, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Torch `dequantize` on data's device (float32 math, then cast to dtype)."""
-        rows = data.shape[0]
-        blocks = self._blocks_of(data.contiguous(), n_cols)
-        return self._dequantize_blocks_torch(blocks).reshape(rows, n_cols).to(dtype)
+        w = self._dequantize_blocks_torch(self._torch_blocks(data, n_cols))
+        return w.reshape(data.shape[0], n_cols).to(dtype)
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -430,13 +429,5 @@ class KQuantFormat(QuantFormat):
     def _dequantize_blocks_torch(self, blocks: torch.Tensor) -> torch.Tensor:
         return combine_codes(*self._codes_blocks(blocks))
 
-    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(B, type_size) uint8 -> integer codes [B, S, code_group], float32 sub-block scales [B, S] (d * sc) and
-        mins [B, S] (dmin * m) or None: w = scale * code - min."""
-        raise NotImplementedError
-
-    def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes:
-        rows = data.shape[0]
-        q, scales, mins = self._codes_blocks(self._blocks_of(data.contiguous(), n_cols))
-        return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
-                            None if mins is None else mins.reshape(rows, -1), self.code_group)
+    def _torch_blocks(self, data: torch.Tensor, n_cols: int) -> torch.Tensor:
+        return self._blocks_of(data.contiguous(), n_cols)

@@ -114,7 +114,22 @@ class QuantFormat:
     def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes | None:
         """The weight as integers on data's device: w[r, c] = scales[r, c // g] * codes[r, c] - mins[r, c // g]
         (g = `code_group`; no mins term when mins is None). None for formats without integer codes."""
-        return None
+        if not self.code_group:
+            return None
+        rows = data.shape[0]
+        q, scales, mins = self._codes_blocks(self._torch_blocks(data, n_cols))
+        return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
+                            None if mins is None else mins.reshape(rows, -1), self.code_group)
+
+    def _torch_blocks(self, data: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """(rows, row_bytes(n_cols)) uint8 -> its blocks (n_blocks, type_size), checked (formats with code_group)."""
+        raise NotImplementedError
+
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(n_blocks, type_size) uint8 -> integer codes [n_blocks, S, code_group], float32 scales [n_blocks, S]
+        and mins [n_blocks, S] or None (w = scale * code - min), for formats with `code_group` > 0; their torch
+        dequantizers combine these pieces (`combine_codes`)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name}>"

@@ -15,7 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from s2conv.errors import QuantFormatError
-from s2conv.quant_formats.base import IntegerCodes, QuantFormat, combine_codes
+from s2conv.quant_formats.base import QuantFormat, combine_codes
 
 # Elements per chunk: 256 Ki float32 = 1 MiB stays in the L2 cache through the kernels' passes.
 CHUNK_ELEMENTS = 1 << 18
@@ -158,11 +158,6 @@ class GGMLFormat(QuantFormat):
             raise NotImplementedError
         return combine_codes(*self._codes_blocks(blocks))
 
-    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(nb, type_size) uint8 -> integer codes [nb, S, code_group], float32 scales [nb, S], mins [nb, S] or
-        None (w = scale * code - min), for formats with `code_group` > 0."""
-        raise NotImplementedError
-
     # ----- public API --------------------------------------------------------------------------------------------
     def quantize(self, w: np.ndarray | torch.Tensor, *, method: str = "search", tensor: str = "tensor") -> np.ndarray:
         """(rows, cols) float -> (rows, row_bytes(cols)) uint8, bit-identical to llama.cpp / gguf-py.
@@ -201,18 +196,12 @@ class GGMLFormat(QuantFormat):
     def dequantize_torch(self, data: torch.Tensor, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(rows, row_bytes(n_cols)) uint8 on any device -> (rows, n_cols) `dtype` on that device.
         Computes in float32 (exactly `dequantize`) and casts at the end."""
-        self._check_data(tuple(data.shape), data.dtype == torch.uint8, n_cols)
-        out = self._dequantize_blocks(data.contiguous().reshape(-1, self.type_size))
+        out = self._dequantize_blocks(self._torch_blocks(data, n_cols))
         return out.reshape(data.shape[0], n_cols).to(dtype)
 
-    def integer_codes_torch(self, data: torch.Tensor, n_cols: int) -> IntegerCodes | None:
-        if not self.code_group:
-            return None
+    def _torch_blocks(self, data: torch.Tensor, n_cols: int) -> torch.Tensor:
         self._check_data(tuple(data.shape), data.dtype == torch.uint8, n_cols)
-        rows = data.shape[0]
-        q, scales, mins = self._codes_blocks(data.contiguous().reshape(-1, self.type_size))
-        return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
-                            None if mins is None else mins.reshape(rows, -1), self.code_group)
+        return data.contiguous().reshape(-1, self.type_size)
 
     def _check_data(self, shape: tuple, is_uint8: bool, n_cols: int) -> None:
         self.check_cols(n_cols)

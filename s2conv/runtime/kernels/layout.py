@@ -269,12 +269,8 @@ def repack_q4_k(codes, scales, mins=None):
     return repack_int("q4_k", codes, scales, mins)
 
 
-REPACK = {
-    **{fmt: partial(repack_int, fmt) for fmt in INT_SPECS},
-    "q8": repack_q8, "q4": repack_q4, "q3": repack_q3, "q2": repack_q2,
-    "q8_0": repack_q8_0, "q4_0": repack_q4_0, "q4_k": repack_q4_k,
-    "fp8": repack_fp8, "bf16": repack_bf16,
-}
+# every integer format packs through repack_int (repack_q4 & co. above are its named forms)
+REPACK = {**{fmt: partial(repack_int, fmt) for fmt in INT_SPECS}, "fp8": repack_fp8, "bf16": repack_bf16}
 
 
 def cat_rows(a: dict, b: dict) -> dict:
