@@ -142,8 +142,9 @@ def test_greedy_batch_with_fused_kernels_equals_eager_batch(weights, prompts, mo
                         lambda *a, **kw: calls.append(len(a) > 6 and a[6] is not None) or original(*a, **kw))
     got = generate_frames_batch(fast, prompts, 3, GREEDY, use_graphs=False)
     # 2 decode steps through the slow blocks with row offsets; 10 depth steps per frame through the fast blocks
-    # without (the prefill frame too)
-    assert calls.count(True) == 2 * TINY.n_layer and calls.count(False) == 3 * TINY.num_codebooks * TINY.n_fast_layer
+    # without (the prefill frame too), except the last fast layer at depth 0, which only fills its cache
+    assert calls.count(True) == 2 * TINY.n_layer
+    assert calls.count(False) == 3 * (TINY.num_codebooks * TINY.n_fast_layer - 1)
     assert [c.shape for c in got] == [c.shape for c in want] == [(10, 3), (10, 2), (10, 3)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 

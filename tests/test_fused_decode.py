@@ -248,7 +248,8 @@ def test_greedy_decode_with_fused_kernels_equals_eager(weights, monkeypatch):
     got = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
     assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill stays eager (S = 8), every decode step is S = 1
     # batch 1: one attention launch with the qk-norm/RoPE per block and step (slow: 2 steps; fast: 10 per frame)
-    assert len(attention) == 2 * TINY.n_layer + 3 * TINY.num_codebooks * TINY.n_fast_layer
+    # (the fast AR's last layer at position 0 only fills its cache: no attention launch there)
+    assert len(attention) == 2 * TINY.n_layer + 3 * (TINY.num_codebooks * TINY.n_fast_layer - 1)
     assert "forward" in model.norm.__dict__ and "forward" not in model.layers[0].attention_norm.__dict__
     assert got.shape == want.shape == (10, 3)
     assert torch.equal(got, want)
@@ -281,6 +282,37 @@ def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
         ye, yf = eager.fast_logits(oe[:, 0]), fast.fast_logits(of[:, 0])
         assert rel(of, oe) < 2**-5 and rel(yf, ye) < 2**-5
         x = eager.fast_embeddings(ye.argmax(-1))[:, None]
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("which", ["slow", "fast"])
+def test_fill_cache_writes_what_a_full_block_step_writes(weights, kernels, which):
+    """`fill_cache` (used for the fast AR's last layer at depth 0, whose output only the discarded logits read)
+    stores exactly the keys and values that the block's full forward stores at that position, eagerly and through
+    the kernels (norm, wqkv, qk-norm/RoPE/cache), with QK-norm (slow layer) and without (fast layer)."""
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
+    if kernels:
+        assert fused_decode.enable(model, force=True)
+    model.setup_caches(1, 16)
+    block = model.layers[0] if which == "slow" else model.fast_layers[-1]
+    table = model.freqs_cis if which == "slow" else model.fast_freqs_cis
+    cache = block.attention.kv_cache
+    x = torch.randn(1, 1, TINY.dim, generator=gen(4)).to(DEVICE)
+    for pos in (0, 3):
+        input_pos = torch.tensor([pos], device=DEVICE)
+        freqs = table[pos: pos + 1]
+        written = []
+        for full in (True, False):
+            cache.k_cache.zero_()
+            cache.v_cache.zero_()
+            if full:
+                block(x, freqs, causal_mask(input_pos, 8), input_pos)
+            else:
+                assert block.fill_cache(x, freqs, input_pos) is None
+            written.append((cache.k_cache.clone(), cache.v_cache.clone()))
+        (k_full, v_full), (k_fill, v_fill) = written
+        assert bool(k_full[:, :, pos].abs().gt(0).all()) and bool(v_full[:, :, pos].abs().gt(0).any())
+        assert torch.equal(k_fill, k_full) and torch.equal(v_fill, v_full)
 
 
 def test_fused_block_step_matches_eager_block(weights):

@@ -160,13 +160,20 @@ class DualARTransformer(nn.Module):
 
     # ---------------------------------------------------------------- fast AR
 
-    def fast_step(self, x: Tensor, pos: int) -> Tensor:
-        """Fast layers on x [B, 1, fast_dim] at depth position pos (a Python int); returns the pre-norm output."""
+    def fast_step(self, x: Tensor, pos: int, output: bool = True) -> Tensor | None:
+        """Fast layers on x [B, 1, fast_dim] at depth position pos (a Python int); returns the pre-norm output.
+
+        output=False only fills the fast KV caches at pos and returns None: the last layer then writes its keys and
+        values and skips its attention, wo and feed-forward, whose result only the discarded logits would read."""
         input_pos = self.fast_positions[pos: pos + 1]
         mask = causal_mask(input_pos, self.cfg.num_codebooks)
         freqs = self.fast_freqs_cis[pos: pos + 1]
-        for layer in self.fast_layers:
+        layers = self.fast_layers if output else self.fast_layers[:-1]
+        for layer in layers:
             x = layer(x, freqs, mask, input_pos)
+        if not output:
+            self.fast_layers[-1].fill_cache(x, freqs, input_pos)
+            return None
         return x
 
     def fast_logits(self, x: Tensor) -> Tensor:
@@ -188,7 +195,7 @@ class DualARTransformer(nn.Module):
         """Sample one frame column [B, 1 + num_codebooks] = [main token, c0, ..., c_{N-1}] (spec 3.6)."""
         cfg = self.cfg
         main = self.sample_main(logits, params, generator, previous)
-        self.fast_step(hidden[:, None], 0)  # fills the fast KV cache at position 0; its logits are not used
+        self.fast_step(hidden[:, None], 0, output=False)  # fills the fast KV caches at position 0 (no logits)
         code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
         column = [main, code]
         for pos in range(1, cfg.num_codebooks):

@@ -6,7 +6,8 @@
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
 the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
 GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
-add in its epilogue. With S2CONV_FOLD_NORM=1, integer formats at one row fold both norms into the next GEMV
+add in its epilogue; a block's `fill_cache` (a position whose output nobody reads) runs norm, wqkv and the
+qk-norm/RoPE/cache kernel only. With S2CONV_FOLD_NORM=1, integer formats at one row fold both norms into the next GEMV
 (`_folds_norm`): the residual add then moves into wo's epilogue, and a block is 5-6 launches. Prefill (S > 1)
 and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
 weight format keeps working. `batch.py` runs its decode steps of left-padded
@@ -65,13 +66,8 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
     attn, cache, k = block.attention, block.attention.kv_cache, block._fused
     gemv = x.shape[0] * x.shape[1] == 1  # one row: float linears take the Triton GEMV
-    if _folds_norm(attn.wqkv, x):  # the attention norm inside the wqkv GEMV
-        qkv = _linear(attn.wqkv, x, gemv, norm=block.attention_norm)
-    else:
-        qkv = _linear(attn.wqkv, k.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps), gemv)
-    qw = attn.q_norm.weight if attn.qk_norm else None
-    kw = attn.k_norm.weight if attn.qk_norm else None
-    eps = attn.q_norm.eps if attn.qk_norm else 0.0
+    qkv = _qkv(block, x, gemv)
+    qw, kw, eps = _qk_norm_args(attn)
     if x.shape[0] == 1:  # qk-norm, RoPE and cache write inside the attention launch
         y = k.rope_attention(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, span, attn.n_head,
                              attn.n_kv_head, eps, offsets=offsets)
@@ -86,6 +82,32 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
         return _linear(block.feed_forward.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h)
     h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
     return _ffn(block.feed_forward, n, k, gemv, residual=h)
+
+
+def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
+    """`TransformerBlock.fill_cache` at one decode position through the kernels: norm, wqkv, then the qk-norm /
+    RoPE / cache-write kernel (3 launches where a whole block takes 7)."""
+    if x.shape[1] != 1 or self.attention.kv_cache is None or not _active(self, x):
+        return TransformerBlock.fill_cache(self, x, freqs_cis, input_pos)
+    attn, cache = self.attention, self.attention.kv_cache
+    qw, kw, eps = _qk_norm_args(attn)
+    self._fused.qk_norm_rope_cache(_qkv(self, x, x.shape[0] == 1), qw, kw, freqs_cis, cache.k_cache, cache.v_cache,
+                                   input_pos, attn.n_head, attn.n_kv_head, eps)
+
+
+def _qkv(block: TransformerBlock, x: Tensor, gemv: bool) -> Tensor:
+    """wqkv(attention_norm(x)) [B, 1, width], the norm folded into the GEMV where the kernel can."""
+    if _folds_norm(block.attention.wqkv, x):
+        return _linear(block.attention.wqkv, x, gemv, norm=block.attention_norm)
+    norm = block.attention_norm
+    return _linear(block.attention.wqkv, block._fused.rms_norm(x, norm.weight, norm.eps), gemv)
+
+
+def _qk_norm_args(attn: nn.Module) -> tuple[Tensor | None, Tensor | None, float]:
+    """(q-norm weight, k-norm weight, eps) for the attention kernels; (None, None, 0.0) without QK-norm."""
+    if not attn.qk_norm:
+        return None, None, 0.0
+    return attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
 
 
 def is_enabled(module: nn.Module, x: Tensor) -> bool:
@@ -216,6 +238,7 @@ def enable(model: nn.Module, force: bool = False) -> bool:
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             module.forward = types.MethodType(_block_forward, module)
+            module.fill_cache = types.MethodType(_block_fill_cache, module)
             _w13(module.feed_forward)  # join now, outside any CUDA-graph capture
             n_blocks += 1
         elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
@@ -232,3 +255,5 @@ def disable(model: nn.Module) -> None:
     for module in model.modules():
         if "_fused" in module.__dict__:
             del module.forward, module._fused, module._fused_force
+            if "fill_cache" in module.__dict__:
+                del module.fill_cache

@@ -91,15 +91,7 @@ class Attention(nn.Module):
         [B, 1, S, K]; True = attend) where K is the number of keys: S without a cache, else the cache prefix length;
         input_pos: [S] cache positions."""
         b, s, _ = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, s, self.n_head, self.head_dim)
-        k = k.view(b, s, self.n_kv_head, self.head_dim)
-        v = v.view(b, s, self.n_kv_head, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        q, k, v = self._heads(x, freqs_cis)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])
         groups = self.n_head // self.n_kv_head  # query head h reads KV head h // groups
@@ -111,7 +103,26 @@ class Attention(nn.Module):
             y = torch.softmax(scores, dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, s, q_size))
+        return self.wo(y.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim))
+
+    def fill_cache(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
+        """Only write the keys and values of x [B, S, dim] at input_pos [S] into the KV cache (for a position whose
+        attention output nobody reads): the wqkv projection, k-norm and RoPE, no attention and no wo."""
+        _, k, v = self._heads(x, freqs_cis)
+        self.kv_cache.update(input_pos, k, v, 0)
+
+    def _heads(self, x: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, D], k and v [B, H_kv, S, D] of x [B, S, dim]: wqkv, QK-norm, RoPE."""
+        b, s, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, s, self.n_head, self.head_dim)
+        k = k.view(b, s, self.n_kv_head, self.head_dim)
+        v = v.view(b, s, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
 
 
 class TransformerBlock(nn.Module):
@@ -128,6 +139,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def fill_cache(self, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
+        """Write only this block's keys and values of x at input_pos into its KV cache; the block's output (the
+        attention, wo, the feed-forward) is not computed."""
+        self.attention.fill_cache(self.attention_norm(x), freqs_cis, input_pos)
 
 
 def causal_mask(input_pos: Tensor, n_keys: int) -> Tensor:
