@@ -209,22 +209,27 @@ def test_split_k_equals_single_pass(fmt, m):
 
 @pytest.mark.parametrize("fmt,gated", [("q8", False), ("q4", True), ("q3", False), ("q2", True), ("q8_0", False),
                                        ("q4_k", True), ("q3_k", True), ("q2_k", False), ("q6_k", True),
-                                       ("q5_k", False), ("tq2_0", True)])
+                                       ("q5_k", False), ("tq2_0", True), ("bf16", True), ("fp8", False)])
 def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
-    """M = 1 with several 512-code blocks per program (the prefetch chain) and split-K finished inside the one
-    launch by the last-arriving program; a second call checks that the arrival counters were reset to zero."""
+    """M = 1 with several 512-code blocks (float formats: 128-column steps) per program (the prefetch chain) and
+    split-K finished inside the one launch by the last-arriving program; a second call checks that the arrival
+    counters were reset to zero."""
     n, k = 11, 1536  # 3 blocks: split 1 -> one program runs 3, split 2 -> 2 + 1
     gen = torch.Generator().manual_seed(11)
-    spec = INT_SPECS[fmt]
+    spec = INT_SPECS.get(fmt)
     a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
     p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
     h1 = reference_weight(fmt, a1, k)
-    for split, calls in ((1, 1), (2, 2)):
-        cfg = ops.Config(block_n=8, split=split)
+    for split, calls in ((1, 1), (2, 2), (5, 2)):
+        # float formats: the plain loop, then the asynchronous-copy pipeline (the default config's)
+        cfg = ops.Config(block_n=8, split=split, block_k=128, pipeline=3 if split == 5 else 0)
         for _ in range(calls):
             x = torch.randn(1, k, generator=gen)
-            y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
-                                    spec.group, gated, cfg)
+            if spec is None:
+                y = ops.float_linear_impl(x.to(DEVICE), p["weight"], p.get("scales"), gated, cfg)
+            else:
+                y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits,
+                                        spec.offset, spec.group, gated, cfg)
             ref = x @ h1.T
             if gated:
                 ref = torch.nn.functional.silu(ref) * (x @ reference_weight(fmt, a3, k).T)

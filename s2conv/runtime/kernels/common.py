@@ -1,4 +1,5 @@
-"""Pieces every decode kernel shares: the PDL prologue (launch.py) and the output store with a folded residual add."""
+"""Pieces every decode kernel shares: the PDL prologue (launch.py), the output store with a folded residual add and
+the in-launch split-K finish of the GEMVs."""
 from __future__ import annotations
 
 import triton
@@ -23,3 +24,30 @@ def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr):
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + r).to(ptrs.dtype.element_ty)
     tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
+def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_split, out_ptrs, r_ptrs,
+                 BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """Split-K finished inside the launch: store this program's fp32 partial sums y [BLOCK] (and y3, gated: w3's,
+    at column N + n) to p_row[pid_k * stride_ps + n], then count the arrival in c_ptr (an int32 counter, zero
+    before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
+    gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for
+    the next launch. Launches sharing a counter must therefore not run concurrently. One launch fewer than a
+    separate reduction kernel."""
+    tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
+    if GATED:
+        tl.store(p_row + pid_k * stride_ps + N + offs_n, y3, mask=n_mask)
+    tl.debug_barrier()  # every thread's partials are written before the count (release) below
+    arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_split - 1:  # the last program of this row tile: reduce (".cg": read from L2, not L1)
+        acc = tl.zeros([BLOCK], tl.float32)
+        acc3 = tl.zeros([BLOCK], tl.float32)
+        for s in range(n_split):
+            acc += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                acc3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc3
+        store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES)
+        tl.store(c_ptr, 0)

@@ -48,6 +48,7 @@ class Config:
     int_dot: bool = False  # integer GEMV with bf16/fp16 x: the dp2a path (`int_dot_xmax`)
     slices: int = 1  # its row slices (1 or 4)
     fold_norm: bool = False  # the dp2a path takes a preceding RMSNorm into its launch (`fuses_norm`)
+    pipeline: int = 0  # float GEMV (M = 1): stages of its loop's asynchronous-copy pipeline (0: a plain loop)
 
 
 # (kernel kind, bits (16 = bf16, 8 = fp8 for float kinds), group, has_min, gated, N, K, M bucket, x dtype) ->
@@ -93,7 +94,9 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
                           slices=4 if bits == 4 and group >= 128 else 1,
                           fold_norm=os.environ.get("S2CONV_FOLD_NORM", "0") == "1")
-        return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256)
+        # a 3-stage asynchronous-copy pipeline: fp8 frames +5%, bf16 +0.5% on an H100 (bench/RESULTS.md, eighth
+        # session)
+        return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256, pipeline=3)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
         # about 3 waves of 64-row tiles: one wave left the SMs latency-bound (q4 at M = 32 on an H100: 131 ->
@@ -367,10 +370,15 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
                   HAS_RES=residual is not None and part is None,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_args(dev))
-    if m <= GEMV_MAX_M:
-        grid = (triton.cdiv(n, cfg.block_n), split, m)
-        float_gemv_kernel[grid](x, weight, s_arg, out, r_arg, n, k, per * bk, x.stride(0), weight.stride(0),
-                                out.stride(-2), stride_os, r_arg.stride(0), **common)
+    if m <= GEMV_MAX_M:  # split-K finished inside the launch, as in the integer GEMV
+        n_tiles = triton.cdiv(n, cfg.block_n)
+        cnt = _counters(dev, n_tiles * m) if part is not None else y
+        p_arg = part if part is not None else y
+        common.update(HAS_RES=residual is not None, PIPE=cfg.pipeline)
+        float_gemv_kernel[(n_tiles, split, m)](x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk, split,
+                                               x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0),
+                                               p_arg.stride(-2), r_arg.stride(0), **common)
+        return y
     else:
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         float_gemm_kernel[grid](x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0), weight.stride(0),
@@ -416,7 +424,8 @@ def candidate_configs(kind: str, m: int) -> list[Config]:
         if kind == "int":  # one 16-row group per program: the path, the split and the warps vary
             return ([Config(16, sp, w, 1) for w in (2, 4, 8) for sp in (1, 2, 4, 8)]
                     + [Config(16, sp, 4, 1, int_dot=True, slices=sl) for sl in (1, 4) for sp in (1, 2, 4, 8)])
-        return [Config(bn, sp, 4, 3, block_k=bk) for bn in (8, 16, 32) for sp in (1, 2, 4, 8) for bk in (128, 256)]
+        return [Config(bn, sp, 4, 3, block_k=bk, pipeline=3) for bn in (8, 16, 32) for sp in (1, 2, 4, 8)
+                for bk in (128, 256)]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
         return [Config(bn, sp, 4, 2, block_m=bm) for bn in (32, 64) for sp in (1, 2, 4)]

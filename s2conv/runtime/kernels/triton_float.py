@@ -1,4 +1,4 @@
-"""Triton kernels for float weights (fp8 e4m3 with a per-row scale, plain bf16) and the split-K reduction.
+"""Triton kernels for float weights (fp8 e4m3 with a per-row scale, plain bf16) and the GEMM's split-K reduction.
 
 The weight stays in its natural [N, K] row-major layout; a program reads a [BLOCK_N, BLOCK_K] tile per step.
 """
@@ -8,17 +8,32 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from s2conv.runtime.kernels.common import pdl_start, store_output
+from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output
 
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 0):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
+    PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
+    pipelines a loop without a dot only when the loop asks for it: `tl.range(.., num_stages=)`), so PIPE - 1 tiles
+    are in flight while one is summed, without holding them in registers.
     PDL: the first weight tile is requested before waiting for the previous kernel (launch.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if PIPE > 1:
+        if PDL:
+            gdc_wait()
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
+            if EVEN_K:
+                w = tl.load(w_rows + k0)
+                xv = tl.load(x_row + k0 + offs_k)
+            else:
+                w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+                xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        return tl.sum(acc, axis=1)
     if PDL:
         w_first = tl.load(w_rows + k_start, mask=(k_start + offs_k < k_end)[None, :], other=0.0)
         gdc_wait()
@@ -38,12 +53,15 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
 
 
 @triton.jit
-def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, N, K, k_per_split,
-                      stride_xm, stride_wn, stride_om, stride_os, stride_rm,
+def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N, K, k_per_split, n_split,
+                      stride_xm, stride_wn, stride_om, stride_ps, stride_pm, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
-    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), split, M); PARTIAL: fp32 partials to
-    out [split, M, N (2N gated)] for `splitk_reduce_kernel`; HAS_RES (not with PARTIAL): y = r + ... (`store_output`)."""
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
+                      PIPE: tl.constexpr = 0):
+    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE: `_float_rows_gemv`;
+    HAS_RES: y = r + ...
+    (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the last-arriving program
+    of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -55,25 +73,26 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, N, K, k_per_split,
     k_end = tl.minimum(k_start + k_per_split, K)
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL)
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + rows)
-    out_row = out_ptr + pid_k * stride_os + pid_m * stride_om
+    out_ptrs = out_ptr + pid_m * stride_om + offs_n
+    r_ptrs = r_ptr + pid_m * stride_rm + offs_n
     n_mask = offs_n < N
+    y3 = y  # (not used without GATED)
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False)
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE)
         if HAS_SCALE:
             y3 = y3 * tl.load(s_ptr + rows3)
-        if PARTIAL:
-            tl.store(out_row + offs_n, y, mask=n_mask)
-            tl.store(out_row + N + offs_n, y3, mask=n_mask)
-        else:
-            y = y * tl.sigmoid(y) * y3
-            tl.store(out_row + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    if PARTIAL:
+        finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
+                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, BLOCK_N, GATED, HAS_RES)
     else:
-        store_output(out_row + offs_n, y, n_mask, r_ptr + pid_m * stride_rm + offs_n, HAS_RES)
+        if GATED:
+            y = y * tl.sigmoid(y) * y3
+        store_output(out_ptrs, y, n_mask, r_ptrs, HAS_RES)
 
 
 @triton.jit
