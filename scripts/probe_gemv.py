@@ -1,7 +1,7 @@
 """Probe the M = 1 GEMV kernels at S2 Pro's shapes: launch-config sweep, PDL on/off, against a load-only roofline
 of the same byte count and against cuBLAS bf16. Graph-timed, rotating weight copies (L2 holds none).
 
-Usage: python scripts/probe_gemv.py [--formats q4,q8,q2,bf16]
+Usage: python scripts/probe_gemv.py [--formats q4,q8,q2,bf16,fp8]   (PROBE_PDL=0 leaves out the PDL runs)
 """
 from __future__ import annotations
 
@@ -62,6 +62,49 @@ def int_copies(fmt, n, k, gated, count):
     return out
 
 
+def float_configs(n: int) -> list[Config]:
+    """The float GEMV sweep: rows per program, split-K (only where N leaves the GPU short of programs), warps, K
+    step, loop pipeline stages."""
+    splits = (1, 2, 4) if n < 6144 else (1,)
+    return [Config(bn, sp, w, 3, block_k=bk, pipeline=pipe)
+            for bn, sp, w, bk, pipe in itertools.product((8, 16, 32), splits, (4, 8), (256, 512), (3, 4))]
+
+
+def probe_float(fmt: str, name: str, n: int, k: int, gated: bool, x: torch.Tensor, pdls: list[str]) -> None:
+    """bf16 or fp8 (per-row scales) at one shape: cuBLAS bf16, the default config, the sweep's best three."""
+    rows = 2 * n if gated else n
+    bf16 = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            for _ in range(max(2, int(ROTATE // (rows * k * 2))))]
+    cub = graph_time_ms(lambda it=itertools.cycle(bf16): F.linear(x, next(it))) * 1e3
+    if fmt == "fp8":
+        ws = [(w.to(torch.float8_e4m3fn), torch.rand(rows, device="cuda") * 0.01)
+              for w in bf16[:max(2, int(ROTATE // (rows * k)))]]
+    else:
+        ws = [(w, None) for w in bf16]
+    nbytes = rows * k * (1 if fmt == "fp8" else 2)
+    it = itertools.cycle(ws)
+
+    def call(cfg):
+        w, sc = next(it)
+        return ops.float_linear_impl(x, w, sc, gated, cfg)
+
+    for pdl in pdls:
+        os.environ["S2CONV_PDL"] = pdl
+        default = graph_time_ms(lambda: call(None)) * 1e3
+        res = []
+        for cfg in float_configs(n):
+            try:
+                res.append((graph_time_ms(lambda: call(cfg)) * 1e3, str(cfg)))
+            except Exception:  # noqa: BLE001
+                continue
+        res.sort()
+        roof = roofline_us(nbytes)
+        print(f"{name:5s} {nbytes / 1e6:6.1f} MB  cuBLAS bf16 {cub:6.1f} us  pdl={pdl} default {default:6.1f} us  "
+              f"roofline {roof:5.1f} us")
+        for us, c in res[:3]:
+            print(f"      {us:6.1f} us {c}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="q4,q8,q2,bf16")
@@ -72,28 +115,8 @@ def main() -> None:
         print(f"\n== {fmt}")
         for name, n, k, gated in SHAPES:
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            if fmt == "bf16":
-                rows = 2 * n if gated else n
-                nbytes = rows * k * 2
-                ws = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                      for _ in range(max(2, int(ROTATE // nbytes)))]
-                it = itertools.cycle(ws)
-                cub = graph_time_ms(lambda: F.linear(x, next(it))) * 1e3
-                res = {}
-                for pdl in pdls:
-                    os.environ["S2CONV_PDL"] = pdl
-                    for bn, sp, w, bk in itertools.product((8, 16, 32), (1, 2, 4), (4, 8), (128, 256)):
-                        cfg = Config(bn, sp, w, 3, block_k=bk)
-                        try:
-                            us = graph_time_ms(lambda: ops.float_linear_impl(x, next(it), None, gated, cfg)) * 1e3
-                        except Exception:  # noqa: BLE001
-                            continue
-                        res[(pdl, cfg)] = us
-                roof = roofline_us(nbytes)
-                for pdl in pdls:
-                    best = min((v, c) for (p, c), v in res.items() if p == pdl)
-                    print(f"{name:5s} {nbytes / 1e6:6.1f} MB  cuBLAS {cub:6.1f} us  triton pdl={pdl} best {best[0]:6.1f} us"
-                          f" {best[1]}  roofline {roof:5.1f} us")
+            if fmt in ("bf16", "fp8"):
+                probe_float(fmt, name, n, k, gated, x, pdls)
                 continue
             spec = INT_SPECS[fmt]
             one = int_copies(fmt, n, k, gated, 1)[0]

@@ -253,6 +253,18 @@ def _rope_head(row_ptr, w_ptr, f_row, eps, D: tl.constexpr, NORM: tl.constexpr, 
 
 
 @triton.jit
+def _attend(q, k, v, valid, m_i, l_i, acc, scale):
+    """Online-softmax step: fold keys k and values v [BLOCK_N, D] (rows where valid) into the running max m_i,
+    sum l_i and weighted sum acc [D] of query q [D]."""
+    s = tl.sum(k * q[None, :], axis=1) * scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)
+    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr, ml_ptr, qw_ptr, kw_ptr, f_ptr,
                         H, HKV, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, stride_qkv, stride_f,
                         scale, eps, HAS_OFFSETS: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -279,6 +291,14 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
     end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
     if HAS_OFFSETS:
         start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
+    # the first key block's loads go out before the query is built (they depend only on pos): at S2's spans every
+    # program reads one block, so its key/value latency overlaps the qk-norm and RoPE work
+    cached_end = tl.minimum(end, pos) if FUSED else end  # FUSED: key pos comes from registers, not the cache
+    offs_n = start + tl.arange(0, BLOCK_N)
+    valid = offs_n < cached_end
+    ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+    k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
     if FUSED:
         dtype = o_ptr.dtype.element_ty
         row = q_ptr + b.to(tl.int64) * stride_qkv
@@ -292,26 +312,19 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
         tl.store(kc_ptr + slot, k_new.to(dtype), mask=writer)
         tl.store(vc_ptr + slot, v_new.to(dtype), mask=writer)
         owner = (start <= pos) & (pos < end)  # this split's range holds key pos
-        end = tl.minimum(end, pos)  # cached keys only
     else:
         q = tl.load(q_ptr + bh * D + offs_d).to(tl.float32)
     m_i = tl.full([1], -1.0e30, tl.float32)  # finite: an empty split gives weight 0, not NaN
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale)
+    for n0 in range(start + BLOCK_N, cached_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
+        valid = offs_n < cached_end
         ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
         k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1) * scale
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
         v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale)
     if FUSED:  # key pos, last in order, where this split owns it (weight 0 elsewhere)
         s_new = tl.where(owner, tl.sum(k_new * q, axis=0) * scale, float("-inf"))
         m_new = tl.maximum(m_i, s_new)

@@ -77,8 +77,9 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False,
                    group: int = 0, has_min: bool = False) -> Config:
     """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
-    used) and split-K 4 only when N is too small to fill the GPU (N = 2560); float BLOCK_K 256 and a split only
-    for N = 2560 (what `tune` picked at S2's shapes on an H200)."""
+    used) and split-K 4 only when N is too small to fill the GPU (N = 2560); the float GEMV no split, 16 rows and
+    256 columns a step (8 and 512 below N = 6144) through a 3-4-stage copy pipeline (the best of
+    `scripts/probe_gemv.py`'s sweep at S2's shapes on an H100)."""
     if m <= GEMV_MAX_M:
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
@@ -94,9 +95,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
                           slices=4 if bits == 4 and group >= 128 else 1,
                           fold_norm=os.environ.get("S2CONV_FOLD_NORM", "0") == "1")
-        # a 3-stage asynchronous-copy pipeline: fp8 frames +5%, bf16 +0.5% on an H100 (bench/RESULTS.md, eighth
-        # session)
-        return Config(block_n=16, split=1 if n >= 6144 else 4, num_warps=4, num_stages=3, block_k=256, pipeline=3)
+        # an asynchronous-copy pipeline in the loop (fp8 frames +5%, bf16 +0.5% on an H100), which also makes
+        # split-K unnecessary at N = 2560: 8 rows and 512 columns a step there (bench/RESULTS.md, eighth session)
+        if n >= 6144:
+            return Config(block_n=16, split=1, num_warps=4, num_stages=3, block_k=256, pipeline=3)
+        return Config(block_n=8, split=1, num_warps=4, num_stages=3, block_k=512, pipeline=4)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
         # about 3 waves of 64-row tiles: one wave left the SMs latency-bound (q4 at M = 32 on an H100: 131 ->
