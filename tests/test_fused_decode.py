@@ -288,7 +288,7 @@ def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
 @pytest.mark.parametrize("which", ["slow", "fast"])
 def test_fill_cache_writes_what_a_full_block_step_writes(weights, kernels, which):
     """`fill_cache` (used for the fast AR's last layer at depth 0, whose output only the discarded logits read)
-    stores exactly the keys and values that the block's full forward stores at that position, eagerly and through
+    stores the keys and values that the block's full forward stores at that position, eagerly and through
     the kernels (norm, wqkv, qk-norm/RoPE/cache), with QK-norm (slow layer) and without (fast layer)."""
     model = DualARTransformer.from_weights(TINY, weights, torch.float32, device=DEVICE)
     if kernels:
@@ -312,7 +312,8 @@ def test_fill_cache_writes_what_a_full_block_step_writes(weights, kernels, which
             written.append((cache.k_cache.clone(), cache.v_cache.clone()))
         (k_full, v_full), (k_fill, v_fill) = written
         assert bool(k_full[:, :, pos].abs().gt(0).all()) and bool(v_full[:, :, pos].abs().gt(0).any())
-        assert torch.equal(k_fill, k_full) and torch.equal(v_fill, v_full)
+        # the same values; on a GPU two kernels may contract the RoPE products into FMAs differently (fp32 ulps)
+        assert close(k_fill, k_full) and close(v_fill, v_full)
 
 
 def test_fused_block_step_matches_eager_block(weights):

@@ -81,6 +81,25 @@ def test_kernel_race_matches_the_eager_draw_for_the_same_noise(select):
     assert len(set(got.tolist())) > 1  # really random draws, not the argmax every time
 
 
+@pytest.mark.parametrize("ties", [5, 200], ids=["threshold_ranking", "round_by_round"])
+def test_in_kernel_selection_ranks_ties_by_lowest_column(ties):
+    """S2's semantic row width (4097 logits): the tied highest logits take the candidate ranks in column order,
+    both where the kernel ranks the logits above its threshold at once (few ties) and where more than its 128
+    slots tie and it falls back to one maximum per round (200 ties). Row j's noise vanishes at rank j, so row j
+    draws the candidate of rank j (top_p 1 keeps all 30)."""
+    gen = torch.Generator().manual_seed(ties)
+    v, k = 4097, 30
+    row = torch.rand(v, generator=gen) * 4 - 8
+    tied = torch.randperm(v, generator=gen)[:ties]
+    row[tied] = 2.0
+    ranks = min(ties, k)
+    logits = row.expand(ranks, v).contiguous()
+    noise = torch.ones(1, ranks, k)
+    noise[0, :, :ranks] = noise[0, :, :ranks].fill_diagonal_(1e-30)
+    got = run_kernel(logits, logits[:, :k], logits[:, :k].long(), noise, [(1.0, 1.0)], k, True)[0]
+    assert torch.equal(got, tied.sort().values[:ranks])
+
+
 def test_fused_sample_many_frequencies_follow_the_filtered_distribution():
     """300 draws (the interpreter runs a program in milliseconds): 0.12 is about four standard deviations."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -3.0]).expand(300, 5).contiguous().to(DEVICE)
