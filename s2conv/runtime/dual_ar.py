@@ -78,6 +78,10 @@ class DualARTransformer(nn.Module):
         self.register_buffer("fast_freqs_cis", precompute_freqs_cis(
             cfg.num_codebooks, cfg.fast_head_dim, cfg.rope_base).to(device), persistent=False)
         self.register_buffer("fast_positions", torch.arange(cfg.num_codebooks, device=device), persistent=False)
+        # causal masks of the fast positions, built once: a decode frame would otherwise spend two small kernels
+        # (arange, compare) on each of its 10 depth steps
+        self.register_buffer("fast_masks", causal_mask(self.fast_positions, cfg.num_codebooks)[:, None],
+                             persistent=False)
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
         """Preallocate the slow KV caches [batch, n_kv, max_seq (rounded up to 8), head_dim] and the fast ones."""
@@ -166,7 +170,7 @@ class DualARTransformer(nn.Module):
         output=False only fills the fast KV caches at pos and returns None: the last layer then writes its keys and
         values and skips its attention, wo and feed-forward, whose result only the discarded logits would read."""
         input_pos = self.fast_positions[pos: pos + 1]
-        mask = causal_mask(input_pos, self.cfg.num_codebooks)
+        mask = self.fast_masks[pos]  # = causal_mask(input_pos, num_codebooks): [1, num_codebooks]
         freqs = self.fast_freqs_cis[pos: pos + 1]
         layers = self.fast_layers if output else self.fast_layers[:-1]
         for layer in layers:
