@@ -77,8 +77,8 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False,
                    group: int = 0, has_min: bool = False) -> Config:
     """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
-    used) and split-K 4 only when N is too small to fill the GPU (N = 2560); the float GEMV no split, 16 rows and
-    256 columns a step (8 and 512 below N = 6144) through a 3-4-stage copy pipeline (the best of
+    used) and split-K 4 only when N is too small to fill the GPU (N = 2560); the float GEMV no split, 8 rows and
+    512 columns a step (16 and 256 for fp8 w1|w3 and bf16 wqkv) through a 3-4-stage copy pipeline (the best of
     `scripts/probe_gemv.py`'s sweep at S2's shapes on an H100)."""
     if m <= GEMV_MAX_M:
         if kind == "int":
@@ -97,9 +97,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
                           fold_norm=os.environ.get("S2CONV_FOLD_NORM", "0") == "1")
         # an asynchronous-copy pipeline in the loop (fp8 frames +5%, bf16 +0.5% on an H100), which also makes
         # split-K unnecessary at N = 2560: 8 rows and 512 columns a step there (bench/RESULTS.md, eighth session)
-        if n >= 6144:
+        if n < 6144:
+            return Config(block_n=8, split=1, num_warps=4, num_stages=3, block_k=512, pipeline=4)
+        if gated == (bits == 8):  # fp8 w1|w3 and bf16 wqkv: 16 rows x 256
             return Config(block_n=16, split=1, num_warps=4, num_stages=3, block_k=256, pipeline=3)
-        return Config(block_n=8, split=1, num_warps=4, num_stages=3, block_k=512, pipeline=4)
+        return Config(block_n=8, split=1, num_warps=4, num_stages=3, block_k=512, pipeline=3)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if kind == "int":
         # about 3 waves of 64-row tiles: one wave left the SMs latency-bound (q4 at M = 32 on an H100: 131 ->
@@ -359,7 +361,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
-        "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev)
+        "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev, gated)
     bk = cfg.block_k
     chunks = triton.cdiv(k, bk)
     per = triton.cdiv(chunks, cfg.split)
