@@ -59,9 +59,8 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
                       PIPE: tl.constexpr = 0):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE: `_float_rows_gemv`;
-    HAS_RES: y = r + ...
-    (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the last-arriving program
-    of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""
+    HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
+    last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
