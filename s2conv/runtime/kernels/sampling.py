@@ -173,11 +173,12 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
     block_v = max(16, triton.next_power_of_2(v)) if select else _BLOCK_V
     # candidate selection: groups of 64 logits, at least 64 groups (k <= 64 of them reach the threshold)
     groups = max(min(64, block_v), block_v // 64)
-    slots = _CAP * bsz * len(draws) if select else 1
+    cap = min(_CAP, block_v)  # a row of at most 128 logits: all of them fit the slots
+    slots = cap * bsz * len(draws) if select else 1
     scratch_v = torch.empty(slots, dtype=torch.float32, device=logits.device)
     scratch_i = torch.empty(slots, dtype=torch.int32, device=logits.device)
     _topk_sample_kernel[(bsz, len(draws))](
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
         noise.stride(1), noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
-        FIX=_fix(logits.dtype), GROUPS=groups, CAP=_CAP, num_warps=8 if max(block_k, block_v) > 1024 else 4)
+        FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, num_warps=8 if max(block_k, block_v) > 1024 else 4)
     return out
