@@ -362,7 +362,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
         "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev, gated)
-    bk = cfg.block_k
+    bk = min(cfg.block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K (small models, tests)
     chunks = triton.cdiv(k, bk)
     per = triton.cdiv(chunks, cfg.split)
     split = triton.cdiv(chunks, per)
