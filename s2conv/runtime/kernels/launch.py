@@ -2,8 +2,7 @@
 
 Inside a CUDA graph every kernel normally waits for the previous one to finish and drain before its programs even
 start. A kernel launched with PDL starts while its predecessor is still running: its programs wait at `gdc_wait`
-until the predecessor's writes are visible (`kernels.common.pdl_start`; the float GEMV first requests its first
-weight tile, which no earlier kernel writes). Each kernel also calls `gdc_launch_dependents` first thing, so that
+until the predecessor's writes are visible (`kernels.common.pdl_start`). Each kernel also calls `gdc_launch_dependents` first thing, so that
 the next one can be scheduled as soon as all of its own programs are running.
 
 Rules for a kernel with a PDL flag: before `gdc_wait` it reads only constant tensors (weights, scales) and writes
@@ -13,7 +12,8 @@ Off by default: measured on an H200 (bench/RESULTS.md, when the integer GEMV als
 the wait), whole frames got slower with it (q4 5.38 -> 6.05 ms, fp8 5.49 -> 7.00 ms) although single GEMVs at
 their best configs got a little faster. On an H100 (fourth session in bench/RESULTS.md) other placements (waiting
 first, then letting the next kernel launch; waiting only; either with an L2 prefetch of the integer GEMV's first
-weight blocks before the wait) moved whole frames by no more than the run-to-run spread. `S2CONV_PDL=1` turns it on.
+weight blocks before the wait) moved whole frames by no more than the run-to-run spread; in the eighth session
+every format got slower with it (bf16 146.5 -> 133.2, q2 241 -> 199 frames/s). `S2CONV_PDL=1` turns it on.
 """
 from __future__ import annotations
 

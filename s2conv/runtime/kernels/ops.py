@@ -48,7 +48,7 @@ class Config:
     int_dot: bool = False  # integer GEMV with bf16/fp16 x: the dp2a path (`int_dot_xmax`)
     slices: int = 1  # its row slices (1 or 4)
     fold_norm: bool = False  # the dp2a path takes a preceding RMSNorm into its launch (`fuses_norm`)
-    pipeline: int = 0  # float GEMV (M = 1): stages of its loop's asynchronous-copy pipeline (0: a plain loop)
+    pipeline: int = 0  # float GEMV (M = 1): stages of its loop's asynchronous-copy pipeline (0 or 1: a plain loop)
 
 
 # (kernel kind, bits (16 = bf16, 8 = fp8 for float kinds), group, has_min, gated, N, K, M bucket, x dtype) ->
@@ -379,7 +379,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         n_tiles = triton.cdiv(n, cfg.block_n)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
-        common.update(HAS_RES=residual is not None, PIPE=cfg.pipeline)
+        common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1))
         float_gemv_kernel[(n_tiles, split, m)](x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk, split,
                                                x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0),
                                                p_arg.stride(-2), r_arg.stride(0), **common)

@@ -13,40 +13,23 @@ from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 0):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
     PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
     pipelines a loop without a dot only when the loop asks for it: `tl.range(.., num_stages=)`), so PIPE - 1 tiles
-    are in flight while one is summed, without holding them in registers.
-    PDL: the first weight tile is requested before waiting for the previous kernel (launch.py)."""
+    are in flight while one is summed, without holding them in registers; PIPE = 1: a plain loop.
+    PDL: waits for the previous kernel's writes first (launch.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if PIPE > 1:
-        if PDL:
-            gdc_wait()
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
-            if EVEN_K:
-                w = tl.load(w_rows + k0)
-                xv = tl.load(x_row + k0 + offs_k)
-            else:
-                w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
-                xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        return tl.sum(acc, axis=1)
     if PDL:
-        w_first = tl.load(w_rows + k_start, mask=(k_start + offs_k < k_end)[None, :], other=0.0)
         gdc_wait()
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if PDL and k0 == k_start:
-            w = w_first
-        elif EVEN_K:
-            w = tl.load(w_rows + k0)
-        else:
-            w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         if EVEN_K:
+            w = tl.load(w_rows + k0)
             xv = tl.load(x_row + k0 + offs_k)
         else:
+            w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
             xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
@@ -57,7 +40,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       stride_xm, stride_wn, stride_om, stride_ps, stride_pm, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
-                      PIPE: tl.constexpr = 0):
+                      PIPE: tl.constexpr = 1):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE: `_float_rows_gemv`;
     HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
     last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""

@@ -346,47 +346,6 @@ def _window_sum(a, corr, acc, s, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _idp_block(a0, a1, a2, a3, w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23,
-               w3, h3, s30, s31, s32, s33, h_shift, b, x_col, g_ptr, kcol, K, inv, BITS: tl.constexpr,
-               OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, SLICES: tl.constexpr,
-               ASM: tl.constexpr, NORM: tl.constexpr, NWIN: tl.constexpr, WL: tl.constexpr, CORR0: tl.constexpr):
-    """One block of `_int_rows_gemv_idp`: the running sums a0..a3 of the (up to 4) row slices plus block b, whose
-    words (w*, 3-bit high bits h*) and window scales (s*0..s*3) are loaded."""
-    if BITS == 3:
-        h0 = h0 >> h_shift
-        if SLICES == 4:
-            h1 = h1 >> h_shift
-            h2 = h2 >> h_shift
-            h3 = h3 >> h_shift
-    kb = b * _BLOCK_K
-    for v in tl.static_range(NWIN):
-        qsum = tl.zeros(x_col.shape, tl.int32)
-        d0 = tl.zeros(w0.shape, tl.int32)
-        d1 = d0
-        d2 = d0
-        d3 = d0
-        for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
-            xa = _x_field(x_col, g_ptr + kcol, kb + (2 * p) * _W, kcol, K, EVEN_K, NORM)
-            xb = _x_field(x_col, g_ptr + kcol, kb + (2 * p + 1) * _W, kcol, K, EVEN_K, NORM)
-            qa = _xint(xa, inv)
-            qb = _xint(xb, inv)
-            qsum += qa + qb
-            pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
-            d0 = _dp2(pair, _bytes(w0, h0, p // 2, BITS), d0, p % 2, ASM)
-            if SLICES == 4:
-                d1 = _dp2(pair, _bytes(w1_, h1, p // 2, BITS), d1, p % 2, ASM)
-                d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
-                d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
-        corr = (qsum * (-OFF) + CORR0)[:, :, None]
-        a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
-        if SLICES == 4:
-            a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
-            a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
-            a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
-    return a0, a1, a2, a3
-
-
-@triton.jit
 def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_end, inv,
                        BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                        SLICES: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
@@ -437,21 +396,47 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     a2 = a0
     a3 = a0
     s_t = s_row0 + g_t[:, None, None]
-    if BITS != 3:
-        h_shift = tt * 0
     # register double buffering: block b + 1's words and scales load while block b computes (an asynchronous-copy
     # pipeline through shared memory instead, `tl.range(.., num_stages=3)`, made whole frames 4-22% slower on an
     # H100: the loop is issue-bound and the copies add shared-memory loads; bench/RESULTS.md, eighth session)
     (w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31, s32,
-     s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b_start, b_end, BITS, GROUP, NT, RS, BSTEP, GPB,
-                         GPW, NWIN, SLICES)
+     s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b_start, b_end, BITS, GROUP, NT, RS, BSTEP,
+                         GPB, GPW, NWIN, SLICES)
     for b in range(b_start, b_end):
         (nw0, nh0, n00, n01, n02, n03, nw1, nh1, n10, n11, n12, n13, nw2, nh2, n20, n21, n22, n23, nw3, nh3, n30, n31,
          n32, n33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b + 1, b_end, BITS, GROUP, NT, RS,
                                   BSTEP, GPB, GPW, NWIN, SLICES)
-        a0, a1, a2, a3 = _idp_block(a0, a1, a2, a3, w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2,
-                                    s20, s21, s22, s23, w3, h3, s30, s31, s32, s33, h_shift, b, x_col, g_ptr, kcol, K,
-                                    inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM, NWIN, WL, CORR0)
+        if BITS == 3:
+            h0 = h0 >> h_shift
+            if SLICES == 4:
+                h1 = h1 >> h_shift
+                h2 = h2 >> h_shift
+                h3 = h3 >> h_shift
+        kb = b * _BLOCK_K
+        for v in tl.static_range(NWIN):
+            qsum = tl.zeros([NT, _W], tl.int32)
+            d0 = tl.zeros([NT, _W, RS], tl.int32)
+            d1 = d0
+            d2 = d0
+            d3 = d0
+            for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
+                xa = _x_field(x_col, g_ptr + kcol, kb + (2 * p) * _W, kcol, K, EVEN_K, NORM)
+                xb = _x_field(x_col, g_ptr + kcol, kb + (2 * p + 1) * _W, kcol, K, EVEN_K, NORM)
+                qa = _xint(xa, inv)
+                qb = _xint(xb, inv)
+                qsum += qa + qb
+                pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
+                d0 = _dp2(pair, _bytes(w0, h0, p // 2, BITS), d0, p % 2, ASM)
+                if SLICES == 4:
+                    d1 = _dp2(pair, _bytes(w1_, h1, p // 2, BITS), d1, p % 2, ASM)
+                    d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
+                    d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
+            corr = (qsum * (-OFF) + CORR0)[:, :, None]
+            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
+            if SLICES == 4:
+                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
+                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
+                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
         w0, h0, s00, s01, s02, s03 = nw0, nh0, n00, n01, n02, n03
         w1_, h1, s10, s11, s12, s13 = nw1, nh1, n10, n11, n12, n13
         w2, h2, s20, s21, s22, s23 = nw2, nh2, n20, n21, n22, n23
