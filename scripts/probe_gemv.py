@@ -62,6 +62,17 @@ def int_copies(fmt, n, k, gated, count):
     return out
 
 
+def int_configs(fmt: str, n_blocks: int) -> list[Config]:
+    """The integer GEMV sweep: split-K, warps and row slices on the dp2a path where the format has one
+    (`ops.int_dot_xmax`), else split-K and warps on the float-x path."""
+    spec = INT_SPECS[fmt]
+    splits = sorted({1, 2, 3, 4, 5, 8, n_blocks} & set(range(1, n_blocks + 1)))
+    if ops.int_dot_xmax(spec.bits, spec.offset, spec.group, n_blocks):
+        return [Config(16, sp, w, 1, int_dot=True, slices=sl)
+                for w, sp, sl in itertools.product((2, 4, 8), splits, (1, 4))]
+    return [Config(16, sp, w, 1) for w, sp in itertools.product((2, 4, 8), splits)]
+
+
 def float_configs(n: int) -> list[Config]:
     """The float GEMV sweep: rows per program, split-K (only where N leaves the GPU short of programs), warps, K
     step, loop pipeline stages."""
@@ -134,8 +145,7 @@ def main() -> None:
             for pdl in pdls:
                 os.environ["S2CONV_PDL"] = pdl
                 res[(pdl, "default")] = graph_time_ms(lambda: call(None)) * 1e3
-                for w, sp in itertools.product((2, 4, 8), sorted({1, 2, 3, 4, n_blocks})):
-                    cfg = Config(16, sp, w, 1)
+                for cfg in int_configs(fmt, n_blocks):
                     try:
                         res[(pdl, cfg)] = graph_time_ms(lambda: call(cfg)) * 1e3
                     except Exception:  # noqa: BLE001

@@ -22,6 +22,7 @@ from s2conv.runtime.dual_ar import generate
 from s2conv.runtime.frame_loop import generate_frames
 from s2conv.runtime.loader import LoadedModel, load_model
 from s2conv.runtime.sampling import SamplingParams
+from s2conv.runtime.warmup import compile_kernels
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 PROMPT_RESERVE = 2048  # upstream refuses prompts longer than max_seq_len - 2048
@@ -160,7 +161,9 @@ def _clean_text(text: str) -> str:
 def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> TTS:
     """Load a GGUF for synthesis on `device` (default: cuda when available, else cpu)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return TTS(load_model(path, device=device, dtype=dtype), device)
+    loaded = load_model(path, device=device, dtype=dtype)
+    compile_kernels(loaded.model)  # all at once now, rather than one by one during the first synthesis
+    return TTS(loaded, device)
 
 
 def synthesize_to_file(model_path: str | Path, text: str, output: str | Path, *, ref_audio=None, ref_text=None,

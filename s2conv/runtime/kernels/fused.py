@@ -17,7 +17,7 @@ import triton.language as tl
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.common import pdl_start
-from s2conv.runtime.kernels.launch import pdl_args
+from s2conv.runtime.kernels.launch import launch, pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
@@ -92,10 +92,10 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     # eager: normed.type_as(x) * weight -> the product takes the promoted dtype (x's in the model)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
-        BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4,
-        **pdl_args(x.device))
+    launch(_rms_norm_kernel, (x2.shape[0],),
+           x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
+           BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4,
+           outputs=(y, h) if residual is not None else (y,), **pdl_args(x.device))
     return h, y
 
 
@@ -222,11 +222,11 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
     n_heads = n_head + 2 * n_kv_head
     # GPUs: a few heads per program; the interpreter: one program (its cost is per program, not per element)
     heads = triton.next_power_of_2(n_heads) if _INTERPRETED else 8
-    _qk_rope_cache_kernel[(b, triton.cdiv(n_heads, heads))](
-        q2, qw, kw, freqs, k_cache, v_cache, q, _pos_tensor(pos, qkv.device), n_head, n_kv_head, q2.stride(0),
-        stride_f, k_cache.stride(0), k_cache.stride(1), float(eps),
-        HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
-        num_warps=4, **pdl_args(qkv.device))
+    launch(_qk_rope_cache_kernel, (b, triton.cdiv(n_heads, heads)),
+           q2, qw, kw, freqs, k_cache, v_cache, q, _pos_tensor(pos, qkv.device), n_head, n_kv_head, q2.stride(0),
+           stride_f, k_cache.stride(0), k_cache.stride(1), float(eps),
+           HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
+           num_warps=4, outputs=(q,), **pdl_args(qkv.device))
     return q
 
 
@@ -434,16 +434,15 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     fix = _fix(q.dtype)
-    _decode_attn_kernel[(b * h, n_splits)](
+    launch(_decode_attn_kernel, (b * h, n_splits),
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
         k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),
         HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
-        BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4, **pdl_args(q.device))
+        BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4, outputs=(out,), **pdl_args(q.device))
     if not single:
-        _decode_attn_reduce_kernel[(b * h,)](part, ml, out, h, n_splits, D=d,
-                                             SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4,
-                                             **pdl_args(q.device))
+        launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
+               SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4, outputs=(out,), **pdl_args(q.device))
     return out
 
 
@@ -473,6 +472,6 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a2, b2 = _rows(op, a, n), _rows(op, b, n)
     y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     block = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(triton.cdiv(n, block), a2.shape[0])](a2, b2, y, n, a2.stride(0), b2.stride(0), BLOCK=block,
-                                                           FIX=_fix(a.dtype), num_warps=4, **pdl_args(a.device))
+    launch(_silu_mul_kernel, (triton.cdiv(n, block), a2.shape[0]), a2, b2, y, n, a2.stride(0), b2.stride(0),
+           BLOCK=block, FIX=_fix(a.dtype), num_warps=4, outputs=(y,), **pdl_args(a.device))
     return y

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL) for the decode kernels, on Hopper and later GPUs.
+"""How the kernels are launched: programmatic dependent launch (PDL) on Hopper and later GPUs, and `launch`, which
+every launcher goes through so that a dry run can note launches and compile their kernels ahead (below).
 
 Inside a CUDA graph every kernel normally waits for the previous one to finish and drain before its programs even
 start. A kernel launched with PDL starts while its predecessor is still running: its programs wait at `gdc_wait`
@@ -17,7 +18,9 @@ every format got slower with it (bf16 146.5 -> 133.2, q2 241 -> 199 frames/s). `
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,3 +43,56 @@ def pdl_args(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch with a `PDL` constexpr flag: PDL=..., plus launch_pdl when on."""
     on = pdl_enabled(device)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+# ---- compiling ahead: record a dry run's launches, compile their kernels concurrently -------------------------------
+# A Triton kernel compiles on its first launch with new specializations, one after another on the host thread: a
+# model's first prefill and frame wait for some 20-30 kernels (10-25 s with an empty cache). `recording()` notes the
+# launches of a dry run instead of running them, and `compile_launches` compiles every noted kernel at once on a
+# thread pool (triton's AsyncCompileMode; the compiler releases the GIL for most of its work).
+_recorded: list | None = None
+
+
+def launch(kernel, grid, *args, outputs: tuple = (), **kwargs) -> None:
+    """kernel[grid](*args, **kwargs); inside `recording()` the launch is noted instead and `outputs` (the tensors the
+    kernel writes) are zeroed, so that whatever reads them next (indices, softmax) sees valid values."""
+    if _recorded is None:
+        kernel[grid](*args, **kwargs)
+        return
+    _recorded.append((kernel, grid, args, kwargs))
+    for t in outputs:
+        t.zero_()
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, kernels go through `launch` unlaunched; yields the list of noted launches (kernel, grid,
+    args, kwargs). Not for use during CUDA-graph capture (nothing would be captured)."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
+def compile_launches(launches: list, threads: int | None = None) -> int:
+    """Compile the kernels of `launches` (from `recording`) on `threads` worker threads (default: the CPU count) and
+    wait for them; returns how many launches were submitted. Kernels already in triton's caches cost a lookup.
+    Under triton's interpreter there is nothing to compile (returns 0); without AsyncCompileMode (older triton) the
+    kernels compile one after another."""
+    if _INTERPRETED or not launches:
+        return 0
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        AsyncCompileMode = None
+    if AsyncCompileMode is None:
+        for kernel, grid, args, kwargs in launches:
+            kernel.warmup(*args, grid=grid, **kwargs)
+        return len(launches)
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1, thread_name_prefix="s2conv-compile") as pool:
+        with AsyncCompileMode(pool):
+            for kernel, grid, args, kwargs in launches:
+                kernel.warmup(*args, grid=grid, **kwargs)
+    return len(launches)

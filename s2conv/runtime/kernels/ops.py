@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels import fused
-from s2conv.runtime.kernels.launch import pdl_args
+from s2conv.runtime.kernels.launch import launch, pdl_args
 from s2conv.runtime.kernels.layout import BLOCK_K, ROWS, WORDS, padded_rows
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
 from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
@@ -186,9 +186,9 @@ def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool, residual: Optional
     n = y.shape[1]
     grid = (triton.cdiv(n, 1024), m)
     r = residual if residual is not None else y
-    splitk_reduce_kernel[grid](part, y, r, n, split, part.stride(0), part.stride(1), y.stride(0), r.stride(0),
+    launch(splitk_reduce_kernel, grid, part, y, r, n, split, part.stride(0), part.stride(1), y.stride(0), r.stride(0),
                                GATED=gated, BLOCK=1024, num_warps=4, HAS_RES=residual is not None,
-                               **pdl_args(y.device))
+                               outputs=(y,), **pdl_args(y.device))
 
 
 def _check_residual(op: str, residual: Optional[torch.Tensor], x: torch.Tensor, n: int, gated: bool) -> None:
@@ -286,6 +286,13 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if group == 0:
             raise _fail(op, "group", "> 0 for a format with mins", group)
     _check_residual(op, residual, x, n, gated)
+    if gated and m > GEMV_MAX_M and n_pad == n and config is None:
+        # the GEMM reads w1|w3 as one weight of 2N rows (the stacked layouts are one layout when N fills whole row
+        # groups) and a second small launch takes silu(a) * b: the gated GEMM, its loop inlined twice, compiled
+        # 2.5x as long as the plain one (q2_k: 30 s against 13 on the 2-core CPU machine, the longest kernel of a
+        # cold start), and the plain one is the same kernel as the model's other linears
+        both = int_linear_impl(x, qweight, scales, mins, bits, offset, group, False)
+        return fused.silu_mul(both[:, :n], both[:, n:])
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
         "int", bits, n, k, m, dev, gated, group, mins is not None)
     per = -(-n_blocks // cfg.split)
@@ -311,20 +318,20 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if xmax:
             common.update(num_warps=cfg.num_warps if cfg.slices == 4 else max(cfg.num_warps, 4))
         # the last-arriving program of a split finishes the row tile, residual included
-        int_gemv_kernel[(n_tiles, split, m)](
+        launch(int_gemv_kernel, (n_tiles, split, m),
             x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
             # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md),
             # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
             r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
-            eps=float(norm_eps), NORM=norm_weight is not None, **common)
+            eps=float(norm_eps), NORM=norm_weight is not None, outputs=(y,), **common)
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    int_gemm_kernel[grid](x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
+    launch(int_gemm_kernel, grid, x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
                           x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
                           IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          HAS_RES=residual is not None and part is None, **common)
+                          HAS_RES=residual is not None and part is None, outputs=(out,), **common)
     if part is not None:
         _reduce(part, y, gated, residual)
     return y
@@ -380,15 +387,15 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1))
-        float_gemv_kernel[(n_tiles, split, m)](x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk, split,
-                                               x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0),
-                                               p_arg.stride(-2), r_arg.stride(0), **common)
+        launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
+               split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
+               outputs=(y,), **common)
         return y
     else:
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        float_gemm_kernel[grid](x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0), weight.stride(0),
-                                out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),
-                                BLOCK_M=cfg.block_m, **common)
+        launch(float_gemm_kernel, grid, x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0),
+               weight.stride(0), out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),
+               BLOCK_M=cfg.block_m, outputs=(out,), **common)
     if part is not None:
         _reduce(part, y, gated, residual)
     return y

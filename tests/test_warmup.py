@@ -1,0 +1,86 @@
+"""Compiling ahead: a dry run notes the Triton launches of a prefill and a frame without running them, and leaves the
+model generating exactly what it generated before (on CPU through triton's interpreter, small shapes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_device import kernel_device
+
+DEVICE = kernel_device()  # before the kernels are imported
+
+from s2conv.bench import quantize_model  # noqa: E402
+from s2conv.runtime import fused_decode  # noqa: E402
+from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
+from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
+from s2conv.runtime.kernels import KERNELS, REPACK  # noqa: E402
+from s2conv.runtime.kernels.launch import compile_launches, recording  # noqa: E402
+from s2conv.runtime.qlinear import QuantLinear  # noqa: E402
+from s2conv.runtime.sampling import SamplingParams  # noqa: E402
+from s2conv.runtime.warmup import compile_kernels, record_launches  # noqa: E402
+from test_runtime_math import TINY, _force_eos_at, random_prompt, random_s2_weights  # noqa: E402
+
+
+def _q4_linear(n=48, k=512):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, k // 128, generator=g) * 0.01 + 1e-3
+    packed = {name: t.to(DEVICE) for name, t in REPACK["q4"](codes, scales).items()}
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    return x, packed
+
+
+def test_recording_notes_launches_instead_of_running_them():
+    x, packed = _q4_linear()
+    want = KERNELS["q4"](x, packed)
+    assert want.abs().max() > 0
+    with recording() as noted:
+        with recording() as inner:  # nested: the inner block notes its own launches only
+            KERNELS["q4"](x, packed)
+        got = KERNELS["q4"](x, packed)
+    assert len(inner) == 1 and len(noted) == 1
+    kernel, grid, args, kwargs = noted[0]
+    assert kernel.__name__ == "int_gemv_kernel" and grid[0] == 3 and kwargs["BITS"] == 4
+    assert torch.equal(got, torch.zeros_like(want))  # the output it would have written reads as zeros
+    assert torch.equal(KERNELS["q4"](x, packed), want)  # after the block, launches run again
+    if DEVICE == "cpu":
+        assert compile_launches(noted) == 0  # the interpreter compiles nothing
+
+
+@pytest.fixture(scope="module")
+def q4_model():
+    model = DualARTransformer.from_weights(TINY, random_s2_weights(TINY), torch.bfloat16, device=DEVICE)
+    quantize_model(model, "q4", "all")
+    for q in model.modules():
+        if isinstance(q, QuantLinear):
+            assert q.prepare_kernel(force=True)
+    assert fused_decode.enable(model, force=True)
+    _force_eos_at(model, -1)
+    return model
+
+
+def test_dry_run_notes_prefill_and_frame_kernels_and_changes_no_prefill(q4_model):
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=8)
+    prompt = random_prompt(TINY, 8).to(DEVICE)[None]
+    q4_model.setup_caches(1, 64)
+    want = q4_model.prefill(prompt)
+    noted = record_launches(q4_model, (5, 40), params)
+    names = {kernel.__name__ for kernel, *_ in noted}
+    # prefill: the small-M GEMM; the frame: the GEMV, the decode attention, the norms (and on a GPU the sampling)
+    assert {"int_gemm_kernel", "int_gemv_kernel", "_decode_attn_kernel", "_rms_norm_kernel"} <= names
+    assert ("_topk_sample_kernel" in names) == (DEVICE == "cuda")
+    gemm_m = {args[6] for kernel, grid, args, kwargs in noted if kernel.__name__ == "int_gemm_kernel"}
+    assert gemm_m == {5, 40}  # one prefill per prompt length
+    got = q4_model.prefill(prompt)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.slow  # 5 minutes under the interpreter; a second on a GPU
+def test_compiling_ahead_changes_no_generated_frame(q4_model):
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=8)
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    want = generate_frames(q4_model, prompt, 3, params, seed=1, use_graphs=False)
+    record_launches(q4_model, (5, 40), params)
+    assert compile_kernels(q4_model) == (len(record_launches(q4_model)) if DEVICE == "cuda" else 0)
+    got = generate_frames(q4_model, prompt, 3, params, seed=1, use_graphs=False)
+    assert torch.equal(got, want)
