@@ -549,6 +549,8 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
     offs_w = tl.arange(0, _W)
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16
     SPG: tl.constexpr = GROUP // _W if GROUP > 0 else 1
+    NW: tl.constexpr = BITS if BITS != 3 else 2  # words of codes per row and block (3-bit: + one of high bits)
+    WPG: tl.constexpr = SPG // SPW if SPG > SPW else 1  # words per scale group (> 1: 256-code groups, 8-bit codes)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     xs = tl.zeros([BLOCK_M], tl.float32)
@@ -557,17 +559,20 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
         kb = b * _BLOCK_K
         if BITS == 3:
             th = tl.load(wb + 2 * _W * _R)
-        for t in tl.static_range(BITS if BITS != 3 else 2):
+        # a runtime loop over the block's words (inner slots unrolled): the whole block unrolled compiled for up to
+        # 30 s (q2_k, 16-code groups with mins), the longest kernel of a cold start
+        for t in range(NW):
             tw = tl.load(wb + t * _W * _R)
             for i in tl.static_range(SPW):
-                s = t * SPW + i  # a compile-time slot index
+                s = t * SPW + i  # the slot
                 k0 = kb + s * _W
                 if EVEN_K:
                     xv = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
                 else:
                     xv = tl.load(x_cols + k0, mask=m_mask[None, :] & (k0 + offs_w < K)[:, None], other=0.0)
                 if BITS == 3:
-                    u = _int_codes(tw, 8 * (i % 4) + 2 * (i // 4), 2) | (_int_codes(th, 8 * (s % 4) + s // 4, 1) << 2)
+                    u = _int_codes(tw, 8 * (i % 4) + 2 * (i // 4), 2) | \
+                        (((th >> (8 * (i % 4) + t * (SPW // 4) + i // 4)) & 1) << 2)
                 else:
                     u = _int_codes(tw, 8 * (i % 4) + BITS * (i // 4), BITS)
                 wv = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
@@ -577,8 +582,8 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                     part = tl.dot(wv.to(xv.dtype), xv)
                 if GROUP == 0:
                     acc += part
-                else:
-                    if s % SPG == 0:
+                elif WPG == 1:  # groups inside a word: where each starts and ends is known at compile time
+                    if tl.constexpr(i) % SPG == 0:
                         acc_g = part
                         if HAS_MIN:
                             xs = tl.sum(xv.to(tl.float32), axis=0)
@@ -586,11 +591,21 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                         acc_g += part
                         if HAS_MIN:
                             xs += tl.sum(xv.to(tl.float32), axis=0)
-                    if s % SPG == SPG - 1:
+                    if tl.constexpr(i) % SPG == SPG - 1:
                         g = b * (_BLOCK_K // GROUP) + s // SPG
                         acc += acc_g * tl.load(s_rows + g)[:, None]
                         if HAS_MIN:
                             acc -= tl.load(m_rows + g)[:, None] * xs[None, :]
+                else:  # groups of WPG words: the word's place in its group says where
+                    tg = t - (t // WPG) * WPG  # (t % WPG, in a form triton's interpreter runs too)
+                    tl.static_assert(not HAS_MIN, "no format with mins has groups longer than a word")
+                    if i == 0:
+                        acc_g = tl.where(tg == 0, part, acc_g + part)
+                    else:
+                        acc_g += part
+                    if i == SPW - 1:
+                        if tg == WPG - 1:
+                            acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG)[:, None]
     if GROUP == 0:
         acc = acc * tl.load(s_rows)[:, None]
     return acc
