@@ -73,6 +73,10 @@ def test_dry_run_notes_prefill_and_frame_kernels_and_changes_no_prefill(q4_model
     assert gemm_m == {5, 40}  # one prefill per prompt length
     got = q4_model.prefill(prompt)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # a dry run that needs longer caches leaves the model its own (the attention span follows their size)
+    caches = [b.attention.kv_cache for b in q4_model.layers]
+    assert record_launches(q4_model, (100,), params)
+    assert q4_model.max_seq == 64 and [b.attention.kv_cache for b in q4_model.layers] == caches
 
 
 @pytest.mark.slow  # 5 minutes under the interpreter; a second on a GPU

@@ -39,17 +39,31 @@ def record_launches(model: DualARTransformer, prompt_lengths: tuple[int, ...] = 
                     params: SamplingParams = SamplingParams()) -> list:
     """The Triton launches (kernel, grid, args, kwargs) of prefills of `prompt_lengths` tokens and a frame after
     each, noted by a dry run that launches none of them."""
-    cfg, device = model.cfg, model.norm.weight.device
-    lengths = [t for t in prompt_lengths if 0 < t < cfg.max_seq_len - 1]
+    lengths = [t for t in prompt_lengths if 0 < t < model.cfg.max_seq_len - 1]
     if not lengths:
         return []
+    # the dry run sizes the KV caches for its prompts; the model gets its own caches back afterwards, so that a
+    # generation sizes them as it would have (the attention span, and with it the order of its sums, follows them)
+    blocks = [*model.layers, *model.fast_layers]
+    saved = [b.attention.kv_cache for b in blocks], model.max_batch, model.max_seq
     with recording() as noted:
-        for t in lengths:  # a prefill, then a frame at the attention span it leads to (the span sets the split)
-            model.setup_caches(1, t + 2)
-            prompt = torch.zeros(1, cfg.num_codebooks + 1, t, dtype=torch.long, device=device)
-            hidden, logits = model.prefill(prompt)
-            loop = FrameLoop(model, params, 2, use_graphs=False)
-            loop.column.copy_(model.sample_frame(hidden, logits, params, None)[:, :, None])
-            loop.pos.fill_(t)
-            loop._step(min(model.max_seq, -(-(t + 1) // SPAN_STEP) * SPAN_STEP))
+        try:
+            _dry_run(model, lengths, params)
+        finally:
+            for b, cache in zip(blocks, saved[0]):
+                b.attention.kv_cache = cache
+            model.max_batch, model.max_seq = saved[1], saved[2]
     return noted
+
+
+def _dry_run(model: DualARTransformer, lengths: list[int], params: SamplingParams) -> None:
+    """A prefill of each length, then a frame at the attention span it leads to (the span sets the split)."""
+    cfg, device = model.cfg, model.norm.weight.device
+    for t in lengths:
+        model.setup_caches(1, t + 2)
+        prompt = torch.zeros(1, cfg.num_codebooks + 1, t, dtype=torch.long, device=device)
+        hidden, logits = model.prefill(prompt)
+        loop = FrameLoop(model, params, 2, use_graphs=False)
+        loop.column.copy_(model.sample_frame(hidden, logits, params, None)[:, :, None])
+        loop.pos.fill_(t)
+        loop._step(min(model.max_seq, -(-(t + 1) // SPAN_STEP) * SPAN_STEP))
