@@ -14,7 +14,7 @@ from s2conv.runtime import fused_decode  # noqa: E402
 from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
 from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
 from s2conv.runtime.kernels import KERNELS, REPACK  # noqa: E402
-from s2conv.runtime.kernels.launch import compile_launches, recording  # noqa: E402
+from s2conv.runtime.kernels.launch import compile_launches, distinct_launches, recording  # noqa: E402
 from s2conv.runtime.qlinear import QuantLinear  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from s2conv.runtime.warmup import compile_kernels, record_launches  # noqa: E402
@@ -88,3 +88,20 @@ def test_compiling_ahead_changes_no_generated_frame(q4_model):
     assert compile_kernels(q4_model) == (len(record_launches(q4_model)) if DEVICE == "cuda" else 0)
     got = generate_frames(q4_model, prompt, 3, params, seed=1, use_graphs=False)
     assert torch.equal(got, want)
+
+
+def test_distinct_launches_keep_one_launch_per_specialization(q4_model):
+    kernel, t = object(), torch.zeros(64, dtype=torch.bfloat16)
+    launches = [(kernel, (1,), (t, 32, 0.5), {"BITS": 4}),
+                (kernel, (9,), (torch.ones(8, dtype=torch.bfloat16), 48, 1.5), {"BITS": 4}),  # same as the first
+                (kernel, (1,), (t, 33, 0.5), {"BITS": 4}),  # 33: not a multiple of 16
+                (kernel, (1,), (t, 1, 0.5), {"BITS": 4}),  # 1 is specialized too
+                (kernel, (1,), (t[1:], 32, 0.5), {"BITS": 4}),  # a pointer off 16-byte alignment
+                (kernel, (1,), (t.float(), 32, 0.5), {"BITS": 4}),  # another dtype
+                (kernel, (1,), (t, 32, 0.5), {"BITS": 2}),  # another compile-time constant
+                (object(), (1,), (t, 32, 0.5), {"BITS": 4})]  # another kernel
+    kept = distinct_launches(launches)
+    assert [next(i for i, y in enumerate(launches) if y is x) for x in kept] == [0, 2, 3, 4, 5, 6, 7]
+    noted = record_launches(q4_model, (5,))
+    kept = distinct_launches(noted)
+    assert len(kept) < len(noted) and {k for k, *_ in kept} == {k for k, *_ in noted}

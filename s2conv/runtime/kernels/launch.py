@@ -78,11 +78,12 @@ def recording():
 
 def compile_launches(launches: list, threads: int | None = None) -> int:
     """Compile the kernels of `launches` (from `recording`) on `threads` worker threads (default: the CPU count) and
-    wait for them; returns how many launches were submitted. Kernels already in triton's caches cost a lookup.
+    wait for them; returns how many distinct launches were submitted (`distinct_launches`). Kernels already in triton's caches cost a lookup.
     Under triton's interpreter there is nothing to compile (returns 0); without AsyncCompileMode (older triton) the
     kernels compile one after another."""
     if _INTERPRETED or not launches:
         return 0
+    launches = distinct_launches(launches)
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
@@ -96,3 +97,31 @@ def compile_launches(launches: list, threads: int | None = None) -> int:
             for kernel, grid, args, kwargs in launches:
                 kernel.warmup(*args, grid=grid, **kwargs)
     return len(launches)
+
+
+def _spec(value) -> object:
+    """What triton's specialization sees of a launch argument: a tensor's dtype and 16-byte alignment, an integer's
+    width, divisibility by 16 and being 1; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int, -2**31 <= value < 2**31, value % 16 == 0, value == 1
+    if isinstance(value, float):
+        return float
+    return value
+
+
+def distinct_launches(launches: list) -> list:
+    """One launch of each kernel specialization among `launches` (a model's 36 blocks launch the same ones): keyed by
+    the kernel, `_spec` of each positional argument (the runtime ones) and the keyword arguments' values (the
+    compile-time ones; a tensor among them by `_spec`). Two launches merged wrongly only leave one kernel to compile
+    at its first real launch."""
+    seen, out = set(), []
+    for launch_ in launches:
+        kernel, _, args, kwargs = launch_
+        key = (id(kernel), tuple(map(_spec, args)),
+               tuple(sorted((k, _spec(v) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append(launch_)
+    return out
