@@ -3,8 +3,9 @@ every launcher goes through so that a dry run can note launches and compile thei
 
 Inside a CUDA graph every kernel normally waits for the previous one to finish and drain before its programs even
 start. A kernel launched with PDL starts while its predecessor is still running: its programs wait at `gdc_wait`
-until the predecessor's writes are visible (`kernels.common.pdl_start`). Each kernel also calls `gdc_launch_dependents` first thing, so that
-the next one can be scheduled as soon as all of its own programs are running.
+until the predecessor's writes are visible (`kernels.common.pdl_start`). Each kernel also calls
+`gdc_launch_dependents` first thing, so that the next one can be scheduled as soon as all of its own programs are
+running.
 
 Rules for a kernel with a PDL flag: before `gdc_wait` it reads only constant tensors (weights, scales) and writes
 nothing; both calls are no-ops when the launch did not ask for PDL.
@@ -49,7 +50,8 @@ def pdl_args(device: torch.device) -> dict:
 # A Triton kernel compiles on its first launch with new specializations, one after another on the host thread: a
 # model's first prefill and frame wait for some 20-30 kernels (10-25 s with an empty cache). `recording()` notes the
 # launches of a dry run instead of running them, and `compile_launches` compiles every noted kernel at once on a
-# thread pool (triton's AsyncCompileMode; the compiler releases the GIL for most of its work).
+# thread pool (triton's AsyncCompileMode: on an H100 host 4 threads compiled 3x as fast as 1, 16 no faster than 4;
+# bench/RESULTS.md, ninth session).
 _recorded: list | None = None
 
 
@@ -78,9 +80,9 @@ def recording():
 
 def compile_launches(launches: list, threads: int | None = None) -> int:
     """Compile the kernels of `launches` (from `recording`) on `threads` worker threads (default: the CPU count) and
-    wait for them; returns how many distinct launches were submitted (`distinct_launches`). Kernels already in triton's caches cost a lookup.
-    Under triton's interpreter there is nothing to compile (returns 0); without AsyncCompileMode (older triton) the
-    kernels compile one after another."""
+    wait for them; returns how many distinct launches were submitted (`distinct_launches`). Kernels already in
+    triton's caches cost a lookup. Under triton's interpreter there is nothing to compile (returns 0); without
+    AsyncCompileMode (older triton) the kernels compile one after another."""
     if _INTERPRETED or not launches:
         return 0
     launches = distinct_launches(launches)
