@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
                            rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels,
-                           check=check, ready_s=t_check + setup_s, compile_s=t_compile, launches_noted=launches)
+                           check=check, ready_s=t_check + setup_s, compile_s=t_compile, launches_compiled=launches)
                 if args.batch:
                     row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
                         model, args.prompt, args.frames, args.batch))

@@ -2,7 +2,7 @@
 
 Triton compiles a kernel when it is first launched with new specializations, so a fresh process compiles the
 20-30 kernels of a prefill and a frame one after another (10-25 s with an empty Triton cache, most of it in the
-small-M GEMMs of the prefill). `compile_kernels` dry-runs a prefill and one frame with every Triton launch noted
+small-M GEMMs of the prefill). `compile_kernels` dry-runs prefills and frames with every Triton launch noted
 instead of run (`kernels.launch.recording`; the outputs they would write read as zeros), then compiles all the
 noted kernels concurrently on a thread pool. Kernels already in the cache cost a lookup.
 """
@@ -27,7 +27,8 @@ def compile_kernels(model: DualARTransformer, prompt_lengths: tuple[int, ...] = 
                     params: SamplingParams = SamplingParams(), threads: int | None = None) -> int:
     """Compile the Triton kernels of prefills of `prompt_lengths` tokens and of a frame after each, concurrently.
 
-    Returns the number of kernel launches the dry run noted (0 on the CPU or without triton: nothing to compile).
+    Returns the number of distinct launches compiled (`kernels.launch.distinct_launches`; 0 on the CPU: nothing to
+    compile).
     The dry run writes the KV caches (zeros); every generation prefills its own positions first."""
     if model.norm.weight.device.type != "cuda":
         return 0

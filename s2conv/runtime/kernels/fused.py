@@ -434,7 +434,8 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     fix = _fix(q.dtype)
-    launch(_decode_attn_kernel, (b * h, n_splits),
+    launch(
+        _decode_attn_kernel, (b * h, n_splits),
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
         k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),

@@ -187,8 +187,7 @@ def _reduce(part: torch.Tensor, y: torch.Tensor, gated: bool, residual: Optional
     grid = (triton.cdiv(n, 1024), m)
     r = residual if residual is not None else y
     launch(splitk_reduce_kernel, grid, part, y, r, n, split, part.stride(0), part.stride(1), y.stride(0), r.stride(0),
-                               GATED=gated, BLOCK=1024, num_warps=4, HAS_RES=residual is not None,
-                               outputs=(y,), **pdl_args(y.device))
+           GATED=gated, BLOCK=1024, num_warps=4, HAS_RES=residual is not None, outputs=(y,), **pdl_args(y.device))
 
 
 def _check_residual(op: str, residual: Optional[torch.Tensor], x: torch.Tensor, n: int, gated: bool) -> None:
@@ -318,7 +317,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if xmax:
             common.update(num_warps=cfg.num_warps if cfg.slices == 4 else max(cfg.num_warps, 4))
         # the last-arriving program of a split finishes the row tile, residual included
-        launch(int_gemv_kernel, (n_tiles, split, m),
+        launch(
+            int_gemv_kernel, (n_tiles, split, m),
             x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
             # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md),
@@ -329,9 +329,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         return y
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     launch(int_gemm_kernel, grid, x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
-                          x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
-                          IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          HAS_RES=residual is not None and part is None, outputs=(out,), **common)
+           x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
+           IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           HAS_RES=residual is not None and part is None, outputs=(out,), **common)
     if part is not None:
         _reduce(part, y, gated, residual)
     return y

@@ -178,7 +178,8 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
     slots = cap * bsz * len(draws) if select else 1
     scratch_v = torch.empty(slots, dtype=torch.float32, device=logits.device)
     scratch_i = torch.empty(slots, dtype=torch.int32, device=logits.device)
-    launch(_topk_sample_kernel, (bsz, len(draws)),
+    launch(
+        _topk_sample_kernel, (bsz, len(draws)),
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
         noise.stride(1), noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
         FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, num_warps=8 if max(block_k, block_v) > 1024 else 4,
