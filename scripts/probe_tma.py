@@ -1,0 +1,208 @@
+"""Probe: the dp2a integer GEMV with its weight tiles brought in by the Hopper copy engine (TMA tensor descriptors,
+`tl.range(.., num_stages=S)` keeps S - 1 blocks in flight without registers) against the landed kernel, at S2's
+layer shapes, M = 1, graph-timed with rotating weights; each variant checked against the dequantized reference.
+
+    python scripts/probe_tma.py [--formats q4,q2] [--stages 2,3,4,6]     (a CUDA GPU; TRITON_INTERPRET=1 on CPU
+                                                                            checks correctness at small shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from s2conv.runtime.kernels import INT_SPECS, ops
+from s2conv.runtime.kernels.common import finish_split, store_output
+from s2conv.runtime.kernels.triton_int import (_bytes, _dp2, _load_scales, _window, _window_sum, _x_absmax,
+                                                _x_field, _xint)
+
+_W = tl.constexpr(16)
+_R = tl.constexpr(16)
+_BLOCK_K = tl.constexpr(512)
+
+
+@triton.jit
+def _tile(w_desc, base, s: tl.constexpr, NT: tl.constexpr, RS: tl.constexpr):
+    return tl.reshape(w_desc.load([base, 0, s, 0]), [NT, _W, RS])
+
+
+@triton.jit
+def tma_gemv_kernel(x_ptr, w_desc, s_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_blocks, blocks_per_split, n_split,
+                    stride_sn, stride_ps, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
+                    XMAX: tl.constexpr, SLICES: tl.constexpr, STAGES: tl.constexpr, PARTIAL: tl.constexpr,
+                    ASM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    amax = _x_absmax(x_ptr, K, b_start * _BLOCK_K, b_end * _BLOCK_K, True)
+    inv = tl.where(amax > 1e-30, XMAX / amax, 0.0)
+    WPB: tl.constexpr = 16 * BITS
+    SPW: tl.constexpr = 32 // BITS
+    SPG: tl.constexpr = GROUP // _W
+    NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1
+    WL: tl.constexpr = SPW // NWIN
+    GPB: tl.constexpr = _BLOCK_K // GROUP
+    GPW: tl.constexpr = WL // SPG if WL >= SPG else 0
+    NT: tl.constexpr = WPB // _W
+    RS: tl.constexpr = _R // SLICES
+    CORR0: tl.constexpr = ((0x4B400000 * (1 + OFF * WL)) + 2**31) % 2**32 - 2**31
+    row0 = pid_n * _R
+    t1 = tl.arange(0, NT)
+    w1 = tl.arange(0, _W)
+    rr = tl.arange(0, RS)[None, None, :]
+    x_col = x_ptr + t1[:, None] * (SPW * _W) + w1[None, :]
+    kcol = t1[:, None] * (SPW * _W) + w1[None, :]
+    g_t = (t1 * SPW) // SPG
+    s_t = s_ptr + g_t[:, None, None]
+    live = tl.full([NT, 1, RS], 1, tl.int32) > 0
+    s_r0 = s_t + tl.minimum(row0 + rr, N - 1) * stride_sn
+    s_r1 = s_t + tl.minimum(row0 + RS + rr, N - 1) * stride_sn
+    s_r2 = s_t + tl.minimum(row0 + 2 * RS + rr, N - 1) * stride_sn
+    s_r3 = s_t + tl.minimum(row0 + 3 * RS + rr, N - 1) * stride_sn
+    a0 = tl.zeros([NT, _W, RS], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for b in tl.range(b_start, b_end, num_stages=STAGES):
+        base = (pid_n * n_blocks + b) * NT
+        w0 = _tile(w_desc, base, 0, NT, RS)
+        s00, s01, s02, s03 = _load_scales(s_r0, b * GPB, live, GPW, NWIN)
+        w1_ = w0
+        w2 = w0
+        w3 = w0
+        s10, s11, s12, s13 = s00, s01, s02, s03
+        s20, s21, s22, s23 = s00, s01, s02, s03
+        s30, s31, s32, s33 = s00, s01, s02, s03
+        if SLICES == 4:
+            w1_ = _tile(w_desc, base, 1, NT, RS)
+            w2 = _tile(w_desc, base, 2, NT, RS)
+            w3 = _tile(w_desc, base, 3, NT, RS)
+            s10, s11, s12, s13 = _load_scales(s_r1, b * GPB, live, GPW, NWIN)
+            s20, s21, s22, s23 = _load_scales(s_r2, b * GPB, live, GPW, NWIN)
+            s30, s31, s32, s33 = _load_scales(s_r3, b * GPB, live, GPW, NWIN)
+        kb = b * _BLOCK_K
+        for v in tl.static_range(NWIN):
+            qsum = tl.zeros([NT, _W], tl.int32)
+            d0 = tl.zeros([NT, _W, RS], tl.int32)
+            d1 = d0
+            d2 = d0
+            d3 = d0
+            for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):
+                xa = _x_field(x_col, x_col, kb + (2 * p) * _W, kcol, K, True, False)
+                xb = _x_field(x_col, x_col, kb + (2 * p + 1) * _W, kcol, K, True, False)
+                qa = _xint(xa, inv)
+                qb = _xint(xb, inv)
+                qsum += qa + qb
+                pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
+                d0 = _dp2(pair, _bytes(w0, w0, p // 2, BITS), d0, p % 2, ASM)
+                if SLICES == 4:
+                    d1 = _dp2(pair, _bytes(w1_, w1_, p // 2, BITS), d1, p % 2, ASM)
+                    d2 = _dp2(pair, _bytes(w2, w2, p // 2, BITS), d2, p % 2, ASM)
+                    d3 = _dp2(pair, _bytes(w3, w3, p // 2, BITS), d3, p % 2, ASM)
+            corr = (qsum * (-OFF) + CORR0)[:, :, None]
+            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
+            if SLICES == 4:
+                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
+                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
+                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
+    y = tl.sum(tl.sum(a0, axis=1), axis=0)
+    if SLICES == 4:
+        y1 = tl.sum(tl.sum(a1, axis=1), axis=0)
+        y2 = tl.sum(tl.sum(a2, axis=1), axis=0)
+        y3 = tl.sum(tl.sum(a3, axis=1), axis=0)
+        y = tl.reshape(tl.permute(tl.join(tl.join(y, y1), tl.join(y2, y3)), (2, 1, 0)), (_R,))
+    y = y * (amax / XMAX)
+    offs_n = row0 + tl.arange(0, _R)
+    n_mask = offs_n < N
+    if PARTIAL:
+        finish_split(y, y, offs_n, n_mask, part_ptr, pid_k, stride_ps, N, cnt_ptr + pid_n, n_split,
+                     out_ptr + offs_n, out_ptr + offs_n, _R, False, False)
+    else:
+        store_output(out_ptr + offs_n, y, n_mask, out_ptr + offs_n, False)
+
+
+def tma_linear(x, p, fmt, slices, stages, split, desc=None):
+    spec = INT_SPECS[fmt]
+    q, s = p["qweight"], p["scales"]
+    n = s.shape[0]
+    k = x.shape[1]
+    n_blocks = q.shape[1] // (16 * spec.bits)
+    nt = spec.bits
+    if desc is None:
+        desc = TensorDescriptor.from_tensor(q.view(-1, 16, slices, 16 // slices), [nt, 16, 1, 16 // slices])
+    per = -(-n_blocks // split)
+    split = -(-n_blocks // per)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    cnt = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device) if split > 1 else y
+    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, per)
+    tma_gemv_kernel[(-(-n // 16), split)](x, desc, s, y, part, cnt, n, k, n_blocks, per, split, s.stride(0),
+                                          part.stride(0), BITS=spec.bits, OFF=spec.offset, GROUP=spec.group,
+                                          XMAX=xmax, SLICES=slices, STAGES=stages, PARTIAL=split > 1,
+                                          ASM=x.device.type == "cuda", num_warps=4)
+    return y
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="q4,q2")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--small", action="store_true", help="small shapes (the interpreter's correctness check)")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        print("device:", torch.cuda.get_device_name())
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    shapes = {"a": (48, 1024, 1), "b": (32, 1536, 2)} if args.small else {
+        "wqkv": (6144, 2560, 1), "wo": (2560, 4096, 4), "w1|w3": (19456, 2560, 1), "w2": (2560, 9728, 4)}
+    from s2conv.runtime.kernels import REPACK, dequantize_packed
+    from s2conv.bench import output_error
+    g = torch.Generator(device=dev).manual_seed(0)
+    failed = False
+    for fmt in args.formats.split(","):
+        spec = INT_SPECS[fmt]
+        totals: dict[str, float] = {}
+        for name, (n, k, split) in shapes.items():
+            codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), generator=g, dtype=torch.int16,
+                                  device=dev)
+            scales = torch.rand((n, k // spec.group), generator=g, device=dev) * 0.01 + 0.001
+            p = REPACK[fmt](codes, scales)
+            w = dequantize_packed(fmt, p, k)
+            x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
+            ref = x.float() @ w.T
+            wbytes = sum(t.numel() * t.element_size() for t in p.values())
+            packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(max(2, int(120e6 // wbytes) + 1))]
+            line = []
+            slice_opts = (1, 4) if spec.bits == 4 else (1,)
+            cases = {"landed": lambda q: ops.int_linear_impl(x, q["qweight"], q["scales"], None, spec.bits,
+                                                             spec.offset, spec.group, False)}
+            for sl in slice_opts:
+                for st in map(int, args.stages.split(",")):
+                    for sp in sorted({split, 2 * split, max(1, split // 2)}):
+                        cases[f"tma s{sl} st{st} k{sp}"] = (
+                            lambda q, sl=sl, st=st, sp=sp: tma_linear(x, q, fmt, sl, st, sp))
+            for cname, call in cases.items():
+                err, max_rel, ok = output_error(call(p), ref)
+                failed |= not ok
+                if dev == "cuda":
+                    it = itertools.count()
+                    us = ops.graph_time_ms(lambda: call(packs[next(it) % len(packs)]), calls=2 * len(packs),
+                                           reps=10) * 1e3
+                else:
+                    us = 0.0
+                totals[cname] = totals.get(cname, 0.0) + us
+                line.append(f"{cname} {us:.1f}" + ("" if ok else f" WRONG({err:.1e},{max_rel:.1e})"))
+            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB | " + " | ".join(line), flush=True)
+        print(f"{fmt:4s} per layer: " + ", ".join(f"{v} {t:.1f}" for v, t in sorted(totals.items(), key=lambda a: a[1])),
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
