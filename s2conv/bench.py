@@ -258,18 +258,20 @@ def time_codec(n_frames: int = 256) -> dict:
     codes = torch.randint(0, 1024, (1, cc.n_codebooks, n_frames), device="cuda", generator=g)
     audio_s = n_frames * cc.frame_length / cc.sample_rate
     out = {"frames": n_frames}
-    for autotune in (False, True):  # cuDNN's per-shape algorithm search (torch.backends.cudnn.benchmark)
+    # cuDNN's per-shape algorithm search (torch.backends.cudnn.benchmark) off and on, then the decode replayed
+    # from a CUDA graph (as `decode_streaming(graphed=True)` does per fixed-size chunk)
+    for key, autotune, graphed in (("default", False, False), ("cudnn_benchmark", True, False),
+                                   ("cuda_graph", True, True)):
         torch.backends.cudnn.benchmark = autotune
-        codec.decode(codes)
+        codec.decode(codes, graphed=graphed)
         torch.cuda.synchronize()
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            codec.decode(codes)
+            codec.decode(codes, graphed=graphed)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         t = sorted(times)[2]
-        key = "cudnn_benchmark" if autotune else "default"
         out[key] = {"seconds": t, "x_realtime": audio_s / t}
     torch.backends.cudnn.benchmark = False
     out["seconds"], out["x_realtime"] = out["cudnn_benchmark"]["seconds"], out["cudnn_benchmark"]["x_realtime"]
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")
     codec = None if args.no_codec else time_codec()
     if codec:
-        for key in ("default", "cudnn_benchmark"):
+        for key in ("default", "cudnn_benchmark", "cuda_graph"):
             c = codec[key]
             print(f"codec decode ({key}): {codec['frames']} frames in {c['seconds'] * 1e3:.1f} ms = "
                   f"{c['x_realtime']:.0f}x real time")

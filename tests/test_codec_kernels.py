@@ -53,3 +53,18 @@ def test_codec_decodes_the_same_audio_with_its_kernels(monkeypatch):
     monkeypatch.setattr(codec_module, "_snake_kernel", lambda: None)
     eager = codec.decode(codes)
     assert torch.allclose(fused, eager, atol=1e-4)
+
+
+def test_graphed_streaming_decode_equals_eager_streaming():
+    """graphed=True: CUDA graphs on a GPU (the last chunk padded to a whole one), plain decoding elsewhere; the
+    audio is the same either way."""
+    codec = Codec.from_weights(TINY_CODEC, random_codec_weights(TINY_CODEC), torch.float32, device=DEVICE)
+    codes = torch.randint(0, 16, (1, 10, 23), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    eager = list(codec.decode_streaming(codes, chunk=5, history=7))
+    graphed = list(codec.decode_streaming(codes, chunk=5, history=7, graphed=True))
+    assert [c.shape for c in graphed] == [c.shape for c in eager]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(graphed, eager))
+    if DEVICE == "cuda":  # shapes 5, 10, 12 (history 7 reached at the third chunk), each captured once
+        assert sorted(codec._graphs.graphs) == [(1, 10, 5), (1, 10, 10), (1, 10, 12)]
+        again = codec.decode(codes[..., 3:15], pos_offset=3, graphed=True)  # a captured shape, another position
+        assert torch.allclose(again, codec.decode(codes[..., 3:15], pos_offset=3), atol=1e-5)

@@ -192,10 +192,10 @@ class WindowLimitedTransformer(nn.Module):
             self._freqs = precompute_freqs_cis(size, self.head_dim, self.rope_base).to(device)
         return self._freqs[start: start + n]
 
-    def forward(self, x: Tensor, pos_offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, pos_offset: int = 0, freqs: Tensor | None = None) -> Tensor:
         x = x.transpose(1, 2)  # [B, T, C]
         t = x.shape[1]
-        freqs = self.rope_rows(pos_offset, t, x.device)
+        freqs = self.rope_rows(pos_offset, t, x.device) if freqs is None else freqs
         mask = window_mask(t, self.window, x.device)
         for layer in self.layers:
             x = layer(x, freqs, mask)
@@ -270,12 +270,13 @@ class DownsampleResidualVectorQuantize(nn.Module):
         residual_codes, _ = self.quantizer.encode(z - z_semantic)
         return torch.cat([semantic_codes, residual_codes], dim=1)
 
-    def decode(self, codes: Tensor, pos_offset: int = 0) -> Tensor:
-        """codes [B, 1 + n_residual, T] -> latent [B, D, T * prod(downsample_factor)]; clamps out-of-range codes."""
+    def decode(self, codes: Tensor, pos_offset: int = 0, freqs: Tensor | None = None) -> Tensor:
+        """codes [B, 1 + n_residual, T] -> latent [B, D, T * prod(downsample_factor)]; clamps out-of-range codes.
+        freqs: the post-transformer's RoPE rows for positions pos_offset.. (a CUDA graph's static input)."""
         semantic = codes[:, :1].clamp(0, self.semantic_quantizer.codebook_size - 1)
         residual = codes[:, 1:].clamp(0, self.quantizer.codebook_size - 1)
         z = self.semantic_quantizer.decode(semantic) + self.quantizer.decode(residual)
-        return self.upsample(self.post_module(z, pos_offset))
+        return self.upsample(self.post_module(z, pos_offset, freqs))
 
 
 # ------------------------------------------------------------------------------------------- codec
@@ -333,6 +334,7 @@ class Codec(nn.Module):
         post = _transformer(cc, cc.latent_dim, cc.rvq_n_layer, cc.rvq_window)
         self.quantizer = DownsampleResidualVectorQuantize(cc, pre, post)
         self.decoder = Decoder(cc)
+        self._graphs: GraphedDecode | None = None
 
     @classmethod
     def from_weights(cls, cc: CodecConfig, weights: dict[str, Tensor], dtype=torch.float32, device="cpu") -> "Codec":
@@ -353,9 +355,17 @@ class Codec(nn.Module):
         return self.decoder.model[0].conv.weight.dtype
 
     @torch.inference_mode()
-    def decode(self, codes: Tensor, pos_offset: int = 0) -> Tensor:
-        """codes [B, 10, T] (int) -> waveform [B, 1, T * frame_length] in (-1, 1), in the codec dtype."""
+    def decode(self, codes: Tensor, pos_offset: int = 0, graphed: bool = False) -> Tensor:
+        """codes [B, 10, T] (int) -> waveform [B, 1, T * frame_length] in (-1, 1), in the codec dtype.
+
+        graphed (CUDA only; ignored elsewhere): replay a CUDA graph of the whole decode for this (B, T), captured
+        on first use (`GraphedDecode`): one launch from the host instead of several hundred; worth it where shapes
+        repeat (fixed-size chunks, `decode_streaming(graphed=True)`)."""
         self._check_codes(codes)
+        if graphed and codes.is_cuda:
+            if self._graphs is None:
+                self._graphs = GraphedDecode(self)
+            return self._graphs(codes, pos_offset)
         return self.decoder(self.quantizer.decode(codes, pos_offset))
 
     @torch.inference_mode()
@@ -368,20 +378,26 @@ class Codec(nn.Module):
         return self.quantizer.encode(self.encoder(wav))
 
     @torch.inference_mode()
-    def decode_streaming(self, codes: Tensor, chunk: int, history: int):
+    def decode_streaming(self, codes: Tensor, chunk: int, history: int, graphed: bool = False):
         """Yield waveform chunks [B, 1, chunk * frame_length] (the last one may be shorter) for codes [B, 10, T].
 
         Each chunk is decoded with up to `history` preceding frames of context at their absolute RoPE positions, so
         the concatenation equals `decode(codes)` (up to float summation order) once history covers the receptive
         field (8 x 127 frames for the release's window-128, 8-layer post-transformer; in practice far less matters).
+        graphed: decode through CUDA graphs (`decode`); the last chunk is then padded to a whole chunk (the codec
+        is causal: padding after a frame does not change its audio), so that at most history / chunk + 1 shapes
+        are ever captured.
         """
         if chunk < 1 or history < 0:
             raise RuntimeModelError(f"decode_streaming: chunk must be >= 1 and history >= 0, got {chunk}, {history}")
-        fl = self.cc.frame_length
-        for start in range(0, codes.shape[-1], chunk):
+        fl, n = self.cc.frame_length, codes.shape[-1]
+        for start in range(0, n, chunk):
             first = max(0, start - history)
-            wav = self.decode(codes[..., first: start + chunk], pos_offset=first)
-            yield wav[..., (start - first) * fl:]
+            window = codes[..., first: start + chunk]
+            if graphed and window.shape[-1] < start + chunk - first:
+                window = F.pad(window, (0, start + chunk - first - window.shape[-1]))
+            wav = self.decode(window, pos_offset=first, graphed=graphed)
+            yield wav[..., (start - first) * fl: (min(start + chunk, n) - first) * fl]
 
     def _check_codes(self, codes: Tensor) -> None:
         if codes.ndim != 3 or codes.shape[1] != self.cc.n_codebooks:
@@ -389,3 +405,47 @@ class Codec(nn.Module):
                 f"codec.decode: codes shape {tuple(codes.shape)}, expected (B, {self.cc.n_codebooks}, T)")
         if codes.dtype.is_floating_point:
             raise RuntimeModelError(f"codec.decode: codes dtype {codes.dtype}, expected an integer dtype")
+
+
+class GraphedDecode:
+    """`Codec.decode` replayed from CUDA graphs, one per codes shape (B, T), each captured on its first call; the
+    `max_graphs` most recently used are kept (each holds its activations: about 0.5 GB at 256 frames, bf16).
+
+    A graph reads its codes and its post-transformer RoPE rows (positions pos_offset..) from static buffers that
+    every call fills first, so one graph serves every pos_offset; its output is copied out before the next call.
+    """
+
+    def __init__(self, codec: Codec, max_graphs: int = 4):
+        self.codec, self.max_graphs = codec, max_graphs
+        self.graphs: dict[tuple, tuple] = {}  # (B, T) -> (graph, codes, freqs, wav), least recently used first
+
+    def __call__(self, codes: Tensor, pos_offset: int) -> Tensor:
+        key = tuple(codes.shape)
+        entry = self.graphs.pop(key, None) or self._capture(codes)
+        self.graphs[key] = entry
+        while len(self.graphs) > self.max_graphs:
+            del self.graphs[next(iter(self.graphs))]
+        graph, codes_in, freqs_in, wav = entry
+        codes_in.copy_(codes)
+        freqs_in.copy_(self._rope(pos_offset, codes.shape[-1], codes.device))
+        graph.replay()
+        return wav.clone()
+
+    def _rope(self, pos_offset: int, t: int, device) -> Tensor:
+        return self.codec.quantizer.post_module.rope_rows(pos_offset, t, device)
+
+    def _run(self, codes: Tensor, freqs: Tensor) -> Tensor:
+        return self.codec.decoder(self.codec.quantizer.decode(codes, 0, freqs))
+
+    def _capture(self, codes: Tensor) -> tuple:
+        codes_in = codes.clone()
+        freqs_in = self._rope(0, codes.shape[-1], codes.device).clone()
+        side = torch.cuda.Stream(codes.device)
+        side.wait_stream(torch.cuda.current_stream(codes.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: cuDNN algorithm choice, kernel compilation
+            self._run(codes_in, freqs_in)
+        torch.cuda.current_stream(codes.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            wav = self._run(codes_in, freqs_in)
+        return graph, codes_in, freqs_in, wav
