@@ -11,12 +11,12 @@ DEVICE = kernel_device()  # before the kernels are imported
 from s2conv.errors import QuantFormatError, RuntimeModelError  # noqa: E402
 from s2conv.runtime import kernels  # noqa: E402
 from s2conv.runtime.kernels import (  # noqa: E402
-    GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed,
+    FLOAT_FORMATS, GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed,
 )
 from s2conv.runtime.kernels import layout, ops  # noqa: E402
 
 
-FORMATS = list(INT_SPECS) + ["fp8", "bf16"]
+FORMATS = list(INT_SPECS) + list(FLOAT_FORMATS)
 # Per output dtype: one rounding step of the output. bf16 keeps 8 significant bits: 2**-8 relative with
 # round-to-nearest (GPU), 2**-7 because triton's CPU interpreter truncates fp32 -> bf16; fp16 keeps 11 bits;
 # fp32 output only differs from the reference by summation order. Elementwise: |y - ref| <= RTOL * |ref| + 1e-5 * max|ref|, where
@@ -31,6 +31,10 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
         return (torch.randn(n, k, generator=gen),)
     if fmt == "fp8":
         return (torch.randn(n, k, generator=gen).to(torch.float8_e4m3fn), torch.rand(n, generator=gen) + 0.5)
+    if fmt == "q8":  # every code of [-127, 127], including both ends (the byte flip must not wrap)
+        codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int16)
+        codes[0, :2] = torch.tensor([-127, 127])
+        return codes, torch.rand(n, generator=gen) * 0.1 + 0.01
     spec = INT_SPECS[fmt]
     if spec.group and k % spec.group:
         pytest.skip(f"{fmt} stores K in whole groups of {spec.group}; K = {k} is not one")
@@ -46,7 +50,7 @@ def reference_weight(fmt: str, args: tuple, k: int) -> torch.Tensor:
     """fp32 [N, K] straight from the repack arguments (independent of the packed layout)."""
     if fmt == "bf16":
         return args[0].to(torch.bfloat16).float()
-    if fmt == "fp8":
+    if fmt in ("fp8", "q8"):
         return args[0].float() * args[1][:, None]
     spec = INT_SPECS[fmt]
     codes = args[0].float()
@@ -129,6 +133,19 @@ def test_slot_planar_bit_positions(bits):
         shift = 8 * (field % 4) + bits * (field // 4)  # 8- and 4-bit: field 1 at bit 8; 2-bit: field 9 at 12
         assert shift == {8: 8, 4: 8, 2: 12}[bits]
         assert ((q[diff[0]] >> shift) & ((1 << bits) - 1)) == off + 1
+
+
+def test_q8_repacks_row_major_and_back():
+    """q8 keeps its int8 codes row-major (the float kernels read it like fp8); -128 has no place in its range."""
+    gen = torch.Generator().manual_seed(4)
+    codes, scales = make_weight("q8", 5, 96, gen)
+    p = REPACK["q8"](codes, scales)
+    assert p["weight"].dtype == torch.int8 and torch.equal(p["weight"].to(torch.int16), codes)
+    assert torch.equal(dequantize_packed("q8", p, 96), reference_weight("q8", (codes, scales), 96))
+    with pytest.raises(QuantFormatError, match=r"outside \[-127, 127\]"):
+        REPACK["q8"](torch.full((2, 32), -128), torch.ones(2))
+    with pytest.raises(QuantFormatError, match="scales"):
+        REPACK["q8"](codes, torch.ones(4))
 
 
 def test_repack_rejects_bad_input():
@@ -244,7 +261,7 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
 
 
 INT_DOT_CASES = [("q4", 4, 1, False), ("q4", 4, 2, True), ("q4", 1, 3, False), ("q3", 1, 2, True),
-                 ("q2", 1, 1, True), ("q8", 1, 2, False), ("q8", 4, 1, True), ("q8_0", 1, 1, False),
+                 ("q2", 1, 1, True), ("q8_0", 1, 1, False),
                  ("q4_0", 4, 3, False), ("q4_k", 1, 2, True), ("q5_0", 1, 2, True),
                  ("q3_k", 1, 2, True), ("tq2_0", 1, 1, False)]
 
@@ -285,7 +302,7 @@ def test_int_dot_gemv(fmt, slices, split, gated):
 
 
 @pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
-                                         ("q4_k", 1, False), ("q8", 1, False), ("q4", 3, True)])
+                                         ("q4_k", 1, False), ("q4", 3, True)])
 def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
     dp2a path, no mins: the kernel multiplies the unrounded x * g and scales by the rsqrt, so it matches the exact
@@ -299,7 +316,7 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
     assert not launcher.fuses_norm(x.to(DEVICE), p)  # opt-in
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")
-    fused = m == 1 and fmt not in ("q4_k", "q8")  # q8: float path; q4_k: mins
+    fused = m == 1 and fmt != "q4_k"  # q4_k: mins
     assert launcher.fuses_norm(x.to(DEVICE), p) == fused
     y = launcher(x.to(DEVICE), p, norm=(g.to(DEVICE), 1e-6)).float().cpu()
     if fused:
@@ -410,7 +427,7 @@ def test_launcher_errors_name_the_problem():
                                     4, 8, 128, False)
     with pytest.raises(RuntimeModelError, match="scales shape must be"):
         torch.ops.s2conv.int_linear(x, p["qweight"], p["scales"][:, :1].contiguous(), None, 4, 8, 128, False)
-    with pytest.raises(RuntimeModelError, match="weight dtype must be float8_e4m3fn or bfloat16"):
+    with pytest.raises(RuntimeModelError, match="weight dtype must be float8_e4m3fn, int8 or bfloat16"):
         KERNELS["bf16"](x, {"weight": torch.zeros(4, 256, device=DEVICE)})
 
 

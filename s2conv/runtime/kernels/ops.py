@@ -340,20 +340,20 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 # ---- float formats (fp8 e4m3 + per-row scale, bf16) ---------------------------------------------------------------
 def _float_key(x, weight, has_scale, gated):
     rows = weight.shape[0]
-    bits = 8 if weight.dtype == torch.float8_e4m3fn else 16
+    bits = 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16
     return ("float", bits, 0, has_scale, gated, rows // 2 if gated else rows, x.shape[1], _m_bucket(x.shape[0]),
             x.dtype)
 
 
 def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
                       config: Optional[Config] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn or bfloat16 [R, K], scales fp32 [R] or
-    None; R = N, or 2N with gated=True; residual as in `int_linear_impl`."""
+    """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn, int8 or bfloat16 [R, K], scales fp32 [R]
+    or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`."""
     op = "s2conv::float_linear"
     dev = weight.device
     _check_x(op, x, dev)
-    if weight.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
-        raise _fail(op, "weight dtype", "float8_e4m3fn or bfloat16", weight.dtype)
+    if weight.dtype not in (torch.float8_e4m3fn, torch.int8, torch.bfloat16):
+        raise _fail(op, "weight dtype", "float8_e4m3fn, int8 or bfloat16", weight.dtype)
     if weight.dim() != 2:
         raise _fail(op, "weight", "2-D [R, K]", tuple(weight.shape))
     rows, k = weight.shape
@@ -368,7 +368,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
-        "float", 8 if weight.dtype == torch.float8_e4m3fn else 16, n, k, m, dev, gated)
+        "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated)
     bk = min(cfg.block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K (small models, tests)
     chunks = triton.cdiv(k, bk)
     per = triton.cdiv(chunks, cfg.split)
@@ -386,7 +386,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         n_tiles = triton.cdiv(n, cfg.block_n)
         cnt = _counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
-        common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1))
+        common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
                outputs=(y,), **common)

@@ -1,4 +1,5 @@
-"""Triton kernels for float weights (fp8 e4m3 with a per-row scale, plain bf16) and the GEMM's split-K reduction.
+"""Triton kernels for row-major weights (fp8 e4m3 or int8 with a per-row scale, plain bf16) and the GEMM's split-K
+reduction.
 
 The weight stays in its natural [N, K] row-major layout; a program reads a [BLOCK_N, BLOCK_K] tile per step.
 """
@@ -12,14 +13,30 @@ from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output
 
 
 @triton.jit
+def _to_float(w, ASM: tl.constexpr):
+    """A weight tile in fp32. int8 with ASM: four codes at a time without the integer-to-float instruction (an
+    H100 converts 16 per SM and clock): the codes' bytes, flipped to offset binary, become the low bytes of four
+    fp16 values 1024 + code + 128 (two byte permutes), and two half2 subtractions of 1152 leave the codes, exact.
+    Other dtypes (and int8 under the interpreter, which runs no PTX): a plain conversion."""
+    if ASM and w.dtype == tl.int8:
+        h = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, c; xor.b32 t, $2, 0x80808080; mov.b32 c, 0x64806480; "
+            "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; "
+            "sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
+            "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+        return h.to(tl.float32)
+    return w.to(tl.float32)
+
+
+@triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
     PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
     pipelines a loop without a dot only when the loop asks for it: `tl.range(.., num_stages=)`), so PIPE - 1 tiles
     are in flight while one is summed, without holding them in registers; PIPE = 1: a plain loop.
-    PDL: waits for the previous kernel's writes first (launch.py)."""
+    PDL: waits for the previous kernel's writes first (launch.py). ASM: `_to_float`."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PDL:
@@ -31,7 +48,7 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
         else:
             w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
             xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
-        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        acc += _to_float(w, ASM) * xv.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
 
@@ -40,8 +57,8 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       stride_xm, stride_wn, stride_om, stride_ps, stride_pm, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
-                      PIPE: tl.constexpr = 1):
-    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE: `_float_rows_gemv`;
+                      PIPE: tl.constexpr = 1, ASM: tl.constexpr = False):
+    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE, ASM: `_float_rows_gemv`;
     HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
     last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""
     if PDL:
@@ -55,7 +72,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     k_end = tl.minimum(k_start + k_per_split, K)
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE)
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE, ASM)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + rows)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
@@ -65,7 +82,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE)
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE, ASM)
         if HAS_SCALE:
             y3 = y3 * tl.load(s_ptr + rows3)
     if PARTIAL:
