@@ -336,8 +336,8 @@ def test_fused_block_step_matches_eager_block(weights):
 def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
     """A slow decode step of a quantized bf16 model with S2CONV_FOLD_NORM=1: with q4 (dp2a GEMV) both RMSNorms of
     every block fold into the next GEMV (no norm launch left in the blocks), with q8 (float GEMV: no folding) the
-    norm kernels stay; either way the hidden state and logits match the eager quantized model's within bf16
-    tolerance."""
+    norms chain through the GEMVs (`test_norms_chain_through_float_gemvs`); either way the hidden state and logits
+    match the eager quantized model's within bf16 tolerance."""
     from s2conv.bench import quantize_model
     from s2conv.runtime.qlinear import QuantLinear
 
@@ -365,9 +365,49 @@ def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
     norms.clear()
     (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
     block_norms = len(norms) - 1  # the model's final norm is one more launch
-    assert block_norms == (0 if fmt == "q4" else 2 * TINY.n_layer)
+    # q8 (float GEMV) chains its norms instead: only the first block's attention norm is a launch
+    assert block_norms == (0 if fmt == "q4" else 1)
     assert float((hf.float() - he.float()).abs().max()) < 2**-5 * float(he.float().abs().max())
     assert float((lf.float() - le.float()).abs().max()) < 2**-5 * float(le.float().abs().max())
+
+
+def test_norms_chain_through_float_gemvs(weights, monkeypatch):
+    """bf16 weights at one row (the float GEMVs): a block's RMSNorms run inside the GEMVs that read their output,
+    from sums of squares the producing GEMVs leave in the block's slots, so the only norm launches of a step are
+    the first block's attention norm and the final norm, per stack. The slots are reset by the kernels that follow
+    their readers (the fast AR's depth-0 `fill_cache` by a reset of its own), and the results match eager bf16."""
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    eager, fast = (DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE) for _ in range(2))
+    assert fused_decode.enable(fast, force=True)
+    norms = []
+    for name in ("rms_norm", "add_rms_norm"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    for m in (eager, fast):
+        m.setup_caches(1, 16)
+        m.prefill(prompt[None])
+    norms.clear()
+    pos = torch.tensor([8], device=DEVICE)
+    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
+    assert len(norms) == 2  # the first block's attention norm and the final norm
+    slots = [t for b in (*fast.layers, *fast.fast_layers) for t in (b._ss_in, b._ss_mid)]
+    assert all(float(t) == 0.0 for t in slots)  # every slot read has been reset
+    rel = float((hf.float() - he.float()).abs().max() / he.float().abs().max())
+    assert rel < 2**-5 and float((lf.float() - le.float()).abs().max()) < 2**-5 * float(le.float().abs().max())
+    x = he[:, None]
+    for m in (eager, fast):  # depth 0 as decoding runs it: the last fast layer only fills its cache
+        assert m.fast_step(x, 0, output=False) is None
+    assert all(float(t) == 0.0 for t in slots)  # fill_cache read the last layer's slot and reset it
+    close_caches = [torch.allclose(a.attention.kv_cache.k_cache.float(), b.attention.kv_cache.k_cache.float(),
+                                   atol=2**-5) for a, b in zip(eager.fast_layers, fast.fast_layers)]
+    assert all(close_caches)
+    for p in range(2):  # then whole steps, as the later depths run them
+        oe, of = eager.fast_step(x, p), fast.fast_step(x, p)
+        assert float((of.float() - oe.float()).abs().max()) < 2**-5 * float(oe.float().abs().max())
+        assert all(float(t) == 0.0 for t in slots)
+        x = eager.fast_embeddings(eager.fast_logits(oe[:, 0]).argmax(-1))[:, None]
+    fused_decode.disable(fast)
+    assert "_ss_in" not in fast.layers[0].__dict__ and "_next_block" not in fast.layers[0].__dict__
 
 
 def test_enable_is_a_no_op_on_a_cpu_model_without_force(weights):

@@ -467,3 +467,32 @@ def test_s2_shape_and_cuda_graph(fmt):
         x.copy_(torch.randn_like(x))
         g.replay()
         assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x.cpu(), ref_w.cpu()))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "q8", "q4", "q2_k"])
+def test_norm_chain_arguments(fmt):
+    """One row: ss_out receives the sum of squares of what the launch stores (residual included, split-K's last
+    program too), zero is reset; float kernels take norm_ss = (ss, g, eps) and then equal fish-speech's RMSNorm
+    (rounded to bf16 twice) followed by the plain GEMV (up to a rounding flip of x from the order of the sum of
+    squares, far below one bf16 step of the output). Several rows are refused."""
+    n, k = 37, 1024
+    gen = torch.Generator().manual_seed(21)
+    p = packed_on_device(fmt, make_weight(fmt, n, k, gen))
+    x = (torch.randn(1, k, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    r = torch.randn(1, n, generator=gen).to(torch.bfloat16).to(DEVICE)
+    ss, zero = torch.zeros(1, device=DEVICE), torch.full((1,), 5.0, device=DEVICE)
+    h = KERNELS[fmt](x, p, residual=r, ss_out=ss, zero=zero)
+    assert torch.equal(h, KERNELS[fmt](x, p, residual=r))
+    assert float(zero) == 0.0
+    assert abs(float(ss) - float(h.float().pow(2).sum())) <= 1e-5 * float(ss)
+    if getattr(KERNELS[fmt], "takes_norm_ss", False):
+        g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE)
+        sx = x.float().pow(2).sum().reshape(1)
+        y = KERNELS[fmt](x, p, norm_ss=(sx, g, 1e-6))
+        from s2conv.runtime.kernels import fused
+        want = KERNELS[fmt](fused.rms_norm(x, g, 1e-6), p).float()
+        assert float((y.float() - want).abs().max()) <= 2**-8 * float(want.abs().max())
+        assert float((KERNELS[fmt](x, p, norm_ss=(2 * sx, g, 1e-6)).float() - want).abs().max()) > 0.1 * float(
+            want.abs().max())  # the statistic is read, not recomputed
+    with pytest.raises(RuntimeModelError, match="rows of x with a norm chain"):
+        KERNELS[fmt](torch.cat([x, x]), p, ss_out=ss)

@@ -66,7 +66,10 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
     attn, cache, k = block.attention, block.attention.kv_cache, block._fused
     gemv = x.shape[0] * x.shape[1] == 1  # one row: float linears take the Triton GEMV
-    qkv = _qkv(block, x, gemv)
+    chain_in = _chained(block, x, gemv)  # the previous block's w2 left the sum of squares of x in _ss_in
+    nxt = block.__dict__.get("_next_block")
+    ss_next = nxt._ss_in if nxt is not None and _chained(nxt, x, gemv) else None  # w2 leaves it for the next
+    qkv = _qkv(block, x, gemv, chain_in)
     qw, kw, eps = _qk_norm_args(attn)
     if x.shape[0] == 1:  # qk-norm, RoPE and cache write inside the attention launch
         y = k.rope_attention(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, span, attn.n_head,
@@ -75,13 +78,21 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
         q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
                                  attn.n_kv_head, eps)
         y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
-    w13 = _w13(block.feed_forward)
-    if isinstance(w13, tuple) and _kernel_runs(block.feed_forward.w1, x) and _launcher_folds(w13[0], x, w13[1]):
+    zero_in = block._ss_in if chain_in else None  # wo runs after wqkv, the slot's reader: wo resets it
+    ff, w13 = block.feed_forward, _w13(block.feed_forward)
+    if _ffn_takes_norm_ss(ff, w13, x, gemv):
+        # the residual add in wo's epilogue, which also sums the squares of h; w1|w3 applies the ffn norm itself
+        h = _linear(attn.wo, y, gemv, residual=x, ss_out=block._ss_mid, zero=zero_in)
+        norm_ss = (block._ss_mid, block.ffn_norm.weight, block.ffn_norm.eps)
+        a = GATED_KERNELS["bf16"](h, {"weight": w13}, norm_ss=norm_ss) if isinstance(w13, Tensor) \
+            else w13[0](h, w13[1], norm_ss=norm_ss)
+        return _linear(ff.w2, a, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid)
+    if isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and _launcher_folds(w13[0], x, w13[1]):
         # the residual add in wo's epilogue, the ffn norm inside the w1|w3 GEMV: no add+norm launch
-        h = _linear(attn.wo, y, gemv, residual=x)
-        return _linear(block.feed_forward.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h)
-    h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv), block.ffn_norm.weight, block.ffn_norm.eps)
-    return _ffn(block.feed_forward, n, k, gemv, residual=h)
+        h = _linear(attn.wo, y, gemv, residual=x, zero=zero_in)
+        return _linear(ff.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h, ss_out=ss_next)
+    h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv, zero=zero_in), block.ffn_norm.weight, block.ffn_norm.eps)
+    return _ffn(ff, n, k, gemv, residual=h, ss_out=ss_next)
 
 
 def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
@@ -91,12 +102,20 @@ def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, inpu
         return TransformerBlock.fill_cache(self, x, freqs_cis, input_pos)
     attn, cache = self.attention, self.attention.kv_cache
     qw, kw, eps = _qk_norm_args(attn)
-    self._fused.qk_norm_rope_cache(_qkv(self, x, x.shape[0] == 1), qw, kw, freqs_cis, cache.k_cache, cache.v_cache,
-                                   input_pos, attn.n_head, attn.n_kv_head, eps)
+    gemv = x.shape[0] == 1
+    chain_in = _chained(self, x, gemv)
+    self._fused.qk_norm_rope_cache(_qkv(self, x, gemv, chain_in), qw, kw, freqs_cis, cache.k_cache,
+                                   cache.v_cache, input_pos, attn.n_head, attn.n_kv_head, eps)
+    if chain_in:  # no wo launch follows to reset the slot
+        self._ss_in.zero_()
 
 
-def _qkv(block: TransformerBlock, x: Tensor, gemv: bool) -> Tensor:
-    """wqkv(attention_norm(x)) [B, 1, width], the norm folded into the GEMV where the kernel can."""
+def _qkv(block: TransformerBlock, x: Tensor, gemv: bool, chain_in: bool = False) -> Tensor:
+    """wqkv(attention_norm(x)) [B, 1, width], the norm folded into the GEMV where the kernel can (chain_in: from
+    the sum of squares the previous block's w2 left in block._ss_in)."""
+    norm = block.attention_norm
+    if chain_in:
+        return _linear(block.attention.wqkv, x, gemv, norm_ss=(block._ss_in, norm.weight, norm.eps))
     if _folds_norm(block.attention.wqkv, x):
         return _linear(block.attention.wqkv, x, gemv, norm=block.attention_norm)
     norm = block.attention_norm
@@ -115,28 +134,76 @@ def is_enabled(module: nn.Module, x: Tensor) -> bool:
     return "_fused" in module.__dict__ and _active(module, x)
 
 
+class _Kernels:
+    """KERNELS / GATED_KERNELS from the kernel package, imported on first use (triton may be missing)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, fmt: str):
+        from s2conv.runtime import kernels
+
+        return getattr(kernels, self.name)[fmt]
+
+
+KERNELS, GATED_KERNELS = _Kernels("KERNELS"), _Kernels("GATED_KERNELS")
+
+
 def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
     return gemv and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
 
 
 def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = None,
-            norm: RMSNorm | None = None) -> Tensor:
+            norm: RMSNorm | None = None, ss_out: Tensor | None = None, zero: Tensor | None = None,
+            norm_ss: tuple | None = None) -> Tensor:
     """module(x), plus residual when given (added in the kernel's epilogue where a kernel runs: one launch fewer);
     norm (only where `_folds_norm(module, x)`): module(norm(x)) with the norm inside the kernel.
+    The one-row norm chain (`kernels.ops.norm_chain_args`): ss_out gets the output's sum of squares, zero is reset,
+    norm_ss (only where `_takes_norm_ss(module, x, gemv)`) = (ss, g, eps): module(rms_norm(x)) with the
+    statistic read from ss. A linear without a kernel does the first two eagerly.
 
     A bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster at S2's
     shapes: bench/RESULTS.md); a QuantLinear with a kernel (CUDA) calls it directly."""
+    chain = {k: v for k, v in (("ss_out", ss_out), ("zero", zero), ("norm_ss", norm_ss)) if v is not None}
     if type(module) is nn.Linear and module.bias is None and _bf16_gemv(module.weight, x, gemv):
-        from s2conv.runtime.kernels import KERNELS
-
-        return KERNELS["bf16"](x, {"weight": module.weight}, residual=residual)
+        return KERNELS["bf16"](x, {"weight": module.weight}, residual=residual, **chain)
     if isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x):
         launcher, packed = module.kernel
         if norm is not None:
-            return launcher(x, packed, residual=residual, norm=_norm_args(norm))
-        return launcher(x, packed, residual=residual)
+            return launcher(x, packed, residual=residual, norm=_norm_args(norm), **chain)
+        return launcher(x, packed, residual=residual, **chain)
+    assert norm_ss is None, "norm_ss is for linears that take it (_takes_norm_ss)"
     y = module(x)
-    return y if residual is None else residual + y
+    y = y if residual is None else residual + y
+    if zero is not None:
+        zero.zero_()
+    if ss_out is not None:
+        ss_out.add_(y.float().pow(2).sum())
+    return y
+
+
+def _takes_norm_ss(module: nn.Module, x: Tensor, gemv: bool) -> bool:
+    """Whether module at this x runs a kernel that applies its input's RMSNorm from a sum of squares handed over
+    by the producer of x (the float GEMVs: bf16, fp8, q8; one row)."""
+    if not gemv:
+        return False
+    if type(module) is nn.Linear:
+        return module.bias is None and _bf16_gemv(module.weight, x, gemv)
+    return (isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x)
+            and getattr(module.kernel[0], "takes_norm_ss", False))
+
+
+def _ffn_takes_norm_ss(ff: nn.Module, w13, x: Tensor, gemv: bool) -> bool:
+    """`_takes_norm_ss` for the joined w1|w3 of a feed-forward (`_w13`)."""
+    if isinstance(w13, Tensor):
+        return _bf16_gemv(w13, x, gemv)
+    return gemv and isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and getattr(w13[0], "takes_norm_ss", False)
+
+
+def _chained(block: TransformerBlock, x: Tensor, gemv: bool) -> bool:
+    """Whether block's input x arrives with its sum of squares in block._ss_in: the block has a predecessor in its
+    stack (whose w2 writes it, deciding by this same test) and its wqkv applies the attention norm from it."""
+    return block.__dict__.get("_prev_block") is not None and _takes_norm_ss(block.attention.wqkv, x, gemv)
 
 
 def _kernel_runs(module: nn.Module, x: Tensor) -> bool:
@@ -159,20 +226,19 @@ def _folds_norm(module: nn.Module, x: Tensor) -> bool:
             and _launcher_folds(module.kernel[0], x, module.kernel[1]))
 
 
-def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None) -> Tensor:
-    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow."""
+def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None,
+         ss_out: Tensor | None = None) -> Tensor:
+    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow (ss_out: `_linear`)."""
     w13 = _w13(ff)
     if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
         if _bf16_gemv(w13, x, gemv):  # silu and mul inside the Triton GEMV
-            from s2conv.runtime.kernels import GATED_KERNELS
-
-            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv, residual)
+            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv, residual, ss_out=ss_out)
         a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
-        return _linear(ff.w2, k.silu_mul(a, b), gemv, residual)
+        return _linear(ff.w2, k.silu_mul(a, b), gemv, residual, ss_out=ss_out)
     if w13 is not None and _kernel_runs(ff.w1, x):  # QuantLinear pair with kernels: silu and mul inside the GEMV
         launcher, packed = w13
-        return _linear(ff.w2, launcher(x, packed), gemv, residual)
-    return _linear(ff.w2, k.silu_mul(ff.w1(x), ff.w3(x)), gemv, residual)
+        return _linear(ff.w2, launcher(x, packed), gemv, residual, ss_out=ss_out)
+    return _linear(ff.w2, k.silu_mul(ff.w1(x), ff.w3(x)), gemv, residual, ss_out=ss_out)
 
 
 # ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------
@@ -240,12 +306,20 @@ def enable(model: nn.Module, force: bool = False) -> bool:
             module.forward = types.MethodType(_block_forward, module)
             module.fill_cache = types.MethodType(_block_fill_cache, module)
             _w13(module.feed_forward)  # join now, outside any CUDA-graph capture
+            # the one-row norm chain's slots: sums of squares of the block's input and of h (`decode_block`)
+            dev = module.attention_norm.weight.device
+            module._ss_in = torch.zeros(1, dtype=torch.float32, device=dev)
+            module._ss_mid = torch.zeros(1, dtype=torch.float32, device=dev)
             n_blocks += 1
         elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
             module.forward = types.MethodType(_norm_forward, module)
         else:
             continue
         module._fused, module._fused_force = kernels, force
+    for stack in model.modules():  # each stack's blocks in order (slow AR, fast AR): who writes whose _ss_in
+        if isinstance(stack, nn.ModuleList) and stack and all(isinstance(b, TransformerBlock) for b in stack):
+            for a, b in zip(stack, stack[1:]):  # plain attributes, not submodules (that would make a cycle)
+                a.__dict__["_next_block"], b.__dict__["_prev_block"] = b, a
     log.info("fused decode enabled on %d transformer blocks", n_blocks)
     return True
 
@@ -257,3 +331,5 @@ def disable(model: nn.Module) -> None:
             del module.forward, module._fused, module._fused_force
             if "fill_cache" in module.__dict__:
                 del module.fill_cache
+            for name in ("_ss_in", "_ss_mid", "_next_block", "_prev_block"):
+                module.__dict__.pop(name, None)

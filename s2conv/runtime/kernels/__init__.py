@@ -6,6 +6,8 @@
     h = GATED_KERNELS["q4"](x, cat_rows(p1, p3))  # silu(x W1^T) * (x W3^T) in one weight pass
     y = KERNELS["q4"](h, packed, norm=(g, eps))  # rms_norm(h) W^T (integer formats; folded in where
                                                  # KERNELS["q4"].fuses_norm(h, packed), else a norm first)
+    h = KERNELS["q4"](x, packed, residual=h, ss_out=ss)  # one row: + the output's sum of squares into ss, so that
+    y = KERNELS["fp8"](h, p8, norm_ss=(ss, g, eps))      # a float kernel takes rms_norm(h) without a norm launch
 
 The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
 triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
@@ -42,14 +44,16 @@ def _int_kernel(fmt: str, gated: bool):
     spec = INT_SPECS[fmt]
 
     def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
-               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               norm: tuple[torch.Tensor, float] | None = None, ss_out: torch.Tensor | None = None,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
         g, eps = norm if norm is not None else (None, 0.0)
         args = (_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
                 spec.group, gated)
         if _eager():
-            y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps)
+            y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps, ss_out=ss_out, zero=zero)
         else:
+            assert ss_out is None and zero is None, "norm chains run eagerly or in CUDA graphs, not compiled"
             y = torch.ops.s2conv.int_linear(*args, r, g, eps)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -58,6 +62,7 @@ def _int_kernel(fmt: str, gated: bool):
         return ops.fuses_norm(_flat(x), spec.bits, spec.offset, spec.group, "mins" in packed, x.shape[-1])
 
     linear.fuses_norm = fuses_norm
+    linear.takes_norm_ss = False
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")
@@ -65,11 +70,19 @@ def _int_kernel(fmt: str, gated: bool):
 
 
 def _float_kernel(fmt: str, gated: bool):
-    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
+               ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+               norm_ss: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
         args = (_flat(x), packed["weight"], packed.get("scales"), gated)
-        y = ops.float_linear_impl(*args, residual=r) if _eager() else torch.ops.s2conv.float_linear(*args, r)
+        if _eager():
+            y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss)
+        else:
+            assert ss_out is None and zero is None and norm_ss is None, "norm chains run eagerly, not compiled"
+            y = torch.ops.s2conv.float_linear(*args, r)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    linear.takes_norm_ss = True  # norm_ss: the RMSNorm of x applied inside, its statistic from a producer
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")

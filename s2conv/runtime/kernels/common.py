@@ -16,25 +16,57 @@ def pdl_start(PDL: tl.constexpr):
 
 
 @triton.jit
-def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr):
+def round_to(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
+    """fp32 x -> dtype with round-to-nearest-even (FIX_BF16: by integer arithmetic, for triton's CPU interpreter,
+    which truncates fp32 -> bf16; on GPUs the hardware conversion already rounds to nearest-even)."""
+    if FIX_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr, ss_ptr=None, SS: tl.constexpr = False):
     """Store fp32 y in the output's dtype. HAS_RES: store residual + y the way eager `h + linear(x)` computes it:
-    y rounded to the output dtype first, the sum in fp32, rounded again (one kernel instead of a GEMV and an add)."""
+    y rounded to the output dtype first, the sum in fp32, rounded again (one kernel instead of a GEMV and an add).
+    SS: also add the sum of squares of the stored values to ss_ptr[0] (fp32, atomically: every program of the
+    row adds its part), the statistic of the RMSNorm that the next GEMV applies to this output (`norm_scale`)."""
     out = y.to(ptrs.dtype.element_ty)
     if HAS_RES:
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + r).to(ptrs.dtype.element_ty)
     tl.store(ptrs, out, mask=mask)
+    if SS:
+        o = tl.where(mask, out.to(tl.float32), 0.0)
+        tl.atomic_add(ss_ptr, tl.sum(o * o, axis=0), sem="relaxed")
+
+
+@triton.jit
+def norm_scale(ss_ptr, K, eps):
+    """rsqrt(mean(x**2) + eps) of a row whose sum of squares a producer's `store_output(.., SS=True)` left in
+    ss_ptr[0]: an RMSNorm's per-row factor without a pass over the row."""
+    return 1.0 / tl.sqrt_rn(tl.load(ss_ptr) / K + eps)
+
+
+@triton.jit
+def zero_once(ptr, ZERO: tl.constexpr):
+    """ptr[0] = 0 from the grid's first program (ZERO): a consumed sum-of-squares slot, reset for the next step."""
+    if ZERO:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            tl.store(ptr, 0.0)
 
 
 @triton.jit
 def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_split, out_ptrs, r_ptrs,
-                 BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+                 BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, ss_ptr=None,
+                 SS: tl.constexpr = False):
     """Split-K finished inside the launch: store this program's fp32 partial sums y [BLOCK] (and y3, gated: w3's,
     at column N + n) to p_row[pid_k * stride_ps + n], then count the arrival in c_ptr (an int32 counter, zero
     before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
     gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for
     the next launch. Launches sharing a counter must therefore not run concurrently. One launch fewer than a
-    separate reduction kernel."""
+    separate reduction kernel. SS: as in `store_output`."""
     tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
     if GATED:
         tl.store(p_row + pid_k * stride_ps + N + offs_n, y3, mask=n_mask)
@@ -49,5 +81,5 @@ def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_spl
                 acc3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
         if GATED:
             acc = acc * tl.sigmoid(acc) * acc3
-        store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES)
+        store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES, ss_ptr, SS)
         tl.store(c_ptr, 0)

@@ -16,23 +16,13 @@ import triton
 import triton.language as tl
 
 from s2conv.errors import RuntimeModelError
-from s2conv.runtime.kernels.common import pdl_start
+from s2conv.runtime.kernels.common import pdl_start, round_to as _round
 from s2conv.runtime.kernels.launch import launch, pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATTN_BLOCK_N = 64  # keys per attention loop step
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
-    """fp32 x -> dtype with round-to-nearest-even (FIX_BF16: by integer arithmetic, for the interpreter)."""
-    if FIX_BF16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 def _fix(dtype: torch.dtype) -> bool:

@@ -237,10 +237,41 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
     return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group, -(-k // BLOCK_K)) > 0
 
 
+def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torch.Tensor],
+                    zero: Optional[torch.Tensor], norm_ss: Optional[tuple] = None) -> dict:
+    """The GEMV launch arguments that chain RMSNorms through one-row GEMVs (no norm launch between them):
+
+    ss_out: fp32 [1], the output's sum of squares is added to it (the next norm's statistic; not with gated);
+    zero: fp32 [1], set to 0 by the launch (the slot its own input norm was read from, free again);
+    norm_ss (float kernels): (ss fp32 [1], g [K], eps): x is rms_norm(x, g, eps) with the sum of squares of x read
+    from ss instead of computed. All three need one row (M = 1)."""
+    chain = {}
+    if ss_out is None and zero is None and norm_ss is None:
+        return chain
+    if x.shape[0] != 1:
+        raise _fail(op, "rows of x with a norm chain", "1", x.shape[0])
+    for name, t in (("ss_out", ss_out), ("zero", zero), ("norm_ss", None if norm_ss is None else norm_ss[0])):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
+            raise _fail(op, name, f"a 1-element float32 tensor on {x.device}", f"{t.dtype} {tuple(t.shape)}")
+    if ss_out is not None:
+        if gated:
+            raise _fail(op, "ss_out", "None for a gated linear", "a tensor")
+        chain.update(ss_out=ss_out, SS=True)
+    if zero is not None:
+        chain.update(zero_ptr=zero, ZERO=True)
+    if norm_ss is not None:
+        ss, g, eps = norm_ss
+        if tuple(g.shape) != (x.shape[1],) or g.device != x.device or not g.is_contiguous():
+            raise _fail(op, "norm weight", f"a contiguous [{x.shape[1]}] tensor on {x.device}", tuple(g.shape))
+        chain.update(ss_in=ss, g_ptr=g, eps=float(eps), NORM=True, FIX=_INTERPRETED and x.dtype == torch.bfloat16)
+    return chain
+
+
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
                     bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None,
                     residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-                    norm_eps: float = 0.0) -> torch.Tensor:
+                    norm_eps: float = 0.0, ss_out: Optional[torch.Tensor] = None,
+                    zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
 
     scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
@@ -250,10 +281,12 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
     norm_weight [K] (with norm_eps): x is first put through fish-speech's RMSNorm with that weight, folded into
     the kernel where `fuses_norm` says so (one launch, x read once), else by `fused.rms_norm` first.
+    ss_out, zero: `norm_chain_args` (one row, no gate).
     """
     op = "s2conv::int_linear"
     dev = qweight.device
     _check_x(op, x, dev)
+    chain = norm_chain_args(op, x, gated, ss_out, zero)
     if norm_weight is not None:
         if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.device != dev or not norm_weight.is_contiguous():
             raise _fail(op, "norm_weight", f"a contiguous [{x.shape[1]}] tensor on {dev}",
@@ -325,8 +358,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
             r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
-            eps=float(norm_eps), NORM=norm_weight is not None, outputs=(y,), **common)
+            eps=float(norm_eps), NORM=norm_weight is not None, outputs=(y,), **chain, **common)
         return y
+    assert not chain, "norm_chain_args allows one row only"
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     launch(int_gemm_kernel, grid, x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
            x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
@@ -346,12 +380,16 @@ def _float_key(x, weight, has_scale, gated):
 
 
 def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
-                      config: Optional[Config] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      config: Optional[Config] = None, residual: Optional[torch.Tensor] = None,
+                      ss_out: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
+                      norm_ss: Optional[tuple] = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn, int8 or bfloat16 [R, K], scales fp32 [R]
-    or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`."""
+    or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`; ss_out, zero, norm_ss:
+    `norm_chain_args`."""
     op = "s2conv::float_linear"
     dev = weight.device
     _check_x(op, x, dev)
+    chain = norm_chain_args(op, x, gated, ss_out, zero, norm_ss)
     if weight.dtype not in (torch.float8_e4m3fn, torch.int8, torch.bfloat16):
         raise _fail(op, "weight dtype", "float8_e4m3fn, int8 or bfloat16", weight.dtype)
     if weight.dim() != 2:
@@ -389,9 +427,10 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
-               outputs=(y,), **common)
+               outputs=(y,), **chain, **common)
         return y
     else:
+        assert not chain, "norm_chain_args allows one row only"
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         launch(float_gemm_kernel, grid, x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0),
                weight.stride(0), out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output
+from s2conv.runtime.kernels.common import finish_split, norm_scale, pdl_start, round_to, store_output, zero_once
 
 
 @triton.jit
@@ -30,13 +30,16 @@ def _to_float(w, ASM: tl.constexpr):
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False,
+                     g_ptr=None, rs=1.0, NORM: tl.constexpr = False, FIX: tl.constexpr = False):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
     PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
     pipelines a loop without a dot only when the loop asks for it: `tl.range(.., num_stages=)`), so PIPE - 1 tiles
     are in flight while one is summed, without holding them in registers; PIPE = 1: a plain loop.
-    PDL: waits for the previous kernel's writes first (launch.py). ASM: `_to_float`."""
+    PDL: waits for the previous kernel's writes first (launch.py). ASM: `_to_float`.
+    NORM: x goes through fish-speech's RMSNorm on the fly, with its two roundings to x's dtype: round(round(x rs) g)
+    (rs: the row's `norm_scale`, g: the norm weight; FIX: round bf16 by hand, for the interpreter)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PDL:
@@ -48,6 +51,10 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
         else:
             w = tl.load(w_rows + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
             xv = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0)
+        if NORM:
+            g = tl.load(g_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+            xn = round_to(xv.to(tl.float32) * rs, xv.dtype, FIX).to(tl.float32)
+            xv = round_to(xn * g, xv.dtype, FIX)
         acc += _to_float(w, ASM) * xv.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
@@ -57,12 +64,18 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       stride_xm, stride_wn, stride_om, stride_ps, stride_pm, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
-                      PIPE: tl.constexpr = 1, ASM: tl.constexpr = False):
+                      PIPE: tl.constexpr = 1, ASM: tl.constexpr = False, ss_in=None, g_ptr=None, eps=0.0,
+                      NORM: tl.constexpr = False, FIX: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False,
+                      zero_ptr=None, ZERO: tl.constexpr = False):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE, ASM: `_float_rows_gemv`;
     HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
-    last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)])."""
+    last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)]).
+    One row (M = 1) can chain RMSNorms through the GEMVs: NORM takes rms_norm(x) with weight g_ptr (eps) for x, the
+    row's sum of squares read from ss_in; SS adds the output's sum of squares to ss_out (`store_output`); ZERO sets
+    zero_ptr[0] = 0 (the slot this launch's input norm was read from, once every reader has finished)."""
     if PDL:
         gdc_launch_dependents()
+    zero_once(zero_ptr, ZERO)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -72,7 +85,9 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     k_end = tl.minimum(k_start + k_per_split, K)
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE, ASM)
+    rs = norm_scale(ss_in, K, eps) if NORM else 1.0
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE, ASM, g_ptr, rs, NORM,
+                         FIX)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + rows)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
@@ -82,16 +97,18 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE, ASM)
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE, ASM, g_ptr,
+                              rs, NORM, FIX)
         if HAS_SCALE:
             y3 = y3 * tl.load(s_ptr + rows3)
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
-                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, BLOCK_N, GATED, HAS_RES)
+                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, BLOCK_N, GATED, HAS_RES,
+                     ss_out, SS)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
-        store_output(out_ptrs, y, n_mask, r_ptrs, HAS_RES)
+        store_output(out_ptrs, y, n_mask, r_ptrs, HAS_RES, ss_out, SS)
 
 
 @triton.jit

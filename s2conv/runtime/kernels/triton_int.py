@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output
+from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output, zero_once
 
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
@@ -461,7 +461,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                     HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                     PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
                     SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
-                    NORM: tl.constexpr = False):
+                    NORM: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False, zero_ptr=None,
+                    ZERO: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
@@ -476,8 +477,10 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     part[pid_k, m, :] (gated: both halves side by side, [.., 2N]), then counts itself in cnt[m, pid_n] (int32,
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
     counter back to 0 for the next launch. Launches sharing cnt must therefore not run concurrently.
+    SS, ZERO: as in `triton_float.float_gemv_kernel` (the output's sum of squares for the next GEMV's norm).
     """
     pdl_start(PDL)
+    zero_once(zero_ptr, ZERO)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -520,11 +523,11 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_row + offs_n, r_row + offs_n, _R,
-                     GATED, HAS_RES)
+                     GATED, HAS_RES, ss_out, SS)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
-        store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES)
+        store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES, ss_out, SS)
 
 
 @triton.jit
