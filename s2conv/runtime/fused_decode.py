@@ -7,8 +7,12 @@ Per transformer block and decode step this leaves: norm, wqkv, attention with th
 the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
 GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
 add in its epilogue; a block's `fill_cache` (a position whose output nobody reads) runs norm, wqkv and the
-qk-norm/RoPE/cache kernel only. With S2CONV_FOLD_NORM=1, integer formats at one row fold both norms into the next GEMV
-(`_folds_norm`): the residual add then moves into wo's epilogue, and a block is 5-6 launches. Prefill (S > 1)
+qk-norm/RoPE/cache kernel only. At one row with float GEMVs (bf16, fp8, q8) the norms chain instead: wo and w2
+add up the sum of squares of what they store in a slot of the block that reads it (`_ss_mid`, the next block's
+`_ss_in`), wqkv and w1|w3 apply the RMSNorm from it, and the launch after each reader resets the slot; a block is
+then 5-6 launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1, integer
+formats at one row fold both norms into the next GEMV (`_folds_norm`): the residual add then moves into wo's
+epilogue, and a block is 5-6 launches. Prefill (S > 1)
 and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
 weight format keeps working. `batch.py` runs its decode steps of left-padded
 rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
