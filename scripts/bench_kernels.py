@@ -50,6 +50,9 @@ def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     if fmt == "fp8":
         return ((torch.randn(n, k, device=dev, generator=gen) * 8).to(torch.float8_e4m3fn),
                 torch.rand(n, device=dev, generator=gen) * 0.01)
+    if fmt == "q8":  # row-major int8 codes with a scale per row (the float kernels)
+        return (torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8),
+                torch.rand(n, device=dev, generator=gen) * 0.01)
     spec = INT_SPECS[fmt]
     codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), device=dev, generator=gen, dtype=torch.int8)
     shape = (n, k // spec.group) if spec.group else (n,)

@@ -82,7 +82,7 @@ def float_configs(n: int) -> list[Config]:
 
 
 def probe_float(fmt: str, name: str, n: int, k: int, gated: bool, x: torch.Tensor, pdls: list[str]) -> None:
-    """bf16 or fp8 (per-row scales) at one shape: cuBLAS bf16, the default config, the sweep's best three."""
+    """bf16, fp8 or q8 (per-row scales) at one shape: cuBLAS bf16, the default config, the sweep's best three."""
     rows = 2 * n if gated else n
     bf16 = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 0.02
             for _ in range(max(2, int(ROTATE // (rows * k * 2))))]
@@ -90,9 +90,12 @@ def probe_float(fmt: str, name: str, n: int, k: int, gated: bool, x: torch.Tenso
     if fmt == "fp8":
         ws = [(w.to(torch.float8_e4m3fn), torch.rand(rows, device="cuda") * 0.01)
               for w in bf16[:max(2, int(ROTATE // (rows * k)))]]
+    elif fmt == "q8":  # int8 codes, row-major like fp8
+        ws = [(torch.randint(-127, 128, (rows, k), dtype=torch.int8, device="cuda"),
+               torch.rand(rows, device="cuda") * 0.01) for _ in range(max(2, int(ROTATE // (rows * k))))]
     else:
         ws = [(w, None) for w in bf16]
-    nbytes = rows * k * (1 if fmt == "fp8" else 2)
+    nbytes = rows * k * (1 if fmt in ("fp8", "q8") else 2)
     it = itertools.cycle(ws)
 
     def call(cfg):
@@ -126,7 +129,7 @@ def main() -> None:
         print(f"\n== {fmt}")
         for name, n, k, gated in SHAPES:
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            if fmt in ("bf16", "fp8"):
+            if fmt in ("bf16", "fp8", "q8"):
                 probe_float(fmt, name, n, k, gated, x, pdls)
                 continue
             spec = INT_SPECS[fmt]
