@@ -10,13 +10,13 @@ weights; each variant checked against the reference.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
+from probe_variants import copies, device, per_layer, run_cases, split_outputs
 from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed, ops
 from s2conv.runtime.kernels.common import finish_split, store_output
 from s2conv.runtime.kernels.triton_int import _bytes, _dp2, _load_slices, _x_absmax, _x_field, _xint
@@ -97,22 +97,12 @@ def kq_gemv_kernel(x_ptr, w_ptr, sc_ptr, m_ptr, d_ptr, dm_ptr, out_ptr, part_ptr
         store_output(out_ptr + offs_n, y, n_mask, out_ptr + offs_n, False)
 
 
-_COUNTERS: dict = {}
-
-
 def kq_linear(x, packed, kq, bits, split):
     sc, m, d, dm = kq
     q = packed["qweight"]
     n, k = sc.shape[0], x.shape[1]
     n_blocks = q.shape[1] // (16 * bits)
-    per = -(-n_blocks // split)
-    split = -(-n_blocks // per)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    key = (n, split)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
-    cnt = _COUNTERS[key] if split > 1 else y
+    per, split, y, part, cnt = split_outputs(n, n_blocks, split, x.dtype, x.device)
     # |sum of 4 windows' sc * dot| <= 4 * 63 * 2 * (2**bits - 1) * XMAX must stay in int32
     kq_gemv_kernel[(-(-n // 16), split)](x, q, sc, m, d, dm, y, part, cnt, n, k, n_blocks, per, split, 16 * q.shape[1],
                                          sc.stride(0), d.stride(0), part.stride(0), BITS=bits, XMAX=32767,
@@ -125,12 +115,7 @@ def main() -> int:
     ap.add_argument("--formats", default="q4_k,q5_k")
     ap.add_argument("--small", action="store_true", help="small shapes (the interpreter's correctness check)")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda":
-        print("device:", torch.cuda.get_device_name())
-    shapes = {"a": (48, 1024, 1), "b": (32, 1536, 2)} if args.small else {
-        "wqkv": (6144, 2560, 1), "wo": (2560, 4096, 4), "w1|w3": (19456, 2560, 1), "w2": (2560, 9728, 4)}
-    from s2conv.bench import output_error
+    dev, shapes = device(args.small)
     g = torch.Generator(device=dev).manual_seed(0)
     failed = False
     for fmt in args.formats.split(","):
@@ -142,34 +127,22 @@ def main() -> int:
             m = torch.randint(0, 64, (n, k // 32), generator=g, device=dev).to(torch.uint8)
             d = (torch.rand((n, k // 256), generator=g, device=dev) * 1e-3).half().float()
             dm = (torch.rand((n, k // 256), generator=g, device=dev) * 1e-3).half().float()
-            scales = d.repeat_interleave(8, 1) * sc.float()
-            mins = dm.repeat_interleave(8, 1) * m.float()
-            p = REPACK[fmt](codes, scales, mins)
-            w = dequantize_packed(fmt, p, k)
+            p = REPACK[fmt](codes, d.repeat_interleave(8, 1) * sc.float(), dm.repeat_interleave(8, 1) * m.float())
             x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
-            ref = x.float() @ w.T
+            ref = x.float() @ dequantize_packed(fmt, p, k).T
             kq = (sc, m, d, dm)
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
             kbytes = p["qweight"].numel() * 4 + sum(t.numel() * t.element_size() for t in kq)
-            reps = max(2, int(120e6 // wbytes) + 1)
-            packs = [({kk: t.clone() for kk, t in p.items()}, tuple(t.clone() for t in kq)) for _ in range(reps)]
+            packs = copies(wbytes, lambda: ({kk: t.clone() for kk, t in p.items()}, tuple(t.clone() for t in kq)))
             cases = {"landed": lambda pk: ops.int_linear_impl(x, pk[0]["qweight"], pk[0]["scales"], pk[0]["mins"],
                                                               spec.bits, spec.offset, spec.group, False)}
             for sp in sorted({split, 2 * split}):
                 cases[f"kq k{sp}"] = lambda pk, sp=sp: kq_linear(x, pk[0], pk[1], spec.bits, sp)
-            line = []
-            for cname, call in cases.items():
-                err, max_rel, ok = output_error(call((p, kq)), ref)
-                failed |= not ok
-                us = 0.0
-                if dev == "cuda":
-                    it = itertools.count()
-                    us = ops.graph_time_ms(lambda: call(packs[next(it) % reps]), calls=2 * reps, reps=10) * 1e3
-                totals[cname] = totals.get(cname, 0.0) + us
-                line.append(f"{cname} {us:.1f}" + ("" if ok else f" WRONG({err:.1e},{max_rel:.1e})"))
-            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB (integer scales: {kbytes / 1e6:5.1f}) | "
-                  + " | ".join(line), flush=True)
-        print(f"{fmt:4s} per layer: " + ", ".join(f"{v} {t:.1f}" for v, t in totals.items()), flush=True)
+            line, ok = run_cases(cases, (p, kq), packs, ref, dev, totals)
+            failed |= not ok
+            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB (integer scales: {kbytes / 1e6:5.1f}) | {line}",
+                  flush=True)
+        per_layer(fmt, totals)
     return 1 if failed else 0
 
 

@@ -8,7 +8,6 @@ layer shapes, M = 1, graph-timed with rotating weights; each variant checked aga
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 import torch
@@ -16,7 +15,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from s2conv.runtime.kernels import INT_SPECS, ops
+from probe_variants import copies, device, per_layer, run_cases, split_outputs
+from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed, ops
 from s2conv.runtime.kernels.common import finish_split, store_output
 from s2conv.runtime.kernels.triton_int import (_bytes, _dp2, _load_scales, _window, _window_sum, _x_absmax,
                                                 _x_field, _xint)
@@ -136,11 +136,7 @@ def tma_linear(x, p, fmt, slices, stages, split, desc=None):
     nt = spec.bits
     if desc is None:
         desc = TensorDescriptor.from_tensor(q.view(-1, 16, slices, 16 // slices), [nt, 16, 1, 16 // slices])
-    per = -(-n_blocks // split)
-    split = -(-n_blocks // per)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    cnt = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device) if split > 1 else y
+    per, split, y, part, cnt = split_outputs(n, n_blocks, split, x.dtype, x.device)
     xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, per)
     tma_gemv_kernel[(-(-n // 16), split)](x, desc, s, y, part, cnt, n, k, n_blocks, per, split, s.stride(0),
                                           part.stride(0), BITS=spec.bits, OFF=spec.offset, GROUP=spec.group,
@@ -155,14 +151,9 @@ def main() -> int:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--small", action="store_true", help="small shapes (the interpreter's correctness check)")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev, shapes = device(args.small)
     if dev == "cuda":
-        print("device:", torch.cuda.get_device_name())
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    shapes = {"a": (48, 1024, 1), "b": (32, 1536, 2)} if args.small else {
-        "wqkv": (6144, 2560, 1), "wo": (2560, 4096, 4), "w1|w3": (19456, 2560, 1), "w2": (2560, 9728, 4)}
-    from s2conv.runtime.kernels import REPACK, dequantize_packed
-    from s2conv.bench import output_error
     g = torch.Generator(device=dev).manual_seed(0)
     failed = False
     for fmt in args.formats.split(","):
@@ -173,34 +164,21 @@ def main() -> int:
                                   device=dev)
             scales = torch.rand((n, k // spec.group), generator=g, device=dev) * 0.01 + 0.001
             p = REPACK[fmt](codes, scales)
-            w = dequantize_packed(fmt, p, k)
             x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
-            ref = x.float() @ w.T
+            ref = x.float() @ dequantize_packed(fmt, p, k).T
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
-            packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(max(2, int(120e6 // wbytes) + 1))]
-            line = []
-            slice_opts = (1, 4) if spec.bits == 4 else (1,)
+            packs = copies(wbytes, lambda: {kk: t.clone() for kk, t in p.items()})
             cases = {"landed": lambda q: ops.int_linear_impl(x, q["qweight"], q["scales"], None, spec.bits,
                                                              spec.offset, spec.group, False)}
-            for sl in slice_opts:
+            for sl in ((1, 4) if spec.bits == 4 else (1,)):
                 for st in map(int, args.stages.split(",")):
                     for sp in sorted({split, 2 * split, max(1, split // 2)}):
                         cases[f"tma s{sl} st{st} k{sp}"] = (
                             lambda q, sl=sl, st=st, sp=sp: tma_linear(x, q, fmt, sl, st, sp))
-            for cname, call in cases.items():
-                err, max_rel, ok = output_error(call(p), ref)
-                failed |= not ok
-                if dev == "cuda":
-                    it = itertools.count()
-                    us = ops.graph_time_ms(lambda: call(packs[next(it) % len(packs)]), calls=2 * len(packs),
-                                           reps=10) * 1e3
-                else:
-                    us = 0.0
-                totals[cname] = totals.get(cname, 0.0) + us
-                line.append(f"{cname} {us:.1f}" + ("" if ok else f" WRONG({err:.1e},{max_rel:.1e})"))
-            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB | " + " | ".join(line), flush=True)
-        print(f"{fmt:4s} per layer: " + ", ".join(f"{v} {t:.1f}" for v, t in sorted(totals.items(), key=lambda a: a[1])),
-              flush=True)
+            line, ok = run_cases(cases, p, packs, ref, dev, totals)
+            failed |= not ok
+            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB | {line}", flush=True)
+        per_layer(fmt, dict(sorted(totals.items(), key=lambda a: a[1])))
     return 1 if failed else 0
 
 

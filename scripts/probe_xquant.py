@@ -8,14 +8,14 @@ S2's layer shapes, M = 1, graph-timed with rotating weights; each variant checke
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from s2conv.runtime.kernels import INT_SPECS, ops
+from probe_variants import copies, device, per_layer, run_cases, split_outputs
+from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed, ops
 from s2conv.runtime.kernels.common import finish_split, store_output
 from s2conv.runtime.kernels.triton_int import _bytes, _dp2, _load_slices, _window
 
@@ -128,23 +128,13 @@ def xq_gemv_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cn
         store_output(out_ptr + offs_n, y, n_mask, out_ptr + offs_n, False)
 
 
-_COUNTERS: dict = {}
-
-
 def xq_linear(xqt, p, fmt, slices, split, dtype):
     spec = INT_SPECS[fmt]
     xq, xs, xsum = xqt
     q, s = p["qweight"], p["scales"]
     n = s.shape[0]
     n_blocks = q.shape[1] // (16 * spec.bits)
-    per = -(-n_blocks // split)
-    split = -(-n_blocks // per)
-    y = torch.empty(1, n, dtype=dtype, device=q.device)
-    part = torch.empty(split, n, dtype=torch.float32, device=q.device) if split > 1 else y
-    key = (n, split)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(-(-n // 16), dtype=torch.int32, device=q.device)
-    cnt = _COUNTERS[key] if split > 1 else y
+    per, split, y, part, cnt = split_outputs(n, n_blocks, split, dtype, q.device)
     xq_gemv_kernel[(-(-n // 16), split)](xq, xs, xsum, q, s, y, part, cnt, n, n_blocks, per, split, 16 * q.shape[1],
                                          s.stride(0), part.stride(0), BITS=spec.bits, OFF=spec.offset,
                                          GROUP=spec.group, SLICES=slices, PARTIAL=split > 1,
@@ -157,13 +147,7 @@ def main() -> int:
     ap.add_argument("--formats", default="q4,q2")
     ap.add_argument("--small", action="store_true", help="small shapes (the interpreter's correctness check)")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda":
-        print("device:", torch.cuda.get_device_name())
-    shapes = {"a": (48, 1024, 1), "b": (32, 1536, 2)} if args.small else {
-        "wqkv": (6144, 2560, 1), "wo": (2560, 4096, 4), "w1|w3": (19456, 2560, 1), "w2": (2560, 9728, 4)}
-    from s2conv.bench import output_error
-    from s2conv.runtime.kernels import REPACK, dequantize_packed
+    dev, shapes = device(args.small)
     g = torch.Generator(device=dev).manual_seed(0)
     failed = False
     for fmt in args.formats.split(","):
@@ -177,30 +161,20 @@ def main() -> int:
                                   device=dev)
             scales = torch.rand((n, k // spec.group), generator=g, device=dev) * 0.01 + 0.001
             p = REPACK[fmt](codes, scales)
-            w = dequantize_packed(fmt, p, k)
             x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
             xqt = quantize_x(x[0], xmax)
-            ref = x.float() @ w.T
+            ref = x.float() @ dequantize_packed(fmt, p, k).T
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
-            packs = [{kk: t.clone() for kk, t in p.items()} for _ in range(max(2, int(120e6 // wbytes) + 1))]
+            packs = copies(wbytes, lambda: {kk: t.clone() for kk, t in p.items()})
             cases = {"landed": lambda q: ops.int_linear_impl(x, q["qweight"], q["scales"], None, spec.bits,
                                                              spec.offset, spec.group, False)}
             for sl in ((1, 4) if spec.bits == 4 else (1,)):
                 for sp in sorted({split, 2 * split}):
                     cases[f"xq s{sl} k{sp}"] = lambda q, sl=sl, sp=sp: xq_linear(xqt, q, fmt, sl, sp, x.dtype)
-            line = []
-            for cname, call in cases.items():
-                err, max_rel, ok = output_error(call(p), ref)
-                failed |= not ok
-                us = 0.0
-                if dev == "cuda":
-                    it = itertools.count()
-                    us = ops.graph_time_ms(lambda: call(packs[next(it) % len(packs)]), calls=2 * len(packs),
-                                           reps=10) * 1e3
-                totals[cname] = totals.get(cname, 0.0) + us
-                line.append(f"{cname} {us:.1f}" + ("" if ok else f" WRONG({err:.1e},{max_rel:.1e})"))
-            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB | " + " | ".join(line), flush=True)
-        print(f"{fmt:4s} xmax {xmax} per layer: " + ", ".join(f"{v} {t:.1f}" for v, t in totals.items()), flush=True)
+            line, ok = run_cases(cases, p, packs, ref, dev, totals)
+            failed |= not ok
+            print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB | {line}", flush=True)
+        per_layer(f"{fmt:4s} xmax {xmax}", totals)
     return 1 if failed else 0
 
 

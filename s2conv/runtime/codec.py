@@ -72,8 +72,9 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and _snake_kernel() is not None:
-            return _snake_kernel()(x, self.alpha)  # one pass instead of five (kernels/codec_ops.py)
+        snake = _snake_kernel() if x.is_cuda else None
+        if snake is not None:
+            return snake(x, self.alpha)  # one pass instead of five (kernels/codec_ops.py)
         return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
 

@@ -87,10 +87,8 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     if _ffn_takes_norm_ss(ff, w13, x, gemv):
         # the residual add in wo's epilogue, which also sums the squares of h; w1|w3 applies the ffn norm itself
         h = _linear(attn.wo, y, gemv, residual=x, ss_out=block._ss_mid, zero=zero_in)
-        norm_ss = (block._ss_mid, block.ffn_norm.weight, block.ffn_norm.eps)
-        a = GATED_KERNELS["bf16"](h, {"weight": w13}, norm_ss=norm_ss) if isinstance(w13, Tensor) \
-            else w13[0](h, w13[1], norm_ss=norm_ss)
-        return _linear(ff.w2, a, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid)
+        return _ffn(ff, h, k, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid,
+                    norm_ss=(block._ss_mid, block.ffn_norm.weight, block.ffn_norm.eps))
     if isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and _launcher_folds(w13[0], x, w13[1]):
         # the residual add in wo's epilogue, the ffn norm inside the w1|w3 GEMV: no add+norm launch
         h = _linear(attn.wo, y, gemv, residual=x, zero=zero_in)
@@ -121,8 +119,7 @@ def _qkv(block: TransformerBlock, x: Tensor, gemv: bool, chain_in: bool = False)
     if chain_in:
         return _linear(block.attention.wqkv, x, gemv, norm_ss=(block._ss_in, norm.weight, norm.eps))
     if _folds_norm(block.attention.wqkv, x):
-        return _linear(block.attention.wqkv, x, gemv, norm=block.attention_norm)
-    norm = block.attention_norm
+        return _linear(block.attention.wqkv, x, gemv, norm=norm)
     return _linear(block.attention.wqkv, block._fused.rms_norm(x, norm.weight, norm.eps), gemv)
 
 
@@ -136,21 +133,6 @@ def _qk_norm_args(attn: nn.Module) -> tuple[Tensor | None, Tensor | None, float]
 def is_enabled(module: nn.Module, x: Tensor) -> bool:
     """Whether `enable` swapped this module (a TransformerBlock or a final RMSNorm) and its kernels apply to x."""
     return "_fused" in module.__dict__ and _active(module, x)
-
-
-class _Kernels:
-    """KERNELS / GATED_KERNELS from the kernel package, imported on first use (triton may be missing)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __getitem__(self, fmt: str):
-        from s2conv.runtime import kernels
-
-        return getattr(kernels, self.name)[fmt]
-
-
-KERNELS, GATED_KERNELS = _Kernels("KERNELS"), _Kernels("GATED_KERNELS")
 
 
 def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
@@ -170,6 +152,8 @@ def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = 
     shapes: bench/RESULTS.md); a QuantLinear with a kernel (CUDA) calls it directly."""
     chain = {k: v for k, v in (("ss_out", ss_out), ("zero", zero), ("norm_ss", norm_ss)) if v is not None}
     if type(module) is nn.Linear and module.bias is None and _bf16_gemv(module.weight, x, gemv):
+        from s2conv.runtime.kernels import KERNELS
+
         return KERNELS["bf16"](x, {"weight": module.weight}, residual=residual, **chain)
     if isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x):
         launcher, packed = module.kernel
@@ -231,18 +215,26 @@ def _folds_norm(module: nn.Module, x: Tensor) -> bool:
 
 
 def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None,
-         ss_out: Tensor | None = None) -> Tensor:
-    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow (ss_out: `_linear`)."""
+         ss_out: Tensor | None = None, zero: Tensor | None = None, norm_ss: tuple | None = None) -> Tensor:
+    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow. norm_ss (only where
+    `_ffn_takes_norm_ss`): w1|w3 applies x's RMSNorm itself; ss_out and zero go to w2 (`_linear`)."""
     w13 = _w13(ff)
-    if isinstance(w13, Tensor):  # float nn.Linear pair: one GEMV on [w1; w3]
-        if _bf16_gemv(w13, x, gemv):  # silu and mul inside the Triton GEMV
-            return _linear(ff.w2, GATED_KERNELS["bf16"](x, {"weight": w13}), gemv, residual, ss_out=ss_out)
-        a, b = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
-        return _linear(ff.w2, k.silu_mul(a, b), gemv, residual, ss_out=ss_out)
-    if w13 is not None and _kernel_runs(ff.w1, x):  # QuantLinear pair with kernels: silu and mul inside the GEMV
+    norm = {} if norm_ss is None else {"norm_ss": norm_ss}
+    if isinstance(w13, Tensor) and _bf16_gemv(w13, x, gemv):  # float pair: one GEMV on [w1; w3], silu*mul inside
+        from s2conv.runtime.kernels import GATED_KERNELS
+
+        a = GATED_KERNELS["bf16"](x, {"weight": w13}, **norm)
+    elif isinstance(w13, tuple) and _kernel_runs(ff.w1, x):  # QuantLinear pair with kernels: silu*mul inside
         launcher, packed = w13
-        return _linear(ff.w2, launcher(x, packed), gemv, residual, ss_out=ss_out)
-    return _linear(ff.w2, k.silu_mul(ff.w1(x), ff.w3(x)), gemv, residual, ss_out=ss_out)
+        a = launcher(x, packed, **norm)
+    else:
+        assert norm_ss is None, "norm_ss is for w1|w3 kernels that take it (_ffn_takes_norm_ss)"
+        if isinstance(w13, Tensor):
+            h1, h3 = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
+            a = k.silu_mul(h1, h3)
+        else:
+            a = k.silu_mul(ff.w1(x), ff.w3(x))
+    return _linear(ff.w2, a, gemv, residual, ss_out=ss_out, zero=zero)
 
 
 # ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------
