@@ -67,7 +67,7 @@ def int_configs(fmt: str, n_blocks: int) -> list[Config]:
     (`ops.int_dot_xmax`), else split-K and warps on the float-x path."""
     spec = INT_SPECS[fmt]
     splits = sorted({1, 2, 3, 4, 5, 8, n_blocks} & set(range(1, n_blocks + 1)))
-    if ops.int_dot_xmax(spec.bits, spec.offset, spec.group, n_blocks):
+    if ops.int_dot_xmax(spec.bits, spec.offset, spec.group):
         return [Config(16, sp, w, 1, int_dot=True, slices=sl)
                 for w, sp, sl in itertools.product((2, 4, 8), splits, (1, 4))]
     return [Config(16, sp, w, 1) for w, sp in itertools.product((2, 4, 8), splits)]

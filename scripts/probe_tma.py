@@ -137,7 +137,7 @@ def tma_linear(x, p, fmt, slices, stages, split, desc=None):
     if desc is None:
         desc = TensorDescriptor.from_tensor(q.view(-1, 16, slices, 16 // slices), [nt, 16, 1, 16 // slices])
     per, split, y, part, cnt = split_outputs(n, n_blocks, split, x.dtype, x.device)
-    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, per)
+    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group)
     tma_gemv_kernel[(-(-n // 16), split)](x, desc, s, y, part, cnt, n, k, n_blocks, per, split, s.stride(0),
                                           part.stride(0), BITS=spec.bits, OFF=spec.offset, GROUP=spec.group,
                                           XMAX=xmax, SLICES=slices, STAGES=stages, PARTIAL=split > 1,

@@ -91,7 +91,7 @@ def main() -> None:
         spec = INT_SPECS[fmt]
         bpp = 1 if spec.has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
         warps = args.warps
-        xmax = int_dot_xmax(spec.bits, spec.offset, spec.group, args.blocks) if args.int_dot else 0
+        xmax = int_dot_xmax(spec.bits, spec.offset, spec.group) if args.int_dot else 0
         if xmax:
             bpp = 1  # the dp2a loop steps one block at a time
             cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group,

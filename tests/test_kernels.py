@@ -73,7 +73,7 @@ def int_dot_error(fmt: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | 
     spec = INT_SPECS.get(fmt)
     if spec is None or x.shape[0] != 1 or x.dtype == torch.float32:
         return 0.0
-    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, 1)
+    xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group)
     if xmax == 0:  # no dp2a form for this format: the float path, exact to fp32 rounding
         return 0.0
     return 0.5 * x.float().abs().max() / xmax * w.abs().sum(dim=1)[None, :]
@@ -360,25 +360,20 @@ def test_int_dot_gemv_extreme_activation_scales(scale):
 
 def test_int_dot_xmax_respects_the_integer_ranges():
     """XMAX keeps every integer the dp2a path forms exact: a window's sum of (code - offset) * xi below 2**22 (the
-    float bias trick), a per-row format's running int32 sum over a program's blocks below 2**31."""
+    float bias trick)."""
     for spec in INT_SPECS.values():
         fields = 16 if spec.bits == 3 else 32 // spec.bits
         dev = max(spec.offset, 2**spec.bits - 1 - spec.offset)
-        for blocks in (1, 5, 19, 100, 10**4):
-            xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group, blocks)
-            assert xmax == 0 or 4095 <= xmax <= 32767
-            if spec.group:
-                windows, per_window = ops.scale_windows(spec.bits, spec.group)
-                if per_window < 2 or windows > 4:  # 16-code groups: no dp2a form, the float path
-                    assert xmax == 0
-                    continue
-                span = dev * min(spec.group // 16, fields)
-                assert xmax * span < 2**22
-                assert xmax == 32767 or (2 * xmax + 1) * span >= 2**22  # the finest x the bound allows
-            elif xmax:
-                assert xmax * dev * fields * blocks < 2**31
-    assert ops.int_dot_xmax(8, 128, 0, 19) == 32767  # q8 at S2's largest K (9728)
-    assert ops.int_dot_xmax(8, 128, 0, 10**4) == 0  # K beyond 2.5M codes: the float path
+        xmax = ops.int_dot_xmax(spec.bits, spec.offset, spec.group)
+        assert xmax == 0 or 4095 <= xmax <= 32767
+        windows, per_window = ops.scale_windows(spec.bits, spec.group)
+        if per_window < 2 or windows > 4:  # 16-code groups: no dp2a form, the float path
+            assert xmax == 0
+            continue
+        span = dev * min(spec.group // 16, fields)
+        assert xmax * span < 2**22
+        assert xmax == 32767 or (2 * xmax + 1) * span >= 2**22  # the finest x the bound allows
+    assert ops.int_dot_xmax(8, 128, 32) == 16383  # q8_0: a 16-code window of bytes up to 128
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "fp8", "bf16"])  # per-row, grouped, with mins, float

@@ -30,7 +30,7 @@ from s2conv.errors import QuantFormatError
 # instructions per code). One row group's block is a single contiguous 64 b * 16-byte piece.
 # qweight is int32 [N_pad, W] (N_pad = ROWS * ceil(N / ROWS)) in that storage order: its dim-0 index is a storage
 # row, not a weight row, except that the first ROWS * g storage rows hold exactly the first ROWS * g weight rows.
-# Scales and mins keep the weight's own rows: [N] or [N, groups].
+# Scales and mins keep the weight's own rows: [N, groups].
 BLOCK_K = 512
 WORDS = 16  # int32 words per sub-tile and row: 64 contiguous bytes
 SLOTS = BLOCK_K // WORDS
@@ -42,7 +42,8 @@ class IntSpec:
     """An integer kernel format: w = scale[n, k // group] * (code - ...) (- min[n, k // group] when asymmetric).
 
     code_min/code_max: the accepted signed code range (asymmetric formats: 0..2**bits-1);
-    offset: added to a code to store it unsigned; group: codes per scale along K, 0 = one scale per row.
+    offset: added to a code to store it unsigned; group: codes per scale along K (per-row formats read their
+    codes row-major, as the float formats: `FLOAT_FORMATS`).
     """
 
     bits: int
@@ -108,7 +109,7 @@ def _check_codes(fmt: str, codes: torch.Tensor, spec: IntSpec) -> None:
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise QuantFormatError(f"repack_{fmt}: codes must be an integer tensor, got {codes.dtype}")
     k = codes.shape[1]
-    if k == 0 or (spec.group and k % spec.group):
+    if k == 0 or k % spec.group:
         raise QuantFormatError(f"repack_{fmt}: K={k} is not a positive multiple of the group size {spec.group}")
     if codes.numel():
         lo, hi = int(codes.min()), int(codes.max())
@@ -187,10 +188,10 @@ def _pad_groups(s: torch.Tensor, n_groups: int) -> torch.Tensor:
 def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> dict:
     """Pack one integer format for the kernels.
 
-    codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N] (per-row formats)
-    or [N, K // group]; mins: float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...).
+    codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N, K // group]; mins:
+    float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...).
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above),
-    "scales": float32 [N] or [N, padded_k(K) // group]}
+    "scales": float32 [N, padded_k(K) // group]}
     (+ "mins", same shape as scales). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
     3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
     """
@@ -200,14 +201,8 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     _check_codes(fmt, codes, spec)
     n, k = codes.shape
     kp = padded_k(k)
-    if spec.group:
-        _check_scales(fmt, "scales", scales, (n, k // spec.group))
-        out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset), "scales": _pad_groups(scales, kp // spec.group)}
-    else:
-        flat = scales.reshape(-1) if scales.dim() == 2 and scales.shape[1] == 1 else scales
-        _check_scales(fmt, "scales", flat, (n,))
-        out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset),
-               "scales": scales.reshape(n).to(torch.float32).contiguous()}
+    _check_scales(fmt, "scales", scales, (n, k // spec.group))
+    out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset), "scales": _pad_groups(scales, kp // spec.group)}
     if spec.has_min:
         if mins is None:
             raise QuantFormatError(f"repack_{fmt}: this asymmetric format needs mins [N, K // {spec.group}]")
@@ -305,8 +300,6 @@ def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch
     if spec is None:
         raise QuantFormatError(f"no kernel format {fmt!r}; known: {', '.join(REPACK)}")
     codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, packed["scales"].shape[0]).to(torch.float32)
-    if not spec.group:
-        return (codes * packed["scales"][:, None]).to(dtype)
     s = packed["scales"].repeat_interleave(spec.group, dim=1)[:, :k]
     w = codes * s
     if spec.has_min:

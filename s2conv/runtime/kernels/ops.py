@@ -25,7 +25,7 @@ from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
 log = logging.getLogger(__name__)
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_GROUPS = (0, 16, 32, 64, 128, 256, 512)
+_GROUPS = (16, 32, 64, 128, 256, 512)
 GEMV_MAX_M = 1  # M above this takes the tensor-core GEMM kernels
 # triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): multiply in fp32 there
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -84,12 +84,11 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
             split = 4 if small or (gated and bits == 3) else 1
-            # the dp2a path except for per-row 8-bit and 4-bit codes with mins (q8, q4_k: no faster there;
-            # bench/RESULTS.md, fifth session; 8-bit codes with mins, q5_k: 93 -> 69 us per layer, seventh);
+            # the dp2a path except for 4-bit codes with mins (q4_k: no faster there; bench/RESULTS.md, fifth
+            # session; 8-bit codes with mins, q5_k: 93 -> 69 us per layer, seventh);
             # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
             # S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
-            int_dot = (not (bits == 8 and group == 0) and not (has_min and bits < 8)
-                       and os.environ.get("S2CONV_INT_DOT", "1") != "0")
+            int_dot = not (has_min and bits < 8) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
             # folding the RMSNorm in measured no faster on an H100 (the saved norm launches cost as much again in
             # the GEMV's extra loads: bench/RESULTS.md, fifth session): opt-in, S2CONV_FOLD_NORM=1
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
@@ -116,30 +115,27 @@ def scale_windows(bits: int, group: int) -> tuple[int, int]:
     """(windows per word, fields per window) of the integer GEMV: the fields of a word (one per 16-code slot)
     that share one scale group of every column (as `_int_rows_gemv` computes them)."""
     fields = 16 if bits == 3 else 32 // bits
-    slots = group // WORDS if group else fields  # slots per scale group
+    slots = group // WORDS  # slots per scale group
     n = fields // slots if slots < fields else 1
     return n, fields // n
 
 
-def int_dot_xmax(bits: int, offset: int, group: int, blocks_per_program: int) -> int:
+def int_dot_xmax(bits: int, offset: int, group: int) -> int:
     """The integer range [-XMAX, XMAX] the dp2a GEMV scales x to, 0 where it cannot run exactly.
 
-    A grouped format converts each window's integer sum (min(group / 16, fields per word) codes of one word) through
-    a float with integers exact below 2**22; a per-row format keeps int32 running sums over all of a program's
-    blocks. XMAX is the largest 2**b - 1 (b <= 15, the int16 halves of dp2a) under those bounds, at least 2**12 - 1:
-    x keeps >= 12 bits against its largest element, an error far below bf16 rounding of the output.
+    Each window's integer sum (min(group / 16, fields per word) codes of one word) is converted through a float
+    with integers exact below 2**22. XMAX is the largest 2**b - 1 (b <= 15, the int16 halves of dp2a) under that
+    bound, at least 2**12 - 1: x keeps >= 12 bits against its largest element, an error far below bf16 rounding
+    of the output.
     0 also where the dp2a kernel has no form for the scale windows: it pairs fields (two per dp2a) inside a window
     and keeps up to 4 windows' scales in registers (16-code groups: one field per window).
     """
     windows, per_window = scale_windows(bits, group)
-    if group and (per_window < 2 or windows > 4):
+    if per_window < 2 or windows > 4:
         return 0
     fields = 16 if bits == 3 else 32 // bits
     dev = max(offset, (1 << bits) - 1 - offset)  # largest |code|
-    if group:
-        bound = (2**22 - 1) // (min(group // 16, fields) * dev)
-    else:
-        bound = (2**31 - 1) // (max(blocks_per_program, 1) * fields * dev)
+    bound = (2**22 - 1) // (min(group // 16, fields) * dev)
     b = min(15, (bound + 1).bit_length() - 1)
     return 2**b - 1 if b >= 12 else 0
 
@@ -234,7 +230,7 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
         return False
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
-    return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group, -(-k // BLOCK_K)) > 0
+    return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group) > 0
 
 
 def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torch.Tensor],
@@ -274,7 +270,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     zero: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
 
-    scales fp32 [R] (group 0) or [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
+    scales fp32 [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
     [padded_rows(R), n_blocks * 16 * bits]. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
     qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
@@ -311,12 +307,10 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     n = rows // 2 if gated else rows
     n_pad = padded_rows(n)
     _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * n_pad, words), dev)
-    sshape = (rows,) if group == 0 else (rows, n_blocks * BLOCK_K // group)
+    sshape = (rows, n_blocks * BLOCK_K // group)
     _check_tensor(op, "scales", scales, torch.float32, sshape, dev)
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
-        if group == 0:
-            raise _fail(op, "group", "> 0 for a format with mins", group)
     _check_residual(op, residual, x, n, gated)
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:
         # the GEMM reads w1|w3 as one weight of 2N rows (the stacked layouts are one layout when N fills whole row
@@ -346,7 +340,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         p_arg = part if part is not None else y
         # fp32 x keeps the float path: its outputs equal the reference to fp32 rounding, the dp2a path's to x's
         # 16-bit integer rounding (far below a bf16/fp16 output's)
-        xmax = int_dot_xmax(bits, offset, group, per) if cfg.int_dot and x.dtype != torch.float32 else 0
+        xmax = int_dot_xmax(bits, offset, group) if cfg.int_dot and x.dtype != torch.float32 else 0
         if xmax:
             common.update(num_warps=cfg.num_warps if cfg.slices == 4 else max(cfg.num_warps, 4))
         # the last-arriving program of a split finishes the row tile, residual included

@@ -80,7 +80,7 @@ def _window(v: tl.constexpr, a0, a1, a2, a3):
 def _load_block(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr, NT: tl.constexpr,
                 BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
     """Block b's weight tile [NT, 16, 16] (and 3-bit high-bit tile, else the same tile again) and its window
-    scales [NT, 1, 16] (zeros for per-row formats); everything masked off when b >= b_end."""
+    scales [NT, 1, 16]; everything masked off when b >= b_end."""
     return _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS, GROUP, NT, _R, BSTEP, GPB, GPW, NWIN)
 
 
@@ -125,10 +125,10 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     WPB: tl.constexpr = 16 * BITS  # words per block and row
     TW: tl.constexpr = 32 if BITS == 3 else WPB  # tile width (words per row)
     SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # fields per word
-    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else SPW  # slots per scale group
+    SPG: tl.constexpr = GROUP // _W  # slots per scale group
     NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1  # scale windows per block
     WL: tl.constexpr = SPW // NWIN  # fields per window
-    GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1  # groups per block
+    GPB: tl.constexpr = _BLOCK_K // GROUP  # groups per block
     GPW: tl.constexpr = WL // SPG if WL >= SPG else 0  # groups from one window to the next
     NT: tl.constexpr = TW // _W  # sub-tiles in the tile
     BSTEP: tl.constexpr = WPB * _R  # int32 words from one block of the group to the next
@@ -171,7 +171,7 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
             kb = b * _BLOCK_K
             x_live = (tl.full([NT, _W], b, tl.int32) < b_end) & (kb + t1[:, None] * (SPW * _W) + w1[None, :] < K)
             for v in tl.static_range(NWIN):
-                acc_g = acc if GROUP == 0 else tl.zeros([NT, _W, _R], tl.float32)  # per-row scale: at the end
+                acc_g = tl.zeros([NT, _W, _R], tl.float32)
                 for i in tl.static_range(v * WL, v * WL + WL):  # compile-time field index (no assignment:
                     # triton 3.6 turns an assigned int into a runtime value)
                     if EVEN_K:
@@ -188,9 +188,7 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                     else:
                         xq = _xq(xv, 8 * (i % 4) + BITS * (i // 4), BITS, 1.0)
                         acc_g += _field(wt, wt_hi, magic, 8 * (i % 4) + BITS * (i // 4), BITS, OFF) * xq[:, :, None]
-                if GROUP == 0:
-                    acc = acc_g
-                elif NWIN > 4:  # one scale per 16-code slot and a field per window: no registers to prefetch
+                if NWIN > 4:  # one scale per 16-code slot and a field per window: no registers to prefetch
                     # them all, so each window loads its own (L1 holds a block's scale rows after the first)
                     s_live = tl.full([NT, 1, _R], b, tl.int32) < b_end
                     acc += acc_g * tl.load(s_tile + b * GPB + v * GPW, mask=s_live, other=0.0)
@@ -199,8 +197,6 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
             if BPP == 1:
                 wt, ht, s0, s1, s2, s3 = wn, hn, n0, n1, n2, n3
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if GROUP == 0:
-        out = out * tl.load(s_rows)
     if HAS_MIN:
         out = out - _min_correction(x_row, m_rows, K, b_start, b_end, GROUP, EVEN_K)
     return out
@@ -293,7 +289,7 @@ def _x_norm_stats(x_row, g_ptr, K, EVEN_K: tl.constexpr):
 def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.constexpr, NT: tl.constexpr,
                 RS: tl.constexpr, BSTEP: tl.constexpr, GPB: tl.constexpr, GPW: tl.constexpr, NWIN: tl.constexpr):
     """Block b's tiles for a slice of RS of the group's 16 rows: weight words [NT, 16, RS] (and the 3-bit high-bit
-    tile, else the same tile again), window scales [NT, 1, RS] (zeros for per-row formats); everything masked off
+    tile, else the same tile again), window scales [NT, 1, RS]; everything masked off
     when b >= b_end."""
     live = tl.full([NT, _W, RS], b, tl.int32) < b_end  # tile-shaped masks (scalar ones are not portable)
     live_s = tl.full([NT, 1, RS], b, tl.int32) < b_end
@@ -305,7 +301,7 @@ def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.
     s1 = s0
     s2 = s0
     s3 = s0
-    if GROUP > 0 and NWIN <= 4:  # more windows (16-code groups of 2-4-bit codes): loaded in the loop
+    if NWIN <= 4:  # more windows (16-code groups of 2-4-bit codes): loaded in the loop
         s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
     return wt, ht, s0, s1, s2, s3
 
@@ -336,13 +332,10 @@ def _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b, b_end, BITS: tl
 
 
 @triton.jit
-def _window_sum(a, corr, acc, s, GROUP: tl.constexpr):
-    """Add one window's integer dot a (+ corr, its offset correction) to the running sum acc: grouped formats
-    scale it (converted exactly through the 0x4B400000 bias that corr carries), per-row formats keep integers."""
-    if GROUP == 0:
-        return acc + (a + corr)
-    else:
-        return acc + ((a + corr).to(tl.float32, bitcast=True) - 12582912.0) * s
+def _window_sum(a, corr, acc, s):
+    """Add one window's integer dot a (+ corr, its offset correction) to the running sum acc, scaled by the
+    window's scale s (converted exactly through the 0x4B400000 bias that corr carries)."""
+    return acc + ((a + corr).to(tl.float32, bitcast=True) - 12582912.0) * s
 
 
 @triton.jit
@@ -357,24 +350,23 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     16-byte word vector of every slice (SLICES = 4) shares each x conversion among 16 rows instead of 4. Per word,
     (w >> bits * e) & byte_mask gives 4 consecutive fields as bytes and two dp2a multiply them with two pairs of
     x integers. Integer sums per window (the scale group's fields of a word) are exact; the code offset comes off
-    as -OFF * sum(xi) per window; grouped formats convert each window's sum with the 2**23 + 2**22 bias trick (no
+    as -OFF * sum(xi) per window; each window's sum converts to float with the 2**23 + 2**22 bias trick (no
     integer-to-float instruction), so |sum| < 2**22 bounds xi (ops.py picks XMAX).
     """
     WPB: tl.constexpr = 16 * BITS
     TW: tl.constexpr = 32 if BITS == 3 else WPB
     SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
-    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else SPW
+    SPG: tl.constexpr = GROUP // _W
     NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1
     WL: tl.constexpr = SPW // NWIN
-    GPB: tl.constexpr = _BLOCK_K // GROUP if GROUP > 0 else 1
+    GPB: tl.constexpr = _BLOCK_K // GROUP
     GPW: tl.constexpr = WL // SPG if WL >= SPG else 0
     NT: tl.constexpr = TW // _W
     BSTEP: tl.constexpr = WPB * _R
     RS: tl.constexpr = _R // SLICES
     # 0x4B400000 = the bits of 2**23 + 2**22, a float that holds 2**23 + 2**22 + i exactly for |i| < 2**22: the bias
-    # of a grouped window's sum, and the -OFF * (count * bias) that a sum of `_xint` values carries, wrapped to int32
-    CORR0: tl.constexpr = ((0x4B400000 * (1 + OFF * WL) if GROUP > 0 else 0x4B400000 * OFF * WL) + 2**31) % 2**32 \
-        - 2**31
+    # of a window's sum, and the -OFF * (count * bias) that a sum of `_xint` values carries, wrapped to int32
+    CORR0: tl.constexpr = (0x4B400000 * (1 + OFF * WL) + 2**31) % 2**32 - 2**31
     t1 = tl.arange(0, NT)
     w1 = tl.arange(0, _W)
     tt = t1[:, None, None]
@@ -388,10 +380,7 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr
         h_shift = tt * 4 + ww * 0 + rr * 0
-    if GROUP == 0:
-        a0 = tl.zeros([NT, _W, RS], tl.int32)
-    else:
-        a0 = tl.zeros([NT, _W, RS], tl.float32)
+    a0 = tl.zeros([NT, _W, RS], tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
@@ -432,25 +421,22 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
                     d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
                     d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
             corr = (qsum * (-OFF) + CORR0)[:, :, None]
-            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
+            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03))
             if SLICES == 4:
-                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
-                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
-                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
+                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13))
+                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23))
+                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33))
         w0, h0, s00, s01, s02, s03 = nw0, nh0, n00, n01, n02, n03
         w1_, h1, s10, s11, s12, s13 = nw1, nh1, n10, n11, n12, n13
         w2, h2, s20, s21, s22, s23 = nw2, nh2, n20, n21, n22, n23
         w3, h3, s30, s31, s32, s33 = nw3, nh3, n30, n31, n32, n33
-    y0 = tl.sum(tl.sum(a0.to(tl.float32), axis=1), axis=0)
+    y0 = tl.sum(tl.sum(a0, axis=1), axis=0)
     if SLICES == 4:
-        y1 = tl.sum(tl.sum(a1.to(tl.float32), axis=1), axis=0)
-        y2 = tl.sum(tl.sum(a2.to(tl.float32), axis=1), axis=0)
-        y3 = tl.sum(tl.sum(a3.to(tl.float32), axis=1), axis=0)
+        y1 = tl.sum(tl.sum(a1, axis=1), axis=0)
+        y2 = tl.sum(tl.sum(a2, axis=1), axis=0)
+        y3 = tl.sum(tl.sum(a3, axis=1), axis=0)
         # rows 4 s + j of slice s: [j, q, p] -> [p, q, j] is slice 2 p + q
         y0 = tl.reshape(tl.permute(tl.join(tl.join(y0, y1), tl.join(y2, y3)), (2, 1, 0)), (_R,))
-    if GROUP == 0:
-        rows = tl.minimum(row0 + tl.arange(0, _R), N - 1)
-        y0 = y0 * tl.load(s_row0 + rows * stride_sn)
     return y0
 
 
@@ -551,7 +537,7 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
     """
     offs_w = tl.arange(0, _W)
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16
-    SPG: tl.constexpr = GROUP // _W if GROUP > 0 else 1
+    SPG: tl.constexpr = GROUP // _W
     NW: tl.constexpr = BITS if BITS != 3 else 2  # words of codes per row and block (3-bit: + one of high bits)
     WPG: tl.constexpr = SPG // SPW if SPG > SPW else 1  # words per scale group (> 1: 256-code groups, 8-bit codes)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -583,9 +569,7 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                     part = tl.dot(wv, xv.to(tl.float32), input_precision="ieee")
                 else:
                     part = tl.dot(wv.to(xv.dtype), xv)
-                if GROUP == 0:
-                    acc += part
-                elif WPG == 1:  # groups inside a word: where each starts and ends is known at compile time
+                if WPG == 1:  # groups inside a word: where each starts and ends is known at compile time
                     if tl.constexpr(i) % SPG == 0:
                         acc_g = part
                         if HAS_MIN:
@@ -609,8 +593,6 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                     if i == SPW - 1:
                         if tg == WPG - 1:
                             acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG)[:, None]
-    if GROUP == 0:
-        acc = acc * tl.load(s_rows)[:, None]
     return acc
 
 
