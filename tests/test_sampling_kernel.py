@@ -81,12 +81,12 @@ def test_kernel_race_matches_the_eager_draw_for_the_same_noise(select):
     assert len(set(got.tolist())) > 1  # really random draws, not the argmax every time
 
 
-@pytest.mark.parametrize("ties", [5, 200], ids=["threshold_ranking", "round_by_round"])
+@pytest.mark.parametrize("ties", [5, 100, 200], ids=["threshold_ranking", "all_slots", "round_by_round"])
 def test_in_kernel_selection_ranks_ties_by_lowest_column(ties):
     """S2's semantic row width (4097 logits): the tied highest logits take the candidate ranks in column order,
-    both where the kernel ranks the logits above its threshold at once (few ties) and where more than its 128
-    slots tie and it falls back to one maximum per round (200 ties). Row j's noise vanishes at rank j, so row j
-    draws the candidate of rank j (top_p 1 keeps all 30)."""
+    where the kernel ranks the logits above its threshold at once, in its first 64 slots (few ties) or in all
+    128 (100 ties), and where more than its 128 slots tie and it falls back to one maximum per round (200 ties).
+    Row j's noise vanishes at rank j, so row j draws the candidate of rank j (top_p 1 keeps all 30)."""
     gen = torch.Generator().manual_seed(ties)
     v, k = 4097, 30
     row = torch.rand(v, generator=gen) * 4 - 8

@@ -28,6 +28,7 @@ MAX_DRAWS = 4  # (temperature, top_p) pairs per launch
 SELECT_MAX_K = 64  # in-kernel candidate selection: at most this many rounds ...
 SELECT_MAX_V = 8192  # ... over a row held in registers
 _CAP = 128  # logits at or above the selection threshold that the kernel ranks at once
+_WARPS: int | None = None  # warps per launch (None: 8 for rows over 1024 logits, else 4; scripts/probe_sampling.py)
 
 
 @triton.jit
@@ -93,8 +94,18 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
         top = tl.max(row, axis=0)
         norm = tl.sum(tl.exp(row - top), axis=0)
         slots = (b * tl.num_programs(1) + d) * CAP
-        v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
-                                          GROUPS, CAP)
+        # half the slots first: ranking costs CAP**2 comparisons, and S2's rows (4096 codes, 64 groups) have about
+        # 45 logits at the threshold (iid logits: 4096 * (1 - 2**(-1/64))), over 64 at 3 standard deviations;
+        # an H200 drew in 7.0 us with 64 slots against 9.2 us with 128 (scripts/probe_sampling.py)
+        if CAP // 2 >= BLOCK_K:
+            v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
+                                              GROUPS, CAP // 2)
+            if not ok:
+                v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V,
+                                                  BLOCK_K, GROUPS, CAP)
+        else:
+            v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
+                                              GROUPS, CAP)
         if not ok:
             v = tl.full([BLOCK_K], float("-inf"), tl.float32)
             idx = tl.zeros([BLOCK_K], tl.int64)
@@ -182,6 +193,7 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
         _topk_sample_kernel, (bsz, len(draws)),
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
         noise.stride(1), noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
-        FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, num_warps=8 if max(block_k, block_v) > 1024 else 4,
+        FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap,
+        num_warps=_WARPS or (8 if max(block_k, block_v) > 1024 else 4),
         outputs=(out,))
     return out
