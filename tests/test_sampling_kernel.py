@@ -12,7 +12,7 @@ DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.runtime.kernels.sampling import topk_sample  # noqa: E402
-from s2conv.runtime.sampling import SamplingParams, _round_to, logits_to_probs, sample_many  # noqa: E402
+from s2conv.runtime.sampling import SamplingParams, _round_to, draw_noise, logits_to_probs, sample_many  # noqa: E402
 
 
 def distinct_logits(b: int, v: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -140,3 +140,29 @@ def test_kernel_rejects_mismatched_noise():
     with pytest.raises(RuntimeModelError, match="top_k must be 1..64"):
         topk_sample(torch.randn(2, 100, device=DEVICE), None, None, torch.ones(1, 2, 65, device=DEVICE), [(1.0, 1.0)],
                     top_k=65)
+
+
+def test_sample_many_takes_noise_drawn_ahead():
+    """A frame draws its noise once (`draw_noise`) and hands each draw its slice: the tokens are the kernel's for
+    that noise (row j's noise vanishes at candidate j, so row j draws rank j), wider noise is cut to top_k, and
+    noise of the wrong shape is refused."""
+    logits = distinct_logits(1, 300, torch.float32, torch.Generator().manual_seed(7)).expand(12, 300).contiguous()
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=12)
+    noise = torch.ones(2, 12, 16)
+    noise[0, :, :12] = noise[0, :, :12].fill_diagonal_(1e-30)
+    noise[1, :, :12] = noise[1, :, :12].fill_diagonal_(1e-30)
+    normal, high = sample_many(logits.to(DEVICE), [params, params], None, True, noise.to(DEVICE))
+    ranked = torch.topk(logits[0], 12).indices
+    assert torch.equal(normal.cpu(), ranked) and torch.equal(high.cpu(), ranked)
+    with pytest.raises(RuntimeModelError, match="noise must be \\[2, 12, >= 12\\]"):
+        sample_many(logits.to(DEVICE), [params, params], None, True, noise[:1].to(DEVICE))
+
+
+def test_draw_noise_only_where_the_fused_kernel_samples():
+    """On the CPU (no fused sampling by default) and for greedy settings a frame draws no noise ahead: the eager
+    sampler keeps drawing its own."""
+    assert draw_noise(SamplingParams(), 1, 11, torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        assert draw_noise(SamplingParams(temperature=0), 1, 11, torch.device("cuda")) is None
+        noise = draw_noise(SamplingParams(top_k=30), 2, 11, torch.device("cuda"), torch.Generator("cuda"))
+        assert noise.shape == (11, 2, 30) and noise.dtype == torch.float32 and bool((noise > 0).all())

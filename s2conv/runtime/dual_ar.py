@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.layers import KVCache, RMSNorm, TransformerBlock, causal_mask
 from s2conv.runtime.rope import precompute_freqs_cis
-from s2conv.runtime.sampling import SamplingParams, ras_select, sample, sample_many
+from s2conv.runtime.sampling import SamplingParams, draw_noise, ras_select, sample, sample_many
 from s2conv.schema import S2Config
 
 
@@ -184,12 +184,14 @@ class DualARTransformer(nn.Module):
         return self.fast_output(self.fast_norm(x))
 
     def sample_main(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
-                    previous: Tensor | None) -> Tensor:
-        """Main token ids [B] from semantic logits, with RAS against previous main tokens [B, W] (None: no RAS)."""
+                    previous: Tensor | None, noise: Tensor | None = None) -> Tensor:
+        """Main token ids [B] from semantic logits, with RAS against previous main tokens [B, W] (None: no RAS).
+        noise: [2, B, top_k] Exp(1) draws for the fused sampler (`sampling.draw_noise`), or None."""
         if previous is None or params.greedy or params.ras_window == 0:
-            return self.semantic_index_to_token(sample(logits, params, generator))
+            return self.semantic_index_to_token(sample(logits, params, generator,
+                                                       noise=None if noise is None else noise[:1]))
         token, high = (self.semantic_index_to_token(t) for t in sample_many(logits, [params, params.high()],
-                                                                              generator))
+                                                                              generator, noise=noise))
         cfg = self.cfg
         repeatable = (token >= cfg.semantic_begin_id) & (token <= cfg.semantic_end_id)
         return ras_select(token, high, previous, repeatable)
@@ -198,13 +200,16 @@ class DualARTransformer(nn.Module):
                      generator: torch.Generator | None = None, previous: Tensor | None = None) -> Tensor:
         """Sample one frame column [B, 1 + num_codebooks] = [main token, c0, ..., c_{N-1}] (spec 3.6)."""
         cfg = self.cfg
-        main = self.sample_main(logits, params, generator, previous)
+        # the frame's randomness in one launch: 2 main-token draws (RAS), then one per fast-AR depth 1 .. N - 1
+        noise = draw_noise(params, hidden.shape[0], cfg.num_codebooks + 1, hidden.device, generator)
+        main = self.sample_main(logits, params, generator, previous, None if noise is None else noise[:2])
         self.fast_step(hidden[:, None], 0, output=False)  # fills the fast KV caches at position 0 (no logits)
         code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
         column = [main, code]
         for pos in range(1, cfg.num_codebooks):
             x = self.fast_step(self.fast_embeddings(code)[:, None], pos)
-            code = sample(self.fast_logits(x[:, 0]), params, generator)
+            code = sample(self.fast_logits(x[:, 0]), params, generator,
+                          noise=None if noise is None else noise[pos + 1: pos + 2])
             column.append(code)
         return torch.stack(column, dim=1)
 

@@ -89,24 +89,45 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           fused: bool | None = None) -> Tensor:
-    """One token per row of logits [..., V] -> [...] int64; greedy settings take the argmax and use no randomness."""
-    return sample_many(logits, [params], generator, fused)[0]
+           fused: bool | None = None, noise: Tensor | None = None) -> Tensor:
+    """One token per row of logits [..., V] -> [...] int64; greedy settings take the argmax and use no randomness.
+    noise: as in `sample_many`."""
+    return sample_many(logits, [params], generator, fused, noise)[0]
+
+
+def _uses_kernel(device: torch.device, settings: list[SamplingParams], fused: bool | None):
+    """The fused sampling module where `sample_many` takes it for these settings, else None."""
+    if fused is None:  # S2CONV_FUSED_SAMPLING=0: the eager filter on CUDA too (benchmark baseline)
+        fused = device.type == "cuda" and os.environ.get("S2CONV_FUSED_SAMPLING", "1") != "0"
+    kernel = _fused_kernel() if fused else None
+    if kernel is None or any(p.greedy for p in settings) or len({p.top_k for p in settings}) > 1 \
+            or len(settings) > kernel.MAX_DRAWS:
+        return None
+    return kernel
+
+
+def draw_noise(params: SamplingParams, rows: int, draws: int, device: torch.device,
+               generator: torch.Generator | None = None) -> Tensor | None:
+    """Exp(1) noise [draws, rows, top_k] for `draws` fused draws of rows with `params`, in one launch (a decode
+    frame draws 11 times: one launch instead of 11); None where `sample_many` would not take the fused kernel
+    (greedy, CPU, no triton), which then draws its own randomness."""
+    if _uses_kernel(device, [params], None) is None:
+        return None
+    noise = torch.empty(draws, rows, params.top_k, dtype=torch.float32, device=device)
+    return noise.exponential_(generator=generator)
 
 
 def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch.Generator | None = None,
-                fused: bool | None = None) -> list[Tensor]:
+                fused: bool | None = None, noise: Tensor | None = None) -> list[Tensor]:
     """One token per row of logits [..., V] for each of `settings` (RAS: the normal and the high draw).
 
     fused (default: on CUDA when triton is installed): one noise draw and one Triton kernel for all draws
     (`kernels/sampling.py`; torch.topk first for top_k > 64) instead of about 18 launches per draw. Noise is drawn
     only for the top_k candidates, so a seed gives other tokens than the eager path, from the same distribution.
-    Otherwise each draw runs `logits_to_probs` and `sample_from_probs` in turn."""
-    if fused is None:  # S2CONV_FUSED_SAMPLING=0: the eager filter on CUDA too (benchmark baseline)
-        fused = logits.is_cuda and os.environ.get("S2CONV_FUSED_SAMPLING", "1") != "0"
-    kernel = _fused_kernel() if fused else None
-    if kernel is None or any(p.greedy for p in settings) or len({p.top_k for p in settings}) > 1 \
-            or len(settings) > kernel.MAX_DRAWS:
+    noise (optional, fused path only): those Exp(1) draws, [len(settings), rows, >= top_k] fp32 (`draw_noise`),
+    instead of drawing them here. Otherwise each draw runs `logits_to_probs` and `sample_from_probs` in turn."""
+    kernel = _uses_kernel(logits.device, settings, fused)
+    if kernel is None:
         return [torch.argmax(logits, dim=-1) if p.greedy else
                 sample_from_probs(logits_to_probs(logits, p.temperature, p.top_p, p.top_k), generator)
                 for p in settings]
@@ -116,8 +137,14 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
     vals = idx = None
     if not kernel.select_in_kernel(rows.shape[-1], k):
         vals, idx = torch.topk(rows, k, dim=-1)
-    noise = torch.empty(len(settings), rows.shape[0], k, dtype=torch.float32, device=rows.device)
-    noise.exponential_(generator=generator)
+    if noise is None:
+        noise = torch.empty(len(settings), rows.shape[0], k, dtype=torch.float32, device=rows.device)
+        noise.exponential_(generator=generator)
+    elif noise.shape[:2] != (len(settings), rows.shape[0]) or noise.shape[2] < k:
+        raise RuntimeModelError(f"sampling noise must be [{len(settings)}, {rows.shape[0]}, >= {k}], "
+                                f"got {tuple(noise.shape)}")
+    else:
+        noise = noise[:, :, :k]
     draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
     tokens = kernel.topk_sample(rows, vals, idx, noise, draws, top_k)
     return [t.reshape(logits.shape[:-1]) for t in tokens]
