@@ -15,7 +15,9 @@ the wait), whole frames got slower with it (q4 5.38 -> 6.05 ms, fp8 5.49 -> 7.00
 their best configs got a little faster. On an H100 (fourth session in bench/RESULTS.md) other placements (waiting
 first, then letting the next kernel launch; waiting only; either with an L2 prefetch of the integer GEMV's first
 weight blocks before the wait) moved whole frames by no more than the run-to-run spread; in the eighth session
-every format got slower with it (bf16 146.5 -> 133.2, q2 241 -> 199 frames/s). `S2CONV_PDL=1` turns it on.
+every format got slower with it (bf16 146.5 -> 133.2, q2 241 -> 199 frames/s); in the eleventh, with every kernel
+waiting before it let the next one launch and the float GEMV loading its first weight tiles before its wait, fp8
+still lost 7% on an H200 (251.5 -> 233.8). `S2CONV_PDL=1` turns it on.
 """
 from __future__ import annotations
 
