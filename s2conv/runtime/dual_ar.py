@@ -186,10 +186,9 @@ class DualARTransformer(nn.Module):
     def sample_main(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
                     previous: Tensor | None, noise: Tensor | None = None) -> Tensor:
         """Main token ids [B] from semantic logits, with RAS against previous main tokens [B, W] (None: no RAS).
-        noise: [2, B, top_k] Exp(1) draws for the fused sampler (`sampling.draw_noise`), or None."""
+        noise: Exp(1) draws for the fused sampler ([>= 2, B, top_k], `sampling.draw_noise`), or None."""
         if previous is None or params.greedy or params.ras_window == 0:
-            return self.semantic_index_to_token(sample(logits, params, generator,
-                                                       noise=None if noise is None else noise[:1]))
+            return self.semantic_index_to_token(sample(logits, params, generator, noise=noise))
         token, high = (self.semantic_index_to_token(t) for t in sample_many(logits, [params, params.high()],
                                                                               generator, noise=noise))
         cfg = self.cfg
@@ -202,14 +201,14 @@ class DualARTransformer(nn.Module):
         cfg = self.cfg
         # the frame's randomness in one launch: 2 main-token draws (RAS), then one per fast-AR depth 1 .. N - 1
         noise = draw_noise(params, hidden.shape[0], cfg.num_codebooks + 1, hidden.device, generator)
-        main = self.sample_main(logits, params, generator, previous, None if noise is None else noise[:2])
+        main = self.sample_main(logits, params, generator, previous, noise)
         self.fast_step(hidden[:, None], 0, output=False)  # fills the fast KV caches at position 0 (no logits)
         code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
         column = [main, code]
         for pos in range(1, cfg.num_codebooks):
             x = self.fast_step(self.fast_embeddings(code)[:, None], pos)
-            code = sample(self.fast_logits(x[:, 0]), params, generator,
-                          noise=None if noise is None else noise[pos + 1: pos + 2])
+            depth_noise = None if noise is None else noise[pos + 1:]
+            code = sample(self.fast_logits(x[:, 0]), params, generator, noise=depth_noise)
             column.append(code)
         return torch.stack(column, dim=1)
 

@@ -124,8 +124,9 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
     fused (default: on CUDA when triton is installed): one noise draw and one Triton kernel for all draws
     (`kernels/sampling.py`; torch.topk first for top_k > 64) instead of about 18 launches per draw. Noise is drawn
     only for the top_k candidates, so a seed gives other tokens than the eager path, from the same distribution.
-    noise (optional, fused path only): those Exp(1) draws, [len(settings), rows, >= top_k] fp32 (`draw_noise`),
-    instead of drawing them here. Otherwise each draw runs `logits_to_probs` and `sample_from_probs` in turn."""
+    noise (optional, fused path only): those Exp(1) draws, fp32 [>= len(settings), rows, >= top_k] (`draw_noise`;
+    the first len(settings) are used) instead of drawing them here. Otherwise each draw runs `logits_to_probs` and
+    `sample_from_probs` in turn."""
     kernel = _uses_kernel(logits.device, settings, fused)
     if kernel is None:
         return [torch.argmax(logits, dim=-1) if p.greedy else
@@ -140,11 +141,12 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
     if noise is None:
         noise = torch.empty(len(settings), rows.shape[0], k, dtype=torch.float32, device=rows.device)
         noise.exponential_(generator=generator)
-    elif noise.shape[:2] != (len(settings), rows.shape[0]) or noise.shape[2] < k:
-        raise RuntimeModelError(f"sampling noise must be [{len(settings)}, {rows.shape[0]}, >= {k}], "
+    elif noise.dim() != 3 or noise.shape[0] < len(settings) or noise.shape[1] != rows.shape[0] \
+            or noise.shape[2] < k:
+        raise RuntimeModelError(f"sampling noise must be [>= {len(settings)}, {rows.shape[0]}, >= {k}], "
                                 f"got {tuple(noise.shape)}")
     else:
-        noise = noise[:, :, :k]
+        noise = noise[:len(settings), :, :k]
     draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
     tokens = kernel.topk_sample(rows, vals, idx, noise, draws, top_k)
     return [t.reshape(logits.shape[:-1]) for t in tokens]
