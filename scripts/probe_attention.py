@@ -42,7 +42,13 @@ def time_attention(n_head: int, n_kv: int, d: int, qk_norm: bool, cache_len: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=64, help="launches per captured graph")
+    ap.add_argument("--block-n", type=int, help="keys per loop step, at most (default: fused.ATTN_BLOCK_N)")
+    ap.add_argument("--warps", type=int, help="warps per program (default: fused.ATTN_WARPS)")
     args = ap.parse_args()
+    if args.block_n:
+        fused.ATTN_BLOCK_N = args.block_n
+    if args.warps:
+        fused.ATTN_WARPS = args.warps
     cfg = S2Config()
     print(torch.cuda.get_device_name())
     for depth in (1, 5, 9):

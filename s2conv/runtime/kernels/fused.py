@@ -22,7 +22,8 @@ from s2conv.runtime.kernels.launch import launch, pdl_args
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ATTN_BLOCK_N = 64  # keys per attention loop step
+ATTN_BLOCK_N = 64  # keys per attention loop step (fewer, down to 16, where the span is shorter: the fast AR's)
+ATTN_WARPS = None  # warps per attention program; None: one per 32 keys of a step
 
 
 def _fix(dtype: torch.dtype) -> bool:
@@ -353,12 +354,12 @@ def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
     tl.store(o_ptr + b * H * D + h * D + offs_d, _round(out, o_ptr.dtype.element_ty, FIX))
 
 
-def attention_splits(span: int, rows: int, device: torch.device) -> tuple[int, int]:
+def attention_splits(span: int, rows: int, device: torch.device, block_n: int = ATTN_BLOCK_N) -> tuple[int, int]:
     """(number of key splits, keys per split) so that about 4 programs per SM read the span's keys; a split is a
-    whole number of ATTN_BLOCK_N key blocks. rows = B * H query rows."""
-    blocks = -(-span // ATTN_BLOCK_N)
+    whole number of block_n key blocks. rows = B * H query rows."""
+    blocks = -(-span // block_n)
     want = max(1, min(blocks, -(-4 * _sm_count(device) // max(rows, 1))))
-    per = -(-blocks // want) * ATTN_BLOCK_N
+    per = -(-blocks // want) * block_n
     return -(-span // per), per
 
 
@@ -414,7 +415,13 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     span = min(span or k_cache.shape[2], k_cache.shape[2])
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     pos_t = _pos_tensor(pos, q.device)
-    n_splits, per = attention_splits(span, b * h, q.device)
+    # small steps and few warps: the fast AR's 10 keys in one 16-key step on one warp took 2.24 us a launch against
+    # 3.19 for 64 keys on 4 warps, the slow AR's 64-key steps 7.39 us on 2 warps against 7.68 on 4 (H100,
+    # scripts/probe_attention.py, bench/RESULTS.md): an attention program is a chain of latencies, and a smaller
+    # program waits less at each of its reductions
+    block_n = min(ATTN_BLOCK_N, max(16, triton.next_power_of_2(span)))
+    warps = ATTN_WARPS or max(1, block_n // 32)
+    n_splits, per = attention_splits(span, b * h, q.device, block_n)
     single = n_splits == 1
     if single:
         part = ml = out  # unused
@@ -430,7 +437,7 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
         k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),
         HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
-        BLOCK_N=ATTN_BLOCK_N, SINGLE=single, FIX=fix, num_warps=4, outputs=(out,), **pdl_args(q.device))
+        BLOCK_N=block_n, SINGLE=single, FIX=fix, num_warps=warps, outputs=(out,), **pdl_args(q.device))
     if not single:
         launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
                SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=4, outputs=(out,), **pdl_args(q.device))
