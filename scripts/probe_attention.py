@@ -44,11 +44,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=64, help="launches per captured graph")
     ap.add_argument("--block-n", type=int, help="keys per loop step, at most (default: fused.ATTN_BLOCK_N)")
     ap.add_argument("--warps", type=int, help="warps per program (default: fused.ATTN_WARPS)")
+    ap.add_argument("--reduce-warps", type=int, help="warps per program of the split reduction")
     args = ap.parse_args()
     if args.block_n:
         fused.ATTN_BLOCK_N = args.block_n
     if args.warps:
         fused.ATTN_WARPS = args.warps
+    if args.reduce_warps:
+        fused.ATTN_REDUCE_WARPS = args.reduce_warps
     cfg = S2Config()
     print(torch.cuda.get_device_name())
     for depth in (1, 5, 9):
