@@ -1,6 +1,7 @@
 """Probe: the fused top-k sampling kernel (`kernels/sampling.topk_sample`) at S2's rows, graph-replayed: the fast
 AR's 4096 codes (one draw) and the slow AR's 4097 semantic columns (RAS: two draws), top-k 30, with the launch's
-warps and candidate slots overridden. Prints microseconds per launch.
+warps and candidate slots overridden (the kernel ranks in half its slots first, in all of them where more logits
+reach its threshold). Prints microseconds per launch.
 
     python scripts/probe_sampling.py [--warps 4,8,16] [--cap 64,128]
 """
@@ -17,7 +18,7 @@ from s2conv.runtime.kernels.ops import graph_time_ms
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warps", default="0,4,8,16", help="num_warps per launch (0: the launcher's choice)")
-    ap.add_argument("--cap", default="128,64", help="candidate slots ranked at once")
+    ap.add_argument("--cap", default="128,64", help="the kernel's candidate slots (it ranks in half of them first)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -106,11 +106,11 @@ def tma_gemv_kernel(x_ptr, w_desc, s_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_bl
                     d2 = _dp2(pair, _bytes(w2, w2, p // 2, BITS), d2, p % 2, ASM)
                     d3 = _dp2(pair, _bytes(w3, w3, p // 2, BITS), d3, p % 2, ASM)
             corr = (qsum * (-OFF) + CORR0)[:, :, None]
-            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03), GROUP)
+            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03))
             if SLICES == 4:
-                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13), GROUP)
-                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23), GROUP)
-                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33), GROUP)
+                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13))
+                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23))
+                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33))
     y = tl.sum(tl.sum(a0, axis=1), axis=0)
     if SLICES == 4:
         y1 = tl.sum(tl.sum(a1, axis=1), axis=0)

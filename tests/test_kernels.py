@@ -409,7 +409,7 @@ def test_residual_epilogue_equals_a_separate_add(fmt):
         KERNELS[fmt](x, p, residual=r[:, :5])
 
 
-def test_launcher_errors_name_the_problem():
+def test_launcher_errors_name_the_problem(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     p = packed_on_device("q4", make_weight("q4", 8, 256, gen))
     x = torch.randn(1, 256, device=DEVICE)
@@ -422,6 +422,11 @@ def test_launcher_errors_name_the_problem():
                                     4, 8, 128, False)
     with pytest.raises(RuntimeModelError, match="scales shape must be"):
         torch.ops.s2conv.int_linear(x, p["qweight"], p["scales"][:, :1].contiguous(), None, 4, 8, 128, False)
+    monkeypatch.setenv("S2CONV_FOLD_NORM", "1")  # where a norm weight would reach the folding test first
+    for norm in (None, torch.ones(256, device=DEVICE)):  # a group the kernels have no form for: one scale per row
+        with pytest.raises(RuntimeModelError, match=r"group must be one of \(16, 32"):
+            ops.int_linear_impl(x.to(torch.bfloat16), p["qweight"], p["scales"][:, 0].contiguous(), None, 4, 8, 0,
+                                False, norm_weight=norm if norm is None else norm.to(torch.bfloat16), norm_eps=1e-6)
     with pytest.raises(RuntimeModelError, match="weight dtype must be float8_e4m3fn, int8 or bfloat16"):
         KERNELS["bf16"](x, {"weight": torch.zeros(4, 256, device=DEVICE)})
 

@@ -144,18 +144,21 @@ def test_kernel_rejects_mismatched_noise():
 
 def test_sample_many_takes_noise_drawn_ahead():
     """A frame draws its noise once (`draw_noise`) and hands each draw its slice: the tokens are the kernel's for
-    that noise (row j's noise vanishes at candidate j, so row j draws rank j), wider noise is cut to top_k, and
-    noise of the wrong shape is refused."""
+    that noise (in draw 0 row j's noise vanishes at candidate j, in draw 1 at candidate j + 1 mod 12: row j draws
+    those ranks), wider noise is cut to top_k, a single draw takes the first, and noise of the wrong shape is
+    refused."""
     logits = distinct_logits(1, 300, torch.float32, torch.Generator().manual_seed(7)).expand(12, 300).contiguous()
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=12)
-    noise = torch.ones(2, 12, 16)
-    noise[0, :, :12] = noise[0, :, :12].fill_diagonal_(1e-30)
-    noise[1, :, :12] = noise[1, :, :12].fill_diagonal_(1e-30)
+    noise = torch.ones(3, 12, 16)
+    rows = torch.arange(12)
+    noise[0, rows, rows] = 1e-30
+    noise[1, rows, (rows + 1) % 12] = 1e-30
+    noise[2, rows, (rows + 5) % 12] = 1e-30  # a third draw nobody takes
     normal, high = sample_many(logits.to(DEVICE), [params, params], None, True, noise.to(DEVICE))
     ranked = torch.topk(logits[0], 12).indices
-    assert torch.equal(normal.cpu(), ranked) and torch.equal(high.cpu(), ranked)
-    (first,) = sample_many(logits.to(DEVICE), [params], None, True, noise.to(DEVICE))  # the first draw's noise
-    assert torch.equal(first.cpu(), ranked)
+    assert torch.equal(normal.cpu(), ranked) and torch.equal(high.cpu(), ranked.roll(-1))
+    (first,) = sample_many(logits.to(DEVICE), [params], None, True, noise[1:].to(DEVICE))  # the first draw's noise
+    assert torch.equal(first.cpu(), ranked.roll(-1))
     with pytest.raises(RuntimeModelError, match="noise must be \\[>= 2, 12, >= 12\\]"):
         sample_many(logits.to(DEVICE), [params, params], None, True, noise[:1].to(DEVICE))
 

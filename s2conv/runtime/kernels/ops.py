@@ -283,6 +283,10 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     dev = qweight.device
     _check_x(op, x, dev)
     chain = norm_chain_args(op, x, gated, ss_out, zero)
+    if bits not in (2, 3, 4, 8):
+        raise _fail(op, "bits", "2, 3, 4 or 8", bits)
+    if group not in _GROUPS:
+        raise _fail(op, "group", f"one of {_GROUPS}", group)
     if norm_weight is not None:
         if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.device != dev or not norm_weight.is_contiguous():
             raise _fail(op, "norm_weight", f"a contiguous [{x.shape[1]}] tensor on {dev}",
@@ -290,10 +294,6 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config):
             x = fused.rms_norm(x, norm_weight, norm_eps)
             norm_weight = None
-    if bits not in (2, 3, 4, 8):
-        raise _fail(op, "bits", "2, 3, 4 or 8", bits)
-    if group not in _GROUPS:
-        raise _fail(op, "group", f"one of {_GROUPS}", group)
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
     rows, words = qweight.shape
