@@ -97,15 +97,13 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
         # half the slots first: ranking costs CAP**2 comparisons, and S2's rows (4096 codes, 64 groups) have about
         # 45 logits at the threshold (iid logits: 4096 * (1 - 2**(-1/64))), over 64 at 3 standard deviations;
         # an H200 drew in 7.0 us with 64 slots against 9.2 us with 128 (scripts/probe_sampling.py)
-        if CAP // 2 >= BLOCK_K:
-            v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
-                                              GROUPS, CAP // 2)
+        FIRST: tl.constexpr = CAP // 2 if CAP // 2 >= BLOCK_K else CAP
+        v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
+                                          GROUPS, FIRST)
+        if FIRST < CAP:
             if not ok:
                 v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V,
                                                   BLOCK_K, GROUPS, CAP)
-        else:
-            v, idx, ok = _select_by_threshold(row, cols, V, K, r, sv_ptr + slots, si_ptr + slots, BLOCK_V, BLOCK_K,
-                                              GROUPS, CAP)
         if not ok:
             v = tl.full([BLOCK_K], float("-inf"), tl.float32)
             idx = tl.zeros([BLOCK_K], tl.int64)
