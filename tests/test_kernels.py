@@ -102,10 +102,64 @@ def test_repack_roundtrip(fmt, k):
     packed = REPACK[fmt](*args)
     spec = INT_SPECS[fmt]
     assert packed["qweight"].dtype == torch.int32
-    assert packed["qweight"].shape == (layout.padded_rows(5), layout.padded_k(k) * spec.bits // 32)
-    codes = layout.unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, 5)
+    if layout.uses_fragment_layout(spec):  # q2, q4_0: tiles of 16 rows, chunks of 256 / bits codes
+        unit = layout.fragment_unit(spec.bits, spec.group)
+        chunks = -(-k // unit) * unit // (256 // spec.bits)
+        assert packed["qweight"].shape == (1, chunks * 128)
+        codes = layout.unpack_fragment_codes(packed["qweight"], spec.bits, spec.offset, k, 5, spec.group)
+    else:
+        assert packed["qweight"].shape == (layout.padded_rows(5), layout.padded_k(k) * spec.bits // 32)
+        codes = layout.unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, 5)
     assert torch.equal(codes.long(), args[0].long())
     assert torch.equal(dequantize_packed(fmt, packed, k), reference_weight(fmt, args, k))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (2, 64), (4, 128), (2, 256)])
+def test_fragment_bit_positions(bits, group):
+    """A single code lands where the fragment layout's notes say: tile, chunk, lane 4 g + q, word 2 kk + h, bit
+    bits * step (+ 16 for the pair's second k), with k = chunk start + sub j + 4 (sub / 16) q + 4 s' + 2 kk + e."""
+    off = 1 << (bits - 1)
+    chunk, sub = 256 // bits, min(group, 256 // bits)
+    sps = sub // 16
+    tile, h, g, c, j, q, s_, kk, e = 1, 1, 3, 1, sub and (chunk // sub) - 1, 2, sps - 1, 1, 1
+    row = 16 * tile + 8 * h + g
+    k_at = c * chunk + sub * j + 4 * sps * q + 4 * s_ + 2 * kk + e
+    k = 2 * max(chunk, group)
+    codes = torch.zeros(2 * 16, k, dtype=torch.int64)
+    codes[row, k_at] = 1
+    q_ = layout.pack_fragment_codes(codes, bits, off, group).to(torch.int64) & 0xFFFFFFFF
+    empty = layout.pack_fragment_codes(torch.zeros_like(codes), bits, off, group).to(torch.int64) & 0xFFFFFFFF
+    diff = (q_ ^ empty).nonzero().tolist()
+    lane, word, step = 4 * g + q, 2 * kk + h, j * sps + s_
+    assert diff == [[tile, c * 128 + 4 * lane + word]]
+    assert ((q_[tile, c * 128 + 4 * lane + word] >> (16 * e + bits * step)) & ((1 << bits) - 1)) == off + 1
+
+
+@pytest.mark.parametrize("fmt,m,k,gated,residual,split", [
+    ("q2", 1, 192, False, True, 1), ("q2", 1, 640, True, False, 3), ("q4_0", 1, 224, False, False, 2),
+    ("q4_0", 9, 384, True, False, 2), ("q2", 9, 384, False, True, 1), ("q4_0", 1, 384, False, True, 4)])
+def test_fragment_kernel(fmt, m, k, gated, residual, split):
+    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2 and q4_0) at one row and at
+    two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows (a partial tile), split-K finished in
+    the launch, the gate and the residual add: within one bf16 output rounding of the reference."""
+    n = 37
+    gen = torch.Generator().manual_seed(k + m)
+    spec = INT_SPECS[fmt]
+    assert layout.uses_fragment_layout(spec)
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    r = torch.randn(m, n, generator=gen).to(torch.bfloat16) if residual else None
+    cfg = ops.Config(block_n=16, split=split, num_warps=2 if m > 1 else 1)
+    y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group,
+                            gated, cfg, residual=None if r is None else r.to(DEVICE))
+    h1 = x.float() @ reference_weight(fmt, a1, k).T
+    if gated:
+        ref = torch.nn.functional.silu(h1) * (x.float() @ reference_weight(fmt, a3, k).T)
+    else:
+        ref = h1 if r is None else (h1.to(torch.bfloat16).float() + r.float())
+    # with a residual, x W^T is rounded to bf16 before the add: one bf16 step of |x W^T| either way
+    assert_matches(y, ref, torch.bfloat16, 0.0 if r is None else RTOL[torch.bfloat16] * h1.abs())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -305,8 +359,8 @@ def test_int_dot_gemv(fmt, slices, split, gated):
                                          ("q4_k", 1, False), ("q4", 3, True)])
 def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
-    dp2a path, no mins: the kernel multiplies the unrounded x * g and scales by the rsqrt, so it matches the exact
-    norm within the dp2a path's budget), else fish-speech's norm (rounded to bf16) first."""
+    dp2a path, no mins, not the fragment layout: the kernel multiplies the unrounded x * g and scales by the rsqrt,
+    so it matches the exact norm within the dp2a path's budget), else fish-speech's norm (rounded to bf16) first."""
     n, k = 19, 1408
     gen = torch.Generator().manual_seed(13)
     a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
@@ -316,7 +370,8 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
     assert not launcher.fuses_norm(x.to(DEVICE), p)  # opt-in
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")
-    fused = m == 1 and fmt != "q4_k"  # q4_k: mins
+    # q4_k: mins; q2, q4_0: the tensor-core kernel of the fragment layout takes no norm
+    fused = m == 1 and fmt != "q4_k" and not layout.uses_fragment_layout(INT_SPECS[fmt])
     assert launcher.fuses_norm(x.to(DEVICE), p) == fused
     y = launcher(x.to(DEVICE), p, norm=(g.to(DEVICE), 1e-6)).float().cpu()
     if fused:

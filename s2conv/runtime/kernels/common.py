@@ -73,8 +73,8 @@ def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_spl
     tl.debug_barrier()  # every thread's partials are written before the count (release) below
     arrived = tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == n_split - 1:  # the last program of this row tile: reduce (".cg": read from L2, not L1)
-        acc = tl.zeros([BLOCK], tl.float32)
-        acc3 = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros_like(y)
+        acc3 = tl.zeros_like(y)
         for s in range(n_split):
             acc += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
             if GATED:

@@ -18,9 +18,11 @@ import triton
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels import fused
 from s2conv.runtime.kernels.launch import launch, pdl_args
-from s2conv.runtime.kernels.layout import BLOCK_K, ROWS, WORDS, padded_rows
+from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
+                                          fragment_unit, padded_rows, uses_fragment_layout)
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
 from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
+from s2conv.runtime.kernels.triton_mma import mma_linear_kernel
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +225,18 @@ def _int_key(x, scales, bits, group, has_min, gated):
             x.dtype)
 
 
+def _fragment(bits: int, offset: int, group: int, has_min: bool) -> bool:
+    """Whether this integer format's weight is in the fragment layout (layout.uses_fragment_layout)."""
+    return uses_fragment_layout(IntSpec(bits, 0, 0, offset, group, has_min))
+
+
 def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int,
                config: Optional[Config] = None) -> bool:
     """Whether `int_linear_impl(.., norm_weight=..)` folds the RMSNorm into its kernel for this x (one row on the
     dp2a path, no mins, config.fold_norm) rather than running the RMSNorm kernel first."""
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
+        return False
+    if _fragment(bits, offset, group, has_min):  # the tensor-core kernel takes no norm: a norm launch first
         return False
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
     return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group) > 0
@@ -294,6 +303,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config):
             x = fused.rms_norm(x, norm_weight, norm_eps)
             norm_weight = None
+    if _fragment(bits, offset, group, mins is not None):
+        return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain)
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
     rows, words = qweight.shape
@@ -362,6 +373,78 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
            HAS_RES=residual is not None and part is None, outputs=(out,), **common)
     if part is not None:
         _reduce(part, y, gated, residual)
+    return y
+
+
+def _fragment_split(tiles: int, units: int, m: int) -> int:
+    """Split-K of the tensor-core kernel: about 2,560 one-warp programs (the best of `scripts/probe_mma.py`'s
+    sweep at S2's shapes on an H100: 8 for wqkv, 16 for wo and w2, 2 for w1|w3), at most 16 and the units."""
+    want = 2560 / (tiles * -(-m // 8))
+    split = 1
+    while split * 2 <= min(16, units) and split * 2 <= want * 1.5:
+        split *= 2
+    return split
+
+
+def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, offset: int,
+                         group: int, gated: bool, config: Optional[Config] = None,
+                         residual: Optional[torch.Tensor] = None, chain: Optional[dict] = None) -> torch.Tensor:
+    """`int_linear_impl` for weights in the fragment layout (layout.py): the tensor-core kernel of triton_mma.py
+    for bf16/fp16 x at any M (8 rows a program), split-K finished in the launch. qweight int32 [(2 if gated) *
+    cdiv(N, 16), chunks * 128], scales fp32 [R, chunks * chunk // group]. fp32 x takes the reference path
+    (dequantized weight, F.linear): exact to fp32 rounding. chain: `norm_chain_args` (one row)."""
+    op = "s2conv::int_linear"
+    dev = qweight.device
+    chain = chain or {}
+    chunk = 256 // bits
+    rows = scales.shape[0] if scales.dim() == 2 else 0
+    if gated and rows % 2:
+        raise _fail(op, "rows of gated scales", "even (w1 over w3)", rows)
+    n = rows // 2 if gated else rows
+    tiles = -(-n // 16)
+    if qweight.dim() != 2 or qweight.shape[1] % 128 or qweight.shape[1] == 0:
+        raise _fail(op, "qweight shape", "[tiles, a positive multiple of 128] (fragment layout)", tuple(qweight.shape))
+    chunks = qweight.shape[1] // 128
+    kp = chunks * chunk
+    unit = fragment_unit(bits, group)
+    m, k = x.shape
+    if kp % unit or not kp - unit < k <= kp:
+        raise _fail(op, "K (columns of x)", f"in ({kp - unit}, {kp}] for this qweight", k)
+    _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * tiles, chunks * 128), dev)
+    _check_tensor(op, "scales", scales, torch.float32, (rows, kp // group), dev)
+    _check_residual(op, residual, x, n, gated)
+    if x.dtype == torch.float32:  # reference path: exact to fp32 rounding
+        halves = [(qweight[:tiles], scales[:n]), (qweight[tiles:], scales[n:])] if gated else [(qweight, scales)]
+        w = torch.cat([dequantize_packed_fragment(bits, offset, group, q, s, k) for q, s in halves])
+        y = x @ w.T
+        if gated:
+            y = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
+        if residual is not None:
+            y = y + residual
+        if "ss_out" in chain:
+            chain["ss_out"] += (y * y).sum()
+        if "zero_ptr" in chain:
+            chain["zero_ptr"].zero_()
+        return y
+    if x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs)
+        x = x.clone()
+    units = kp // unit
+    split = config.split if config is not None else _fragment_split(tiles, units, m)
+    per_unit = -(-units // min(max(split, 1), units))
+    split = -(-units // per_unit)
+    warps = config.num_warps if config is not None else 1
+    y, part = _outputs(x, n, split, gated)
+    programs = triton.cdiv(tiles, warps)
+    grid = (programs, split, triton.cdiv(m, 8))
+    cnt = _counters(dev, programs * grid[2]) if part is not None else y
+    p_arg = part if part is not None else y
+    r_arg = residual if residual is not None else y
+    launch(mma_linear_kernel, grid, x, qweight, scales, y, p_arg, cnt, r_arg, m, n, k, chunks,
+           per_unit * (unit // chunk), split, x.stride(0) // 2, qweight.stride(0), tiles, scales.stride(0),
+           y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset, GROUP=group,
+           NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None, HAS_RES=residual is not None,
+           F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps, outputs=(y,), **chain,
+           **pdl_args(dev))
     return y
 
 
