@@ -233,7 +233,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M,
     a0, a1, a2, a3 = zf, zf, zf, zf  # scaled float sums
     d0, d1, d2, d3 = zf, zf, zf, zf
     # register double buffering: chunk c + 1's words and x load while chunk c computes (triton's shared-memory
-    # pipeline and unrolled steps of 2-8 chunks were no faster: bench/RESULTS.md, twelfth session)
+    # pipeline, unrolled steps of 2-8 chunks and weight words two chunks ahead were no faster at the splits the
+    # launcher picks: bench/RESULTS.md, twelfth session)
     words = tl.load(w_ptrs + c_start * 128)
     words3 = words
     if GATED:
