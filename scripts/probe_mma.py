@@ -39,10 +39,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--warps", default="1,2")
     ap.add_argument("--splits", default="2,4,8,16")
-    ap.add_argument("--depths", default="1", help="chunks of weight words in flight ahead (DEPTH)")
     args = ap.parse_args()
     dev, shapes = device(args.small or _INTERPRETED)
-    configs = list(itertools.product(*(map(int, getattr(args, a).split(",")) for a in ("warps", "splits", "depths"))))
+    configs = list(itertools.product(*(map(int, getattr(args, a).split(",")) for a in ("warps", "splits"))))
     torch.manual_seed(0)
     for fmt in args.formats.split(","):
         spec = INT_SPECS[fmt]
@@ -67,9 +66,9 @@ def main() -> None:
             ok_all &= ok
             cases = {"fragment": lambda p: ops.fragment_linear_impl(x, p[0], p[1], spec.bits, spec.offset,
                                                                     spec.group, False)}
-            for nw, split, depth in configs:
-                cfg = ops.Config(block_n=16, split=split, num_warps=nw, pipeline=depth)
-                cases[f"w{nw}s{split}d{depth}"] = lambda p, c=cfg: ops.fragment_linear_impl(
+            for nw, split in configs:
+                cfg = ops.Config(block_n=16, split=split, num_warps=nw)
+                cases[f"w{nw}s{split}"] = lambda p, c=cfg: ops.fragment_linear_impl(
                     x, p[0], p[1], spec.bits, spec.offset, spec.group, False, c)
             sweep: dict[str, float] = {}
             ln, ok = run_cases(cases, new, news, ref, dev, sweep)
