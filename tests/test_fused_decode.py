@@ -265,6 +265,10 @@ def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
     prompt = random_prompt(TINY, 8).to(DEVICE)
     eager, fast = (DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE) for _ in range(2))
     assert fused_decode.enable(fast, force=True)
+    # the heads at one row: the Triton GEMV (the semantic head from its joined rows), checked below with the rest
+    assert "forward" in fast.fast_output.__dict__ and "semantic_logits" in fast.__dict__
+    n_sem = TINY.semantic_end_id - TINY.semantic_begin_id + 1
+    assert tuple(fast.__dict__["_semantic_head"].shape) == (n_sem + 1, TINY.dim)
     for m in (eager, fast):
         m.setup_caches(1, 16)
         m.prefill(prompt[None])
@@ -282,6 +286,8 @@ def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
         ye, yf = eager.fast_logits(oe[:, 0]), fast.fast_logits(of[:, 0])
         assert rel(of, oe) < 2**-5 and rel(yf, ye) < 2**-5
         x = eager.fast_embeddings(ye.argmax(-1))[:, None]
+    fused_decode.disable(fast)
+    assert "semantic_logits" not in fast.__dict__ and "forward" not in fast.fast_output.__dict__
 
 
 @pytest.mark.parametrize("kernels", [False, True])

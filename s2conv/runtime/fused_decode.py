@@ -12,7 +12,8 @@ add up the sum of squares of what they store in a slot of the block that reads i
 `_ss_in`), wqkv and w1|w3 apply the RMSNorm from it, and the launch after each reader resets the slot; a block is
 then 5-6 launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1, integer
 formats at one row fold both norms into the next GEMV (`_folds_norm`): the residual add then moves into wo's
-epilogue, and a block is 5-6 launches. Prefill (S > 1)
+epilogue, and a block is 5-6 launches. Outside the blocks, at one bf16 row, the fast AR's head and the semantic head
+(its rows joined once: semantic tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Prefill (S > 1)
 and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
 weight format keeps working. `batch.py` runs its decode steps of left-padded
 rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
@@ -51,6 +52,25 @@ def _norm_forward(self: RMSNorm, x: Tensor) -> Tensor:
     if not _active(self, x):
         return RMSNorm.forward(self, x)
     return self._fused.rms_norm(x, self.weight, self.eps)
+
+
+def _head_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """A bias-free bf16 head (the fast AR's output) at one row: the Triton GEMV, else the class forward (cuBLAS)."""
+    if x.dim() == 2 and x.shape[0] == 1 and _active(self, x) and _bf16_gemv(self.weight, x, True):
+        return _linear(self, x, True)
+    return nn.Linear.forward(self, x)
+
+
+def _semantic_logits(self: nn.Module, hidden: Tensor) -> Tensor:
+    """`semantic_logits` at one bf16 row from the joined head rows (semantic tokens, then <|im_end|>): one GEMV
+    launch instead of two cuBLAS products and a cat; otherwise the class method."""
+    head = self.__dict__["_semantic_head"]
+    if hidden.dim() == 2 and hidden.shape[0] == 1 and (hidden.is_cuda or self.__dict__["_semantic_head_force"]) \
+            and _bf16_gemv(head, hidden, True):
+        from s2conv.runtime.kernels import KERNELS
+
+        return KERNELS["bf16"](hidden, {"weight": head})
+    return type(self).semantic_logits(self, hidden)
 
 
 def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor,
@@ -309,6 +329,9 @@ def enable(model: nn.Module, force: bool = False) -> bool:
             n_blocks += 1
         elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
             module.forward = types.MethodType(_norm_forward, module)
+        elif (type(module) is nn.Linear and id(module) not in in_blocks and module.bias is None
+              and module.weight.dtype == torch.bfloat16):  # the fast AR's head: cuBLAS took 9.6 us a row
+            module.forward = types.MethodType(_head_forward, module)
         else:
             continue
         module._fused, module._fused_force = kernels, force
@@ -316,12 +339,33 @@ def enable(model: nn.Module, force: bool = False) -> bool:
         if isinstance(stack, nn.ModuleList) and stack and all(isinstance(b, TransformerBlock) for b in stack):
             for a, b in zip(stack, stack[1:]):  # plain attributes, not submodules (that would make a cycle)
                 a.__dict__["_next_block"], b.__dict__["_prev_block"] = b, a
+    _join_semantic_head(model, force)
     log.info("fused decode enabled on %d transformer blocks", n_blocks)
     return True
 
 
+def _join_semantic_head(model: nn.Module, force: bool) -> None:
+    """A model with `semantic_logits` over a tied bf16 embedding (DualARTransformer) gets the head's rows joined
+    once (semantic tokens, then <|im_end|>: 21 MB at S2's shapes) and `_semantic_logits` in place of the method
+    (again on a second call: the rows may have changed)."""
+    emb = getattr(getattr(model, "embeddings", None), "weight", None)
+    cfg = getattr(model, "cfg", None)
+    if emb is None or cfg is None or not hasattr(model, "semantic_logits") or emb.dtype != torch.bfloat16:
+        return
+    if "semantic_logits" in model.__dict__ and "_semantic_head" not in model.__dict__:
+        return  # the instance already has a semantic_logits of its own: left as it is
+    with torch.no_grad():
+        head = torch.cat([emb[cfg.semantic_begin_id: cfg.semantic_end_id + 1],
+                          emb[cfg.eos_token_id: cfg.eos_token_id + 1]]).contiguous()
+    model.__dict__.update(_semantic_head=head, _semantic_head_force=force,
+                          semantic_logits=types.MethodType(_semantic_logits, model))
+
+
 def disable(model: nn.Module) -> None:
     """Restore the eager forwards. w1 / w3 keep reading views of the joined weight (same values)."""
+    if "_semantic_head" in model.__dict__:  # only what `_join_semantic_head` installed
+        for name in ("semantic_logits", "_semantic_head", "_semantic_head_force"):
+            model.__dict__.pop(name, None)
     for module in model.modules():
         if "_fused" in module.__dict__:
             del module.forward, module._fused, module._fused_force
