@@ -25,10 +25,12 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def interleaved(x, p, spec):
-    """The dp2a GEMV on the interleaved layout, whatever `int_linear_impl` would pick for the format."""
+    """The landed GEMV on the interleaved layout, whatever `int_linear_impl` would pick for the format;
+    p = (qweight, scales[, mins])."""
     fragment, ops._fragment = ops._fragment, lambda *a: False
     try:
-        return ops.int_linear_impl(x, p[0], p[1], None, spec.bits, spec.offset, spec.group, False)
+        return ops.int_linear_impl(x, p[0], p[1], p[2] if len(p) > 2 else None, spec.bits, spec.offset, spec.group,
+                                   False)
     finally:
         ops._fragment = fragment
 
@@ -50,26 +52,30 @@ def main() -> None:
         for shape, (n, k, _) in shapes.items():
             codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), device=dev)
             scales = torch.rand(n, k // spec.group, device=dev) + 0.5
+            mins = torch.rand(n, k // spec.group, device=dev) if spec.has_min else None
             x = torch.randn(1, k, device=dev).to(torch.bfloat16)
-            ref = (x.float() @ (codes.float() * scales.repeat_interleave(spec.group, 1)).T)
+            w = codes.float() * scales.repeat_interleave(spec.group, 1)
+            ref = x.float() @ (w if mins is None else w - mins.repeat_interleave(spec.group, 1)).T
 
             def padded(kp):
-                return torch.nn.functional.pad(scales, (0, kp // spec.group - scales.shape[1])).contiguous()
+                return tuple(torch.nn.functional.pad(t, (0, kp // spec.group - t.shape[1])).contiguous()
+                             for t in (scales, mins) if t is not None)
 
             unit = fragment_unit(spec.bits, spec.group)
-            old = (pack_int_codes(codes, spec.bits, spec.offset), padded(padded_k(k)))
-            new = (pack_fragment_codes(codes, spec.bits, spec.offset, spec.group), padded(-(-k // unit) * unit))
-            nbytes = old[0].numel() * 4 + old[1].numel() * 4
+            old = (pack_int_codes(codes, spec.bits, spec.offset), *padded(padded_k(k)))
+            new = (pack_fragment_codes(codes, spec.bits, spec.offset, spec.group), *padded(-(-k // unit) * unit))
+            nbytes = sum(t.numel() * 4 for t in old)
             olds = copies(nbytes, lambda: tuple(t.clone() for t in old)) if dev == "cuda" else [old]
             news = copies(nbytes, lambda: tuple(t.clone() for t in new)) if dev == "cuda" else [new]
             line, ok = run_cases({"interleaved": lambda p: interleaved(x, p, spec)}, old, olds, ref, dev, totals)
             ok_all &= ok
             cases = {"fragment": lambda p: ops.fragment_linear_impl(x, p[0], p[1], spec.bits, spec.offset,
-                                                                    spec.group, False)}
+                                                                    spec.group, False, mins=p[2] if mins is not None
+                                                                    else None)}
             for nw, split in configs:
                 cfg = ops.Config(block_n=16, split=split, num_warps=nw)
                 cases[f"w{nw}s{split}"] = lambda p, c=cfg: ops.fragment_linear_impl(
-                    x, p[0], p[1], spec.bits, spec.offset, spec.group, False, c)
+                    x, p[0], p[1], spec.bits, spec.offset, spec.group, False, c, mins=p[2] if mins is not None else None)
             sweep: dict[str, float] = {}
             ln, ok = run_cases(cases, new, news, ref, dev, sweep)
             ok_all &= ok

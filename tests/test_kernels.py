@@ -137,11 +137,13 @@ def test_fragment_bit_positions(bits, group):
 
 @pytest.mark.parametrize("fmt,m,k,gated,residual,split", [
     ("q2", 1, 192, False, True, 1), ("q2", 1, 640, True, False, 3), ("q4_0", 1, 224, False, False, 2),
-    ("q4_0", 9, 384, True, False, 2), ("q2", 9, 384, False, True, 1), ("q4_0", 1, 384, False, True, 4)])
+    ("q4_0", 9, 384, True, False, 2), ("q2", 9, 384, False, True, 1), ("q4_0", 1, 384, False, True, 4),
+    ("q4_k", 1, 384, True, False, 2), ("q4_1", 9, 224, False, True, 1), ("q4_1", 1, 224, False, False, 3)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split):
-    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2 and q4_0) at one row and at
-    two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows (a partial tile), split-K finished in
-    the launch, the gate and the residual add: within one bf16 output rounding of the reference."""
+    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2, q4_0 and the 2- and 4-bit
+    formats with mins) at one row and at two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows
+    (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
+    rounding of the reference."""
     n = 37
     gen = torch.Generator().manual_seed(k + m)
     spec = INT_SPECS[fmt]
@@ -151,8 +153,8 @@ def test_fragment_kernel(fmt, m, k, gated, residual, split):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     r = torch.randn(m, n, generator=gen).to(torch.bfloat16) if residual else None
     cfg = ops.Config(block_n=16, split=split, num_warps=2 if m > 1 else 1)
-    y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group,
-                            gated, cfg, residual=None if r is None else r.to(DEVICE))
+    y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
+                            spec.group, gated, cfg, residual=None if r is None else r.to(DEVICE))
     h1 = x.float() @ reference_weight(fmt, a1, k).T
     if gated:
         ref = torch.nn.functional.silu(h1) * (x.float() @ reference_weight(fmt, a3, k).T)

@@ -38,7 +38,7 @@ def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr, ss_ptr=None, SS: 
         out = (out.to(tl.float32) + r).to(ptrs.dtype.element_ty)
     tl.store(ptrs, out, mask=mask)
     if SS:
-        o = tl.where(mask, out.to(tl.float32), 0.0)
+        o = tl.ravel(tl.where(mask, out.to(tl.float32), 0.0))  # (any tile shape)
         tl.atomic_add(ss_ptr, tl.sum(o * o, axis=0), sem="relaxed")
 
 
@@ -66,7 +66,7 @@ def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_spl
     before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
     gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for
     the next launch. Launches sharing a counter must therefore not run concurrently. One launch fewer than a
-    separate reduction kernel. SS: as in `store_output`."""
+    separate reduction kernel. SS: as in `store_output`. y, offs_n and n_mask may have any one tile shape."""
     tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
     if GATED:
         tl.store(p_row + pid_k * stride_ps + N + offs_n, y3, mask=n_mask)

@@ -304,7 +304,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             x = fused.rms_norm(x, norm_weight, norm_eps)
             norm_weight = None
     if _fragment(bits, offset, group, mins is not None):
-        return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain)
+        return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain, mins)
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
     rows, words = qweight.shape
@@ -388,10 +388,12 @@ def _fragment_split(tiles: int, units: int, m: int) -> int:
 
 def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, offset: int,
                          group: int, gated: bool, config: Optional[Config] = None,
-                         residual: Optional[torch.Tensor] = None, chain: Optional[dict] = None) -> torch.Tensor:
+                         residual: Optional[torch.Tensor] = None, chain: Optional[dict] = None,
+                         mins: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int_linear_impl` for weights in the fragment layout (layout.py): the tensor-core kernel of triton_mma.py
     for bf16/fp16 x at any M (8 rows a program), split-K finished in the launch. qweight int32 [(2 if gated) *
-    cdiv(N, 16), chunks * 128], scales fp32 [R, chunks * chunk // group]. fp32 x takes the reference path
+    cdiv(N, 16), chunks * 128], scales (and mins, formats with mins) fp32 [R, chunks * chunk // group]. fp32 x
+    takes the reference path
     (dequantized weight, F.linear): exact to fp32 rounding. chain: `norm_chain_args` (one row)."""
     op = "s2conv::int_linear"
     dev = qweight.device
@@ -412,10 +414,15 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         raise _fail(op, "K (columns of x)", f"in ({kp - unit}, {kp}] for this qweight", k)
     _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * tiles, chunks * 128), dev)
     _check_tensor(op, "scales", scales, torch.float32, (rows, kp // group), dev)
+    if mins is not None:
+        _check_tensor(op, "mins", mins, torch.float32, (rows, kp // group), dev)
     _check_residual(op, residual, x, n, gated)
     if x.dtype == torch.float32:  # reference path: exact to fp32 rounding
-        halves = [(qweight[:tiles], scales[:n]), (qweight[tiles:], scales[n:])] if gated else [(qweight, scales)]
-        w = torch.cat([dequantize_packed_fragment(bits, offset, group, q, s, k) for q, s in halves])
+        mm = mins if mins is not None else scales
+        halves = ([(qweight[:tiles], scales[:n], mm[:n]), (qweight[tiles:], scales[n:], mm[n:])] if gated
+                  else [(qweight, scales, mm)])
+        w = torch.cat([dequantize_packed_fragment(bits, offset, group, q, s, k, mins=None if mins is None else mn)
+                       for q, s, mn in halves])
         y = x @ w.T
         if gated:
             y = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
@@ -439,10 +446,11 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     cnt = _counters(dev, programs * grid[2]) if part is not None else y
     p_arg = part if part is not None else y
     r_arg = residual if residual is not None else y
-    launch(mma_linear_kernel, grid, x, qweight, scales, y, p_arg, cnt, r_arg, m, n, k, chunks,
+    launch(mma_linear_kernel, grid, x, qweight, scales, mins if mins is not None else scales, y, p_arg, cnt, r_arg,
+           m, n, k, chunks,
            per_unit * (unit // chunk), split, x.stride(0) // 2, qweight.stride(0), tiles, scales.stride(0),
            y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset, GROUP=group,
-           NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None, HAS_RES=residual is not None,
+           HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None, HAS_RES=residual is not None,
            F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps, outputs=(y,), **chain,
            **pdl_args(dev))
     return y

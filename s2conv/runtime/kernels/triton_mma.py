@@ -1,11 +1,12 @@
 """Integer GEMV / small-M GEMM on tensor cores for the fragment layout (layout.py): `mma.sync` m16n8k16 in bf16.
 
-Why: the CUDA-core dp2a GEMV (`triton_int`) spends 2.3-2.7 instructions per code; for 2-bit codes and 32-code
-groups it is slower than for q4. Here one shift and one LOP3 turn two stored codes into the bf16 pair
+Why: the CUDA-core dp2a GEMV (`triton_int`) spends 2.3-2.7 instructions per code; for 2- and 4-bit codes in
+groups of 32 or 64 it is slower than for q4. Here one shift and one LOP3 turn two stored codes into the bf16 pair
 (128 + u, 128 + u') that mma.sync multiplies with x straight from memory (exact products, fp32 sums), and the
-sum of x per group (an mma of the same x against ones) takes the 128 + offset back out. Per S2 layer on an H100
-(`scripts/probe_mma.py`): q2 41.4 -> 36.8 us, q4_0 57.1 -> 45.8 us; q4 (one scale per 128) 39.8 -> 38.9, so q4
-keeps the interleaved layout (bench/RESULTS.md, twelfth session).
+sum of x per group (an mma of the same x against ones) takes the 128 + offset back out, and the mins of the
+formats that have them. Per S2 layer on an H100 (`scripts/probe_mma.py`): q2 41.0 -> 38.2 us, q4_0 57.0 -> 45.8,
+q4_k 60.7 -> 55.3; q4 (one scale per 128) 40.0 -> 41.1, so q4 keeps the interleaved layout (bench/RESULTS.md,
+twelfth session).
 
 Mapping: each warp owns one 16-row tile; lane l = 4 g + q holds rows g and g + 8 of the A fragments, the x of
 batch row g in the B fragments (m16n8k16: n = 8 batch rows, so M <= 8 per program), and after the mma the sums
@@ -157,30 +158,44 @@ def _pick(s: tl.constexpr, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y
 
 
 @triton.jit
-def _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, grp, BIAS: tl.constexpr):
-    """Add one group's sums of (128 + u) x, less BIAS = 128 + offset times the group's sum of x (o0, o1: batch
-    rows 2q, 2q + 1), times the group's scales of rows g and g + 8, to the float sums a0..a3."""
+def _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, grp, BIAS: tl.constexpr,
+           HAS_MIN: tl.constexpr):
+    """Add one group's sums of (bias + u) x, less BIAS times the group's sum of x (o0, o1: batch rows 2q, 2q + 1),
+    times the group's scales of rows g and g + 8, to the float sums a0..a3; HAS_MIN: less the group's mins times
+    the sum of x."""
     s0 = tl.load(s_ptrs0 + grp)
     s2 = tl.load(s_ptrs2 + grp)
-    return (a0 + (c0 - BIAS * o0) * s0, a1 + (c1 - BIAS * o1) * s0, a2 + (c2 - BIAS * o0) * s2,
-            a3 + (c3 - BIAS * o1) * s2)
+    a0 += (c0 - BIAS * o0) * s0
+    a1 += (c1 - BIAS * o1) * s0
+    a2 += (c2 - BIAS * o0) * s2
+    a3 += (c3 - BIAS * o1) * s2
+    if HAS_MIN:
+        m0 = tl.load(m_ptrs0 + grp)
+        m2 = tl.load(m_ptrs2 + grp)
+        a0 -= m0 * o0
+        a1 -= m0 * o1
+        a2 -= m2 * o0
+        a3 -= m2 * o1
+    return a0, a1, a2, a3
 
 
 @triton.jit
-def _flush_both(c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2, s3_off,
-                grp, BIAS: tl.constexpr, GATED: tl.constexpr):
-    """`_flush` of the weight's sums into a*, and of w3's (gated, scales s3_off further) into d*."""
-    a0, a1, a2, a3 = _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, grp, BIAS)
+def _flush_both(c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2, m_ptrs0,
+                m_ptrs2, s3_off, grp, BIAS: tl.constexpr, GATED: tl.constexpr, HAS_MIN: tl.constexpr):
+    """`_flush` of the weight's sums into a*, and of w3's (gated: scales and mins s3_off further) into d*."""
+    a0, a1, a2, a3 = _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, grp, BIAS,
+                            HAS_MIN)
     if GATED:
-        d0, d1, d2, d3 = _flush(e0, e1, e2, e3, o0, o1, d0, d1, d2, d3, s_ptrs0 + s3_off, s_ptrs2 + s3_off, grp,
-                                BIAS)
+        d0, d1, d2, d3 = _flush(e0, e1, e2, e3, o0, o1, d0, d1, d2, d3, s_ptrs0 + s3_off, s_ptrs2 + s3_off,
+                                m_ptrs0 + s3_off, m_ptrs2 + s3_off, grp, BIAS, HAS_MIN)
     return a0, a1, a2, a3, d0, d1, d2, d3
 
 
 @triton.jit
-def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K, n_chunks,
-                      chunks_per_split, n_split, stride_xw, stride_wt, w3_tiles, stride_sn, stride_om, stride_ps,
-                      stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
+def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K, n_chunks,
+                      chunks_per_split, n_split, stride_xw, stride_wt, w3_tiles, stride_sn, stride_om,
+                      stride_ps, stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_MIN: tl.constexpr,
                       NW: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
                       ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False):
@@ -190,8 +205,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M,
     Warp v of program pid_n owns tile pid_n * NW + v (16 rows; tiles past the weight's are clamped to the last
     one and masked at the store), pid_m batch rows 8 pid_m .. 8 pid_m + 7, pid_k the chunks [pid_k *
     chunks_per_split, + chunks_per_split) (a chunk: 256 / BITS codes, one 16-byte load per lane; chunks_per_split
-    covers whole scale groups). w: int32 [tiles, n_chunks * 128], stride_wt its row stride. GATED: w3's tiles
-    from tile w3_tiles on (their scales N rows down); y = silu(x w1^T) * (x w3^T).
+    covers whole scale groups). w: int32 [tiles, n_chunks * 128], stride_wt its row stride. HAS_MIN: m_ptr holds
+    mins shaped like the scales (w = scale * code - min). GATED: w3's tiles from tile w3_tiles on
+    (their scales N rows down); y = silu(x w1^T) * (x w3^T).
     PARTIAL (split-K in one launch): fp32 partial sums to part[pid_k, m, :] (gated: w3's at column N + n), then
     the last program of the (pid_n, pid_m) tile (counter cnt[pid_m, pid_n]) reduces them (`common.finish_split`).
     HAS_RES, SS, ZERO as in `triton_int.int_gemv_kernel` (SS and ZERO: one batch row).
@@ -218,6 +234,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M,
     w3_ptrs = w_ptrs + w3_tiles.to(tl.int64) * stride_wt
     s_ptrs0 = s_ptr + tl.minimum(row0, N - 1) * stride_sn
     s_ptrs2 = s_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
+    m_ptrs0 = m_ptr + tl.minimum(row0, N - 1) * stride_sn
+    m_ptrs2 = m_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
     s3_off = N * stride_sn
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
@@ -225,7 +243,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M,
     x_live = x_m < M
     x_lane = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(x_m, M - 1).to(tl.int64) * stride_xw
     bound = K // 2
-    ones = tl.full([L], 0x3F803F80, tl.int32)  # the bf16 pair (1, 1)
+    ones = tl.full([L], 0x3C003C00 if F16 else 0x3F803F80, tl.int32)  # the pair (1, 1)
     zf = tl.zeros([L], tl.float32)
     c0, c1, c2, c3 = zf, zf, zf, zf  # the group's sums of w1 (or the only weight)
     e0, e1, e2, e3 = zf, zf, zf, zf  # ... of w3 (gated)
@@ -264,19 +282,19 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M,
                 e0, e1, e2, e3 = _mma(_code_pair(v0, s, BITS, OFF, F16, ASM), _code_pair(v1, s, BITS, OFF, F16, ASM),
                                       _code_pair(v2, s, BITS, OFF, F16, ASM), _code_pair(v3, s, BITS, OFF, F16, ASM),
                                       b0, b1, e0, e1, e2, e3, F16, ASM)
-            if not F16:  # sum of x per batch column, for the 128 + OFF the bf16 pairs carry
+            if not F16 or HAS_MIN:  # sum of x per batch column: for the 128 + OFF of the bf16 pairs, the mins
                 o0, o1, o2, o3 = _mma(ones, ones, ones, ones, b0, b1, o0, o1, o2, o3, F16, ASM)
             if GS <= SPC:  # a scale group ends inside the chunk: known at compile time
                 if (s + 1) % GS == 0:
                     a0, a1, a2, a3, d0, d1, d2, d3 = _flush_both(
                         c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2,
-                        s3_off, (c * CH + 16 * s) // GROUP, BIAS, GATED)
+                        m_ptrs0, m_ptrs2, s3_off, (c * CH + 16 * s) // GROUP, BIAS, GATED, HAS_MIN)
                     c0, c1, c2, c3, e0, e1, e2, e3, o0, o1 = zf, zf, zf, zf, zf, zf, zf, zf, zf, zf
         if GS > SPC:  # groups span several chunks: this one may end one
             if (c + 1) % (GS // SPC) == 0:
                 a0, a1, a2, a3, d0, d1, d2, d3 = _flush_both(
-                    c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2, s3_off,
-                    c // (GS // SPC), BIAS, GATED)
+                    c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2,
+                    m_ptrs0, m_ptrs2, s3_off, c // (GS // SPC), BIAS, GATED, HAS_MIN)
                 c0, c1, c2, c3, e0, e1, e2, e3, o0, o1 = zf, zf, zf, zf, zf, zf, zf, zf, zf, zf
         words = nwords
         words3 = nwords3
