@@ -18,6 +18,7 @@ import triton.language as tl
 
 from probe_variants import copies, device, per_layer, run_cases, split_outputs
 from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed, ops
+from s2conv.runtime.kernels.layout import pack_int_codes
 from s2conv.runtime.kernels.common import finish_split, store_output
 from s2conv.runtime.kernels.triton_int import _bytes, _dp2, _load_slices, _x_absmax, _x_field, _xint
 
@@ -92,14 +93,14 @@ def kq_gemv_kernel(x_ptr, w_ptr, sc_ptr, m_ptr, d_ptr, dm_ptr, out_ptr, part_ptr
     n_mask = offs_n < N
     if PARTIAL:
         finish_split(y, y, offs_n, n_mask, part_ptr, pid_k, stride_ps, N, cnt_ptr + pid_n, n_split,
-                     out_ptr + offs_n, out_ptr + offs_n, _R, False, False)
+                     out_ptr + offs_n, out_ptr + offs_n, False, False)
     else:
         store_output(out_ptr + offs_n, y, n_mask, out_ptr + offs_n, False)
 
 
-def kq_linear(x, packed, kq, bits, split):
+def kq_linear(x, q, kq, bits, split):
+    """q: the codes in the interleaved layout (layout.pack_int_codes), whatever layout the format's REPACK uses."""
     sc, m, d, dm = kq
-    q = packed["qweight"]
     n, k = sc.shape[0], x.shape[1]
     n_blocks = q.shape[1] // (16 * bits)
     per, split, y, part, cnt = split_outputs(n, n_blocks, split, x.dtype, x.device)
@@ -131,14 +132,16 @@ def main() -> int:
             x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
             ref = x.float() @ dequantize_packed(fmt, p, k).T
             kq = (sc, m, d, dm)
+            q_inter = pack_int_codes(codes, spec.bits, spec.offset)
             wbytes = sum(t.numel() * t.element_size() for t in p.values())
-            kbytes = p["qweight"].numel() * 4 + sum(t.numel() * t.element_size() for t in kq)
-            packs = copies(wbytes, lambda: ({kk: t.clone() for kk, t in p.items()}, tuple(t.clone() for t in kq)))
+            kbytes = q_inter.numel() * 4 + sum(t.numel() * t.element_size() for t in kq)
+            packs = copies(wbytes, lambda: ({kk: t.clone() for kk, t in p.items()}, tuple(t.clone() for t in kq),
+                                            q_inter.clone()))
             cases = {"landed": lambda pk: ops.int_linear_impl(x, pk[0]["qweight"], pk[0]["scales"], pk[0]["mins"],
                                                               spec.bits, spec.offset, spec.group, False)}
             for sp in sorted({split, 2 * split}):
-                cases[f"kq k{sp}"] = lambda pk, sp=sp: kq_linear(x, pk[0], pk[1], spec.bits, sp)
-            line, ok = run_cases(cases, (p, kq), packs, ref, dev, totals)
+                cases[f"kq k{sp}"] = lambda pk, sp=sp: kq_linear(x, pk[2], pk[1], spec.bits, sp)
+            line, ok = run_cases(cases, (p, kq, q_inter), packs, ref, dev, totals)
             failed |= not ok
             print(f"{fmt:4s} {name:6s} {wbytes / 1e6:5.1f} MB (integer scales: {kbytes / 1e6:5.1f}) | {line}",
                   flush=True)

@@ -123,7 +123,7 @@ def xq_gemv_kernel(xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cn
     n_mask = offs_n < N
     if PARTIAL:
         finish_split(y, y, offs_n, n_mask, part_ptr, pid_k, stride_ps, N, cnt_ptr + pid_n, n_split,
-                     out_ptr + offs_n, out_ptr + offs_n, _R, False, False)
+                     out_ptr + offs_n, out_ptr + offs_n, False, False)
     else:
         store_output(out_ptr + offs_n, y, n_mask, out_ptr + offs_n, False)
 

@@ -286,6 +286,9 @@ def test_bf16_decode_frame_with_fused_kernels_is_close_to_eager(weights):
         ye, yf = eager.fast_logits(oe[:, 0]), fast.fast_logits(of[:, 0])
         assert rel(of, oe) < 2**-5 and rel(yf, ye) < 2**-5
         x = eager.fast_embeddings(ye.argmax(-1))[:, None]
+    with torch.no_grad():  # new embedding weights after enable: the joined head rows follow them
+        fast.embeddings.weight.mul_(-1)
+    assert rel(fast.semantic_logits(hf), type(fast).semantic_logits(fast, hf)) < 2**-5
     fused_decode.disable(fast)
     assert "semantic_logits" not in fast.__dict__ and "forward" not in fast.fast_output.__dict__
 

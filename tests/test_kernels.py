@@ -102,7 +102,7 @@ def test_repack_roundtrip(fmt, k):
     packed = REPACK[fmt](*args)
     spec = INT_SPECS[fmt]
     assert packed["qweight"].dtype == torch.int32
-    if layout.uses_fragment_layout(spec):  # q2, q4_0: tiles of 16 rows, chunks of 256 / bits codes
+    if layout.uses_fragment_layout(spec):  # q2, q4_0, q4_1, q4_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
         assert packed["qweight"].shape == (1, chunks * 128)
@@ -114,6 +114,20 @@ def test_repack_roundtrip(fmt, k):
     assert torch.equal(dequantize_packed(fmt, packed, k), reference_weight(fmt, args, k))
 
 
+def test_fragment_kernel_pads_an_odd_k():
+    """x with an odd K (inside the weight's padded K) is read as int32 pairs only after a zero column is added:
+    the same result as the reference, at one row and at 9 rows."""
+    n, k = 20, 128
+    gen = torch.Generator().manual_seed(5)
+    args = make_weight("q4_0", n, k, gen)
+    p = packed_on_device("q4_0", args)
+    w = reference_weight("q4_0", args, k)[:, :k - 1]
+    for m in (1, 9):
+        x = torch.randn(m, k - 1, generator=gen).to(torch.bfloat16)
+        y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], None, 4, 8, 32, False)
+        assert_matches(y, x.float() @ w.T, torch.bfloat16)
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (2, 64), (4, 128), (2, 256)])
 def test_fragment_bit_positions(bits, group):
     """A single code lands where the fragment layout's notes say: tile, chunk, lane 4 g + q, word 2 kk + h, bit
@@ -121,7 +135,7 @@ def test_fragment_bit_positions(bits, group):
     off = 1 << (bits - 1)
     chunk, sub = 256 // bits, min(group, 256 // bits)
     sps = sub // 16
-    tile, h, g, c, j, q, s_, kk, e = 1, 1, 3, 1, sub and (chunk // sub) - 1, 2, sps - 1, 1, 1
+    tile, h, g, c, j, q, s_, kk, e = 1, 1, 3, 1, chunk // sub - 1, 2, sps - 1, 1, 1
     row = 16 * tile + 8 * h + g
     k_at = c * chunk + sub * j + 4 * sps * q + 4 * s_ + 2 * kk + e
     k = 2 * max(chunk, group)

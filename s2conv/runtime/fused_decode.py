@@ -64,6 +64,9 @@ def _head_forward(self: nn.Linear, x: Tensor) -> Tensor:
 def _semantic_logits(self: nn.Module, hidden: Tensor) -> Tensor:
     """`semantic_logits` at one bf16 row from the joined head rows (semantic tokens, then <|im_end|>): one GEMV
     launch instead of two cuBLAS products and a cat; otherwise the class method."""
+    emb = self.embeddings.weight
+    if self.__dict__["_semantic_head_key"] != (emb.data_ptr(), emb._version):  # new weights, or moved: join again
+        _join_semantic_head(self, self.__dict__["_semantic_head_force"])
     head = self.__dict__["_semantic_head"]
     if hidden.dim() == 2 and hidden.shape[0] == 1 and (hidden.is_cuda or self.__dict__["_semantic_head_force"]) \
             and _bf16_gemv(head, hidden, True):
@@ -346,8 +349,9 @@ def enable(model: nn.Module, force: bool = False) -> bool:
 
 def _join_semantic_head(model: nn.Module, force: bool) -> None:
     """A model with `semantic_logits` over a tied bf16 embedding (DualARTransformer) gets the head's rows joined
-    once (semantic tokens, then <|im_end|>: 21 MB at S2's shapes) and `_semantic_logits` in place of the method
-    (again on a second call: the rows may have changed)."""
+    once (semantic tokens, then <|im_end|>: 21 MB at S2's shapes) and `_semantic_logits` in place of the method.
+    The copy is keyed on the embedding's storage and version: new weights (load_state_dict) or a move join it
+    again at the next call (outside CUDA-graph capture, as any weight change must be)."""
     emb = getattr(getattr(model, "embeddings", None), "weight", None)
     cfg = getattr(model, "cfg", None)
     if emb is None or cfg is None or not hasattr(model, "semantic_logits") or emb.dtype != torch.bfloat16:
@@ -357,14 +361,15 @@ def _join_semantic_head(model: nn.Module, force: bool) -> None:
     with torch.no_grad():
         head = torch.cat([emb[cfg.semantic_begin_id: cfg.semantic_end_id + 1],
                           emb[cfg.eos_token_id: cfg.eos_token_id + 1]]).contiguous()
-    model.__dict__.update(_semantic_head=head, _semantic_head_force=force,
+    model.__dict__.update(_semantic_head=head, _semantic_head_force=force, _semantic_head_key=(emb.data_ptr(),
+                                                                                               emb._version),
                           semantic_logits=types.MethodType(_semantic_logits, model))
 
 
 def disable(model: nn.Module) -> None:
     """Restore the eager forwards. w1 / w3 keep reading views of the joined weight (same values)."""
     if "_semantic_head" in model.__dict__:  # only what `_join_semantic_head` installed
-        for name in ("semantic_logits", "_semantic_head", "_semantic_head_force"):
+        for name in ("semantic_logits", "_semantic_head", "_semantic_head_force", "_semantic_head_key"):
             model.__dict__.pop(name, None)
     for module in model.modules():
         if "_fused" in module.__dict__:

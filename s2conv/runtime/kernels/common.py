@@ -59,9 +59,9 @@ def zero_once(ptr, ZERO: tl.constexpr):
 
 @triton.jit
 def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_split, out_ptrs, r_ptrs,
-                 BLOCK: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, ss_ptr=None,
+                 GATED: tl.constexpr, HAS_RES: tl.constexpr, ss_ptr=None,
                  SS: tl.constexpr = False):
-    """Split-K finished inside the launch: store this program's fp32 partial sums y [BLOCK] (and y3, gated: w3's,
+    """Split-K finished inside the launch: store this program's fp32 partial sums y (and y3, gated: w3's,
     at column N + n) to p_row[pid_k * stride_ps + n], then count the arrival in c_ptr (an int32 counter, zero
     before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
     gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for

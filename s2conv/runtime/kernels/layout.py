@@ -380,12 +380,10 @@ def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch
     spec = INT_SPECS.get(fmt)
     if spec is None:
         raise QuantFormatError(f"no kernel format {fmt!r}; known: {', '.join(REPACK)}")
-    n = packed["scales"].shape[0]
     if uses_fragment_layout(spec):
         return dequantize_packed_fragment(spec.bits, spec.offset, spec.group, packed["qweight"], packed["scales"], k,
                                           dtype, packed.get("mins"))
-    else:
-        codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, n)
+    codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, packed["scales"].shape[0])
     codes = codes.to(torch.float32)
     s = packed["scales"].repeat_interleave(spec.group, dim=1)[:, :k]
     w = codes * s

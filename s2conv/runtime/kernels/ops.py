@@ -277,7 +277,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                     norm_eps: float = 0.0, ss_out: Optional[torch.Tensor] = None,
                     zero: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows).
+    """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows), or in
+    its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
+    [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
 
     scales fp32 [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
     [padded_rows(R), n_blocks * 16 * bits]. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
@@ -377,8 +379,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 
 def _fragment_split(tiles: int, units: int, m: int) -> int:
-    """Split-K of the tensor-core kernel: about 2,560 one-warp programs (the best of `scripts/probe_mma.py`'s
-    sweep at S2's shapes on an H100: 8 for wqkv, 16 for wo and w2, 2 for w1|w3), at most 16 and the units."""
+    """Split-K of the tensor-core kernel: about 2,560 one-warp programs (near the best of `scripts/probe_mma.py`'s
+    sweep at S2's shapes on an H100: 8 for wqkv, 16 for wo and w2; the gated w1|w3 gets 4 from the 608 tiles of
+    each half, a plain 2N-row weight 2), at most 16 and the units."""
     want = 2560 / (tiles * -(-m // 8))
     split = 1
     while split * 2 <= min(16, units) and split * 2 <= want * 1.5:
@@ -393,8 +396,8 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     """`int_linear_impl` for weights in the fragment layout (layout.py): the tensor-core kernel of triton_mma.py
     for bf16/fp16 x at any M (8 rows a program), split-K finished in the launch. qweight int32 [(2 if gated) *
     cdiv(N, 16), chunks * 128], scales (and mins, formats with mins) fp32 [R, chunks * chunk // group]. fp32 x
-    takes the reference path
-    (dequantized weight, F.linear): exact to fp32 rounding. chain: `norm_chain_args` (one row)."""
+    takes the reference path (the whole weight dequantized at every call, then x @ W^T: exact to fp32 rounding,
+    slow). An odd K runs on x padded with a zero column. chain: `norm_chain_args` (one row)."""
     op = "s2conv::int_linear"
     dev = qweight.device
     chain = chain or {}
@@ -433,9 +436,11 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         if "zero_ptr" in chain:
             chain["zero_ptr"].zero_()
         return y
-    if x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs)
-        x = x.clone()
+    if k % 2 or x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs): even rows, aligned
+        x = torch.nn.functional.pad(x, (0, k % 2))  # a fresh tensor; the zero column meets padding codes
+        k = x.shape[1]
     units = kp // unit
+    config = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated))
     split = config.split if config is not None else _fragment_split(tiles, units, m)
     per_unit = -(-units // min(max(split, 1), units))
     split = -(-units // per_unit)

@@ -103,7 +103,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
             y3 = y3 * tl.load(s_ptr + rows3)
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
-                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, BLOCK_N, GATED, HAS_RES,
+                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, GATED, HAS_RES,
                      ss_out, SS)
     else:
         if GATED:

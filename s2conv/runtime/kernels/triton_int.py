@@ -508,7 +508,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     r_row = r_ptr + pid_m * stride_rm
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
-                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_row + offs_n, r_row + offs_n, _R,
+                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_row + offs_n, r_row + offs_n,
                      GATED, HAS_RES, ss_out, SS)
     else:
         if GATED:

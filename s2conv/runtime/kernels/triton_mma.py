@@ -247,7 +247,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     zf = tl.zeros([L], tl.float32)
     c0, c1, c2, c3 = zf, zf, zf, zf  # the group's sums of w1 (or the only weight)
     e0, e1, e2, e3 = zf, zf, zf, zf  # ... of w3 (gated)
-    o0, o1, o2, o3 = zf, zf, zf, zf  # ... of x (the ones tile: o0, o1 per batch column)
+    o0, o1 = zf, zf  # ... of x (the ones tile: batch columns 2q, 2q + 1; its rows g + 8 repeat them)
     a0, a1, a2, a3 = zf, zf, zf, zf  # scaled float sums
     d0, d1, d2, d3 = zf, zf, zf, zf
     # register double buffering: chunk c + 1's words and x load while chunk c computes (triton's shared-memory
@@ -283,7 +283,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                                       _code_pair(v2, s, BITS, OFF, F16, ASM), _code_pair(v3, s, BITS, OFF, F16, ASM),
                                       b0, b1, e0, e1, e2, e3, F16, ASM)
             if not F16 or HAS_MIN:  # sum of x per batch column: for the 128 + OFF of the bf16 pairs, the mins
-                o0, o1, o2, o3 = _mma(ones, ones, ones, ones, b0, b1, o0, o1, o2, o3, F16, ASM)
+                o0, o1, _o2, _o3 = _mma(ones, ones, ones, ones, b0, b1, o0, o1, zf, zf, F16, ASM)
             if GS <= SPC:  # a scale group ends inside the chunk: known at compile time
                 if (s + 1) % GS == 0:
                     a0, a1, a2, a3, d0, d1, d2, d3 = _flush_both(
@@ -310,7 +310,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     if PARTIAL:
         finish_split(y, y3, cols * stride_pm + rows, mask, part_ptr, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptr + cols * stride_om + rows,
-                     r_ptr + cols * stride_rm + rows, 16, GATED, HAS_RES, ss_out, SS)
+                     r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
