@@ -75,7 +75,8 @@ def main() -> None:
             for nw, split in configs:
                 cfg = ops.Config(block_n=16, split=split, num_warps=nw)
                 cases[f"w{nw}s{split}"] = lambda p, c=cfg: ops.fragment_linear_impl(
-                    x, p[0], p[1], spec.bits, spec.offset, spec.group, False, c, mins=p[2] if mins is not None else None)
+                    x, p[0], p[1], spec.bits, spec.offset, spec.group, False, c,
+                    mins=p[2] if mins is not None else None)
             sweep: dict[str, float] = {}
             ln, ok = run_cases(cases, new, news, ref, dev, sweep)
             ok_all &= ok

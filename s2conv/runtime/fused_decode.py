@@ -68,8 +68,8 @@ def _semantic_logits(self: nn.Module, hidden: Tensor) -> Tensor:
     if self.__dict__["_semantic_head_key"] != (emb.data_ptr(), emb._version):  # new weights, or moved: join again
         _join_semantic_head(self, self.__dict__["_semantic_head_force"])
     head = self.__dict__["_semantic_head"]
-    if hidden.dim() == 2 and hidden.shape[0] == 1 and (hidden.is_cuda or self.__dict__["_semantic_head_force"]) \
-            and _bf16_gemv(head, hidden, True):
+    on_kernels = hidden.is_cuda or self.__dict__["_semantic_head_force"]
+    if hidden.dim() == 2 and hidden.shape[0] == 1 and on_kernels and _bf16_gemv(head, hidden, True):
         from s2conv.runtime.kernels import KERNELS
 
         return KERNELS["bf16"](hidden, {"weight": head})

@@ -452,12 +452,11 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     p_arg = part if part is not None else y
     r_arg = residual if residual is not None else y
     launch(mma_linear_kernel, grid, x, qweight, scales, mins if mins is not None else scales, y, p_arg, cnt, r_arg,
-           m, n, k, chunks,
-           per_unit * (unit // chunk), split, x.stride(0) // 2, qweight.stride(0), tiles, scales.stride(0),
-           y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset, GROUP=group,
-           HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None, HAS_RES=residual is not None,
-           F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps, outputs=(y,), **chain,
-           **pdl_args(dev))
+           m, n, k, chunks, per_unit * (unit // chunk), split, x.stride(0) // 2, qweight.stride(0), tiles,
+           scales.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset,
+           GROUP=group, HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None,
+           HAS_RES=residual is not None, F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps,
+           outputs=(y,), **chain, **pdl_args(dev))
     return y
 
 

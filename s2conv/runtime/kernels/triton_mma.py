@@ -114,25 +114,31 @@ def _x_words(x_lane, kw, live, bound, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _x_step(x_lane, base, s: tl.constexpr, live, bound, SUB: tl.constexpr, EVEN_K: tl.constexpr):
+    """`_x_words` of step s of a chunk whose lane-q words start at base: sub-chunk s // SPS, step s % SPS in it."""
+    SPS: tl.constexpr = SUB // 16
+    return _x_words(x_lane, base + ((s // SPS) * (SUB // 2) + 2 * (s % SPS)), live, bound, EVEN_K)
+
+
+@triton.jit
 def _x_chunk(x_lane, c, q, live, bound, CH: tl.constexpr, SUB: tl.constexpr, SPC: tl.constexpr,
              EVEN_K: tl.constexpr):
     """B fragments of chunk c's SPC steps (up to 8; unused ones repeat step 0): step s = sub-chunk j = s // SPS,
     step s' = s % SPS in it; lane q reads x at k = c CH + SUB j + 4 SPS q + 4 s' + 0..3 (layout.py)."""
-    SPS: tl.constexpr = SUB // 16
-    base = c * (CH // 2) + (2 * SPS) * q  # in int32 words (bf16 pairs)
-    x0, y0 = _x_words(x_lane, base, live, bound, EVEN_K)
+    base = c * (CH // 2) + (2 * (SUB // 16)) * q  # in int32 words (bf16 pairs)
+    x0, y0 = _x_step(x_lane, base, 0, live, bound, SUB, EVEN_K)
     x1, y1, x2, y2, x3, y3 = x0, y0, x0, y0, x0, y0
     x4, y4, x5, y5, x6, y6, x7, y7 = x0, y0, x0, y0, x0, y0, x0, y0
     if SPC > 1:
-        x1, y1 = _x_words(x_lane, base + ((1 // SPS) * (SUB // 2) + 2 * (1 % SPS)), live, bound, EVEN_K)
+        x1, y1 = _x_step(x_lane, base, 1, live, bound, SUB, EVEN_K)
     if SPC > 2:
-        x2, y2 = _x_words(x_lane, base + ((2 // SPS) * (SUB // 2) + 2 * (2 % SPS)), live, bound, EVEN_K)
-        x3, y3 = _x_words(x_lane, base + ((3 // SPS) * (SUB // 2) + 2 * (3 % SPS)), live, bound, EVEN_K)
+        x2, y2 = _x_step(x_lane, base, 2, live, bound, SUB, EVEN_K)
+        x3, y3 = _x_step(x_lane, base, 3, live, bound, SUB, EVEN_K)
     if SPC > 4:
-        x4, y4 = _x_words(x_lane, base + ((4 // SPS) * (SUB // 2) + 2 * (4 % SPS)), live, bound, EVEN_K)
-        x5, y5 = _x_words(x_lane, base + ((5 // SPS) * (SUB // 2) + 2 * (5 % SPS)), live, bound, EVEN_K)
-        x6, y6 = _x_words(x_lane, base + ((6 // SPS) * (SUB // 2) + 2 * (6 % SPS)), live, bound, EVEN_K)
-        x7, y7 = _x_words(x_lane, base + ((7 // SPS) * (SUB // 2) + 2 * (7 % SPS)), live, bound, EVEN_K)
+        x4, y4 = _x_step(x_lane, base, 4, live, bound, SUB, EVEN_K)
+        x5, y5 = _x_step(x_lane, base, 5, live, bound, SUB, EVEN_K)
+        x6, y6 = _x_step(x_lane, base, 6, live, bound, SUB, EVEN_K)
+        x7, y7 = _x_step(x_lane, base, 7, live, bound, SUB, EVEN_K)
     return x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7
 
 
@@ -195,12 +201,11 @@ def _flush_both(c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, 
 def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, M, N, K, n_chunks,
                       chunks_per_split, n_split, stride_xw, stride_wt, w3_tiles, stride_sn, stride_om,
                       stride_ps, stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
-                      HAS_MIN: tl.constexpr,
-                      NW: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
-                      HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
+                      HAS_MIN: tl.constexpr, NW: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+                      PARTIAL: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
                       ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False):
-    """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the fragment
-    layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
+    """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
+    fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
 
     Warp v of program pid_n owns tile pid_n * NW + v (16 rows; tiles past the weight's are clamped to the last
     one and masked at the store), pid_m batch rows 8 pid_m .. 8 pid_m + 7, pid_k the chunks [pid_k *
