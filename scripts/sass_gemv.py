@@ -37,7 +37,7 @@ _SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp
               "part_ptr": "*bf16", "cnt_ptr": "*i32", "r_ptr": "*bf16", "N": "i32", "K": "i32", "n_blocks": "i32",
               "blocks_per_split": "i32", "n_split": "i32", "magic": "i32", "stride_xm": "i32", "stride_wg": "i32",
               "w3_off": "i32", "stride_sn": "i32", "stride_om": "i32", "stride_ps": "i32", "stride_pm": "i32",
-              "stride_rm": "i32", "g_ptr": "*bf16", "eps": "fp32"}
+              "stride_rm": "i32", "g_ptr": "*bf16", "eps": "fp32", "ss_out": "*fp32", "zero_ptr": "*fp32"}
 _NOT_DIVISIBLE = ("magic", "n_split", "blocks_per_split", "n_blocks", "eps")  # small counts and the 0x4B000000 constant
 
 
@@ -46,7 +46,8 @@ def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1)
     xmax > 0: the dp2a path with that x range and `slices` row slices."""
     spec = INT_SPECS[fmt]
     const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
-                 PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True, NORM=False)
+                 PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True, NORM=False,
+                 SS=False, ZERO=False, SPLIT_MAX=0)
     sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
     attrs = {(int_gemv_kernel.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in _SIGNATURE if n not in _NOT_DIVISIBLE}

@@ -60,13 +60,15 @@ def zero_once(ptr, ZERO: tl.constexpr):
 @triton.jit
 def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_split, out_ptrs, r_ptrs,
                  GATED: tl.constexpr, HAS_RES: tl.constexpr, ss_ptr=None,
-                 SS: tl.constexpr = False):
+                 SS: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
     """Split-K finished inside the launch: store this program's fp32 partial sums y (and y3, gated: w3's,
     at column N + n) to p_row[pid_k * stride_ps + n], then count the arrival in c_ptr (an int32 counter, zero
     before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
     gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for
     the next launch. Launches sharing a counter must therefore not run concurrently. One launch fewer than a
-    separate reduction kernel. SS: as in `store_output`. y, offs_n and n_mask may have any one tile shape."""
+    separate reduction kernel. SS: as in `store_output`. y, offs_n and n_mask may have any one tile shape.
+    SPLIT_MAX >= n_split (a power of two, `split_max`): the partials' loads are unrolled, all in flight at once
+    (a loop over a runtime count issued them four at a time: one L2 round trip per four splits); 0: that loop."""
     tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
     if GATED:
         tl.store(p_row + pid_k * stride_ps + N + offs_n, y3, mask=n_mask)
@@ -75,10 +77,18 @@ def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_spl
     if arrived == n_split - 1:  # the last program of this row tile: reduce (".cg": read from L2, not L1)
         acc = tl.zeros_like(y)
         acc3 = tl.zeros_like(y)
-        for s in range(n_split):
-            acc += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-            if GATED:
-                acc3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        if SPLIT_MAX > 0:
+            for s in tl.static_range(SPLIT_MAX):
+                live = n_mask & (offs_n * 0 + s < n_split)  # (a tensor compare: a scalar bool mask is not portable)
+                acc += tl.load(p_row + s * stride_ps + offs_n, mask=live, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=live, other=0.0, cache_modifier=".cg")
+        else:
+            for s in range(n_split):
+                acc += tl.load(p_row + s * stride_ps + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc3 += tl.load(p_row + s * stride_ps + N + offs_n, mask=n_mask, other=0.0,
+                                    cache_modifier=".cg")
         if GATED:
             acc = acc * tl.sigmoid(acc) * acc3
         store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES, ss_ptr, SS)

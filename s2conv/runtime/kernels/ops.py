@@ -203,6 +203,14 @@ def _check_residual(op: str, residual: Optional[torch.Tensor], x: torch.Tensor, 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
+def split_max(split: int) -> int:
+    """SPLIT_MAX of a GEMV launch with `split` K ranges (`common.finish_split`): the finishing program loads all
+    the partials at once; S2CONV_SPLIT_UNROLL=0 keeps the loop (benchmark baseline)."""
+    if split <= 1 or os.environ.get("S2CONV_SPLIT_UNROLL", "1") == "0":
+        return 0
+    return triton.next_power_of_2(split)
+
+
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """>= n int32 arrival counters, zero between launches (the last program of each row tile resets its own).
 
@@ -365,7 +373,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
             r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
-            eps=float(norm_eps), NORM=norm_weight is not None, outputs=(y,), **chain, **common)
+            eps=float(norm_eps), NORM=norm_weight is not None, SPLIT_MAX=split_max(split), outputs=(y,), **chain,
+            **common)
         return y
     assert not chain, "norm_chain_args allows one row only"
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
@@ -456,7 +465,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
            scales.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset,
            GROUP=group, HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None,
            HAS_RES=residual is not None, F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps,
-           outputs=(y,), **chain, **pdl_args(dev))
+           SPLIT_MAX=split_max(split), outputs=(y,), **chain, **pdl_args(dev))
     return y
 
 
@@ -516,7 +525,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
-               outputs=(y,), **chain, **common)
+               SPLIT_MAX=split_max(split), outputs=(y,), **chain, **common)
         return y
     else:
         assert not chain, "norm_chain_args allows one row only"

@@ -66,7 +66,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
                       PIPE: tl.constexpr = 1, ASM: tl.constexpr = False, ss_in=None, g_ptr=None, eps=0.0,
                       NORM: tl.constexpr = False, FIX: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False,
-                      zero_ptr=None, ZERO: tl.constexpr = False):
+                      zero_ptr=None, ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE, ASM: `_float_rows_gemv`;
     HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
     last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)]).
@@ -104,7 +104,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, GATED, HAS_RES,
-                     ss_out, SS)
+                     ss_out, SS, SPLIT_MAX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3

@@ -448,7 +448,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                     PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
                     SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
                     NORM: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False, zero_ptr=None,
-                    ZERO: tl.constexpr = False):
+                    ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
@@ -509,7 +509,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_row + offs_n, r_row + offs_n,
-                     GATED, HAS_RES, ss_out, SS)
+                     GATED, HAS_RES, ss_out, SS, SPLIT_MAX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3

@@ -203,7 +203,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                       stride_ps, stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
                       HAS_MIN: tl.constexpr, NW: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                       PARTIAL: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
-                      ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False):
+                      ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False,
+                      SPLIT_MAX: tl.constexpr = 0):
     """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
     fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
 
@@ -315,7 +316,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     if PARTIAL:
         finish_split(y, y3, cols * stride_pm + rows, mask, part_ptr, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptr + cols * stride_om + rows,
-                     r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS)
+                     r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS, SPLIT_MAX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
