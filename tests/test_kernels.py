@@ -567,3 +567,45 @@ def test_norm_chain_arguments(fmt):
             want.abs().max())  # the statistic is read, not recomputed
     with pytest.raises(RuntimeModelError, match="rows of x with a norm chain"):
         KERNELS[fmt](torch.cat([x, x]), p, ss_out=ss)
+
+
+@pytest.mark.parametrize("fmt,gated,split", [("q4", True, 2), ("q2", True, 3), ("q4_k", False, 1), ("q8_0", False, 2)])
+def test_integer_kernels_take_the_norm_from_their_producer(fmt, gated, split):
+    """The one-row norm chain of the integer kernels: a producer (any kernel, here bf16 and the format itself)
+    stores h, h * g (gx_out, rounded to h's dtype) and the sum of squares of h; an integer GEMV given h * g and
+    rs_in = (ss, eps) scales its output by rsqrt(ss / K + eps) (before the gate) and equals the GEMV of
+    fish-speech's RMSNorm(h) within the rounding of x (one bf16 step of x, summed)."""
+    from s2conv.runtime.kernels import fused
+    n, k = 37, 256
+    gen = torch.Generator().manual_seed(5 + split)
+    spec = INT_SPECS[fmt]
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    prod = packed_on_device(fmt, make_weight(fmt, k, 256, gen))  # the producer: N = k
+    x = (torch.randn(1, 256, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    r = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(DEVICE)
+    g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE)
+    for producer in ("bf16", fmt):
+        ss, hg = torch.zeros(1, device=DEVICE), torch.full((1, k), 7.0, dtype=torch.bfloat16, device=DEVICE)
+        if producer == "bf16":
+            w = torch.randn(k, 256, generator=gen).to(torch.bfloat16).to(DEVICE) * 0.05
+            h = KERNELS["bf16"](x, {"weight": w}, residual=r, ss_out=ss, gx_out=(g, hg))
+        else:
+            h = KERNELS[fmt](x, prod, residual=r, ss_out=ss, gx_out=(g, hg))
+        # every column written, rounded once (the interpreter truncates fp32 -> bf16: within one bf16 step there)
+        exact = (h.float() * g.float()).to(torch.bfloat16)
+        assert bool(((hg.float() - exact.float()).abs() <= exact.float().abs() * 2**-7).all())
+        cfg = ops.Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=True,
+                         slices=4 if fmt == "q4" else 1)
+        y = ops.int_linear_impl(hg, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset, spec.group,
+                                gated, cfg, rs_in=(ss, 1e-6))
+        n_h = fused.rms_norm(h, g, 1e-6)
+        want = ops.int_linear_impl(n_h, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
+                                   spec.group, gated, cfg).float()
+        assert float((y.float() - want).abs().max()) <= 2**-6 * float(want.abs().max()), producer
+        # the statistic is read: twice the sum of squares scales the output by 1 / sqrt(2) (before the gate)
+        y2 = ops.int_linear_impl(hg, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset, spec.group,
+                                 gated, cfg, rs_in=(2 * ss, 1e-6)).float()
+        assert float((y2 - want).abs().max()) > 0.1 * float(want.abs().max())
+    with pytest.raises(RuntimeModelError, match="gx_out"):
+        KERNELS[fmt](x, prod, gx_out=(g[:-1], hg[:, :-1].contiguous()))

@@ -8,6 +8,8 @@
                                                  # KERNELS["q4"].fuses_norm(h, packed), else a norm first)
     h = KERNELS["q4"](x, packed, residual=h, ss_out=ss)  # one row: + the output's sum of squares into ss, so that
     y = KERNELS["fp8"](h, p8, norm_ss=(ss, g, eps))      # a float kernel takes rms_norm(h) without a norm launch
+    h = KERNELS["q4"](x, packed, residual=h, ss_out=ss, gx_out=(g, hg))  # ... and h * g into hg, so that
+    y = KERNELS["q4"](hg, packed, rs_in=(ss, eps))       # an integer kernel takes it too (rsqrt on its output)
 
 The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
 triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
@@ -45,15 +47,18 @@ def _int_kernel(fmt: str, gated: bool):
 
     def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
                norm: tuple[torch.Tensor, float] | None = None, ss_out: torch.Tensor | None = None,
-               zero: torch.Tensor | None = None) -> torch.Tensor:
+               zero: torch.Tensor | None = None, gx_out: tuple | None = None,
+               rs_in: tuple | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
         g, eps = norm if norm is not None else (None, 0.0)
         args = (_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
                 spec.group, gated)
         if _eager():
-            y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps, ss_out=ss_out, zero=zero)
+            y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps, ss_out=ss_out, zero=zero,
+                                    gx_out=gx_out, rs_in=rs_in)
         else:
-            assert ss_out is None and zero is None, "norm chains run eagerly or in CUDA graphs, not compiled"
+            assert ss_out is None and zero is None and gx_out is None and rs_in is None, \
+                "norm chains run eagerly or in CUDA graphs, not compiled"
             y = torch.ops.s2conv.int_linear(*args, r, g, eps)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -63,6 +68,7 @@ def _int_kernel(fmt: str, gated: bool):
 
     linear.fuses_norm = fuses_norm
     linear.takes_norm_ss = False
+    linear.takes_rs_in = True  # rs_in: x arrives times its RMSNorm's weight (a producer's gx_out), rsqrt applied here
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")
@@ -72,17 +78,20 @@ def _int_kernel(fmt: str, gated: bool):
 def _float_kernel(fmt: str, gated: bool):
     def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
                ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-               norm_ss: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+               norm_ss: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+               gx_out: tuple | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
         args = (_flat(x), packed["weight"], packed.get("scales"), gated)
         if _eager():
-            y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss)
+            y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss, gx_out=gx_out)
         else:
-            assert ss_out is None and zero is None and norm_ss is None, "norm chains run eagerly, not compiled"
+            assert ss_out is None and zero is None and norm_ss is None and gx_out is None, \
+                "norm chains run eagerly, not compiled"
             y = torch.ops.s2conv.float_linear(*args, r)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     linear.takes_norm_ss = True  # norm_ss: the RMSNorm of x applied inside, its statistic from a producer
+    linear.takes_rs_in = False
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")

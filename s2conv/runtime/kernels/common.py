@@ -27,16 +27,22 @@ def round_to(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
-def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr, ss_ptr=None, SS: tl.constexpr = False):
+def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr, ss_ptr=None, SS: tl.constexpr = False,
+                 g_ptrs=None, gx_ptrs=None, GX: tl.constexpr = False):
     """Store fp32 y in the output's dtype. HAS_RES: store residual + y the way eager `h + linear(x)` computes it:
     y rounded to the output dtype first, the sum in fp32, rounded again (one kernel instead of a GEMV and an add).
     SS: also add the sum of squares of the stored values to ss_ptr[0] (fp32, atomically: every program of the
-    row adds its part), the statistic of the RMSNorm that the next GEMV applies to this output (`norm_scale`)."""
+    row adds its part), the statistic of the RMSNorm that the next GEMV applies to this output (`norm_scale`).
+    GX: also store the output times the next RMSNorm's weight (g_ptrs: its elements at the output's columns),
+    rounded, to gx_ptrs: what an integer GEMV reads as x when it applies that norm's rsqrt to its own output."""
     out = y.to(ptrs.dtype.element_ty)
     if HAS_RES:
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + r).to(ptrs.dtype.element_ty)
     tl.store(ptrs, out, mask=mask)
+    if GX:
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx_ptrs, (out.to(tl.float32) * g).to(gx_ptrs.dtype.element_ty), mask=mask)
     if SS:
         o = tl.ravel(tl.where(mask, out.to(tl.float32), 0.0))  # (any tile shape)
         tl.atomic_add(ss_ptr, tl.sum(o * o, axis=0), sem="relaxed")
@@ -50,6 +56,13 @@ def norm_scale(ss_ptr, K, eps):
 
 
 @triton.jit
+def rs_scale(ss, K, eps):
+    """rsqrt(ss / K + eps): the RMSNorm factor of a row with sum of squares ss (loaded early by the caller, so
+    that its round trip overlaps the weight loads; the integer GEMVs apply it to their output, see GX)."""
+    return 1.0 / tl.sqrt_rn(ss / K + eps)
+
+
+@triton.jit
 def zero_once(ptr, ZERO: tl.constexpr):
     """ptr[0] = 0 from the grid's first program (ZERO): a consumed sum-of-squares slot, reset for the next step."""
     if ZERO:
@@ -60,13 +73,14 @@ def zero_once(ptr, ZERO: tl.constexpr):
 @triton.jit
 def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_split, out_ptrs, r_ptrs,
                  GATED: tl.constexpr, HAS_RES: tl.constexpr, ss_ptr=None,
-                 SS: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
+                 SS: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0, g_ptrs=None, gx_ptrs=None,
+                 GX: tl.constexpr = False):
     """Split-K finished inside the launch: store this program's fp32 partial sums y (and y3, gated: w3's,
     at column N + n) to p_row[pid_k * stride_ps + n], then count the arrival in c_ptr (an int32 counter, zero
     before the launch); the program that arrives last for this row tile sums the n_split partials, applies the
     gate (silu(y) * y3) and stores the output (+ residual, `store_output`), then sets the counter back to 0 for
     the next launch. Launches sharing a counter must therefore not run concurrently. One launch fewer than a
-    separate reduction kernel. SS: as in `store_output`. y, offs_n and n_mask may have any one tile shape.
+    separate reduction kernel. SS, GX: as in `store_output`. y, offs_n and n_mask may have any one tile shape.
     SPLIT_MAX >= n_split (a power of two, `split_max`): the partials' loads are unrolled, all in flight at once
     (a loop over a runtime count issued them four at a time: one L2 round trip per four splits); 0: that loop."""
     tl.store(p_row + pid_k * stride_ps + offs_n, y, mask=n_mask)
@@ -91,5 +105,5 @@ def finish_split(y, y3, offs_n, n_mask, p_row, pid_k, stride_ps, N, c_ptr, n_spl
                                     cache_modifier=".cg")
         if GATED:
             acc = acc * tl.sigmoid(acc) * acc3
-        store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES, ss_ptr, SS)
+        store_output(out_ptrs, acc, n_mask, r_ptrs, HAS_RES, ss_ptr, SS, g_ptrs, gx_ptrs, GX)
         tl.store(c_ptr, 0)

@@ -251,19 +251,26 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
 
 
 def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torch.Tensor],
-                    zero: Optional[torch.Tensor], norm_ss: Optional[tuple] = None) -> dict:
+                    zero: Optional[torch.Tensor], norm_ss: Optional[tuple] = None, gx_out: Optional[tuple] = None,
+                    rs_in: Optional[tuple] = None) -> dict:
     """The GEMV launch arguments that chain RMSNorms through one-row GEMVs (no norm launch between them):
 
     ss_out: fp32 [1], the output's sum of squares is added to it (the next norm's statistic; not with gated);
     zero: fp32 [1], set to 0 by the launch (the slot its own input norm was read from, free again);
     norm_ss (float kernels): (ss fp32 [1], g [K], eps): x is rms_norm(x, g, eps) with the sum of squares of x read
-    from ss instead of computed. All three need one row (M = 1)."""
+    from ss instead of computed;
+    gx_out: (g [N], buf [1, N] in x's dtype): the output times g, rounded, is also stored to buf (checked against N
+    by `_check_gx`; not with gated);
+    rs_in (integer kernels): (ss fp32 [1], eps): x arrives already multiplied by its RMSNorm's weight (a
+    producer's gx_out) and the output is scaled by rsqrt(ss / K + eps): rms_norm(x) W^T up to where the two
+    roundings fall. All of them need one row (M = 1)."""
     chain = {}
-    if ss_out is None and zero is None and norm_ss is None:
+    if ss_out is None and zero is None and norm_ss is None and gx_out is None and rs_in is None:
         return chain
     if x.shape[0] != 1:
         raise _fail(op, "rows of x with a norm chain", "1", x.shape[0])
-    for name, t in (("ss_out", ss_out), ("zero", zero), ("norm_ss", None if norm_ss is None else norm_ss[0])):
+    for name, t in (("ss_out", ss_out), ("zero", zero), ("norm_ss", None if norm_ss is None else norm_ss[0]),
+                    ("rs_in", None if rs_in is None else rs_in[0])):
         if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
             raise _fail(op, name, f"a 1-element float32 tensor on {x.device}", f"{t.dtype} {tuple(t.shape)}")
     if ss_out is not None:
@@ -277,14 +284,34 @@ def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torc
         if tuple(g.shape) != (x.shape[1],) or g.device != x.device or not g.is_contiguous():
             raise _fail(op, "norm weight", f"a contiguous [{x.shape[1]}] tensor on {x.device}", tuple(g.shape))
         chain.update(ss_in=ss, g_ptr=g, eps=float(eps), NORM=True, FIX=_INTERPRETED and x.dtype == torch.bfloat16)
+    if rs_in is not None:
+        chain.update(rs_ptr=rs_in[0], rs_k=x.shape[1], rs_eps=float(rs_in[1]), RS=True)
+    if gx_out is not None:
+        if gated:
+            raise _fail(op, "gx_out", "None for a gated linear", "a tensor")
+        g, buf = gx_out
+        if buf.dtype != x.dtype or buf.device != x.device or not buf.is_contiguous() or buf.dim() != 2:
+            raise _fail(op, "gx_out buffer", f"a contiguous [1, N] {x.dtype} tensor on {x.device}",
+                        f"{buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        chain.update(gx_g=g, gx_ptr=buf, GX=True)
     return chain
+
+
+def _check_gx(op: str, chain: dict, n: int) -> None:
+    """gx_out's weight and buffer (`norm_chain_args`) must cover the output's n columns."""
+    if chain.get("GX"):
+        g, buf = chain["gx_g"], chain["gx_ptr"]
+        if tuple(g.shape) != (n,) or tuple(buf.shape) != (1, n) or g.device != buf.device or not g.is_contiguous():
+            raise _fail(op, "gx_out", f"a contiguous weight [{n}] and a buffer [1, {n}]",
+                        f"{tuple(g.shape)} and {tuple(buf.shape)}")
 
 
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
                     bits: int, offset: int, group: int, gated: bool, config: Optional[Config] = None,
                     residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
                     norm_eps: float = 0.0, ss_out: Optional[torch.Tensor] = None,
-                    zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    zero: Optional[torch.Tensor] = None, gx_out: Optional[tuple] = None,
+                    rs_in: Optional[tuple] = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows), or in
     its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
     [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
@@ -296,12 +323,14 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
     norm_weight [K] (with norm_eps): x is first put through fish-speech's RMSNorm with that weight, folded into
     the kernel where `fuses_norm` says so (one launch, x read once), else by `fused.rms_norm` first.
-    ss_out, zero: `norm_chain_args` (one row, no gate).
+    ss_out, zero, gx_out, rs_in: `norm_chain_args` (one row; ss_out and gx_out not with gated).
     """
     op = "s2conv::int_linear"
     dev = qweight.device
     _check_x(op, x, dev)
-    chain = norm_chain_args(op, x, gated, ss_out, zero)
+    chain = norm_chain_args(op, x, gated, ss_out, zero, gx_out=gx_out, rs_in=rs_in)
+    if norm_weight is not None and rs_in is not None:
+        raise _fail(op, "norm_weight with rs_in", "one of them (rs_in: x already carries the norm's weight)", "both")
     if bits not in (2, 3, 4, 8):
         raise _fail(op, "bits", "2, 3, 4 or 8", bits)
     if group not in _GROUPS:
@@ -333,6 +362,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
     _check_residual(op, residual, x, n, gated)
+    _check_gx(op, chain, n)
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:
         # the GEMM reads w1|w3 as one weight of 2N rows (the stacked layouts are one layout when N fills whole row
         # groups) and a second small launch takes silu(a) * b: the gated GEMM, its loop inlined twice, compiled
@@ -429,6 +459,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, (rows, kp // group), dev)
     _check_residual(op, residual, x, n, gated)
+    _check_gx(op, chain, n)
     if x.dtype == torch.float32:  # reference path: exact to fp32 rounding
         mm = mins if mins is not None else scales
         halves = ([(qweight[:tiles], scales[:n], mm[:n]), (qweight[tiles:], scales[n:], mm[n:])] if gated
@@ -436,10 +467,14 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         w = torch.cat([dequantize_packed_fragment(bits, offset, group, q, s, k, mins=None if mins is None else mn)
                        for q, s, mn in halves])
         y = x @ w.T
+        if "rs_ptr" in chain:
+            y = y * torch.rsqrt(chain["rs_ptr"] / chain["rs_k"] + chain["rs_eps"])
         if gated:
             y = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
         if residual is not None:
             y = y + residual
+        if "gx_ptr" in chain:
+            chain["gx_ptr"].copy_(y * chain["gx_g"].float())
         if "ss_out" in chain:
             chain["ss_out"] += (y * y).sum()
         if "zero_ptr" in chain:
@@ -480,14 +515,14 @@ def _float_key(x, weight, has_scale, gated):
 def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
                       config: Optional[Config] = None, residual: Optional[torch.Tensor] = None,
                       ss_out: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
-                      norm_ss: Optional[tuple] = None) -> torch.Tensor:
+                      norm_ss: Optional[tuple] = None, gx_out: Optional[tuple] = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn, int8 or bfloat16 [R, K], scales fp32 [R]
-    or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`; ss_out, zero, norm_ss:
+    or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`; ss_out, zero, norm_ss, gx_out:
     `norm_chain_args`."""
     op = "s2conv::float_linear"
     dev = weight.device
     _check_x(op, x, dev)
-    chain = norm_chain_args(op, x, gated, ss_out, zero, norm_ss)
+    chain = norm_chain_args(op, x, gated, ss_out, zero, norm_ss, gx_out)
     if weight.dtype not in (torch.float8_e4m3fn, torch.int8, torch.bfloat16):
         raise _fail(op, "weight dtype", "float8_e4m3fn, int8 or bfloat16", weight.dtype)
     if weight.dim() != 2:
@@ -503,6 +538,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         _check_tensor(op, "scales", scales, torch.float32, (rows,), dev)
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
+    _check_gx(op, chain, n)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
         "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated)
     bk = min(cfg.block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K (small models, tests)

@@ -66,13 +66,15 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr,
                       PIPE: tl.constexpr = 1, ASM: tl.constexpr = False, ss_in=None, g_ptr=None, eps=0.0,
                       NORM: tl.constexpr = False, FIX: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False,
-                      zero_ptr=None, ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
+                      zero_ptr=None, ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0, gx_g=None,
+                      gx_ptr=None, GX: tl.constexpr = False):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE, ASM: `_float_rows_gemv`;
     HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
     last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)]).
     One row (M = 1) can chain RMSNorms through the GEMVs: NORM takes rms_norm(x) with weight g_ptr (eps) for x, the
     row's sum of squares read from ss_in; SS adds the output's sum of squares to ss_out (`store_output`); ZERO sets
-    zero_ptr[0] = 0 (the slot this launch's input norm was read from, once every reader has finished)."""
+    zero_ptr[0] = 0 (the slot this launch's input norm was read from, once every reader has finished); GX also
+    stores y * gx_g[n] to gx_ptr for an integer GEMV that reads it (`triton_int.int_gemv_kernel`'s RS)."""
     if PDL:
         gdc_launch_dependents()
     zero_once(zero_ptr, ZERO)
@@ -93,6 +95,11 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     r_ptrs = r_ptr + pid_m * stride_rm + offs_n
     n_mask = offs_n < N
+    g_ptrs = r_ptrs  # (not read without GX)
+    gx_ptrs = r_ptrs
+    if GX:
+        g_ptrs = gx_g + offs_n
+        gx_ptrs = gx_ptr + pid_m * stride_om + offs_n
     y3 = y  # (not used without GATED)
     if GATED:
         rows3 = rows + N
@@ -104,11 +111,11 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptrs, r_ptrs, GATED, HAS_RES,
-                     ss_out, SS, SPLIT_MAX)
+                     ss_out, SS, SPLIT_MAX, g_ptrs, gx_ptrs, GX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
-        store_output(out_ptrs, y, n_mask, r_ptrs, HAS_RES, ss_out, SS)
+        store_output(out_ptrs, y, n_mask, r_ptrs, HAS_RES, ss_out, SS, g_ptrs, gx_ptrs, GX)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output, zero_once
+from s2conv.runtime.kernels.common import finish_split, pdl_start, rs_scale, store_output, zero_once
 
 _BLOCK_K = tl.constexpr(512)  # codes per block (layout.BLOCK_K)
 _W = tl.constexpr(16)  # int32 words per sub-tile row (layout.WORDS)
@@ -448,7 +448,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                     PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
                     SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
                     NORM: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False, zero_ptr=None,
-                    ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0):
+                    ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0, rs_ptr=None, rs_k=1, rs_eps=0.0,
+                    RS: tl.constexpr = False, gx_g=None, gx_ptr=None, GX: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
@@ -464,9 +465,15 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     zero before the launch); the program that arrives last sums the n_split partials, writes y and sets its
     counter back to 0 for the next launch. Launches sharing cnt must therefore not run concurrently.
     SS, ZERO: as in `triton_float.float_gemv_kernel` (the output's sum of squares for the next GEMV's norm).
+    RS (one row): x arrives multiplied by its RMSNorm's weight (a producer's GX), and y is scaled by the norm's
+    rsqrt(rs_ptr[0] / rs_k + rs_eps) (rs_ptr: x's sum of squares, a producer's SS; rs_k: x's columns): the norm
+    without a launch.
+    GX (one row): also store y * gx_g[n] to gx_ptr (`common.store_output`); SPLIT_MAX: `common.finish_split`.
     """
     pdl_start(PDL)
     zero_once(zero_ptr, ZERO)
+    if RS:
+        ss_in = tl.load(rs_ptr)  # loaded first, used last: its round trip overlaps the weights
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -503,17 +510,26 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                                 b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
     if not GATED:
         y3 = y  # (not used)
+    if RS:
+        rs = rs_scale(ss_in, rs_k, rs_eps)
+        y = y * rs
+        y3 = y3 * rs
     n_mask = offs_n < N
     out_row = out_ptr + pid_m * stride_om
     r_row = r_ptr + pid_m * stride_rm
+    g_ptrs = r_row + offs_n  # (not read without GX)
+    gx_ptrs = r_row + offs_n
+    if GX:
+        g_ptrs = gx_g + offs_n
+        gx_ptrs = gx_ptr + pid_m * stride_om + offs_n
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_row + offs_n, r_row + offs_n,
-                     GATED, HAS_RES, ss_out, SS, SPLIT_MAX)
+                     GATED, HAS_RES, ss_out, SS, SPLIT_MAX, g_ptrs, gx_ptrs, GX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
-        store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES, ss_out, SS)
+        store_output(out_row + offs_n, y, n_mask, r_row + offs_n, HAS_RES, ss_out, SS, g_ptrs, gx_ptrs, GX)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from s2conv.runtime.kernels.common import finish_split, pdl_start, store_output, zero_once
+from s2conv.runtime.kernels.common import finish_split, pdl_start, rs_scale, store_output, zero_once
 
 
 @triton.jit
@@ -204,7 +204,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                       HAS_MIN: tl.constexpr, NW: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                       PARTIAL: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
                       ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False,
-                      SPLIT_MAX: tl.constexpr = 0):
+                      SPLIT_MAX: tl.constexpr = 0, rs_ptr=None, rs_k=1, rs_eps=0.0, RS: tl.constexpr = False,
+                      gx_g=None, gx_ptr=None, GX: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
     fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
 
@@ -216,10 +217,12 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     (their scales N rows down); y = silu(x w1^T) * (x w3^T).
     PARTIAL (split-K in one launch): fp32 partial sums to part[pid_k, m, :] (gated: w3's at column N + n), then
     the last program of the (pid_n, pid_m) tile (counter cnt[pid_m, pid_n]) reduces them (`common.finish_split`).
-    HAS_RES, SS, ZERO as in `triton_int.int_gemv_kernel` (SS and ZERO: one batch row).
+    HAS_RES, SS, ZERO, RS, GX, SPLIT_MAX as in `triton_int.int_gemv_kernel` (SS, ZERO, RS, GX: one batch row).
     """
     pdl_start(PDL)
     zero_once(zero_ptr, ZERO)
+    if RS:
+        ss_in = tl.load(rs_ptr)  # loaded first, used last
     L: tl.constexpr = 32 * NW
     SPC: tl.constexpr = 16 // BITS  # k16 steps per chunk
     CH: tl.constexpr = 16 * SPC  # codes per chunk
@@ -313,12 +316,21 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     cols = pid_m * 8 + 2 * q
     cols = tl.join(tl.join(cols, cols + 1), tl.join(cols, cols + 1))
     mask = (rows < N) & (cols < M)
+    if RS:
+        rs = rs_scale(ss_in, rs_k, rs_eps)
+        y = y * rs
+        y3 = y3 * rs
+    g_ptrs = r_ptr + cols * stride_rm + rows  # (not read without GX)
+    gx_ptrs = g_ptrs
+    if GX:
+        g_ptrs = gx_g + rows
+        gx_ptrs = gx_ptr + cols * stride_om + rows
     if PARTIAL:
         finish_split(y, y3, cols * stride_pm + rows, mask, part_ptr, pid_k, stride_ps, N,
                      cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptr + cols * stride_om + rows,
-                     r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS, SPLIT_MAX)
+                     r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS, SPLIT_MAX, g_ptrs, gx_ptrs, GX)
     else:
         if GATED:
             y = y * tl.sigmoid(y) * y3
         store_output(out_ptr + cols * stride_om + rows, y, mask, r_ptr + cols * stride_rm + rows, HAS_RES, ss_out,
-                     SS)
+                     SS, g_ptrs, gx_ptrs, GX)
