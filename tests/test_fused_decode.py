@@ -419,6 +419,51 @@ def test_norms_chain_through_float_gemvs(weights, monkeypatch):
     assert "_ss_in" not in fast.layers[0].__dict__ and "_next_block" not in fast.layers[0].__dict__
 
 
+@pytest.mark.slow  # 1.5 (q4) and 4 (q2) minutes in triton's interpreter (CPU); seconds on a GPU
+@pytest.mark.parametrize("fmt", ["q4", "q2"])
+def test_norms_chain_through_integer_gemvs(weights, fmt, monkeypatch):
+    """Integer GEMVs at one row (q4: dp2a, q2: tensor cores): wo and w2 also store their output times the next
+    RMSNorm's weight, and w1|w3 and the next block's wqkv read that copy and scale their outputs by the rsqrt of
+    the sum of squares, so a step launches no norm inside the stacks but each first block's attention norm and
+    the final norm. Slots are reset as in the float chain; the results match the eager quantized model's."""
+    from s2conv.bench import quantize_model
+    from s2conv.runtime.qlinear import QuantLinear
+
+    def build():
+        m = DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE)
+        quantize_model(m, fmt, "all")
+        for q in m.modules():
+            if isinstance(q, QuantLinear):
+                assert q.prepare_kernel(force=True)
+        return m
+
+    eager, fast = build(), build()
+    assert fused_decode.enable(fast, force=True)
+    norms = []
+    for name in ("rms_norm", "add_rms_norm"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    for m in (eager, fast):
+        m.setup_caches(1, 16)
+        m.prefill(prompt[None])
+    norms.clear()
+    pos = torch.tensor([8], device=DEVICE)
+    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
+    assert len(norms) == 2  # the first block's attention norm and the final norm
+    slots = [t for b in (*fast.layers, *fast.fast_layers) for t in (b._ss_in, b._ss_mid)]
+    assert all(float(t) == 0.0 for t in slots)
+    assert float((hf.float() - he.float()).abs().max()) < 2**-5 * float(he.float().abs().max())
+    assert float((lf.float() - le.float()).abs().max()) < 2**-5 * float(le.float().abs().max())
+    x = he[:, None]
+    for m in (eager, fast):  # depth 0: the last fast layer only fills its cache (reading the chain's slots)
+        assert m.fast_step(x, 0, output=False) is None
+    assert all(float(t) == 0.0 for t in slots)
+    oe, of = eager.fast_step(x, 1), fast.fast_step(x, 1)
+    assert float((of.float() - oe.float()).abs().max()) < 2**-5 * float(oe.float().abs().max())
+    assert all(float(t) == 0.0 for t in slots)
+
+
 def test_enable_is_a_no_op_on_a_cpu_model_without_force(weights):
     model = DualARTransformer.from_weights(TINY, weights, torch.float32)
     w1 = model.layers[0].feed_forward.w1.weight

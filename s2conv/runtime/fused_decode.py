@@ -93,10 +93,12 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
     offsets of left-padded rows): row b reads only keys offsets[b] <= j <= pos (see `batch.row_mask`)."""
     attn, cache, k = block.attention, block.attention.kv_cache, block._fused
     gemv = x.shape[0] * x.shape[1] == 1  # one row: float linears take the Triton GEMV
-    chain_in = _chained(block, x, gemv)  # the previous block's w2 left the sum of squares of x in _ss_in
+    mode_in = _chain_mode(block, x, gemv)  # the previous block's w2 left the sum of squares of x in _ss_in
     nxt = block.__dict__.get("_next_block")
-    ss_next = nxt._ss_in if nxt is not None and _chained(nxt, x, gemv) else None  # w2 leaves it for the next
-    qkv = _qkv(block, x, gemv, chain_in)
+    mode_next = _chain_mode(nxt, x, gemv) if nxt is not None else None
+    ss_next = nxt._ss_in if mode_next else None  # w2 leaves them for the next block
+    gx_next = (nxt.attention_norm.weight, nxt._gx_in) if mode_next == "gx" else None
+    qkv = _qkv(block, x, gemv, mode_in)
     qw, kw, eps = _qk_norm_args(attn)
     if x.shape[0] == 1:  # qk-norm, RoPE and cache write inside the attention launch
         y = k.rope_attention(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, span, attn.n_head,
@@ -105,19 +107,27 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
         q = k.qk_norm_rope_cache(qkv, qw, kw, freqs_cis, cache.k_cache, cache.v_cache, pos, attn.n_head,
                                  attn.n_kv_head, eps)
         y = k.decode_attention(q, cache.k_cache, cache.v_cache, pos, span, attn.n_head // attn.n_kv_head, offsets)
-    zero_in = block._ss_in if chain_in else None  # wo runs after wqkv, the slot's reader: wo resets it
+    zero_in = block._ss_in if mode_in else None  # wo runs after wqkv, the slot's reader: wo resets it
     ff, w13 = block.feed_forward, _w13(block.feed_forward)
-    if _ffn_takes_norm_ss(ff, w13, x, gemv):
+    mode_mid = _ffn_norm_mode(block, ff, w13, x, gemv)
+    if mode_mid == "ss":
         # the residual add in wo's epilogue, which also sums the squares of h; w1|w3 applies the ffn norm itself
         h = _linear(attn.wo, y, gemv, residual=x, ss_out=block._ss_mid, zero=zero_in)
-        return _ffn(ff, h, k, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid,
+        return _ffn(ff, h, k, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid, gx_out=gx_next,
                     norm_ss=(block._ss_mid, block.ffn_norm.weight, block.ffn_norm.eps))
+    if mode_mid == "gx":
+        # wo also stores h times the ffn norm's weight; w1|w3 reads that and applies the rsqrt to its output
+        h = _linear(attn.wo, y, gemv, residual=x, ss_out=block._ss_mid, zero=zero_in,
+                    gx_out=(block.ffn_norm.weight, block._gx_mid))
+        return _ffn(ff, block._gx_mid.view(x.shape), k, gemv, residual=h, ss_out=ss_next, zero=block._ss_mid,
+                    gx_out=gx_next, rs_in=(block._ss_mid, block.ffn_norm.eps))
     if isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and _launcher_folds(w13[0], x, w13[1]):
         # the residual add in wo's epilogue, the ffn norm inside the w1|w3 GEMV: no add+norm launch
         h = _linear(attn.wo, y, gemv, residual=x, zero=zero_in)
-        return _linear(ff.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h, ss_out=ss_next)
+        return _linear(ff.w2, w13[0](h, w13[1], norm=_norm_args(block.ffn_norm)), gemv, residual=h, ss_out=ss_next,
+                       gx_out=gx_next)
     h, n = k.add_rms_norm(x, _linear(attn.wo, y, gemv, zero=zero_in), block.ffn_norm.weight, block.ffn_norm.eps)
-    return _ffn(ff, n, k, gemv, residual=h, ss_out=ss_next)
+    return _ffn(ff, n, k, gemv, residual=h, ss_out=ss_next, gx_out=gx_next)
 
 
 def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
@@ -128,19 +138,22 @@ def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, inpu
     attn, cache = self.attention, self.attention.kv_cache
     qw, kw, eps = _qk_norm_args(attn)
     gemv = x.shape[0] == 1
-    chain_in = _chained(self, x, gemv)
-    self._fused.qk_norm_rope_cache(_qkv(self, x, gemv, chain_in), qw, kw, freqs_cis, cache.k_cache,
+    mode_in = _chain_mode(self, x, gemv)
+    self._fused.qk_norm_rope_cache(_qkv(self, x, gemv, mode_in), qw, kw, freqs_cis, cache.k_cache,
                                    cache.v_cache, input_pos, attn.n_head, attn.n_kv_head, eps)
-    if chain_in:  # no wo launch follows to reset the slot
+    if mode_in:  # no wo launch follows to reset the slot
         self._ss_in.zero_()
 
 
-def _qkv(block: TransformerBlock, x: Tensor, gemv: bool, chain_in: bool = False) -> Tensor:
-    """wqkv(attention_norm(x)) [B, 1, width], the norm folded into the GEMV where the kernel can (chain_in: from
-    the sum of squares the previous block's w2 left in block._ss_in)."""
+def _qkv(block: TransformerBlock, x: Tensor, gemv: bool, mode: str | None = None) -> Tensor:
+    """wqkv(attention_norm(x)) [B, 1, width], the norm folded into the GEMV where the kernel can (mode, from
+    `_chain_mode`: "ss", from the sum of squares the previous block's w2 left in block._ss_in; "gx", from that
+    and x times the norm's weight in block._gx_in)."""
     norm = block.attention_norm
-    if chain_in:
+    if mode == "ss":
         return _linear(block.attention.wqkv, x, gemv, norm_ss=(block._ss_in, norm.weight, norm.eps))
+    if mode == "gx":
+        return _linear(block.attention.wqkv, block._gx_in.view(x.shape), gemv, rs_in=(block._ss_in, norm.eps))
     if _folds_norm(block.attention.wqkv, x):
         return _linear(block.attention.wqkv, x, gemv, norm=norm)
     return _linear(block.attention.wqkv, block._fused.rms_norm(x, norm.weight, norm.eps), gemv)
@@ -164,16 +177,19 @@ def _bf16_gemv(weight: Tensor, x: Tensor, gemv: bool) -> bool:
 
 def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = None,
             norm: RMSNorm | None = None, ss_out: Tensor | None = None, zero: Tensor | None = None,
-            norm_ss: tuple | None = None) -> Tensor:
+            norm_ss: tuple | None = None, gx_out: tuple | None = None, rs_in: tuple | None = None) -> Tensor:
     """module(x), plus residual when given (added in the kernel's epilogue where a kernel runs: one launch fewer);
     norm (only where `_folds_norm(module, x)`): module(norm(x)) with the norm inside the kernel.
     The one-row norm chain (`kernels.ops.norm_chain_args`): ss_out gets the output's sum of squares, zero is reset,
     norm_ss (only where `_takes_norm_ss(module, x, gemv)`) = (ss, g, eps): module(rms_norm(x)) with the
-    statistic read from ss. A linear without a kernel does the first two eagerly.
+    statistic read from ss; gx_out = (g, buf [1, N]): the output times g also goes to buf; rs_in (only where
+    `_norm_mode` says "gx") = (ss, eps): x is already times the norm's weight, the kernel applies the rsqrt.
+    A linear without a kernel does ss_out, zero and gx_out eagerly.
 
     A bias-free bf16 nn.Linear at one row (gemv) goes through the Triton GEMV instead of cuBLAS (faster at S2's
     shapes: bench/RESULTS.md); a QuantLinear with a kernel (CUDA) calls it directly."""
-    chain = {k: v for k, v in (("ss_out", ss_out), ("zero", zero), ("norm_ss", norm_ss)) if v is not None}
+    chain = {k: v for k, v in (("ss_out", ss_out), ("zero", zero), ("norm_ss", norm_ss), ("gx_out", gx_out),
+                               ("rs_in", rs_in)) if v is not None}
     if type(module) is nn.Linear and module.bias is None and _bf16_gemv(module.weight, x, gemv):
         from s2conv.runtime.kernels import KERNELS
 
@@ -183,13 +199,15 @@ def _linear(module: nn.Module, x: Tensor, gemv: bool, residual: Tensor | None = 
         if norm is not None:
             return launcher(x, packed, residual=residual, norm=_norm_args(norm), **chain)
         return launcher(x, packed, residual=residual, **chain)
-    assert norm_ss is None, "norm_ss is for linears that take it (_takes_norm_ss)"
+    assert norm_ss is None and rs_in is None, "norm_ss and rs_in are for linears that take them (_norm_mode)"
     y = module(x)
     y = y if residual is None else residual + y
     if zero is not None:
         zero.zero_()
     if ss_out is not None:
         ss_out.add_(y.float().pow(2).sum())
+    if gx_out is not None:
+        gx_out[1].copy_((y.float() * gx_out[0].float()).reshape(gx_out[1].shape))
     return y
 
 
@@ -211,10 +229,36 @@ def _ffn_takes_norm_ss(ff: nn.Module, w13, x: Tensor, gemv: bool) -> bool:
     return gemv and isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and getattr(w13[0], "takes_norm_ss", False)
 
 
-def _chained(block: TransformerBlock, x: Tensor, gemv: bool) -> bool:
-    """Whether block's input x arrives with its sum of squares in block._ss_in: the block has a predecessor in its
-    stack (whose w2 writes it, deciding by this same test) and its wqkv applies the attention norm from it."""
-    return block.__dict__.get("_prev_block") is not None and _takes_norm_ss(block.attention.wqkv, x, gemv)
+def _norm_mode(module: nn.Module, x: Tensor, gemv: bool) -> str | None:
+    """How module, a linear after an RMSNorm, applies that norm at one row without a norm launch: "ss" (the float
+    GEMVs: the whole norm, from the sum of squares of x its producer leaves), "gx" (the integer GEMVs: x arrives
+    times the norm's weight, which the producer also stores, and the kernel scales its output by the rsqrt of
+    that sum), None (a norm launch first)."""
+    if _takes_norm_ss(module, x, gemv):
+        return "ss"
+    if (gemv and isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x)
+            and getattr(module.kernel[0], "takes_rs_in", False)):
+        return "gx"
+    return None
+
+
+def _chain_mode(block: TransformerBlock, x: Tensor, gemv: bool) -> str | None:
+    """`_norm_mode` of block's wqkv where its input x arrives with the chain's slots filled (_ss_in, and _gx_in
+    for "gx"): the block has a predecessor in its stack, whose w2 writes them, deciding by this same test."""
+    if block.__dict__.get("_prev_block") is None:
+        return None
+    mode = _norm_mode(block.attention.wqkv, x, gemv)
+    return None if mode == "gx" and block._gx_in.dtype != x.dtype else mode
+
+
+def _ffn_norm_mode(block: TransformerBlock, ff: nn.Module, w13, x: Tensor, gemv: bool) -> str | None:
+    """`_norm_mode` for the joined w1|w3 of block's feed-forward (`_w13`)."""
+    if _ffn_takes_norm_ss(ff, w13, x, gemv):
+        return "ss"
+    if (gemv and isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and getattr(w13[0], "takes_rs_in", False)
+            and block._gx_mid.dtype == x.dtype):
+        return "gx"
+    return None
 
 
 def _kernel_runs(module: nn.Module, x: Tensor) -> bool:
@@ -238,11 +282,13 @@ def _folds_norm(module: nn.Module, x: Tensor) -> bool:
 
 
 def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | None = None,
-         ss_out: Tensor | None = None, zero: Tensor | None = None, norm_ss: tuple | None = None) -> Tensor:
-    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow. norm_ss (only where
-    `_ffn_takes_norm_ss`): w1|w3 applies x's RMSNorm itself; ss_out and zero go to w2 (`_linear`)."""
+         ss_out: Tensor | None = None, zero: Tensor | None = None, norm_ss: tuple | None = None,
+         gx_out: tuple | None = None, rs_in: tuple | None = None) -> Tensor:
+    """[residual +] w2(silu(w1 x) * w3 x) through the cheapest path the w1/w3 modules allow. norm_ss or rs_in
+    (only where `_ffn_norm_mode` says "ss" or "gx"): w1|w3 applies x's RMSNorm itself; ss_out, zero and gx_out go
+    to w2 (`_linear`)."""
     w13 = _w13(ff)
-    norm = {} if norm_ss is None else {"norm_ss": norm_ss}
+    norm = {name: v for name, v in (("norm_ss", norm_ss), ("rs_in", rs_in)) if v is not None}
     if isinstance(w13, Tensor) and _bf16_gemv(w13, x, gemv):  # float pair: one GEMV on [w1; w3], silu*mul inside
         from s2conv.runtime.kernels import GATED_KERNELS
 
@@ -251,13 +297,13 @@ def _ffn(ff: nn.Module, x: Tensor, k, gemv: bool = False, residual: Tensor | Non
         launcher, packed = w13
         a = launcher(x, packed, **norm)
     else:
-        assert norm_ss is None, "norm_ss is for w1|w3 kernels that take it (_ffn_takes_norm_ss)"
+        assert not norm, "norm_ss and rs_in are for w1|w3 kernels that take them (_ffn_norm_mode)"
         if isinstance(w13, Tensor):
             h1, h3 = F.linear(x, w13).split(w13.shape[0] // 2, dim=-1)
             a = k.silu_mul(h1, h3)
         else:
             a = k.silu_mul(ff.w1(x), ff.w3(x))
-    return _linear(ff.w2, a, gemv, residual, ss_out=ss_out, zero=zero)
+    return _linear(ff.w2, a, gemv, residual, ss_out=ss_out, zero=zero, gx_out=gx_out)
 
 
 # ---- w1 | w3 concatenation ---------------------------------------------------------------------------------------
@@ -329,6 +375,10 @@ def enable(model: nn.Module, force: bool = False) -> bool:
             dev = module.attention_norm.weight.device
             module._ss_in = torch.zeros(1, dtype=torch.float32, device=dev)
             module._ss_mid = torch.zeros(1, dtype=torch.float32, device=dev)
+            # ... and for integer GEMVs the block's input and h times their norms' weights (one row)
+            g = module.attention_norm.weight
+            module._gx_in = torch.zeros(1, g.shape[0], dtype=g.dtype, device=dev)
+            module._gx_mid = torch.zeros(1, g.shape[0], dtype=g.dtype, device=dev)
             n_blocks += 1
         elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
             module.forward = types.MethodType(_norm_forward, module)
@@ -376,5 +426,5 @@ def disable(model: nn.Module) -> None:
             del module.forward, module._fused, module._fused_force
             if "fill_cache" in module.__dict__:
                 del module.fill_cache
-            for name in ("_ss_in", "_ss_mid", "_next_block", "_prev_block"):
+            for name in ("_ss_in", "_ss_mid", "_gx_in", "_gx_mid", "_next_block", "_prev_block"):
                 module.__dict__.pop(name, None)
