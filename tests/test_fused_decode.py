@@ -15,6 +15,7 @@ from s2conv.runtime import fused_decode  # noqa: E402
 from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
 from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
 from s2conv.runtime.kernels import fused  # noqa: E402
+from s2conv.runtime.kernels.launch import counters  # noqa: E402
 from s2conv.runtime.layers import HeadRMSNorm, KVCache, RMSNorm, causal_mask  # noqa: E402
 from s2conv.runtime.rope import apply_rotary_emb, precompute_freqs_cis  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
@@ -159,14 +160,23 @@ def test_attention_splits_cover_the_span_and_fill_the_gpu():
         assert n * 32 >= min(3 * 132, -(-span // fused.ATTN_BLOCK_N) * 32)  # ~4 programs per SM
 
 
-def test_decode_attention_split_path_with_many_splits():
-    # pos 0 with a long span: every split but the first is empty and must contribute nothing (no NaN)
+@pytest.mark.parametrize("merge", ["in the launch", "launch"])
+def test_decode_attention_split_path_with_many_splits(merge, monkeypatch):
+    """The splits merged by each head's last program (default) or by a reduction launch (S2CONV_ATTN_MERGE):
+    at pos 0 with a long span every split but the first is empty and must contribute nothing (no NaN); at a
+    late pos the result equals the masked softmax, and the arrival counters are left at zero for the next launch."""
+    monkeypatch.setenv("S2CONV_ATTN_MERGE", merge)
     q = torch.randn(1, 2, 1, 16, generator=gen(4)).to(DEVICE)
     kc = torch.randn(1, 1, 1024, 16, generator=gen(5)).to(DEVICE)
     vc = torch.randn(1, 1, 1024, 16, generator=gen(6)).to(DEVICE)
     assert fused.attention_splits(1024, 2, torch.device("cpu"))[0] > 1
     got = fused.decode_attention(q, kc, vc, 0, 1024)
     assert torch.allclose(got, vc[:, :, 0].reshape(1, 1, 16).repeat(1, 1, 2), atol=1e-6)
+    got = fused.decode_attention(q, kc, vc, 700, 1024)
+    s = (q[0, :, 0] @ kc[0, 0, :701].T) / 4.0  # [2 heads, 701 keys]
+    want = (torch.softmax(s.float(), -1) @ vc[0, 0, :701].float()).reshape(1, 1, 32)
+    assert torch.allclose(got.float(), want, atol=1e-5, rtol=1e-4)
+    assert not bool(counters(got.device, 2)[:2].any())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.common import pdl_start, round_to as _round
-from s2conv.runtime.kernels.launch import launch, pdl_args
+from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
@@ -261,10 +261,12 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
                         H, HKV, N_REP, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, stride_qkv, stride_f,
                         scale, eps, HAS_OFFSETS: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr,
                         D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, FIX: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, cnt_ptr=None, SPLITS: tl.constexpr = 0):
     """Program (b * H + h, split): online softmax of query head h over keys [split start, split end) with
     key j <= pos, reading KV head h // N_REP. SINGLE: one split, normalise and store out [B, 1, H * D]; else store
-    the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2].
+    the unnormalised fp32 accumulator to part [B * H, splits, D] and (max, sum) to ml [B * H, splits, 2], and
+    with SPLITS (a power of two >= the splits) the program that arrives last for its head (counter cnt[b * H + h],
+    zero before the launch and reset after) merges them into out (`_merge_splits`): no reduction launch.
     HAS_OFFSETS: row b also skips the keys j < off[b] (its left padding) and a padded query (pos < off[b]) reads
     key pos alone. Skipped keys are never loaded, so a row costs only its own length.
     FUSED: q_ptr is the projection qkv [B, (H + 2 HKV) * D] instead of q: the program builds its query head and
@@ -333,26 +335,39 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
         one = tl.arange(0, 1)
         tl.store(ml_ptr + (bh * n_splits + split) * 2 + one, m_i)
         tl.store(ml_ptr + (bh * n_splits + split) * 2 + 1 + one, l_i)
+        if SPLITS > 0:
+            tl.debug_barrier()  # every thread's stores are issued before the count (release) below
+            if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                _merge_splits(part_ptr, ml_ptr, o_ptr, bh, H, n_splits, D, SPLITS, FIX)
+                tl.store(cnt_ptr + bh, 0)
 
 
 @triton.jit
-def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
-                               D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr):
-    """Program b * H + h: merge the splits' (max, sum, accumulator) into the softmax-weighted output row."""
-    pdl_start(PDL)
-    bh = tl.program_id(0)
+def _merge_splits(part_ptr, ml_ptr, o_ptr, bh, H, n_splits, D: tl.constexpr, SPLITS: tl.constexpr,
+                  FIX: tl.constexpr):
+    """Merge head bh's splits' (max, sum, accumulator) into its softmax-weighted output row (".cg": from L2, where
+    the other programs of the launch wrote them)."""
     b = bh // H
     h = bh % H
     offs_s = tl.arange(0, SPLITS)
     smask = offs_s < n_splits
     row = bh * n_splits + offs_s
-    m = tl.load(ml_ptr + row * 2, mask=smask, other=-1.0e30)
-    l = tl.load(ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m = tl.load(ml_ptr + row * 2, mask=smask, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(ml_ptr + row * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
     w = tl.exp(m - tl.max(m, axis=0))
     offs_d = tl.arange(0, D)
-    acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0,
+                  cache_modifier=".cg")
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(o_ptr + b * H * D + h * D + offs_d, _round(out, o_ptr.dtype.element_ty, FIX))
+
+
+@triton.jit
+def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
+                               D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr):
+    """Program b * H + h: `_merge_splits` as a launch of its own (S2CONV_ATTN_MERGE=launch)."""
+    pdl_start(PDL)
+    _merge_splits(part_ptr, ml_ptr, o_ptr, tl.program_id(0), H, n_splits, D, SPLITS, FIX)
 
 
 def attention_splits(span: int, rows: int, device: torch.device, block_n: int = ATTN_BLOCK_N) -> tuple[int, int]:
@@ -432,14 +447,19 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     fix = _fix(q.dtype)
+    # the splits merged by the last program of each head (one launch, not two: bench/RESULTS.md, thirteenth
+    # session); S2CONV_ATTN_MERGE=launch keeps the reduction kernel
+    merge_in = not single and os.environ.get("S2CONV_ATTN_MERGE", "") != "launch"
     launch(
         _decode_attn_kernel, (b * h, n_splits),
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
         k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),
         HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
-        BLOCK_N=block_n, SINGLE=single, FIX=fix, num_warps=warps, outputs=(out,), **pdl_args(q.device))
-    if not single:
+        BLOCK_N=block_n, SINGLE=single, FIX=fix, num_warps=warps, outputs=(out,),
+        cnt_ptr=counters(q.device, b * h) if merge_in else pos_t,
+        SPLITS=triton.next_power_of_2(n_splits) if merge_in else 0, **pdl_args(q.device))
+    if not single and not merge_in:
         launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
                SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=ATTN_REDUCE_WARPS, outputs=(out,),
                **pdl_args(q.device))

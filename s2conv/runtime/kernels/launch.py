@@ -29,6 +29,23 @@ import torch
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict[torch.device, bool] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """>= n int32 arrival counters, zero between launches (the split-K GEMVs and the split attention: the last
+    program of each tile or head resets its own).
+
+    One buffer per device, allocated once outside CUDA-graph capture (a capture that needs a bigger one gets a
+    zeroed buffer of its own: a memset node). Launches that share it must run one at a time (one stream).
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return fresh
+        _COUNTERS[device] = buf = fresh
+    return buf
 
 
 def pdl_enabled(device: torch.device) -> bool:

@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels import fused
-from s2conv.runtime.kernels.launch import launch, pdl_args
+from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
@@ -200,9 +200,6 @@ def _check_residual(op: str, residual: Optional[torch.Tensor], x: torch.Tensor, 
         raise _fail(op, "residual device", str(x.device), residual.device)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def split_max(split: int) -> int:
     """SPLIT_MAX of a GEMV launch with `split` K ranges (`common.finish_split`): the finishing program loads all
     the partials at once; S2CONV_SPLIT_UNROLL=0 keeps the loop (benchmark baseline)."""
@@ -211,19 +208,6 @@ def split_max(split: int) -> int:
     return triton.next_power_of_2(split)
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """>= n int32 arrival counters, zero between launches (the last program of each row tile resets its own).
-
-    One buffer per device, allocated once outside CUDA-graph capture (a capture that needs a bigger one gets a
-    zeroed buffer of its own: a memset node). Launches that share it must run one at a time (one stream).
-    """
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return fresh
-        _COUNTERS[device] = buf = fresh
-    return buf
 
 
 # ---- integer formats ---------------------------------------------------------------------------------------------
@@ -387,7 +371,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     w3_off = n_pad * words  # where w3's row groups start (gated)
     if m <= GEMV_MAX_M:  # one row group per program; split-K finished inside the launch (int_gemv_kernel's PARTIAL)
         n_tiles = triton.cdiv(n, ROWS)
-        cnt = _counters(dev, n_tiles * m) if part is not None else y
+        cnt = counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
         # fp32 x keeps the float path: its outputs equal the reference to fp32 rounding, the dp2a path's to x's
         # 16-bit integer rounding (far below a bf16/fp16 output's)
@@ -492,7 +476,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     y, part = _outputs(x, n, split, gated)
     programs = triton.cdiv(tiles, warps)
     grid = (programs, split, triton.cdiv(m, 8))
-    cnt = _counters(dev, programs * grid[2]) if part is not None else y
+    cnt = counters(dev, programs * grid[2]) if part is not None else y
     p_arg = part if part is not None else y
     r_arg = residual if residual is not None else y
     launch(mma_linear_kernel, grid, x, qweight, scales, mins if mins is not None else scales, y, p_arg, cnt, r_arg,
@@ -556,7 +540,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
                   **pdl_args(dev))
     if m <= GEMV_MAX_M:  # split-K finished inside the launch, as in the integer GEMV
         n_tiles = triton.cdiv(n, cfg.block_n)
-        cnt = _counters(dev, n_tiles * m) if part is not None else y
+        cnt = counters(dev, n_tiles * m) if part is not None else y
         p_arg = part if part is not None else y
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
