@@ -7,12 +7,13 @@ Per transformer block and decode step this leaves: norm, wqkv, attention with th
 the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
 GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
 add in its epilogue; a block's `fill_cache` (a position whose output nobody reads) runs norm, wqkv and the
-qk-norm/RoPE/cache kernel only. At one row with float GEMVs (bf16, fp8, q8) the norms chain instead: wo and w2
-add up the sum of squares of what they store in a slot of the block that reads it (`_ss_mid`, the next block's
-`_ss_in`), wqkv and w1|w3 apply the RMSNorm from it, and the launch after each reader resets the slot; a block is
-then 5-6 launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1, integer
-formats at one row fold both norms into the next GEMV (`_folds_norm`): the residual add then moves into wo's
-epilogue, and a block is 5-6 launches. Outside the blocks, at one bf16 row, the fast AR's head and the semantic head
+qk-norm/RoPE/cache kernel only. At one row the norms chain instead: wo and w2 add up the sum of squares of what
+they store in a slot of the block that reads it (`_ss_mid`, the next block's `_ss_in`), and the launch after each
+reader resets the slot. Float GEMVs (bf16, fp8, q8) apply the RMSNorm from it; for integer GEMVs wo and w2 also
+store their output times the norm's weight (`_gx_mid`, the next block's `_gx_in`), which wqkv and w1|w3 read,
+scaling their outputs by the rsqrt (S2CONV_INT_NORM_CHAIN=0: norm launches instead). A block is then 5
+launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1 and the integer
+chain off, integer formats at one row fold both norms into the next GEMV (`_folds_norm`). Outside the blocks, at one bf16 row, the fast AR's head and the semantic head
 (its rows joined once: semantic tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Prefill (S > 1)
 and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
 weight format keeps working. `batch.py` runs its decode steps of left-padded
@@ -21,6 +22,7 @@ rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable
 from __future__ import annotations
 
 import logging
+import os
 import types
 
 import torch
@@ -31,6 +33,8 @@ from s2conv.runtime.layers import RMSNorm, TransformerBlock
 from s2conv.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
+# the norm chain through integer GEMVs (`_norm_mode` "gx"); 0: norm launches (benchmark baseline)
+_INT_CHAIN = os.environ.get("S2CONV_INT_NORM_CHAIN", "1") != "0"
 
 
 def _fused():
@@ -237,7 +241,7 @@ def _norm_mode(module: nn.Module, x: Tensor, gemv: bool) -> str | None:
     if _takes_norm_ss(module, x, gemv):
         return "ss"
     if (gemv and isinstance(module, QuantLinear) and module.kernel is not None and _kernel_runs(module, x)
-            and getattr(module.kernel[0], "takes_rs_in", False)):
+            and getattr(module.kernel[0], "takes_rs_in", False) and _INT_CHAIN):
         return "gx"
     return None
 
@@ -256,7 +260,7 @@ def _ffn_norm_mode(block: TransformerBlock, ff: nn.Module, w13, x: Tensor, gemv:
     if _ffn_takes_norm_ss(ff, w13, x, gemv):
         return "ss"
     if (gemv and isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and getattr(w13[0], "takes_rs_in", False)
-            and block._gx_mid.dtype == x.dtype):
+            and block._gx_mid.dtype == x.dtype and _INT_CHAIN):
         return "gx"
     return None
 
