@@ -37,8 +37,9 @@ _SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp
               "part_ptr": "*bf16", "cnt_ptr": "*i32", "r_ptr": "*bf16", "N": "i32", "K": "i32", "n_blocks": "i32",
               "blocks_per_split": "i32", "n_split": "i32", "magic": "i32", "stride_xm": "i32", "stride_wg": "i32",
               "w3_off": "i32", "stride_sn": "i32", "stride_om": "i32", "stride_ps": "i32", "stride_pm": "i32",
-              "stride_rm": "i32", "g_ptr": "*bf16", "eps": "fp32", "ss_out": "*fp32", "zero_ptr": "*fp32"}
-_NOT_DIVISIBLE = ("magic", "n_split", "blocks_per_split", "n_blocks", "eps")  # small counts and the 0x4B000000 constant
+              "stride_rm": "i32", "g_ptr": "*bf16", "eps": "fp32", "ss_out": "*fp32", "zero_ptr": "*fp32",
+              "rs_ptr": "*fp32", "rs_k": "i32", "rs_eps": "fp32", "gx_g": "*bf16", "gx_ptr": "*bf16"}
+_NOT_DIVISIBLE = ("magic", "n_split", "blocks_per_split", "n_blocks", "eps", "rs_k", "rs_eps")  # small counts and the 0x4B000000 constant
 
 
 def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1):
@@ -47,7 +48,7 @@ def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1)
     spec = INT_SPECS[fmt]
     const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
                  PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True, NORM=False,
-                 SS=False, ZERO=False, SPLIT_MAX=0)
+                 SS=False, ZERO=False, SPLIT_MAX=0, RS=False, GX=False)
     sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
     attrs = {(int_gemv_kernel.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in _SIGNATURE if n not in _NOT_DIVISIBLE}

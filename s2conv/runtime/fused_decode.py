@@ -4,20 +4,24 @@
     fused_decode.disable(model)   # back to the eager forwards
 
 Per transformer block and decode step this leaves: norm, wqkv, attention with the qk-norm, RoPE and cache write of
-the new position (1-2 kernels; batched rows: a separate qk-norm/RoPE/cache kernel first), wo, add+norm, w1|w3 (one
-GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul inside), w2 with the residual
-add in its epilogue; a block's `fill_cache` (a position whose output nobody reads) runs norm, wqkv and the
-qk-norm/RoPE/cache kernel only. At one row the norms chain instead: wo and w2 add up the sum of squares of what
-they store in a slot of the block that reads it (`_ss_mid`, the next block's `_ss_in`), and the launch after each
-reader resets the slot. Float GEMVs (bf16, fp8, q8) apply the RMSNorm from it; for integer GEMVs wo and w2 also
-store their output times the norm's weight (`_gx_mid`, the next block's `_gx_in`), which wqkv and w1|w3 read,
-scaling their outputs by the rsqrt (S2CONV_INT_NORM_CHAIN=0: norm launches instead). A block is then 5
-launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1 and the integer
-chain off, integer formats at one row fold both norms into the next GEMV (`_folds_norm`). Outside the blocks, at one bf16 row, the fast AR's head and the semantic head
-(its rows joined once: semantic tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Prefill (S > 1)
-and CPU tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every
-weight format keeps working. `batch.py` runs its decode steps of left-padded
-rows through `decode_block` too (per-row RoPE rows and key offsets) once `enable` swapped the blocks.
+the new position (one kernel, its key splits merged inside; batched rows: a separate qk-norm/RoPE/cache kernel
+first), wo, add+norm, w1|w3 (one GEMV on a concatenated weight, or the fused gated kernel of a QuantLinear; silu*mul
+inside), w2 with the residual add in its epilogue; a block's `fill_cache` (a position whose output nobody reads)
+runs norm, wqkv and the qk-norm/RoPE/cache kernel only.
+
+At one row the norms chain instead: wo and w2 add up the sum of squares of what they store in a slot of the block
+that reads it (`_ss_mid`, the next block's `_ss_in`), and the launch after each reader resets the slot. Float GEMVs
+(bf16, fp8, q8) apply the RMSNorm from it; for integer GEMVs wo and w2 also store their output times the norm's
+weight (`_gx_mid`, the next block's `_gx_in`), which wqkv and w1|w3 read, scaling their outputs by the rsqrt
+(`_norm_mode`; not for 8-bit codes with mins, nor fp16 activations; S2CONV_INT_NORM_CHAIN=0: norm launches). A
+block is then 5 launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1 and the
+integer chain off, integer formats at one row fold both norms into the next GEMV (`_folds_norm`).
+
+Outside the blocks, at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic
+tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Prefill (S > 1) and CPU tensors keep the eager code
+of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
+runs its decode steps of left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once
+`enable` swapped the blocks.
 """
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Ten
 
 def _block_fill_cache(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, input_pos: Tensor) -> None:
     """`TransformerBlock.fill_cache` at one decode position through the kernels: norm, wqkv, then the qk-norm /
-    RoPE / cache-write kernel (3 launches where a whole block takes 7)."""
+    RoPE / cache-write kernel (3 launches, 2 when the norm chains)."""
     if x.shape[1] != 1 or self.attention.kv_cache is None or not _active(self, x):
         return TransformerBlock.fill_cache(self, x, freqs_cis, input_pos)
     attn, cache = self.attention, self.attention.kv_cache
@@ -252,7 +256,13 @@ def _chain_mode(block: TransformerBlock, x: Tensor, gemv: bool) -> str | None:
     if block.__dict__.get("_prev_block") is None:
         return None
     mode = _norm_mode(block.attention.wqkv, x, gemv)
-    return None if mode == "gx" and block._gx_in.dtype != x.dtype else mode
+    return None if mode == "gx" and not _gx_fits(block._gx_in, x) else mode
+
+
+def _gx_fits(slot: Tensor, x: Tensor) -> bool:
+    """Whether a "gx" slot can hold x times a norm weight: x's dtype, and not fp16 (an un-normalised residual
+    times the weight could overflow its range, where the norm's output would not)."""
+    return slot.dtype == x.dtype and x.dtype != torch.float16
 
 
 def _ffn_norm_mode(block: TransformerBlock, ff: nn.Module, w13, x: Tensor, gemv: bool) -> str | None:
@@ -260,7 +270,7 @@ def _ffn_norm_mode(block: TransformerBlock, ff: nn.Module, w13, x: Tensor, gemv:
     if _ffn_takes_norm_ss(ff, w13, x, gemv):
         return "ss"
     if (gemv and isinstance(w13, tuple) and _kernel_runs(ff.w1, x) and getattr(w13[0], "takes_rs_in", False)
-            and block._gx_mid.dtype == x.dtype and _INT_CHAIN):
+            and _gx_fits(block._gx_mid, x) and _INT_CHAIN):
         return "gx"
     return None
 

@@ -420,8 +420,8 @@ def rope_attention(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: t
 
 def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, pos, span, b: int, h: int,
                n_kv: int, d: int, offsets) -> torch.Tensor:
-    """Launch `_decode_attn_kernel` (+ the split reduction); q: q [B, H, 1, D], or qkv rows [B, width] with
-    fused_args = (q_norm_w, k_norm_w, freqs [1 or B, D], freqs row stride, eps)."""
+    """Launch `_decode_attn_kernel` (+ the split reduction with S2CONV_ATTN_MERGE=launch); q: q [B, H, 1, D], or
+    qkv rows [B, width] with fused_args = (q_norm_w, k_norm_w, freqs [1 or B, D], freqs row stride, eps)."""
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_cache(op, name, cache, b, n_kv, d, q.dtype)
     if offsets is not None and (offsets.shape != (b,) or offsets.dtype.is_floating_point or offsets.is_complex()

@@ -208,8 +208,6 @@ def split_max(split: int) -> int:
     return triton.next_power_of_2(split)
 
 
-
-
 # ---- integer formats ---------------------------------------------------------------------------------------------
 def _int_key(x, scales, bits, group, has_min, gated):
     rows = scales.shape[0]

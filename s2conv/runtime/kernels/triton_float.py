@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from s2conv.runtime.kernels.common import finish_split, norm_scale, pdl_start, round_to, store_output, zero_once
 
@@ -30,20 +29,18 @@ def _to_float(w, ASM: tl.constexpr):
 
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False,
+                     BLOCK_K: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False,
                      g_ptr=None, rs=1.0, NORM: tl.constexpr = False, FIX: tl.constexpr = False):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
     PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
     pipelines a loop without a dot only when the loop asks for it: `tl.range(.., num_stages=)`), so PIPE - 1 tiles
     are in flight while one is summed, without holding them in registers; PIPE = 1: a plain loop.
-    PDL: waits for the previous kernel's writes first (launch.py). ASM: `_to_float`.
+    ASM: `_to_float`.
     NORM: x goes through fish-speech's RMSNorm on the fly, with its two roundings to x's dtype: round(round(x rs) g)
     (rs: the row's `norm_scale`, g: the norm weight; FIX: round bf16 by hand, for the interpreter)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if PDL:
-        gdc_wait()
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         if EVEN_K:
             w = tl.load(w_rows + k0)
@@ -75,8 +72,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     row's sum of squares read from ss_in; SS adds the output's sum of squares to ss_out (`store_output`); ZERO sets
     zero_ptr[0] = 0 (the slot this launch's input norm was read from, once every reader has finished); GX also
     stores y * gx_g[n] to gx_ptr for an integer GEMV that reads it (`triton_int.int_gemv_kernel`'s RS)."""
-    if PDL:
-        gdc_launch_dependents()
+    pdl_start(PDL)  # before the slot reset and the statistic's load (launch.py's rule: nothing but weights first)
     zero_once(zero_ptr, ZERO)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,7 +84,7 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     x_row = x_ptr + pid_m * stride_xm
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     rs = norm_scale(ss_in, K, eps) if NORM else 1.0
-    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PDL, PIPE, ASM, g_ptr, rs, NORM,
+    y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PIPE, ASM, g_ptr, rs, NORM,
                          FIX)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + rows)
@@ -104,8 +100,8 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     if GATED:
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, False, PIPE, ASM, g_ptr,
-                              rs, NORM, FIX)
+        y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PIPE, ASM, g_ptr, rs,
+                              NORM, FIX)
         if HAS_SCALE:
             y3 = y3 * tl.load(s_ptr + rows3)
     if PARTIAL:
