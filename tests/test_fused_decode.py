@@ -350,6 +350,28 @@ def test_fused_block_step_matches_eager_block(weights):
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
 
 
+def _quantized_tiny(weights, fmt: str) -> DualARTransformer:
+    """The tiny bf16 model with every linear in `fmt`, its kernels prepared (on the CPU too: the interpreter)."""
+    from s2conv.bench import quantize_model
+    from s2conv.runtime.qlinear import QuantLinear
+
+    m = DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE)
+    quantize_model(m, fmt, "all")
+    for q in m.modules():
+        if isinstance(q, QuantLinear):
+            assert q.prepare_kernel(force=True)
+    return m
+
+
+def _count_norm_launches(monkeypatch) -> list:
+    """A list that gets one entry per RMSNorm kernel launch (plain or with the residual add) from now on."""
+    norms = []
+    for name in ("rms_norm", "add_rms_norm"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    return norms
+
+
 @pytest.mark.slow  # ~1 minute in triton's interpreter (CPU); seconds on a GPU
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
@@ -357,25 +379,11 @@ def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
     every block fold into the next GEMV (no norm launch left in the blocks), with q8 (float GEMV: no folding) the
     norms chain through the GEMVs (`test_norms_chain_through_float_gemvs`); either way the hidden state and logits
     match the eager quantized model's within bf16 tolerance."""
-    from s2conv.bench import quantize_model
-    from s2conv.runtime.qlinear import QuantLinear
-
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")  # opt-in (ops.default_config)
 
-    def build():
-        m = DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE)
-        quantize_model(m, fmt, "all")
-        for q in m.modules():
-            if isinstance(q, QuantLinear):
-                assert q.prepare_kernel(force=True)
-        return m
-
-    eager, fast = build(), build()
+    eager, fast = _quantized_tiny(weights, fmt), _quantized_tiny(weights, fmt)
     assert fused_decode.enable(fast, force=True)
-    norms = []
-    for name in ("rms_norm", "add_rms_norm"):
-        original = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    norms = _count_norm_launches(monkeypatch)
     prompt = random_prompt(TINY, 8).to(DEVICE)
     for m in (eager, fast):
         m.setup_caches(1, 16)
@@ -398,10 +406,7 @@ def test_norms_chain_through_float_gemvs(weights, monkeypatch):
     prompt = random_prompt(TINY, 8).to(DEVICE)
     eager, fast = (DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE) for _ in range(2))
     assert fused_decode.enable(fast, force=True)
-    norms = []
-    for name in ("rms_norm", "add_rms_norm"):
-        original = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    norms = _count_norm_launches(monkeypatch)
     for m in (eager, fast):
         m.setup_caches(1, 16)
         m.prefill(prompt[None])
@@ -436,23 +441,9 @@ def test_norms_chain_through_integer_gemvs(weights, fmt, monkeypatch):
     RMSNorm's weight, and w1|w3 and the next block's wqkv read that copy and scale their outputs by the rsqrt of
     the sum of squares, so a step launches no norm inside the stacks but each first block's attention norm and
     the final norm. Slots are reset as in the float chain; the results match the eager quantized model's."""
-    from s2conv.bench import quantize_model
-    from s2conv.runtime.qlinear import QuantLinear
-
-    def build():
-        m = DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE)
-        quantize_model(m, fmt, "all")
-        for q in m.modules():
-            if isinstance(q, QuantLinear):
-                assert q.prepare_kernel(force=True)
-        return m
-
-    eager, fast = build(), build()
+    eager, fast = _quantized_tiny(weights, fmt), _quantized_tiny(weights, fmt)
     assert fused_decode.enable(fast, force=True)
-    norms = []
-    for name in ("rms_norm", "add_rms_norm"):
-        original = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
+    norms = _count_norm_launches(monkeypatch)
     prompt = random_prompt(TINY, 8).to(DEVICE)
     for m in (eager, fast):
         m.setup_caches(1, 16)

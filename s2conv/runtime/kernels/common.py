@@ -49,17 +49,17 @@ def store_output(ptrs, y, mask, r_ptrs, HAS_RES: tl.constexpr, ss_ptr=None, SS: 
 
 
 @triton.jit
-def norm_scale(ss_ptr, K, eps):
-    """rsqrt(mean(x**2) + eps) of a row whose sum of squares a producer's `store_output(.., SS=True)` left in
-    ss_ptr[0]: an RMSNorm's per-row factor without a pass over the row."""
-    return 1.0 / tl.sqrt_rn(tl.load(ss_ptr) / K + eps)
-
-
-@triton.jit
 def rs_scale(ss, K, eps):
     """rsqrt(ss / K + eps): the RMSNorm factor of a row with sum of squares ss (loaded early by the caller, so
     that its round trip overlaps the weight loads; the integer GEMVs apply it to their output, see GX)."""
     return 1.0 / tl.sqrt_rn(ss / K + eps)
+
+
+@triton.jit
+def norm_scale(ss_ptr, K, eps):
+    """rsqrt(mean(x**2) + eps) of a row whose sum of squares a producer's `store_output(.., SS=True)` left in
+    ss_ptr[0]: an RMSNorm's per-row factor without a pass over the row."""
+    return rs_scale(tl.load(ss_ptr), K, eps)
 
 
 @triton.jit

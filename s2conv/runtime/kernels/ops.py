@@ -271,21 +271,18 @@ def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torc
     if gx_out is not None:
         if gated:
             raise _fail(op, "gx_out", "None for a gated linear", "a tensor")
-        g, buf = gx_out
-        if buf.dtype != x.dtype or buf.device != x.device or not buf.is_contiguous() or buf.dim() != 2:
-            raise _fail(op, "gx_out buffer", f"a contiguous [1, N] {x.dtype} tensor on {x.device}",
-                        f"{buf.dtype} {tuple(buf.shape)} on {buf.device}")
-        chain.update(gx_g=g, gx_ptr=buf, GX=True)
+        chain.update(gx_g=gx_out[0], gx_ptr=gx_out[1], GX=True)
     return chain
 
 
-def _check_gx(op: str, chain: dict, n: int) -> None:
-    """gx_out's weight and buffer (`norm_chain_args`) must cover the output's n columns."""
+def _check_gx(op: str, chain: dict, x: torch.Tensor, n: int) -> None:
+    """gx_out (`norm_chain_args`): a contiguous weight [n] and buffer [1, n] in x's dtype, on x's device."""
     if chain.get("GX"):
         g, buf = chain["gx_g"], chain["gx_ptr"]
-        if tuple(g.shape) != (n,) or tuple(buf.shape) != (1, n) or g.device != buf.device or not g.is_contiguous():
-            raise _fail(op, "gx_out", f"a contiguous weight [{n}] and a buffer [1, {n}]",
-                        f"{tuple(g.shape)} and {tuple(buf.shape)}")
+        if (tuple(g.shape) != (n,) or tuple(buf.shape) != (1, n) or buf.dtype != x.dtype
+                or {g.device, buf.device} != {x.device} or not (g.is_contiguous() and buf.is_contiguous())):
+            raise _fail(op, "gx_out", f"a contiguous weight [{n}] and a contiguous [1, {n}] {x.dtype} buffer on "
+                        f"{x.device}", f"{tuple(g.shape)} and {buf.dtype} {tuple(buf.shape)} on {buf.device}")
 
 
 def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
@@ -344,7 +341,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
     _check_residual(op, residual, x, n, gated)
-    _check_gx(op, chain, n)
+    _check_gx(op, chain, x, n)
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:
         # the GEMM reads w1|w3 as one weight of 2N rows (the stacked layouts are one layout when N fills whole row
         # groups) and a second small launch takes silu(a) * b: the gated GEMM, its loop inlined twice, compiled
@@ -441,7 +438,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     if mins is not None:
         _check_tensor(op, "mins", mins, torch.float32, (rows, kp // group), dev)
     _check_residual(op, residual, x, n, gated)
-    _check_gx(op, chain, n)
+    _check_gx(op, chain, x, n)
     if x.dtype == torch.float32:  # reference path: exact to fp32 rounding
         mm = mins if mins is not None else scales
         halves = ([(qweight[:tiles], scales[:n], mm[:n]), (qweight[tiles:], scales[n:], mm[n:])] if gated
@@ -520,7 +517,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         _check_tensor(op, "scales", scales, torch.float32, (rows,), dev)
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
-    _check_gx(op, chain, n)
+    _check_gx(op, chain, x, n)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
         "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated)
     bk = min(cfg.block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K (small models, tests)
