@@ -2,6 +2,8 @@
 of the same byte count and against cuBLAS bf16. Graph-timed, rotating weight copies (L2 holds none).
 
 Usage: python scripts/probe_gemv.py [--formats q4,q8,q2,bf16,fp8]   (PROBE_PDL=0 leaves out the PDL runs)
+       python scripts/probe_gemv.py --unroll --formats q4,q8_0,q3   (the dp2a GEMV's blocks in a loop against
+                                                                    unrolled, `ops.idp_unroll`, at each split)
 """
 from __future__ import annotations
 
@@ -119,11 +121,44 @@ def probe_float(fmt: str, name: str, n: int, k: int, gated: bool, x: torch.Tenso
             print(f"      {us:6.1f} us {c}")
 
 
+def probe_unroll(fmt: str) -> None:
+    """us per shape for splits 1-8: the dp2a loop / every program's blocks unrolled (whatever idp_unroll says)."""
+    spec = INT_SPECS[fmt]
+    rule = ops.idp_unroll
+    for name, n, k, gated in SHAPES:
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        one = int_copies(fmt, n, k, gated, 1)[0]
+        nbytes = sum(t.numel() * t.element_size() for t in one.values())
+        it = itertools.cycle([one] + int_copies(fmt, n, k, gated, max(1, int(ROTATE // nbytes))))
+        default = ops.default_config("int", spec.bits, n, k, 1, x.device, gated, spec.group)
+        row = []
+        for split in (1, 2, 3, 4, 5, 8):
+            cfg = Config(16, split, 4, 1, int_dot=True, slices=default.slices)
+            times = []
+            for unrolled in (False, True):
+                ops.idp_unroll = (lambda per, sp, g: per) if unrolled else (lambda per, sp, g: 1)
+
+                def call():
+                    p = next(it)
+                    return ops.int_linear_impl(x, p["qweight"], p["scales"], None, spec.bits, spec.offset,
+                                               spec.group, gated, cfg)
+
+                times.append(graph_time_ms(call) * 1e3)
+            row.append(f"split {split} {times[0]:5.1f} / {times[1]:5.1f}")
+        ops.idp_unroll = rule
+        print(f"{fmt} {name:5s} (default split {default.split}): " + ", ".join(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="q4,q8,q2,bf16")
+    ap.add_argument("--unroll", action="store_true")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
+    if args.unroll:
+        for fmt in args.formats.split(","):
+            probe_unroll(fmt)
+        return
     pdls = os.environ.get("PROBE_PDL", "0,1").split(",")
     for fmt in args.formats.split(","):
         print(f"\n== {fmt}")

@@ -371,6 +371,30 @@ def test_int_dot_gemv(fmt, slices, split, gated):
         assert_matches(y, ref_out, torch.bfloat16, extra + slack)
 
 
+@pytest.mark.parametrize("fmt,split,gated", [("q4", 2, False), ("q3", 2, True), ("q8_0", 2, False)])
+def test_int_dot_unrolled_blocks_equal_the_loop(fmt, split, gated, monkeypatch):
+    """The dp2a GEMV with its blocks in straight-line code (`ops.idp_unroll`) gives the same bits as its loop,
+    including a program whose last unrolled block is past the end of its K range (3 blocks in splits of 2), and
+    with 4 row slices (q4), 3-bit codes and gated weights."""
+    n, k = 21, _whole_groups(fmt, 1408)
+    gen = torch.Generator().manual_seed(len(fmt) + split)
+    spec = INT_SPECS[fmt]
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(DEVICE)
+    cfg = ops.Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=True, slices=4 if fmt == "q4" else 1)
+    per = -(-3 // split)
+    assert ops.idp_unroll(per, split, gated) == per > 1
+
+    def run():
+        return ops.int_linear_impl(x, p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group, gated, cfg)
+
+    unrolled = run()
+    monkeypatch.setenv("S2CONV_IDP_UNROLL", "0")
+    assert ops.idp_unroll(per, split, gated) == 1
+    assert torch.equal(unrolled, run())
+
+
 @pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
                                          ("q4_k", 1, False), ("q4", 3, True)])
 def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):

@@ -208,6 +208,18 @@ def split_max(split: int) -> int:
     return triton.next_power_of_2(split)
 
 
+def idp_unroll(per: int, split: int, gated: bool) -> int:
+    """UNROLL of a dp2a GEMV launch whose programs take up to `per` blocks of K in `split` ranges
+    (`_int_rows_gemv_idp`): straight-line blocks where a program is one split-K share (up to 8 blocks; gated, with
+    two weights' tiles in flight, up to 2), else 1 (the loop). Per layer on an H200 (`scripts/probe_gemv.py`
+    shapes, us, loop / unrolled at the default splits): q4 wo 6.4 / 6.2, w2 9.4 / 9.1, but wqkv (no split) 6.6 /
+    7.3 and w1|w3 (no split, 5 blocks twice) 14.2 / 15.9; q8_0 wo 8.3 / 7.5, w2 13.4 / 12.7; q3's w1|w3 (split 4)
+    16.6 / 15.4 (bench/RESULTS.md, fourteenth session). S2CONV_IDP_UNROLL=0: always the loop."""
+    if os.environ.get("S2CONV_IDP_UNROLL", "1") == "0" or per <= 1 or split <= 1:
+        return 1
+    return per if per <= (2 if gated else 8) else 1
+
+
 # ---- integer formats ---------------------------------------------------------------------------------------------
 def _int_key(x, scales, bits, group, has_min, gated):
     rows = scales.shape[0]
@@ -381,6 +393,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md),
             # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
             r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
+            UNROLL=idp_unroll(per, split, gated) if xmax else 1,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
             eps=float(norm_eps), NORM=norm_weight is not None, SPLIT_MAX=split_max(split), outputs=(y,), **chain,
             **common)

@@ -339,9 +339,58 @@ def _window_sum(a, corr, acc, s):
 
 
 @triton.jit
+def _idp_block(x_col, g_col, kcol, K, kb, inv, w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20,
+               s21, s22, s23, w3, h3, s30, s31, s32, s33, a0, a1, a2, a3, h_shift, BITS: tl.constexpr,
+               OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, SLICES: tl.constexpr, ASM: tl.constexpr,
+               NORM: tl.constexpr):
+    """One block of `_int_rows_gemv_idp`: its tiles (words, 3-bit high-bit tiles, window scales of each slice)
+    met with x at columns kb + ..., added to the accumulators a0 .. a3 (returned)."""
+    SPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    SPG: tl.constexpr = GROUP // _W
+    NWIN: tl.constexpr = SPW // SPG if SPG < SPW else 1
+    WL: tl.constexpr = SPW // NWIN
+    NT: tl.constexpr = (32 if BITS == 3 else 16 * BITS) // _W
+    RS: tl.constexpr = _R // SLICES
+    # 0x4B400000 = the bits of 2**23 + 2**22, a float that holds 2**23 + 2**22 + i exactly for |i| < 2**22: the bias
+    # of a window's sum, and the -OFF * (count * bias) that a sum of `_xint` values carries, wrapped to int32
+    CORR0: tl.constexpr = (0x4B400000 * (1 + OFF * WL) + 2**31) % 2**32 - 2**31
+    if BITS == 3:
+        h0 = h0 >> h_shift
+        if SLICES == 4:
+            h1 = h1 >> h_shift
+            h2 = h2 >> h_shift
+            h3 = h3 >> h_shift
+    for v in tl.static_range(NWIN):
+        qsum = tl.zeros([NT, _W], tl.int32)
+        d0 = tl.zeros([NT, _W, RS], tl.int32)
+        d1 = d0
+        d2 = d0
+        d3 = d0
+        for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
+            xa = _x_field(x_col, g_col, kb + (2 * p) * _W, kcol, K, EVEN_K, NORM)
+            xb = _x_field(x_col, g_col, kb + (2 * p + 1) * _W, kcol, K, EVEN_K, NORM)
+            qa = _xint(xa, inv)
+            qb = _xint(xb, inv)
+            qsum += qa + qb
+            pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
+            d0 = _dp2(pair, _bytes(w0, h0, p // 2, BITS), d0, p % 2, ASM)
+            if SLICES == 4:
+                d1 = _dp2(pair, _bytes(w1_, h1, p // 2, BITS), d1, p % 2, ASM)
+                d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
+                d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
+        corr = (qsum * (-OFF) + CORR0)[:, :, None]
+        a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03))
+        if SLICES == 4:
+            a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13))
+            a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23))
+            a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33))
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_start, b_end, inv,
                        BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                       SLICES: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
+                       SLICES: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr, UNROLL: tl.constexpr = 1):
     """sum_k (code[n, k] * scale) * xi[k] over blocks [b_start, b_end) for one group of 16 interleaved rows, with
     xi = round(x * inv) the 16-bit integer x -> fp32 [16] (the caller multiplies by 1 / inv). NORM: x[k] * g[k]
     in place of x[k] (g: an RMSNorm's weight, fp32 product of the two).
@@ -352,6 +401,7 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     x integers. Integer sums per window (the scale group's fields of a word) are exact; the code offset comes off
     as -OFF * sum(xi) per window; each window's sum converts to float with the 2**23 + 2**22 bias trick (no
     integer-to-float instruction), so |sum| < 2**22 bounds xi (ops.py picks XMAX).
+    UNROLL > 1 (>= b_end - b_start, `ops.idp_unroll`): the blocks in straight-line code, else a loop.
     """
     WPB: tl.constexpr = 16 * BITS
     TW: tl.constexpr = 32 if BITS == 3 else WPB
@@ -364,9 +414,6 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     NT: tl.constexpr = TW // _W
     BSTEP: tl.constexpr = WPB * _R
     RS: tl.constexpr = _R // SLICES
-    # 0x4B400000 = the bits of 2**23 + 2**22, a float that holds 2**23 + 2**22 + i exactly for |i| < 2**22: the bias
-    # of a window's sum, and the -OFF * (count * bias) that a sum of `_xint` values carries, wrapped to int32
-    CORR0: tl.constexpr = (0x4B400000 * (1 + OFF * WL) + 2**31) % 2**32 - 2**31
     t1 = tl.arange(0, NT)
     w1 = tl.arange(0, _W)
     tt = t1[:, None, None]
@@ -380,56 +427,44 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
     if BITS == 3:
         h_tile = w_grp + (32 + ww + tt * 0) * _R + rr
         h_shift = tt * 4 + ww * 0 + rr * 0
+    else:
+        h_shift = 0
     a0 = tl.zeros([NT, _W, RS], tl.float32)
     a1 = a0
     a2 = a0
     a3 = a0
     s_t = s_row0 + g_t[:, None, None]
-    # register double buffering: block b + 1's words and scales load while block b computes (an asynchronous-copy
-    # pipeline through shared memory instead, `tl.range(.., num_stages=3)`, made whole frames 4-22% slower on an
-    # H100: the loop is issue-bound and the copies add shared-memory loads; bench/RESULTS.md, eighth session)
-    (w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31, s32,
-     s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b_start, b_end, BITS, GROUP, NT, RS, BSTEP,
-                         GPB, GPW, NWIN, SLICES)
-    for b in range(b_start, b_end):
-        (nw0, nh0, n00, n01, n02, n03, nw1, nh1, n10, n11, n12, n13, nw2, nh2, n20, n21, n22, n23, nw3, nh3, n30, n31,
-         n32, n33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b + 1, b_end, BITS, GROUP, NT, RS,
-                                  BSTEP, GPB, GPW, NWIN, SLICES)
-        if BITS == 3:
-            h0 = h0 >> h_shift
-            if SLICES == 4:
-                h1 = h1 >> h_shift
-                h2 = h2 >> h_shift
-                h3 = h3 >> h_shift
-        kb = b * _BLOCK_K
-        for v in tl.static_range(NWIN):
-            qsum = tl.zeros([NT, _W], tl.int32)
-            d0 = tl.zeros([NT, _W, RS], tl.int32)
-            d1 = d0
-            d2 = d0
-            d3 = d0
-            for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):  # x pair p: fields 2p, 2p + 1
-                xa = _x_field(x_col, g_ptr + kcol, kb + (2 * p) * _W, kcol, K, EVEN_K, NORM)
-                xb = _x_field(x_col, g_ptr + kcol, kb + (2 * p + 1) * _W, kcol, K, EVEN_K, NORM)
-                qa = _xint(xa, inv)
-                qb = _xint(xb, inv)
-                qsum += qa + qb
-                pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
-                d0 = _dp2(pair, _bytes(w0, h0, p // 2, BITS), d0, p % 2, ASM)
-                if SLICES == 4:
-                    d1 = _dp2(pair, _bytes(w1_, h1, p // 2, BITS), d1, p % 2, ASM)
-                    d2 = _dp2(pair, _bytes(w2, h2, p // 2, BITS), d2, p % 2, ASM)
-                    d3 = _dp2(pair, _bytes(w3, h3, p // 2, BITS), d3, p % 2, ASM)
-            corr = (qsum * (-OFF) + CORR0)[:, :, None]
-            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03))
-            if SLICES == 4:
-                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13))
-                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23))
-                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33))
-        w0, h0, s00, s01, s02, s03 = nw0, nh0, n00, n01, n02, n03
-        w1_, h1, s10, s11, s12, s13 = nw1, nh1, n10, n11, n12, n13
-        w2, h2, s20, s21, s22, s23 = nw2, nh2, n20, n21, n22, n23
-        w3, h3, s30, s31, s32, s33 = nw3, nh3, n30, n31, n32, n33
+    # The loop (below) double-buffers in registers: block b + 1's words and scales load while block b computes (an
+    # asynchronous-copy pipeline through shared memory instead, `tl.range(.., num_stages=3)`, made whole frames
+    # 4-22% slower on an H100: the loop is issue-bound and the copies add shared-memory loads; bench/RESULTS.md,
+    # eighth session)
+    if UNROLL > 1:  # all UNROLL blocks in straight-line code (masked past b_end): no loop-carried tiles, so the
+        # compiler may issue every block's loads before the first block's arithmetic
+        for j in tl.static_range(UNROLL):
+            b = b_start + j
+            (w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31,
+             s32, s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b, b_end, BITS, GROUP, NT, RS,
+                                      BSTEP, GPB, GPW, NWIN, SLICES)
+            # x of a masked block: the last live one's (in bounds; its scales are 0, so it adds nothing)
+            a0, a1, a2, a3 = _idp_block(x_col, g_ptr + kcol, kcol, K, tl.minimum(b, b_end - 1) * _BLOCK_K, inv,
+                                        w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21,
+                                        s22, s23, w3, h3, s30, s31, s32, s33, a0, a1, a2, a3, h_shift, BITS, OFF,
+                                        GROUP, EVEN_K, SLICES, ASM, NORM)
+    else:
+        (w0, h0, s00, s01, s02, s03, w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31, s32,
+         s33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b_start, b_end, BITS, GROUP, NT, RS, BSTEP,
+                             GPB, GPW, NWIN, SLICES)
+        for b in range(b_start, b_end):
+            (nw0, nh0, n00, n01, n02, n03, nw1, nh1, n10, n11, n12, n13, nw2, nh2, n20, n21, n22, n23, nw3, nh3, n30,
+             n31, n32, n33) = _load_slices(w_tile, h_tile, s_t, row0, rr, N, stride_sn, b + 1, b_end, BITS, GROUP, NT,
+                                           RS, BSTEP, GPB, GPW, NWIN, SLICES)
+            a0, a1, a2, a3 = _idp_block(x_col, g_ptr + kcol, kcol, K, b * _BLOCK_K, inv, w0, h0, s00, s01, s02, s03,
+                                        w1_, h1, s10, s11, s12, s13, w2, h2, s20, s21, s22, s23, w3, h3, s30, s31,
+                                        s32, s33, a0, a1, a2, a3, h_shift, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM)
+            w0, h0, s00, s01, s02, s03 = nw0, nh0, n00, n01, n02, n03
+            w1_, h1, s10, s11, s12, s13 = nw1, nh1, n10, n11, n12, n13
+            w2, h2, s20, s21, s22, s23 = nw2, nh2, n20, n21, n22, n23
+            w3, h3, s30, s31, s32, s33 = nw3, nh3, n30, n31, n32, n33
     y0 = tl.sum(tl.sum(a0, axis=1), axis=0)
     if SLICES == 4:
         y1 = tl.sum(tl.sum(a1, axis=1), axis=0)
@@ -449,7 +484,8 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
                     SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
                     NORM: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False, zero_ptr=None,
                     ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0, rs_ptr=None, rs_k=1, rs_eps=0.0,
-                    RS: tl.constexpr = False, gx_g=None, gx_ptr=None, GX: tl.constexpr = False):
+                    RS: tl.constexpr = False, gx_g=None, gx_ptr=None, GX: tl.constexpr = False,
+                    UNROLL: tl.constexpr = 1):
     """y[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, 16), n_split, M), one 16-row group per program, BPP >=
     blocks_per_split blocks unrolled;
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
@@ -493,12 +529,13 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
         # below 1e-30 (XMAX / amax would overflow fp32) x counts as zero: an output error under 1e-30 sum |w|
         inv = tl.where(amax > 1e-30, XMAX / amax, 0.0)
         y = _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS,
-                               OFF, GROUP, EVEN_K, SLICES, ASM, NORM) * out_scale
+                               OFF, GROUP, EVEN_K, SLICES, ASM, NORM, UNROLL) * out_scale
         if HAS_MIN:
             y -= _min_correction(x_row, m_ptr + rows * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
         if GATED:
             y3 = _int_rows_gemv_idp(x_row, g_ptr, w_grp + w3_off, s_ptr + N * stride_sn, stride_sn, pid_n * _R, N,
-                                    K, b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM) * out_scale
+                                    K, b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM,
+                                    UNROLL) * out_scale
             if HAS_MIN:
                 y3 -= _min_correction(x_row, m_ptr + (rows + N) * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
     else:
