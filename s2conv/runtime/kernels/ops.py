@@ -85,12 +85,14 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
     if m <= GEMV_MAX_M:
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
-            split = 4 if small or (gated and bits == 3) else 1
             # the dp2a path except for 4-bit codes with mins (q4_k: no faster there; bench/RESULTS.md, fifth
             # session; 8-bit codes with mins, q5_k: 93 -> 69 us per layer, seventh);
-            # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
             # S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
             int_dot = not (has_min and bits < 8) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            # the float-x path splits 3-bit w1|w3 as well; the dp2a path runs it whole (H100, q3 frames 265.6 ->
+            # 276.6 frames/s: bench/RESULTS.md, fourteenth session)
+            split = 4 if small or (gated and bits == 3 and not int_dot) else 1
+            # 4 row slices only for 4-bit codes with one scale per 128 (slower with per-32 windows);
             # folding the RMSNorm in measured no faster on an H100 (the saved norm launches cost as much again in
             # the GEMV's extra loads: bench/RESULTS.md, fifth session): opt-in, S2CONV_FOLD_NORM=1
             return Config(block_n=16, split=split, num_warps=4, num_stages=1, int_dot=int_dot,
