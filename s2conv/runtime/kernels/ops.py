@@ -215,8 +215,9 @@ def idp_unroll(per: int, split: int, gated: bool) -> int:
     (`_int_rows_gemv_idp`): straight-line blocks where a program is one split-K share (up to 8 blocks; gated, with
     two weights' tiles in flight, up to 2), else 1 (the loop). Per layer on an H200 (`scripts/probe_gemv.py`
     shapes, us, loop / unrolled at the default splits): q4 wo 6.4 / 6.2, w2 9.4 / 9.1, but wqkv (no split) 6.6 /
-    7.3 and w1|w3 (no split, 5 blocks twice) 14.2 / 15.9; q8_0 wo 8.3 / 7.5, w2 13.4 / 12.7; q3's w1|w3 (split 4)
-    16.6 / 15.4 (bench/RESULTS.md, fourteenth session). S2CONV_IDP_UNROLL=0: always the loop."""
+    7.3 and w1|w3 (no split, 5 blocks twice) 14.2 / 15.9; q8_0 wo 8.3 / 7.5, w2 13.4 / 12.7; q3's w1|w3 at split 4
+    16.6 / 15.4, at split 1 (its default now) 14.5 / 14.1 (bench/RESULTS.md, fourteenth session).
+    S2CONV_IDP_UNROLL=0: always the loop."""
     if os.environ.get("S2CONV_IDP_UNROLL", "1") == "0" or per <= 1 or split <= 1:
         return 1
     return per if per <= (2 if gated else 8) else 1
