@@ -18,8 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from probe_variants import copies, device, per_layer, run_cases, split_outputs
 from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed, ops
 from s2conv.runtime.kernels.common import finish_split, store_output
-from s2conv.runtime.kernels.triton_int import (_bytes, _dp2, _load_scales, _window, _window_sum, _x_absmax,
-                                                _x_field, _xint)
+from s2conv.runtime.kernels.triton_int import _idp_block, _load_scales, _x_absmax
 
 _W = tl.constexpr(16)
 _R = tl.constexpr(16)
@@ -51,7 +50,6 @@ def tma_gemv_kernel(x_ptr, w_desc, s_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_bl
     GPW: tl.constexpr = WL // SPG if WL >= SPG else 0
     NT: tl.constexpr = WPB // _W
     RS: tl.constexpr = _R // SLICES
-    CORR0: tl.constexpr = ((0x4B400000 * (1 + OFF * WL)) + 2**31) % 2**32 - 2**31
     row0 = pid_n * _R
     t1 = tl.arange(0, NT)
     w1 = tl.arange(0, _W)
@@ -86,31 +84,9 @@ def tma_gemv_kernel(x_ptr, w_desc, s_ptr, out_ptr, part_ptr, cnt_ptr, N, K, n_bl
             s10, s11, s12, s13 = _load_scales(s_r1, b * GPB, live, GPW, NWIN)
             s20, s21, s22, s23 = _load_scales(s_r2, b * GPB, live, GPW, NWIN)
             s30, s31, s32, s33 = _load_scales(s_r3, b * GPB, live, GPW, NWIN)
-        kb = b * _BLOCK_K
-        for v in tl.static_range(NWIN):
-            qsum = tl.zeros([NT, _W], tl.int32)
-            d0 = tl.zeros([NT, _W, RS], tl.int32)
-            d1 = d0
-            d2 = d0
-            d3 = d0
-            for p in tl.static_range(v * WL // 2, v * WL // 2 + WL // 2):
-                xa = _x_field(x_col, x_col, kb + (2 * p) * _W, kcol, K, True, False)
-                xb = _x_field(x_col, x_col, kb + (2 * p + 1) * _W, kcol, K, True, False)
-                qa = _xint(xa, inv)
-                qb = _xint(xb, inv)
-                qsum += qa + qb
-                pair = ((qa & 0xFFFF) | (qb << 16))[:, :, None]
-                d0 = _dp2(pair, _bytes(w0, w0, p // 2, BITS), d0, p % 2, ASM)
-                if SLICES == 4:
-                    d1 = _dp2(pair, _bytes(w1_, w1_, p // 2, BITS), d1, p % 2, ASM)
-                    d2 = _dp2(pair, _bytes(w2, w2, p // 2, BITS), d2, p % 2, ASM)
-                    d3 = _dp2(pair, _bytes(w3, w3, p // 2, BITS), d3, p % 2, ASM)
-            corr = (qsum * (-OFF) + CORR0)[:, :, None]
-            a0 = _window_sum(d0, corr, a0, _window(v, s00, s01, s02, s03))
-            if SLICES == 4:
-                a1 = _window_sum(d1, corr, a1, _window(v, s10, s11, s12, s13))
-                a2 = _window_sum(d2, corr, a2, _window(v, s20, s21, s22, s23))
-                a3 = _window_sum(d3, corr, a3, _window(v, s30, s31, s32, s33))
+        a0, a1, a2, a3 = _idp_block(x_col, x_col, kcol, K, b * _BLOCK_K, inv, w0, w0, s00, s01, s02, s03, w1_, w1_,
+                                    s10, s11, s12, s13, w2, w2, s20, s21, s22, s23, w3, w3, s30, s31, s32, s33, a0,
+                                    a1, a2, a3, 0, BITS, OFF, GROUP, True, SLICES, ASM, False)
     y = tl.sum(tl.sum(a0, axis=1), axis=0)
     if SLICES == 4:
         y1 = tl.sum(tl.sum(a1, axis=1), axis=0)

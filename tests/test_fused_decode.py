@@ -371,6 +371,20 @@ def _count_norm_launches(monkeypatch) -> list:
         monkeypatch.setattr(fused, name, lambda *a, _f=original, **kw: norms.append(1) or _f(*a, **kw))
     return norms
 
+def _slow_step(eager, fast, monkeypatch) -> tuple:
+    """Both models prefilled with one prompt, then one slow decode step each: ((he, le), (hf, lf), the number of
+    RMSNorm launches during the steps)."""
+    norms = _count_norm_launches(monkeypatch)
+    prompt = random_prompt(TINY, 8).to(DEVICE)
+    for m in (eager, fast):
+        m.setup_caches(1, 16)
+        m.prefill(prompt[None])
+    norms.clear()
+    pos = torch.tensor([8], device=DEVICE)
+    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
+    return (he, le), (hf, lf), len(norms)
+
+
 
 @pytest.mark.slow  # ~1 minute in triton's interpreter (CPU); seconds on a GPU
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
@@ -383,15 +397,8 @@ def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
 
     eager, fast = _quantized_tiny(weights, fmt), _quantized_tiny(weights, fmt)
     assert fused_decode.enable(fast, force=True)
-    norms = _count_norm_launches(monkeypatch)
-    prompt = random_prompt(TINY, 8).to(DEVICE)
-    for m in (eager, fast):
-        m.setup_caches(1, 16)
-        m.prefill(prompt[None])
-    pos = torch.tensor([8], device=DEVICE)
-    norms.clear()
-    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
-    block_norms = len(norms) - 1  # the model's final norm is one more launch
+    (he, le), (hf, lf), n_norms = _slow_step(eager, fast, monkeypatch)
+    block_norms = n_norms - 1  # the model's final norm is one more launch
     # q8 (float GEMV) chains its norms instead: only the first block's attention norm is a launch
     assert block_norms == (0 if fmt == "q4" else 1)
     assert float((hf.float() - he.float()).abs().max()) < 2**-5 * float(he.float().abs().max())
@@ -403,17 +410,10 @@ def test_norms_chain_through_float_gemvs(weights, monkeypatch):
     from sums of squares the producing GEMVs leave in the block's slots, so the only norm launches of a step are
     the first block's attention norm and the final norm, per stack. The slots are reset by the kernels that follow
     their readers (the fast AR's depth-0 `fill_cache` by a reset of its own), and the results match eager bf16."""
-    prompt = random_prompt(TINY, 8).to(DEVICE)
     eager, fast = (DualARTransformer.from_weights(TINY, weights, torch.bfloat16, device=DEVICE) for _ in range(2))
     assert fused_decode.enable(fast, force=True)
-    norms = _count_norm_launches(monkeypatch)
-    for m in (eager, fast):
-        m.setup_caches(1, 16)
-        m.prefill(prompt[None])
-    norms.clear()
-    pos = torch.tensor([8], device=DEVICE)
-    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
-    assert len(norms) == 2  # the first block's attention norm and the final norm
+    (he, le), (hf, lf), n_norms = _slow_step(eager, fast, monkeypatch)
+    assert n_norms == 2  # the first block's attention norm and the final norm
     slots = [t for b in (*fast.layers, *fast.fast_layers) for t in (b._ss_in, b._ss_mid)]
     assert all(float(t) == 0.0 for t in slots)  # every slot read has been reset
     rel = float((hf.float() - he.float()).abs().max() / he.float().abs().max())
@@ -443,15 +443,8 @@ def test_norms_chain_through_integer_gemvs(weights, fmt, monkeypatch):
     the final norm. Slots are reset as in the float chain; the results match the eager quantized model's."""
     eager, fast = _quantized_tiny(weights, fmt), _quantized_tiny(weights, fmt)
     assert fused_decode.enable(fast, force=True)
-    norms = _count_norm_launches(monkeypatch)
-    prompt = random_prompt(TINY, 8).to(DEVICE)
-    for m in (eager, fast):
-        m.setup_caches(1, 16)
-        m.prefill(prompt[None])
-    norms.clear()
-    pos = torch.tensor([8], device=DEVICE)
-    (he, le), (hf, lf) = (m.decode_slow(prompt[None, :, -1:], pos, 16) for m in (eager, fast))
-    assert len(norms) == 2  # the first block's attention norm and the final norm
+    (he, le), (hf, lf), n_norms = _slow_step(eager, fast, monkeypatch)
+    assert n_norms == 2  # the first block's attention norm and the final norm
     slots = [t for b in (*fast.layers, *fast.fast_layers) for t in (b._ss_in, b._ss_mid)]
     assert all(float(t) == 0.0 for t in slots)
     assert float((hf.float() - he.float()).abs().max()) < 2**-5 * float(he.float().abs().max())
