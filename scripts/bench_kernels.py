@@ -22,7 +22,7 @@ import triton
 import triton.testing
 
 from s2conv.bench import output_error
-from s2conv.runtime.kernels import GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed, ops
+from s2conv.runtime.kernels import GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed, layout, ops
 
 SHAPES = [("wqkv", 6144, 2560), ("wo", 2560, 4096), ("w1", 9728, 2560), ("w2", 2560, 9728), ("w13", 9728, 2560)]
 FORMATS = ["bf16", "fp8", "q8", "q4", "q3", "q2", "q8_0", "q4_0", "q4_k"]
@@ -113,19 +113,21 @@ def bench_one(fmt: str, name: str, n: int, k: int, m: int, tune: bool, gen: torc
     rot = iter(range(10**9))
     tuned = None
     if tune and m == 1:  # GEMM configs (M > 1) stay default: each candidate is a slow compilation
-        if fmt in INT_SPECS:
-            spec = INT_SPECS[fmt]
+        spec = INT_SPECS.get(fmt)
+        if spec is not None and not layout.uses_row_major_layout(spec):
             key = ops._int_key(x, packed["scales"], spec.bits, spec.group, spec.has_min, gated)
             def run(cfg):
                 p = packs[next(rot) % copies]
                 return ops.int_linear_impl(x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
                                            spec.group, gated, cfg)
             kind = "int"
-        else:
-            key = ops._float_key(x, packed["weight"], "scales" in packed, gated)
+        else:  # float formats, and integer ones kept row-major (a scale per group)
+            group = spec.group if spec is not None else 0
+            key = ops._float_key(x, packed["weight"], "scales" in packed, gated, group)
             def run(cfg):
                 p = packs[next(rot) % copies]
-                return ops.float_linear_impl(x, p["weight"], p.get("scales"), gated, cfg)
+                return ops.float_linear_impl(x, p["weight"], p.get("scales"), gated, cfg, group=group,
+                                             mins=p.get("mins"))
             kind = "float"
         cfg, _ = ops.tune(run, key, kind, m, calls=copies)
         tuned = cfg.__dict__

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from s2conv.runtime.kernels import INT_SPECS, REPACK, cat_rows, ops
+from s2conv.runtime.kernels import INT_SPECS, REPACK, cat_rows, layout, ops
 from s2conv.runtime.kernels.ops import Config, graph_time_ms
 
 SHAPES = [("wqkv", 6144, 2560, False), ("wo", 2560, 4096, False), ("w13", 9728, 2560, True),
@@ -50,6 +50,8 @@ def roofline_us(nbytes: int) -> float:
 
 def int_copies(fmt, n, k, gated, count):
     spec = INT_SPECS[fmt]
+    if layout.uses_row_major_layout(spec):
+        raise SystemExit(f"{fmt} stays row-major (a float-kernel format): scripts/probe_rowmajor8.py probes it")
     out = []
     for _ in range(count):
         parts = []

@@ -48,7 +48,7 @@ def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1)
     spec = INT_SPECS[fmt]
     const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
                  PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True, NORM=False,
-                 SS=False, ZERO=False, SPLIT_MAX=0, RS=False, GX=False)
+                 SS=False, ZERO=False, SPLIT_MAX=0, RS=False, GX=False, UNROLL=1)
     sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
     attrs = {(int_gemv_kernel.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in _SIGNATURE if n not in _NOT_DIVISIBLE}

@@ -66,6 +66,19 @@ def packed_on_device(fmt: str, args: tuple) -> dict:
     return {name: t.to(DEVICE) for name, t in REPACK[fmt](*args).items()}
 
 
+def linear_impl(fmt: str, x: torch.Tensor, p: dict, gated: bool, cfg=None, **kw) -> torch.Tensor:
+    """The implementation KERNELS[fmt] calls for this packed weight, with an explicit launch config: the float
+    kernels for float formats and row-major integer ones (`layout.uses_row_major_layout`), else the integer one."""
+    spec = INT_SPECS.get(fmt)
+    if spec is None:
+        return ops.float_linear_impl(x, p["weight"], p.get("scales"), gated, cfg, **kw)
+    if layout.uses_row_major_layout(spec):
+        return ops.float_linear_impl(x, p["weight"], p["scales"], gated, cfg, group=spec.group, mins=p.get("mins"),
+                                     **kw)
+    return ops.int_linear_impl(x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset, spec.group,
+                               gated, cfg, **kw)
+
+
 def int_dot_error(fmt: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | float:
     """Worst-case |y - ref| [1, N] that the dp2a GEMV (M = 1, bf16/fp16 x, integer formats) adds: each x becomes a
     multiple of max|x| / XMAX, off by at most half of one, so row n is off by at most that times sum_k |w[n, k]|.
@@ -101,11 +114,14 @@ def test_repack_roundtrip(fmt, k):
     args = make_weight(fmt, 5, k, gen)
     packed = REPACK[fmt](*args)
     spec = INT_SPECS[fmt]
-    assert packed["qweight"].dtype == torch.int32
-    if layout.uses_fragment_layout(spec):  # q2, q4_0, q4_1, q4_k: tiles of 16 rows, chunks of 256 / bits codes
+    if layout.uses_row_major_layout(spec):  # q8_0, q5_*, q6_k: int8 codes as they are, row-major
+        assert packed["weight"].dtype == torch.int8 and packed["weight"].shape == (5, k)
+        assert packed["scales"].shape == (5, k // spec.group)
+        codes = packed["weight"]
+    elif layout.uses_fragment_layout(spec):  # q2, q4_0, q4_1, q4_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
-        assert packed["qweight"].shape == (1, chunks * 128)
+        assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * 128)
         codes = layout.unpack_fragment_codes(packed["qweight"], spec.bits, spec.offset, k, 5, spec.group)
     else:
         assert packed["qweight"].shape == (layout.padded_rows(5), layout.padded_k(k) * spec.bits // 32)
@@ -258,7 +274,8 @@ def test_kernel_matches_reference(fmt, m, k, dtype):
 
 
 @pytest.mark.parametrize("fmt,m,n", [("q4", 1, 21), ("q3", 1, 21), ("q2", 1, 21), ("q4_k", 1, 21), ("fp8", 1, 21),
-                                     ("q8", 3, 21), ("bf16", 3, 21), ("q2_k", 3, 32), ("q4", 5, 48)])
+                                     ("q8", 3, 21), ("bf16", 3, 21), ("q2_k", 3, 32), ("q4", 5, 48), ("q5_k", 1, 21),
+                                     ("q6_k", 3, 32)])
 def test_gated_kernel(fmt, m, n):
     """Rows that fill whole 16-row groups (n = 32, 48) take the plain GEMM over w1|w3 and a silu-mul launch at
     M > 1; other rows the gated GEMM."""
@@ -272,14 +289,53 @@ def test_gated_kernel(fmt, m, n):
     h3 = x.float() @ reference_weight(fmt, a3, k).T
     ref = torch.nn.functional.silu(h1) * h3
     extra = torch.zeros_like(ref)
-    if fmt in INT_SPECS and m > 1 and n % 16 == 0:  # two launches: h1, h3 and silu(h1) rounded to bf16 as in eager
+    if fmt in INT_SPECS and not layout.uses_row_major_layout(INT_SPECS[fmt]) and m > 1 and n % 16 == 0:
+        # two launches: h1, h3 and silu(h1) rounded to bf16 as in eager
         r = RTOL[torch.bfloat16]
         extra = gated_error(h1, h3, r * h1.abs(), r * h3.abs()) + r * ref.abs()
     assert y.shape == (2, m, n)
     assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16, extra.reshape(-1, n))  # 2 m rows: GEMM
 
 
-@pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 3), ("bf16", 1), ("fp8", 3)])
+@pytest.mark.parametrize("fmt,gated", [("q8_0", False), ("q5_0", True), ("q6_k", False), ("q5_k", True)])
+def test_row_major_grouped_formats(fmt, gated, monkeypatch):
+    """8-bit codes that fit a byte stay a row-major int8 matrix with a scale (and min) per group, read by the float
+    kernels: the GEMV at one row (the norm applied from a producer's sum of squares, as for q8) and the GEMM at 5
+    rows both ways it can run (one dot per group; dequantized tiles in two dots), each within one output rounding
+    of the reference."""
+    spec = INT_SPECS[fmt]
+    assert layout.uses_row_major_layout(spec) and KERNELS[fmt].takes_norm_ss and not KERNELS[fmt].takes_rs_in
+    n, k = 21, 512
+    gen = torch.Generator().manual_seed(len(fmt))
+    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
+    assert p["weight"].dtype == torch.int8 and "qweight" not in p
+    launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
+
+    def reference(x):
+        h1 = x.float() @ reference_weight(fmt, a1, k).T
+        return torch.nn.functional.silu(h1) * (x.float() @ reference_weight(fmt, a3, k).T) if gated else h1
+
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        runs = [launcher(x.to(DEVICE), p)]
+        if m > 1:
+            monkeypatch.setenv("S2CONV_GROUP_DOT", "0")
+            runs.append(launcher(x.to(DEVICE), p))
+            monkeypatch.delenv("S2CONV_GROUP_DOT")
+        for y in runs:
+            assert_matches(y, reference(x), torch.bfloat16)
+    g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
+    x = (torch.randn(1, k, generator=gen) * 3).to(torch.bfloat16)
+    normed = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+              * g).to(torch.bfloat16)
+    y = launcher(x.to(DEVICE), p, norm_ss=(x.float().pow(2).sum().reshape(1).to(DEVICE), g.to(DEVICE), 1e-6))
+    ref = reference(normed)
+    # x normalised in the kernel may land one bf16 step away from the eager norm's rounding: one step of x, summed
+    assert (y.float().cpu() - ref).abs().max() <= 2**-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fmt,m", [("q4", 1), ("q3", 3), ("bf16", 1), ("fp8", 3), ("q5_k", 1), ("q6_k", 3)])
 def test_split_k_equals_single_pass(fmt, m):
     """The two-kernel split-K path and the one-kernel path compute the same numbers (fp32 output)."""
     n, k = 19, 1536
@@ -290,12 +346,7 @@ def test_split_k_equals_single_pass(fmt, m):
     runs = []
     for split in (1, 3):
         cfg = ops.Config(block_n=16, split=split, block_k=128)
-        if fmt in INT_SPECS:
-            spec = INT_SPECS[fmt]
-            runs.append(ops.int_linear_impl(x, p["qweight"], p["scales"], None, spec.bits, spec.offset, spec.group,
-                                            False, cfg))
-        else:
-            runs.append(ops.float_linear_impl(x, p["weight"], p.get("scales"), False, cfg))
+        runs.append(linear_impl(fmt, x, p, False, cfg))
     # equal up to fp32 summation order (GPUs reorder the tensor-core sums: ~1e-6 of the largest output)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5 * float(runs[0].abs().max()))
     assert_matches(runs[1], x.cpu() @ reference_weight(fmt, args, k).T, torch.float32)
@@ -310,7 +361,6 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
     counters were reset to zero."""
     n, k = 11, 1536  # 3 blocks: split 1 -> one program runs 3, split 2 -> 2 + 1
     gen = torch.Generator().manual_seed(11)
-    spec = INT_SPECS.get(fmt)
     a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
     p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
     h1 = reference_weight(fmt, a1, k)
@@ -319,11 +369,7 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
         cfg = ops.Config(block_n=8, split=split, block_k=128, pipeline=3 if split == 5 else 0)
         for _ in range(calls):
             x = torch.randn(1, k, generator=gen)
-            if spec is None:
-                y = ops.float_linear_impl(x.to(DEVICE), p["weight"], p.get("scales"), gated, cfg)
-            else:
-                y = ops.int_linear_impl(x.to(DEVICE), p["qweight"], p["scales"], p.get("mins"), spec.bits,
-                                        spec.offset, spec.group, gated, cfg)
+            y = linear_impl(fmt, x.to(DEVICE), p, gated, cfg)
             ref = x @ h1.T
             if gated:
                 ref = torch.nn.functional.silu(ref) * (x @ reference_weight(fmt, a3, k).T)
@@ -331,9 +377,8 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
 
 
 INT_DOT_CASES = [("q4", 4, 1, False), ("q4", 4, 2, True), ("q4", 1, 3, False), ("q3", 1, 2, True),
-                 ("q2", 1, 1, True), ("q8_0", 1, 1, False),
-                 ("q4_0", 4, 3, False), ("q4_k", 1, 2, True), ("q5_0", 1, 2, True),
-                 ("q3_k", 1, 2, True), ("tq2_0", 1, 1, False)]
+                 ("q2", 1, 1, True), ("q4_0", 4, 3, False), ("q4_k", 1, 2, True), ("q3_k", 1, 2, True),
+                 ("q3_k", 1, 1, False), ("tq2_0", 1, 1, False)]
 
 
 @pytest.mark.parametrize("fmt,slices,split,gated", INT_DOT_CASES)
@@ -371,7 +416,7 @@ def test_int_dot_gemv(fmt, slices, split, gated):
         assert_matches(y, ref_out, torch.bfloat16, extra + slack)
 
 
-@pytest.mark.parametrize("fmt,split,gated", [("q4", 2, False), ("q3", 2, True), ("q8_0", 2, False)])
+@pytest.mark.parametrize("fmt,split,gated", [("q4", 2, False), ("q3", 2, True), ("q3_k", 2, False)])
 def test_int_dot_unrolled_blocks_equal_the_loop(fmt, split, gated, monkeypatch):
     """The dp2a GEMV with its blocks in straight-line code (`ops.idp_unroll`) gives the same bits as its loop,
     including a program whose last unrolled block is past the end of its K range (3 blocks in splits of 2), and
@@ -395,7 +440,7 @@ def test_int_dot_unrolled_blocks_equal_the_loop(fmt, split, gated, monkeypatch):
     assert torch.equal(unrolled, run())
 
 
-@pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q8_0", 1, True),
+@pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q3_k", 1, True),
                                          ("q4_k", 1, False), ("q4", 3, True)])
 def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
@@ -471,7 +516,8 @@ def test_int_dot_xmax_respects_the_integer_ranges():
     assert ops.int_dot_xmax(8, 128, 32) == 16383  # q8_0: a 16-code window of bytes up to 128
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "fp8", "bf16"])  # per-row, grouped, with mins, float
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "q5_k", "fp8", "bf16"])  # per-row, grouped, with mins (also
+# row-major), float
 def test_residual_epilogue_equals_a_separate_add(fmt):
     """residual + x W^T from the kernel's epilogue is the eager `h + linear(x)`: at M = 1 (GEMV) and M = 3 (GEMM),
     with and without split-K (the last-arriving program or the reduction kernel adds the residual). fp32: within a
@@ -480,18 +526,12 @@ def test_residual_epilogue_equals_a_separate_add(fmt):
     n, k = 21, 640  # two 512-code blocks: split 2 gives each program one
     gen = torch.Generator().manual_seed(5)
     p = packed_on_device(fmt, make_weight(fmt, n, k, gen))
-    spec = INT_SPECS.get(fmt)
     for m, split, dtype in ((1, 1, torch.float32), (1, 2, torch.float32), (3, 1, torch.float32),
                             (3, 2, torch.bfloat16)):
         x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
         r = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE) * 10
         cfg = ops.Config(block_n=16, split=split, block_k=128)
-        if spec is not None:
-            args = (x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset, spec.group, False, cfg)
-            plain, fused_add = ops.int_linear_impl(*args), ops.int_linear_impl(*args, residual=r)
-        else:
-            args = (x, p["weight"], p.get("scales"), False, cfg)
-            plain, fused_add = ops.float_linear_impl(*args), ops.float_linear_impl(*args, residual=r)
+        plain, fused_add = linear_impl(fmt, x, p, False, cfg), linear_impl(fmt, x, p, False, cfg, residual=r)
         want = (plain.float() + r.float()).to(dtype)
         if dtype == torch.float32:
             # an FMA skips the product's rounding: half an ulp of the product, whatever the sum's size
@@ -564,7 +604,7 @@ def test_s2_shape_and_cuda_graph(fmt):
         assert_matches(yg, (x.float() @ ref_w.T).cpu(), torch.bfloat16, int_dot_error(fmt, x.cpu(), ref_w.cpu()))
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "q8", "q4", "q2_k"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "q8", "q8_0", "q4", "q2_k"])
 def test_norm_chain_arguments(fmt):
     """One row: ss_out receives the sum of squares of what the launch stores (residual included, split-K's last
     program too), zero is reset; float kernels take norm_ss = (ss, g, eps) and then equal fish-speech's RMSNorm
@@ -593,7 +633,7 @@ def test_norm_chain_arguments(fmt):
         KERNELS[fmt](torch.cat([x, x]), p, ss_out=ss)
 
 
-@pytest.mark.parametrize("fmt,gated,split", [("q4", True, 2), ("q2", True, 3), ("q4_k", False, 1), ("q8_0", False, 2)])
+@pytest.mark.parametrize("fmt,gated,split", [("q4", True, 2), ("q2", True, 3), ("q4_k", False, 1), ("q3_k", False, 2)])
 def test_integer_kernels_take_the_norm_from_their_producer(fmt, gated, split):
     """The one-row norm chain of the integer kernels: a producer (any kernel, here bf16 and the format itself)
     stores h, h * g (gx_out, rounded to h's dtype) and the sum of squares of h; an integer GEMV given h * g and

@@ -24,6 +24,7 @@ import torch
 from s2conv.runtime.kernels.layout import (  # noqa: F401  (public re-exports)
     BLOCK_K, FLOAT_FORMATS, INT_SPECS, REPACK, cat_rows, dequantize_packed, padded_k, repack_bf16, repack_fp8,
     repack_int, repack_q2, repack_q3, repack_q4, repack_q4_0, repack_q4_k, repack_q8, repack_q8_0,
+    uses_row_major_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -77,19 +78,23 @@ def _int_kernel(fmt: str, gated: bool):
     return linear
 
 
-def _float_kernel(fmt: str, gated: bool):
+def _float_kernel(fmt: str, gated: bool, group: int = 0):
+    """The launcher of a row-major weight: a float format, or (group > 0) an integer format whose int8 codes stay
+    row-major with a scale (and min) per group (`layout.uses_row_major_layout`)."""
     def linear(x: torch.Tensor, packed: dict, residual: torch.Tensor | None = None,
                ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                norm_ss: tuple[torch.Tensor, torch.Tensor, float] | None = None,
                gx_out: tuple | None = None) -> torch.Tensor:
         r = None if residual is None else _flat(residual)
         args = (_flat(x), packed["weight"], packed.get("scales"), gated)
+        grouped = dict(group=group, mins=packed.get("mins"))
         if _eager():
-            y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss, gx_out=gx_out)
+            y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss, gx_out=gx_out,
+                                      **grouped)
         else:
             assert ss_out is None and zero is None and norm_ss is None and gx_out is None, \
                 "norm chains run eagerly, not compiled"
-            y = torch.ops.s2conv.float_linear(*args, r)
+            y = torch.ops.s2conv.float_linear(*args, r, **grouped)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     linear.takes_norm_ss = True  # norm_ss: the RMSNorm of x applied inside, its statistic from a producer
@@ -105,9 +110,13 @@ try:
 except ImportError as e:  # triton missing: the runtime falls back to dequantize + F.linear
     log.info("s2conv kernels unavailable: %s", e)
 else:
-    for _fmt in INT_SPECS:
-        KERNELS[_fmt] = _int_kernel(_fmt, False)
-        GATED_KERNELS[_fmt] = _int_kernel(_fmt, True)
+    for _fmt, _spec in INT_SPECS.items():
+        if uses_row_major_layout(_spec):
+            KERNELS[_fmt] = _float_kernel(_fmt, False, _spec.group)
+            GATED_KERNELS[_fmt] = _float_kernel(_fmt, True, _spec.group)
+        else:
+            KERNELS[_fmt] = _int_kernel(_fmt, False)
+            GATED_KERNELS[_fmt] = _int_kernel(_fmt, True)
     for _fmt in FLOAT_FORMATS:
         KERNELS[_fmt] = _float_kernel(_fmt, False)
         GATED_KERNELS[_fmt] = _float_kernel(_fmt, True)

@@ -62,8 +62,9 @@ INT_SPECS: dict[str, IntSpec] = {
     "q4_0": IntSpec(4, -8, 7, 8, 32),
     # the other ggml types, from their integer codes (QuantFormat.integer_codes_torch): w = scale * code (- min),
     # scales (and mins) decoded to float32 per group; K-quants per sub-block (d * sc, dmin * m). 5- and 6-bit codes
-    # take the 8-bit layout, and so does Q3_K with its sub-block scales folded into the codes (sc * q fits a byte;
-    # one scale per 256 codes then lets the dp2a GEMV run it, where 16-code groups keep a format on the float path).
+    # are int8 codes in the grouped row-major layout (below), and so is q8_0; Q3_K keeps the interleaved 8-bit
+    # layout with its sub-block scales folded into the codes (sc * q fits an unsigned byte with its offset, not a
+    # signed one; one scale per 256 codes then lets the dp2a GEMV run it).
     "q4_1": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_0": IntSpec(8, -16, 15, 128, 32),
     "q5_1": IntSpec(8, 0, 31, 0, 32, has_min=True),
@@ -252,6 +253,17 @@ def dequantize_packed_fragment(bits: int, offset: int, group: int, qweight: torc
     return w.to(dtype)
 
 
+# ---- the grouped row-major layout ----------------------------------------------------------------------------------
+# 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k) stay a plain row-major int8 [N, K] matrix with
+# fp32 scales (and mins) [N, K / group], read by the float GEMV (`triton_float`), as q8 is: per layer at S2's
+# shapes on an H200 (`scripts/probe_rowmajor8.py`) q8_0 took 42.7 us against 51.7 in the interleaved layout's
+# dp2a kernel, q6_k 50.7 against 81.1, q5_k 48.3 against 58.4. Q3_K's folded codes (up to 128) keep the
+# interleaved layout.
+def uses_row_major_layout(spec: IntSpec) -> bool:
+    """Whether a format's codes stay a row-major int8 matrix (see above) rather than the interleaved layout."""
+    return spec.bits == 8 and spec.code_min >= -128 and spec.code_max <= 127
+
+
 def _pad_groups(s: torch.Tensor, n_groups: int) -> torch.Tensor:
     s = s.to(torch.float32)
     if s.shape[1] != n_groups:
@@ -267,7 +279,8 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above; the
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
-    (+ "mins", same shape as scales). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
+    (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K], "scales": float32
+    [N, K // group]} (+ "mins"). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
     3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
     """
     spec = INT_SPECS.get(fmt)
@@ -276,14 +289,19 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     _check_codes(fmt, codes, spec)
     n, k = codes.shape
     _check_scales(fmt, "scales", scales, (n, k // spec.group))
-    if uses_fragment_layout(spec):
+    if uses_row_major_layout(spec):
+        kp = k
+        out = {"weight": codes.to(torch.int8).contiguous()}
+    elif uses_fragment_layout(spec):
         unit = fragment_unit(spec.bits, spec.group)
         kp = -(-k // unit) * unit
         qweight = pack_fragment_codes(codes, spec.bits, spec.offset, spec.group)
     else:
         kp = padded_k(k)
         qweight = pack_int_codes(codes, spec.bits, spec.offset)
-    out = {"qweight": qweight, "scales": _pad_groups(scales, kp // spec.group)}
+    if not uses_row_major_layout(spec):
+        out = {"qweight": qweight}
+    out["scales"] = _pad_groups(scales, kp // spec.group)
     if spec.has_min:
         if mins is None:
             raise QuantFormatError(f"repack_{fmt}: this asymmetric format needs mins [N, K // {spec.group}]")
@@ -383,8 +401,11 @@ def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch
     if uses_fragment_layout(spec):
         return dequantize_packed_fragment(spec.bits, spec.offset, spec.group, packed["qweight"], packed["scales"], k,
                                           dtype, packed.get("mins"))
-    codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, packed["scales"].shape[0])
-    codes = codes.to(torch.float32)
+    if uses_row_major_layout(spec):
+        codes = packed["weight"][:, :k].to(torch.float32)
+    else:
+        codes = unpack_int_codes(packed["qweight"], spec.bits, spec.offset, k, packed["scales"].shape[0])
+        codes = codes.to(torch.float32)
     s = packed["scales"].repeat_interleave(spec.group, dim=1)[:, :k]
     w = codes * s
     if spec.has_min:

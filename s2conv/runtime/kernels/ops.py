@@ -100,6 +100,10 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
                           fold_norm=os.environ.get("S2CONV_FOLD_NORM", "0") == "1")
         # an asynchronous-copy pipeline in the loop (fp8 frames +5%, bf16 +0.5% on an H100), which also makes
         # split-K unnecessary at N = 2560: 8 rows and 512 columns a step there (bench/RESULTS.md, eighth session)
+        if group == 16:  # int8 codes with a scale per 16 (q6_k): the plain loop (H200 probe, per layer 50.7 ->
+            # 46.6 us: `scripts/probe_rowmajor8.py`), split 4 at N = 2560
+            return Config(block_n=8, split=4 if n < 6144 else 1, num_warps=4, num_stages=3, block_k=512,
+                          pipeline=1)
         if n < 6144:
             return Config(block_n=8, split=1, num_warps=4, num_stages=3, block_k=512, pipeline=4)
         if gated == (bits == 8):  # fp8 w1|w3 and bf16 wqkv: 16 rows x 256
@@ -208,6 +212,12 @@ def split_max(split: int) -> int:
     if split <= 1 or os.environ.get("S2CONV_SPLIT_UNROLL", "1") == "0":
         return 0
     return triton.next_power_of_2(split)
+
+
+def per_group_dots(group: int, has_min: bool) -> bool:
+    """PER_GROUP of the float GEMM for int8 codes with a scale per `group` (`triton_float._float_rows_gemm`): one dot
+    per group of 32+ codes without mins, else dequantized tiles in two dots (S2CONV_GROUP_DOT=0: always those)."""
+    return group >= 32 and not has_min and os.environ.get("S2CONV_GROUP_DOT", "1") != "0"
 
 
 def idp_unroll(per: int, split: int, gated: bool) -> int:
@@ -500,20 +510,22 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
 
 
 # ---- float formats (fp8 e4m3 + per-row scale, bf16) ---------------------------------------------------------------
-def _float_key(x, weight, has_scale, gated):
+def _float_key(x, weight, has_scale, gated, group=0):
     rows = weight.shape[0]
     bits = 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16
-    return ("float", bits, 0, has_scale, gated, rows // 2 if gated else rows, x.shape[1], _m_bucket(x.shape[0]),
-            x.dtype)
+    return ("float", bits, group, has_scale, gated, rows // 2 if gated else rows, x.shape[1],
+            _m_bucket(x.shape[0]), x.dtype)
 
 
 def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
                       config: Optional[Config] = None, residual: Optional[torch.Tensor] = None,
                       ss_out: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
-                      norm_ss: Optional[tuple] = None, gx_out: Optional[tuple] = None) -> torch.Tensor:
+                      norm_ss: Optional[tuple] = None, gx_out: Optional[tuple] = None, group: int = 0,
+                      mins: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ weight^T) * scales for weight float8_e4m3fn, int8 or bfloat16 [R, K], scales fp32 [R]
     or None; R = N, or 2N with gated=True; residual as in `int_linear_impl`; ss_out, zero, norm_ss, gx_out:
-    `norm_chain_args`."""
+    `norm_chain_args`. group > 0 (int8 weight, K a multiple of it): scales fp32 [R, K / group], one per group of
+    codes along K, and optionally mins alike: w = scale * code - min."""
     op = "s2conv::float_linear"
     dev = weight.device
     _check_x(op, x, dev)
@@ -529,14 +541,24 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     if gated and rows % 2:
         raise _fail(op, "rows of a gated weight", "even (w1 over w3)", rows)
     _check_tensor(op, "weight", weight, weight.dtype, (rows, k), dev)
-    if scales is not None:
+    if group:
+        if weight.dtype != torch.int8 or scales is None or k % group or group not in _GROUPS:
+            raise _fail(op, "grouped weight", f"int8 codes, scales and K a multiple of group in {_GROUPS}",
+                        f"{weight.dtype}, K {k}, group {group}")
+        _check_tensor(op, "scales", scales, torch.float32, (rows, k // group), dev)
+        if mins is not None:
+            _check_tensor(op, "mins", mins, torch.float32, (rows, k // group), dev)
+    elif scales is not None:
         _check_tensor(op, "scales", scales, torch.float32, (rows,), dev)
+    if mins is not None and not group:
+        raise _fail(op, "mins", "only with group > 0", "mins")
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
     _check_gx(op, chain, x, n)
-    cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated)) or default_config(
-        "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated)
-    bk = min(cfg.block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K (small models, tests)
+    cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated, group)) or default_config(
+        "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated, group)
+    # no K step wider than K (small models, tests), nor narrower than a scale group
+    bk = min(cfg.block_k, max(16, group, triton.next_power_of_2(k)))
     chunks = triton.cdiv(k, bk)
     per = triton.cdiv(chunks, cfg.split)
     split = triton.cdiv(chunks, per)
@@ -556,14 +578,17 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
-               SPLIT_MAX=split_max(split), outputs=(y,), **chain, **common)
+               SPLIT_MAX=split_max(split), stride_sn=s_arg.stride(0) if group else 0, GROUP=group,
+               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None, outputs=(y,), **chain, **common)
         return y
     else:
         assert not chain, "norm_chain_args allows one row only"
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         launch(float_gemm_kernel, grid, x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0),
                weight.stride(0), out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),
-               BLOCK_M=cfg.block_m, outputs=(out,), **common)
+               BLOCK_M=cfg.block_m, stride_sn=s_arg.stride(0) if group else 0, GROUP=group,
+               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None,
+               PER_GROUP=per_group_dots(group, mins is not None), outputs=(out,), **common)
     if part is not None:
         _reduce(part, y, gated, residual)
     return y
@@ -586,13 +611,14 @@ def _(x, qweight, scales, mins, bits, offset, group, gated, residual=None, norm_
 
 @torch.library.custom_op("s2conv::float_linear", mutates_args=())
 def float_linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor], gated: bool,
-                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 residual: Optional[torch.Tensor] = None, group: int = 0,
+                 mins: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Custom-op form of `float_linear_impl`."""
-    return float_linear_impl(x, weight, scales, gated, residual=residual)
+    return float_linear_impl(x, weight, scales, gated, residual=residual, group=group, mins=mins)
 
 
 @float_linear.register_fake
-def _(x, weight, scales, gated, residual=None):
+def _(x, weight, scales, gated, residual=None, group=0, mins=None):
     return x.new_empty(x.shape[0], weight.shape[0] // (2 if gated else 1))
 
 

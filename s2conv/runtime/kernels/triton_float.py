@@ -30,7 +30,8 @@ def _to_float(w, ASM: tl.constexpr):
 @triton.jit
 def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PIPE: tl.constexpr = 1, ASM: tl.constexpr = False,
-                     g_ptr=None, rs=1.0, NORM: tl.constexpr = False, FIX: tl.constexpr = False):
+                     g_ptr=None, rs=1.0, NORM: tl.constexpr = False, FIX: tl.constexpr = False,
+                     s_rows=None, m_rows=None, GROUP: tl.constexpr = 0, HAS_MIN: tl.constexpr = False):
     """sum_k w[n, k] x[k] for k in [k_start, k_end) -> fp32 [BLOCK_N]; w_rows: [BLOCK_N, BLOCK_K] pointers.
 
     PIPE > 1: the loop's loads go through a PIPE-stage asynchronous copy pipeline in shared memory (triton
@@ -38,9 +39,14 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
     are in flight while one is summed, without holding them in registers; PIPE = 1: a plain loop.
     ASM: `_to_float`.
     NORM: x goes through fish-speech's RMSNorm on the fly, with its two roundings to x's dtype: round(round(x rs) g)
-    (rs: the row's `norm_scale`, g: the norm weight; FIX: round bf16 by hand, for the interpreter)."""
+    (rs: the row's `norm_scale`, g: the norm weight; FIX: round bf16 by hand, for the interpreter).
+    GROUP > 0 (dividing BLOCK_K): a scale per GROUP codes, s_rows [BLOCK_N] pointing at each row's scales (and with
+    HAS_MIN its mins, m_rows: w = scale * code - min); each step's products are summed per group, then scaled."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    NG: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
+    offs_g = tl.arange(0, NG)
+    acc_g = tl.zeros([BLOCK_N, NG], tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         if EVEN_K:
             w = tl.load(w_rows + k0)
@@ -52,7 +58,24 @@ def _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, BLO
             g = tl.load(g_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
             xn = round_to(xv.to(tl.float32) * rs, xv.dtype, FIX).to(tl.float32)
             xv = round_to(xn * g, xv.dtype, FIX)
-        acc += _to_float(w, ASM) * xv.to(tl.float32)[None, :]
+        if GROUP > 0:
+            xf = xv.to(tl.float32)
+            part = tl.sum(tl.reshape(_to_float(w, ASM) * xf[None, :], [BLOCK_N, NG, GROUP]), axis=2)
+            g_idx = (k0 // GROUP + offs_g)[None, :]
+            if EVEN_K:
+                acc_g += part * tl.load(s_rows[:, None] + g_idx)
+                if HAS_MIN:
+                    acc_g -= tl.load(m_rows[:, None] + g_idx) * tl.sum(tl.reshape(xf, [NG, GROUP]), axis=1)[None, :]
+            else:
+                g_live = g_idx * GROUP < K
+                acc_g += part * tl.load(s_rows[:, None] + g_idx, mask=g_live, other=0.0)
+                if HAS_MIN:
+                    acc_g -= (tl.load(m_rows[:, None] + g_idx, mask=g_live, other=0.0)
+                              * tl.sum(tl.reshape(xf, [NG, GROUP]), axis=1)[None, :])
+        else:
+            acc += _to_float(w, ASM) * xv.to(tl.float32)[None, :]
+    if GROUP > 0:
+        return tl.sum(acc_g, axis=1)
     return tl.sum(acc, axis=1)
 
 
@@ -64,9 +87,11 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       PIPE: tl.constexpr = 1, ASM: tl.constexpr = False, ss_in=None, g_ptr=None, eps=0.0,
                       NORM: tl.constexpr = False, FIX: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False,
                       zero_ptr=None, ZERO: tl.constexpr = False, SPLIT_MAX: tl.constexpr = 0, gx_g=None,
-                      gx_ptr=None, GX: tl.constexpr = False):
-    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), n_split, M); PIPE, ASM: `_float_rows_gemv`;
-    HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
+                      gx_ptr=None, GX: tl.constexpr = False, stride_sn=0, GROUP: tl.constexpr = 0, m_ptr=None,
+                      HAS_MIN: tl.constexpr = False):
+    """y[m, n] = scale[n] * sum_k x[m, k] w[n, k] (GROUP > 0: scales [R, groups] per GROUP codes, row stride
+    stride_sn, and with HAS_MIN mins m_ptr alike: `_float_rows_gemv`); grid (cdiv(N, BLOCK_N), n_split, M);
+    PIPE, ASM: `_float_rows_gemv`; HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
     last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)]).
     One row (M = 1) can chain RMSNorms through the GEMVs: NORM takes rms_norm(x) with weight g_ptr (eps) for x, the
     row's sum of squares read from ss_in; SS adds the output's sum of squares to ss_out (`store_output`); ZERO sets
@@ -85,8 +110,8 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
     rs = norm_scale(ss_in, K, eps) if NORM else 1.0
     y = _float_rows_gemv(x_row, w_rows, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PIPE, ASM, g_ptr, rs, NORM,
-                         FIX)
-    if HAS_SCALE:
+                         FIX, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, GROUP, HAS_MIN)
+    if HAS_SCALE and GROUP == 0:
         y = y * tl.load(s_ptr + rows)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     r_ptrs = r_ptr + pid_m * stride_rm + offs_n
@@ -101,8 +126,8 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
         rows3 = rows + N
         w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
         y3 = _float_rows_gemv(x_row, w_rows3, K, k_start, k_end, EVEN_K, BLOCK_N, BLOCK_K, PIPE, ASM, g_ptr, rs,
-                              NORM, FIX)
-        if HAS_SCALE:
+                              NORM, FIX, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, GROUP, HAS_MIN)
+        if HAS_SCALE and GROUP == 0:
             y3 = y3 * tl.load(s_ptr + rows3)
     if PARTIAL:
         finish_split(y, y3, offs_n, n_mask, part_ptr + pid_m * stride_pm, pid_k, stride_ps, N,
@@ -116,22 +141,69 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
 
 @triton.jit
 def _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over [k_start, k_end) -> fp32 [BLOCK_M, BLOCK_N]; w goes to x's dtype."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, s_rows=None, m_rows=None,
+                     GROUP: tl.constexpr = 0, HAS_MIN: tl.constexpr = False, PER_GROUP: tl.constexpr = False):
+    """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over [k_start, k_end) -> fp32 [BLOCK_M, BLOCK_N]; w goes to x's dtype.
+    GROUP > 0 (dividing BLOCK_K; K a multiple of it): w = scale * code (- min) per group, s_rows / m_rows [BLOCK_N]
+    pointing at each row's scales / mins. PER_GROUP (x_rows / w_rows are then [.., GROUP] pointer tiles): one dot
+    per group of the exact codes, scaled in fp32 (the mins meet the group's sums of x); else each step's tile is
+    dequantized in fp32 and, for 16-bit x, split into two 16-bit parts (w = hi + lo to ~2**-16 of w) that meet x
+    in two dots: as exact, and faster where groups are short or carry mins (batch 32 on an H100, frames/s: q6_k
+    2,002 -> 2,091, q5_k 1,719 -> 2,174; q8_0 gains from the dots per group: bench/RESULTS.md, fifteenth session)."""
     offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, GROUP if PER_GROUP else 16)
+    NG: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
+    offs_w = tl.arange(0, NG)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_rows + k0)
-            xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+        if GROUP > 0 and not PER_GROUP:
+            if EVEN_K:
+                w = tl.load(w_rows + k0)
+                xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+            else:
+                kmask = k0 + offs_k < K
+                w = tl.load(w_rows + k0, mask=kmask[None, :], other=0)
+                xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
+            g_idx = (k0 // GROUP + offs_w)[None, :]
+            g_live = g_idx * GROUP < K
+            w3 = tl.reshape(w.to(tl.float32), [BLOCK_N, NG, GROUP]) * tl.load(
+                s_rows[:, None] + g_idx, mask=g_live, other=0.0)[:, :, None]
+            if HAS_MIN:
+                w3 -= tl.load(m_rows[:, None] + g_idx, mask=g_live, other=0.0)[:, :, None]
+            wf = tl.reshape(w3, [BLOCK_N, BLOCK_K])
+            if IEEE:
+                acc = tl.dot(xv.to(tl.float32), tl.trans(wf), acc, input_precision="ieee")
+            else:
+                hi = wf.to(xv.dtype)
+                acc = tl.dot(xv, tl.trans(hi), acc)
+                acc = tl.dot(xv, tl.trans((wf - hi.to(tl.float32)).to(xv.dtype)), acc)
+        elif GROUP > 0:
+            for j in tl.static_range(BLOCK_K // GROUP):
+                kg = k0 + j * GROUP
+                live = (kg + offs_g < K)[None, :]  # K is whole groups: a group is all in or all out
+                w = tl.load(w_rows + kg, mask=live, other=0)
+                xv = tl.load(x_rows + kg, mask=m_mask[:, None] & live, other=0.0)
+                live_n = tl.full([BLOCK_N], kg, tl.int32) < K
+                if IEEE:
+                    d = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    d = tl.dot(xv, tl.trans(w.to(xv.dtype)))
+                acc += d * tl.load(s_rows + kg // GROUP, mask=live_n, other=0.0)[None, :]
+                if HAS_MIN:
+                    acc -= (tl.sum(xv.to(tl.float32), axis=1)[:, None]
+                            * tl.load(m_rows + kg // GROUP, mask=live_n, other=0.0)[None, :])
         else:
-            kmask = k0 + offs_k < K
-            w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
-            xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
-        if IEEE:  # fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong
-            acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
+            if EVEN_K:
+                w = tl.load(w_rows + k0)
+                xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+            else:
+                kmask = k0 + offs_k < K
+                w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
+                xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
+            if IEEE:  # fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong
+                acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
     return acc
 
 
@@ -140,9 +212,10 @@ def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_om, stride_os, stride_rm,
                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr, HAS_RES: tl.constexpr):
+                      PDL: tl.constexpr, HAS_RES: tl.constexpr, stride_sn=0, GROUP: tl.constexpr = 0, m_ptr=None,
+                      HAS_MIN: tl.constexpr = False, PER_GROUP: tl.constexpr = False):
     """Small-M GEMM for float weights, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs as
-    `float_gemv_kernel`."""
+    `float_gemv_kernel` (GROUP, PER_GROUP: `_float_rows_gemm`)."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -153,18 +226,21 @@ def float_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, M, N, K, k_per_split,
     m_mask = offs_m < M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-    y = _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_SCALE:
+    offs_k = tl.arange(0, GROUP if PER_GROUP else BLOCK_K)  # PER_GROUP: one dot per scale group
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    y = _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+                         s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, GROUP, HAS_MIN, PER_GROUP)
+    if HAS_SCALE and GROUP == 0:
         y = y * tl.load(s_ptr + rows)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & (offs_n < N)[None, :]
     if GATED:
         rows3 = rows + N
-        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
-        y3 = _float_rows_gemm(x_rows, m_mask, w_rows3, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        if HAS_SCALE:
+        w_rows3 = w_ptr + rows3[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        y3 = _float_rows_gemm(x_rows, m_mask, w_rows3, K, k_start, k_end, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+                              s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, GROUP, HAS_MIN, PER_GROUP)
+        if HAS_SCALE and GROUP == 0:
             y3 = y3 * tl.load(s_ptr + rows3)[None, :]
         if PARTIAL:
             tl.store(out_ptrs, y, mask=mask)
