@@ -76,7 +76,8 @@ def main() -> None:
                                            spec.group, gated)
 
             # row-major int8 + group scales
-            rm = [(c.to(torch.int8), s, m) for c, s, m in raw]
+            sign = layout.row_major_sign(spec)  # q3_k: negated codes and scales fit
+            rm = [((c * sign).to(torch.int8), s * sign, m) for c, s, m in raw]
             ref = reference(x, *raw[0], spec.group, gated)
             e_int = check(f"{fmt} {name} int layout", kern(x, packed[0]), ref)
             e_rm = check(f"{fmt} {name} row-major", ops.float_linear_impl(x, rm[0][0], rm[0][1], gated,

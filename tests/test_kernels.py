@@ -117,7 +117,7 @@ def test_repack_roundtrip(fmt, k):
     if layout.uses_row_major_layout(spec):  # q8_0, q5_*, q6_k: int8 codes as they are, row-major
         assert packed["weight"].dtype == torch.int8 and packed["weight"].shape == (5, k)
         assert packed["scales"].shape == (5, k // spec.group)
-        codes = packed["weight"]
+        codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)  # q3_k: negated codes and scales
     elif layout.uses_fragment_layout(spec):  # q2, q4_0, q4_1, q4_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
@@ -297,9 +297,11 @@ def test_gated_kernel(fmt, m, n):
     assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16, extra.reshape(-1, n))  # 2 m rows: GEMM
 
 
-@pytest.mark.parametrize("fmt,gated", [("q8_0", False), ("q5_0", True), ("q6_k", False), ("q5_k", True)])
+@pytest.mark.parametrize("fmt,gated", [("q8_0", False), ("q5_0", True), ("q6_k", False), ("q5_k", True),
+                                       ("q3_k", False)])
 def test_row_major_grouped_formats(fmt, gated, monkeypatch):
-    """8-bit codes that fit a byte stay a row-major int8 matrix with a scale (and min) per group, read by the float
+    """8-bit codes that fit a byte (q3_k's negated) stay a row-major int8 matrix with a scale (and min) per group,
+    read by the float
     kernels: the GEMV at one row (the norm applied from a producer's sum of squares, as for q8) and the GEMM at 5
     rows both ways it can run (one dot per group; dequantized tiles in two dots), each within one output rounding
     of the reference."""
@@ -377,8 +379,8 @@ def test_gemv_multi_block_programs_and_one_launch_split(fmt, gated):
 
 
 INT_DOT_CASES = [("q4", 4, 1, False), ("q4", 4, 2, True), ("q4", 1, 3, False), ("q3", 1, 2, True),
-                 ("q2", 1, 1, True), ("q4_0", 4, 3, False), ("q4_k", 1, 2, True), ("q3_k", 1, 2, True),
-                 ("q3_k", 1, 1, False), ("tq2_0", 1, 1, False)]
+                 ("q2", 1, 1, True), ("q4_0", 4, 3, False), ("q4_k", 1, 2, True), ("tq2_0", 1, 2, True),
+                 ("tq2_0", 1, 1, False)]
 
 
 @pytest.mark.parametrize("fmt,slices,split,gated", INT_DOT_CASES)
@@ -416,7 +418,7 @@ def test_int_dot_gemv(fmt, slices, split, gated):
         assert_matches(y, ref_out, torch.bfloat16, extra + slack)
 
 
-@pytest.mark.parametrize("fmt,split,gated", [("q4", 2, False), ("q3", 2, True), ("q3_k", 2, False)])
+@pytest.mark.parametrize("fmt,split,gated", [("q4", 2, False), ("q3", 2, True), ("tq2_0", 2, False)])
 def test_int_dot_unrolled_blocks_equal_the_loop(fmt, split, gated, monkeypatch):
     """The dp2a GEMV with its blocks in straight-line code (`ops.idp_unroll`) gives the same bits as its loop,
     including a program whose last unrolled block is past the end of its K range (3 blocks in splits of 2), and
@@ -440,7 +442,7 @@ def test_int_dot_unrolled_blocks_equal_the_loop(fmt, split, gated, monkeypatch):
     assert torch.equal(unrolled, run())
 
 
-@pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q3_k", 1, True),
+@pytest.mark.parametrize("fmt,m,gated", [("q4", 1, False), ("q3", 1, True), ("q2", 1, False), ("q4", 1, True),
                                          ("q4_k", 1, False), ("q4", 3, True)])
 def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     """KERNELS[fmt](x, p, norm=(g, eps)) = rms_norm(x) W^T: folded into the GEMV where `fuses_norm` says so (one row,
@@ -633,7 +635,7 @@ def test_norm_chain_arguments(fmt):
         KERNELS[fmt](torch.cat([x, x]), p, ss_out=ss)
 
 
-@pytest.mark.parametrize("fmt,gated,split", [("q4", True, 2), ("q2", True, 3), ("q4_k", False, 1), ("q3_k", False, 2)])
+@pytest.mark.parametrize("fmt,gated,split", [("q4", True, 2), ("q2", True, 3), ("q4_k", False, 1), ("q3", False, 2)])
 def test_integer_kernels_take_the_norm_from_their_producer(fmt, gated, split):
     """The one-row norm chain of the integer kernels: a producer (any kernel, here bf16 and the format itself)
     stores h, h * g (gx_out, rounded to h's dtype) and the sum of squares of h; an integer GEMV given h * g and

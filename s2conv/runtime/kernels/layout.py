@@ -62,9 +62,8 @@ INT_SPECS: dict[str, IntSpec] = {
     "q4_0": IntSpec(4, -8, 7, 8, 32),
     # the other ggml types, from their integer codes (QuantFormat.integer_codes_torch): w = scale * code (- min),
     # scales (and mins) decoded to float32 per group; K-quants per sub-block (d * sc, dmin * m). 5- and 6-bit codes
-    # are int8 codes in the grouped row-major layout (below), and so is q8_0; Q3_K keeps the interleaved 8-bit
-    # layout with its sub-block scales folded into the codes (sc * q fits an unsigned byte with its offset, not a
-    # signed one; one scale per 256 codes then lets the dp2a GEMV run it).
+    # are int8 codes in the grouped row-major layout (below), and so are q8_0 and Q3_K, whose sub-block scales are
+    # folded into the codes (sc * q fits a byte, negated; one scale per 256 codes).
     "q4_1": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_0": IntSpec(8, -16, 15, 128, 32),
     "q5_1": IntSpec(8, 0, 31, 0, 32, has_min=True),
@@ -257,11 +256,19 @@ def dequantize_packed_fragment(bits: int, offset: int, group: int, qweight: torc
 # 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k) stay a plain row-major int8 [N, K] matrix with
 # fp32 scales (and mins) [N, K / group], read by the float GEMV (`triton_float`), as q8 is: per layer at S2's
 # shapes on an H200 (`scripts/probe_rowmajor8.py`) q8_0 took 42.7 us against 51.7 in the interleaved layout's
-# dp2a kernel, q6_k 50.7 against 81.1, q5_k 48.3 against 58.4. Q3_K's folded codes (up to 128) keep the
-# interleaved layout.
+# dp2a kernel, q6_k 50.7 against 81.1, q5_k 48.3 against 58.4. Q3_K's folded codes (-124 .. 128) fit a byte
+# negated: they are stored as -code with -scale (`row_major_sign`).
+def row_major_sign(spec: IntSpec) -> int:
+    """1 where a format's codes fit a signed byte, -1 where their negations do (stored as -code with -scale), 0
+    where neither does."""
+    if spec.code_min >= -128 and spec.code_max <= 127:
+        return 1
+    return -1 if -spec.code_max >= -128 and -spec.code_min <= 127 else 0
+
+
 def uses_row_major_layout(spec: IntSpec) -> bool:
     """Whether a format's codes stay a row-major int8 matrix (see above) rather than the interleaved layout."""
-    return spec.bits == 8 and spec.code_min >= -128 and spec.code_max <= 127
+    return spec.bits == 8 and row_major_sign(spec) != 0
 
 
 def _pad_groups(s: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -279,7 +286,8 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above; the
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
-    (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K], "scales": float32
+    (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K] (codes times
+    `row_major_sign`), "scales": float32
     [N, K // group]} (+ "mins"). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
     3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
     """
@@ -290,8 +298,9 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     n, k = codes.shape
     _check_scales(fmt, "scales", scales, (n, k // spec.group))
     if uses_row_major_layout(spec):
-        kp = k
-        out = {"weight": codes.to(torch.int8).contiguous()}
+        kp, sign = k, row_major_sign(spec)
+        out = {"weight": (codes.to(torch.int16) * sign).to(torch.int8).contiguous()}
+        scales = scales.to(torch.float32) * sign
     elif uses_fragment_layout(spec):
         unit = fragment_unit(spec.bits, spec.group)
         kp = -(-k // unit) * unit

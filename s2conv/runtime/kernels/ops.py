@@ -558,7 +558,7 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated, group)) or default_config(
         "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated, group)
     # no K step wider than K (small models, tests), nor narrower than a scale group
-    bk = min(cfg.block_k, max(16, group, triton.next_power_of_2(k)))
+    bk = max(group, min(cfg.block_k, max(16, triton.next_power_of_2(k))))
     chunks = triton.cdiv(k, bk)
     per = triton.cdiv(chunks, cfg.split)
     split = triton.cdiv(chunks, per)
