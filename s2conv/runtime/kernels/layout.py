@@ -253,11 +253,11 @@ def dequantize_packed_fragment(bits: int, offset: int, group: int, qweight: torc
 
 
 # ---- the grouped row-major layout ----------------------------------------------------------------------------------
-# 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k) stay a plain row-major int8 [N, K] matrix with
-# fp32 scales (and mins) [N, K / group], read by the float GEMV (`triton_float`), as q8 is: per layer at S2's
-# shapes on an H200 (`scripts/probe_rowmajor8.py`) q8_0 took 42.7 us against 51.7 in the interleaved layout's
-# dp2a kernel, q6_k 50.7 against 81.1, q5_k 48.3 against 58.4. Q3_K's folded codes (-124 .. 128) fit a byte
-# negated: they are stored as -code with -scale (`row_major_sign`).
+# 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k, q3_k) stay a plain row-major int8 [N, K]
+# matrix with fp32 scales (and mins) [N, K / group], read by the float GEMV (`triton_float`), as q8 is: per layer
+# at S2's shapes on an H200 (`scripts/probe_rowmajor8.py`) q8_0 took 42.4 us against 50.7 in the interleaved
+# layout's dp2a kernel, q6_k 46.0 against 80.8, q5_k 48.4 against 58.5 (q3_k on an H100: 47.8 against 51.0).
+# Q3_K's folded codes (-124 .. 128) fit a byte negated: they are stored as -code with -scale (`row_major_sign`).
 def row_major_sign(spec: IntSpec) -> int:
     """1 where a format's codes fit a signed byte, -1 where their negations do (stored as -code with -scale), 0
     where neither does."""
