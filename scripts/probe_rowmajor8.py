@@ -4,12 +4,13 @@ dp2a kernel (their kernel before) and against q8 (one scale per row), at
 S2 Pro's four layer shapes, M = 1, graph-timed with rotating weight copies (L2 holds none). Each variant is checked
 against the dequantized reference first.
 
-Usage: python scripts/probe_rowmajor8.py [--formats q8_0,q6_k,q5_k] [--sweep]
+Usage: python scripts/probe_rowmajor8.py [--formats q8_0,q6_k,q5_k] [--sweep] [--m 32]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="q8_0,q6_k,q5_k")
     ap.add_argument("--sweep", action="store_true", help="also sweep the row-major launch configs")
+    ap.add_argument("--m", type=int, default=1, help="rows of x (> 1: the GEMMs, whose sweep also varies "
+                    "S2CONV_GROUP_DOT)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     totals = {}
@@ -59,7 +62,7 @@ def main() -> None:
         spec = INT_SPECS[fmt]
         for name, n, k, gated in SHAPES:
             rows = 2 * n if gated else n
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
             count = max(2, int(ROTATE // (rows * k)))
             raw = [weights(fmt, rows, k) for _ in range(count)]
             # the interleaved integer layout and its dp2a kernel (these formats' kernel before the row-major one)
@@ -96,12 +99,21 @@ def main() -> None:
             if args.sweep:
                 res = []
                 splits = (1, 2, 4) if n < 6144 else (1,)
-                for bn, sp, bk, pipe in itertools.product((8, 16), splits, (256, 512), (1, 3, 4)):
-                    cfg = Config(bn, sp, 4, 3, block_k=bk, pipeline=pipe)
+                if args.m == 1:
+                    cfgs = [("", Config(bn, sp, 4, 3, block_k=bk, pipeline=pipe))
+                            for bn, sp, bk, pipe in itertools.product((8, 16), splits, (256, 512), (1, 3, 4))]
+                else:
+                    bm = ops.default_config("float", 8, n, k, args.m, x.device).block_m
+                    cfgs = [(dot, Config(bn, 1, 4, 3, block_m=bm, block_k=max(bk, spec.group)))
+                            for dot, bn, bk in itertools.product(("0", "1"), (32, 64, 128), (128, 256))]
+                for dot, cfg in cfgs:
+                    if dot:
+                        os.environ["S2CONV_GROUP_DOT"] = dot
                     try:
-                        res.append((graph_time_ms(lambda: call(cfg)) * 1e3, str(cfg)))
+                        res.append((graph_time_ms(lambda: call(cfg)) * 1e3, f"dot={dot} {cfg}"))
                     except Exception as e:  # noqa: BLE001
                         print("   config failed:", cfg, type(e).__name__, str(e)[:200])
+                os.environ.pop("S2CONV_GROUP_DOT", None)
                 res.sort()
                 best = min(best, res[0][0])
                 line += "  best " + "; ".join(f"{u:5.1f} {c}" for u, c in res[:2])
@@ -113,7 +125,7 @@ def main() -> None:
         # q8 (per-row scales) at the same shapes, for reference
     for name, n, k, gated in SHAPES:
         rows = 2 * n if gated else n
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
         ws = [(torch.randint(-127, 128, (rows, k), dtype=torch.int8, device="cuda"),
                torch.rand(rows, device="cuda") * 0.01) for _ in range(max(2, int(ROTATE // (rows * k))))]
         it = itertools.cycle(ws)
