@@ -140,67 +140,67 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
 
 
 @triton.jit
+def _load_step(x_rows, w_rows, m_mask, k0, K, offs_k, EVEN_K: tl.constexpr):
+    """x [BLOCK_M, width] and w [BLOCK_N, width] at columns k0 + offs_k (zeros past K and in masked rows of x)."""
+    if EVEN_K:
+        return tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0), tl.load(w_rows + k0)
+    kmask = (k0 + offs_k < K)[None, :]
+    return tl.load(x_rows + k0, mask=m_mask[:, None] & kmask, other=0.0), tl.load(w_rows + k0, mask=kmask, other=0)
+
+
+@triton.jit
+def _dequantized(w, s_rows, m_rows, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_MIN: tl.constexpr):
+    """Integer codes w [BLOCK_N, BLOCK_K] at columns k0.. -> scale * code (- min) in fp32, a scale per GROUP."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    g_idx = (k0 // GROUP + tl.arange(0, NG))[None, :]
+    g_live = g_idx * GROUP < K
+    w3 = tl.reshape(w.to(tl.float32), [BLOCK_N, NG, GROUP]) * tl.load(s_rows[:, None] + g_idx, mask=g_live,
+                                                                       other=0.0)[:, :, None]
+    if HAS_MIN:
+        w3 -= tl.load(m_rows[:, None] + g_idx, mask=g_live, other=0.0)[:, :, None]
+    return tl.reshape(w3, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _float_rows_gemm(x_rows, m_mask, w_rows, K, k_start, k_end, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, s_rows=None, m_rows=None,
                      GROUP: tl.constexpr = 0, HAS_MIN: tl.constexpr = False, PER_GROUP: tl.constexpr = False):
     """x [BLOCK_M, K] @ w[BLOCK_N rows]^T over [k_start, k_end) -> fp32 [BLOCK_M, BLOCK_N]; w goes to x's dtype.
+    IEEE: fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong.
     GROUP > 0 (dividing BLOCK_K; K a multiple of it): w = scale * code (- min) per group, s_rows / m_rows [BLOCK_N]
     pointing at each row's scales / mins. PER_GROUP (x_rows / w_rows are then [.., GROUP] pointer tiles): one dot
     per group of the exact codes, scaled in fp32 (the mins meet the group's sums of x); else each step's tile is
     dequantized in fp32 and, for 16-bit x, split into two 16-bit parts (w = hi + lo to ~2**-16 of w) that meet x
     in two dots: as exact, and faster where groups are short or carry mins (batch 32 on an H100, frames/s: q6_k
     2,002 -> 2,091, q5_k 1,719 -> 2,174; q8_0 gains from the dots per group: bench/RESULTS.md, fifteenth session)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, GROUP if PER_GROUP else 16)
-    NG: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
-    offs_w = tl.arange(0, NG)
+    offs_k = tl.arange(0, GROUP if PER_GROUP else BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if GROUP > 0 and not PER_GROUP:
-            if EVEN_K:
-                w = tl.load(w_rows + k0)
-                xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-            else:
-                kmask = k0 + offs_k < K
-                w = tl.load(w_rows + k0, mask=kmask[None, :], other=0)
-                xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
-            g_idx = (k0 // GROUP + offs_w)[None, :]
-            g_live = g_idx * GROUP < K
-            w3 = tl.reshape(w.to(tl.float32), [BLOCK_N, NG, GROUP]) * tl.load(
-                s_rows[:, None] + g_idx, mask=g_live, other=0.0)[:, :, None]
-            if HAS_MIN:
-                w3 -= tl.load(m_rows[:, None] + g_idx, mask=g_live, other=0.0)[:, :, None]
-            wf = tl.reshape(w3, [BLOCK_N, BLOCK_K])
-            if IEEE:
-                acc = tl.dot(xv.to(tl.float32), tl.trans(wf), acc, input_precision="ieee")
-            else:
-                hi = wf.to(xv.dtype)
-                acc = tl.dot(xv, tl.trans(hi), acc)
-                acc = tl.dot(xv, tl.trans((wf - hi.to(tl.float32)).to(xv.dtype)), acc)
-        elif GROUP > 0:
+        if PER_GROUP:
             for j in tl.static_range(BLOCK_K // GROUP):
                 kg = k0 + j * GROUP
-                live = (kg + offs_g < K)[None, :]  # K is whole groups: a group is all in or all out
-                w = tl.load(w_rows + kg, mask=live, other=0)
-                xv = tl.load(x_rows + kg, mask=m_mask[:, None] & live, other=0.0)
-                live_n = tl.full([BLOCK_N], kg, tl.int32) < K
+                xv, w = _load_step(x_rows, w_rows, m_mask, kg, K, offs_k, False)  # whole groups: all in or out
                 if IEEE:
                     d = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 else:
                     d = tl.dot(xv, tl.trans(w.to(xv.dtype)))
+                live_n = tl.full([BLOCK_N], kg, tl.int32) < K
                 acc += d * tl.load(s_rows + kg // GROUP, mask=live_n, other=0.0)[None, :]
                 if HAS_MIN:
                     acc -= (tl.sum(xv.to(tl.float32), axis=1)[:, None]
                             * tl.load(m_rows + kg // GROUP, mask=live_n, other=0.0)[None, :])
         else:
-            if EVEN_K:
-                w = tl.load(w_rows + k0)
-                xv = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-            else:
-                kmask = k0 + offs_k < K
-                w = tl.load(w_rows + k0, mask=kmask[None, :], other=0.0)
-                xv = tl.load(x_rows + k0, mask=m_mask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:  # fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong
+            xv, w = _load_step(x_rows, w_rows, m_mask, k0, K, offs_k, EVEN_K)
+            if GROUP > 0:
+                wf = _dequantized(w, s_rows, m_rows, k0, K, BLOCK_N, BLOCK_K, GROUP, HAS_MIN)
+                if IEEE:
+                    acc = tl.dot(xv.to(tl.float32), tl.trans(wf), acc, input_precision="ieee")
+                else:
+                    hi = wf.to(xv.dtype)
+                    acc = tl.dot(xv, tl.trans(hi), acc)
+                    acc = tl.dot(xv, tl.trans((wf - hi.to(tl.float32)).to(xv.dtype)), acc)
+            elif IEEE:
                 acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
