@@ -91,8 +91,9 @@ def float_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N,
                       HAS_MIN: tl.constexpr = False):
     """y[m, n] = scale[n] * sum_k x[m, k] w[n, k] (GROUP > 0: scales [R, groups] per GROUP codes, row stride
     stride_sn, and with HAS_MIN mins m_ptr alike: `_float_rows_gemv`); grid (cdiv(N, BLOCK_N), n_split, M);
-    PIPE, ASM: `_float_rows_gemv`; HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part [n_split, M, N (2N gated)], the
-    last-arriving program of each row tile reduces them (`finish_split`, counters cnt [M, cdiv(N, BLOCK_N)]).
+    PIPE, ASM: `_float_rows_gemv`; HAS_RES: y = r + ... (`store_output`). PARTIAL (split-K): fp32 partials to part
+    [n_split, M, N (2N gated)], the last-arriving program of each row tile reduces them (`finish_split`, counters
+    cnt [M, cdiv(N, BLOCK_N)]).
     One row (M = 1) can chain RMSNorms through the GEMVs: NORM takes rms_norm(x) with weight g_ptr (eps) for x, the
     row's sum of squares read from ss_in; SS adds the output's sum of squares to ss_out (`store_output`); ZERO sets
     zero_ptr[0] = 0 (the slot this launch's input norm was read from, once every reader has finished); GX also
