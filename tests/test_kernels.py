@@ -325,6 +325,9 @@ def test_row_major_grouped_formats(fmt, gated, monkeypatch):
             monkeypatch.setenv("S2CONV_GROUP_DOT", "0")
             runs.append(launcher(x.to(DEVICE), p))
             monkeypatch.delenv("S2CONV_GROUP_DOT")
+        # the custom op (what a torch.compile'd model calls) takes the group and the mins too
+        runs.append(torch.ops.s2conv.float_linear(x.to(DEVICE), p["weight"], p["scales"], gated, None, spec.group,
+                                                  p.get("mins")))
         for y in runs:
             assert_matches(y, reference(x), torch.bfloat16)
     g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
@@ -581,6 +584,8 @@ def test_registry_and_fake_shapes():
         assert torch.ops.s2conv.int_linear(x, q, s, None, 4, 8, 128, True).shape == (3, 5)
         w = torch.empty(6, 512, dtype=torch.bfloat16)
         assert torch.ops.s2conv.float_linear(x, w, None, False).shape == (3, 6)
+        codes, s8 = torch.empty(12, 512, dtype=torch.int8), torch.empty(12, 16, dtype=torch.float32)
+        assert torch.ops.s2conv.float_linear(x, codes, s8, True, None, 32, s8).shape == (3, 6)
 
 
 # ---- GPU only ----------------------------------------------------------------------------------------------------
