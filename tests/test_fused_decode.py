@@ -387,12 +387,12 @@ def _slow_step(eager, fast, monkeypatch) -> tuple:
 
 
 @pytest.mark.slow  # ~1 minute in triton's interpreter (CPU); seconds on a GPU
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", ["q4", "q8", "q8_0", "q5_1"])
 def test_quantized_block_step_folds_the_norms(weights, fmt, monkeypatch):
     """A slow decode step of a quantized bf16 model with S2CONV_FOLD_NORM=1: with q4 (dp2a GEMV) both RMSNorms of
-    every block fold into the next GEMV (no norm launch left in the blocks), with q8 (float GEMV: no folding) the
-    norms chain through the GEMVs (`test_norms_chain_through_float_gemvs`); either way the hidden state and logits
-    match the eager quantized model's within bf16 tolerance."""
+    every block fold into the next GEMV (no norm launch left in the blocks), with q8, q8_0 and q5_1 (float GEMV,
+    row-major codes: no folding) the norms chain through the GEMVs (`test_norms_chain_through_float_gemvs`); either
+    way the hidden state and logits match the eager quantized model's within bf16 tolerance."""
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")  # opt-in (ops.default_config)
 
     eager, fast = _quantized_tiny(weights, fmt), _quantized_tiny(weights, fmt)
