@@ -101,7 +101,7 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
         # an asynchronous-copy pipeline in the loop (fp8 frames +5%, bf16 +0.5% on an H100), which also makes
         # split-K unnecessary at N = 2560: 8 rows and 512 columns a step there (bench/RESULTS.md, eighth session)
         if group == 16:  # int8 codes with a scale per 16 (q6_k): the plain loop (H200 probe, per layer 50.7 ->
-            # 46.6 us: `scripts/probe_rowmajor8.py`), split 4 at N = 2560
+            # 46.0 us: `scripts/probe_rowmajor8.py`), split 4 at N = 2560
             return Config(block_n=8, split=4 if n < 6144 else 1, num_warps=4, num_stages=3, block_k=512,
                           pipeline=1)
         if n < 6144:
@@ -509,7 +509,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     return y
 
 
-# ---- float formats (fp8 e4m3 + per-row scale, bf16) ---------------------------------------------------------------
+# ---- row-major weights (fp8 e4m3 or int8 + per-row scale, bf16; int8 + a scale per group) -------------------------
 def _float_key(x, weight, has_scale, gated, group=0):
     rows = weight.shape[0]
     bits = 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16
