@@ -301,10 +301,10 @@ def test_gated_kernel(fmt, m, n):
                                        ("q3_k", False)])
 def test_row_major_grouped_formats(fmt, gated, monkeypatch):
     """8-bit codes that fit a byte (q3_k's negated) stay a row-major int8 matrix with a scale (and min) per group,
-    read by the float
-    kernels: the GEMV at one row (the norm applied from a producer's sum of squares, as for q8) and the GEMM at 5
-    rows both ways it can run (one dot per group; dequantized tiles in two dots), each within one output rounding
-    of the reference."""
+    read by the float kernels: the GEMV at one row (also with the norm applied from a producer's sum of squares,
+    as for q8) and the GEMM at 5 rows, each both ways it can run (GEMV: products summed per group, or codes scaled
+    one by one; GEMM: one dot per group, or dequantized tiles in two dots), within one output rounding of the
+    reference."""
     spec = INT_SPECS[fmt]
     assert layout.uses_row_major_layout(spec) and KERNELS[fmt].takes_norm_ss and not KERNELS[fmt].takes_rs_in
     n, k = 21, 512
@@ -321,10 +321,11 @@ def test_row_major_grouped_formats(fmt, gated, monkeypatch):
     for m in (1, 5):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         runs = [launcher(x.to(DEVICE), p)]
-        if m > 1:
-            monkeypatch.setenv("S2CONV_GROUP_DOT", "0")
-            runs.append(launcher(x.to(DEVICE), p))
-            monkeypatch.delenv("S2CONV_GROUP_DOT")
+        # the other form: the GEMM's dequantized tiles (or dots per group), the GEMV's codes scaled one by one
+        switch = ("S2CONV_GROUP_DOT", "0") if m > 1 else ("S2CONV_GROUP_SUM", "scaled")
+        monkeypatch.setenv(*switch)
+        runs.append(launcher(x.to(DEVICE), p))
+        monkeypatch.delenv(switch[0])
         # the custom op (what a torch.compile'd model calls) takes the group and the mins too
         runs.append(torch.ops.s2conv.float_linear(x.to(DEVICE), p["weight"], p["scales"], gated, None, spec.group,
                                                   p.get("mins")))

@@ -579,7 +579,9 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
                SPLIT_MAX=split_max(split), stride_sn=s_arg.stride(0) if group else 0, GROUP=group,
-               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None, outputs=(y,), **chain, **common)
+               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None,
+               SCALED=bool(group) and os.environ.get("S2CONV_GROUP_SUM") == "scaled", outputs=(y,), **chain,
+               **common)
         return y
     else:
         assert not chain, "norm_chain_args allows one row only"
