@@ -519,7 +519,7 @@ def test_int_dot_xmax_respects_the_integer_ranges():
         span = dev * min(spec.group // 16, fields)
         assert xmax * span < 2**22
         assert xmax == 32767 or (2 * xmax + 1) * span >= 2**22  # the finest x the bound allows
-    assert ops.int_dot_xmax(8, 128, 32) == 16383  # q8_0: a 16-code window of bytes up to 128
+    assert ops.int_dot_xmax(8, 128, 32) == 16383  # 8-bit codes, offset 128: a 16-code window of bytes up to 128
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q4_k", "q5_k", "fp8", "bf16"])  # per-row, grouped, with mins (also

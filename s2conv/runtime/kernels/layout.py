@@ -286,10 +286,10 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above; the
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
-    (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K] (codes times
-    `row_major_sign`), "scales": float32
-    [N, K // group]} (+ "mins"). Scales stay fp32: at 4-bit g128 they add 6% to the bytes (fp16 would save
-    3%), and fp32 keeps the kernels exactly equal to the reference dequantization.
+    (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K] (the codes times
+    `row_major_sign`), "scales": float32 [N, K // group] (times the same sign)} (+ "mins"). Scales stay fp32: at
+    4-bit g128 they add 6% to the bytes (fp16 would save 3%), and fp32 keeps the kernels exactly equal to the
+    reference dequantization.
     """
     spec = INT_SPECS.get(fmt)
     if spec is None:
@@ -304,12 +304,10 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     elif uses_fragment_layout(spec):
         unit = fragment_unit(spec.bits, spec.group)
         kp = -(-k // unit) * unit
-        qweight = pack_fragment_codes(codes, spec.bits, spec.offset, spec.group)
+        out = {"qweight": pack_fragment_codes(codes, spec.bits, spec.offset, spec.group)}
     else:
         kp = padded_k(k)
-        qweight = pack_int_codes(codes, spec.bits, spec.offset)
-    if not uses_row_major_layout(spec):
-        out = {"qweight": qweight}
+        out = {"qweight": pack_int_codes(codes, spec.bits, spec.offset)}
     out["scales"] = _pad_groups(scales, kp // spec.group)
     if spec.has_min:
         if mins is None:

@@ -567,6 +567,8 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     stride_os = 0 if part is None else part.stride(0)
     s_arg = scales if scales is not None else weight
     r_arg = residual if residual is not None else y
+    grouped = dict(stride_sn=s_arg.stride(0) if group else 0, GROUP=group, m_ptr=mins if mins is not None else s_arg,
+                   HAS_MIN=mins is not None)
     common = dict(HAS_SCALE=scales is not None, EVEN_K=k % bk == 0, GATED=gated, PARTIAL=part is not None,
                   HAS_RES=residual is not None and part is None,
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -578,19 +580,16 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
         common.update(HAS_RES=residual is not None, PIPE=max(cfg.pipeline, 1), ASM=not _INTERPRETED)
         launch(float_gemv_kernel, (n_tiles, split, m), x, weight, s_arg, y, p_arg, cnt, r_arg, n, k, per * bk,
                split, x.stride(0), weight.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0),
-               SPLIT_MAX=split_max(split), stride_sn=s_arg.stride(0) if group else 0, GROUP=group,
-               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None,
-               SCALED=bool(group) and os.environ.get("S2CONV_GROUP_SUM") == "scaled", outputs=(y,), **chain,
-               **common)
+               SPLIT_MAX=split_max(split), SCALED=bool(group) and os.environ.get("S2CONV_GROUP_SUM") == "scaled",
+               outputs=(y,), **grouped, **chain, **common)
         return y
     else:
         assert not chain, "norm_chain_args allows one row only"
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         launch(float_gemm_kernel, grid, x, weight, s_arg, out, r_arg, m, n, k, per * bk, x.stride(0),
                weight.stride(0), out.stride(-2), stride_os, r_arg.stride(0), IEEE=_dot_in_fp32(x),
-               BLOCK_M=cfg.block_m, stride_sn=s_arg.stride(0) if group else 0, GROUP=group,
-               m_ptr=mins if mins is not None else s_arg, HAS_MIN=mins is not None,
-               PER_GROUP=per_group_dots(group, mins is not None), outputs=(out,), **common)
+               BLOCK_M=cfg.block_m, PER_GROUP=per_group_dots(group, mins is not None), outputs=(out,), **grouped,
+               **common)
     if part is not None:
         _reduce(part, y, gated, residual)
     return y
