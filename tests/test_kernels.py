@@ -322,7 +322,8 @@ def test_row_major_grouped_formats(fmt, gated, monkeypatch):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         runs = [launcher(x.to(DEVICE), p)]
         # the other form: the GEMM's dequantized tiles (or dots per group), the GEMV's codes scaled one by one
-        switch = ("S2CONV_GROUP_DOT", "0") if m > 1 else ("S2CONV_GROUP_SUM", "scaled")
+        other_sum = "grouped" if spec.has_min else "scaled"
+        switch = ("S2CONV_GROUP_DOT", "0") if m > 1 else ("S2CONV_GROUP_SUM", other_sum)
         monkeypatch.setenv(*switch)
         runs.append(launcher(x.to(DEVICE), p))
         monkeypatch.delenv(switch[0])
