@@ -8,7 +8,7 @@ the reference path (dequantize, then an fp32 matmul) on fresh random inputs; a m
 fish-speech's own decode step at the same shapes (`--fish-speech eager,compiled`; needs the `fish-speech` package),
 runs in the same process. With --results FILE, appends a dated Markdown section to FILE.
 
-    s2conv bench --formats bf16,q8,q4 --targets slow,all --frames 200      (or: python scripts/bench_decode.py ...)
+    s2conv bench --formats bf16,q8,q4,q4_k_m --targets slow,all --frames 200  (or: python scripts/bench_decode.py ...)
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import time
 import torch
 from torch import nn
 
+from s2conv.converter.policy import MIXES, ModelDims, Policy
 from s2conv.quant_formats import get_format
 from s2conv.runtime import fused_decode
 from s2conv.runtime.batch import BatchLoop, left_pad, prefill_batch
@@ -78,29 +79,53 @@ def build_model(cfg: S2Config) -> DualARTransformer:
 
 
 def linear_modules(model: DualARTransformer, target: str):
-    layers = list(model.layers) + (list(model.fast_layers) if target == "all" else [])
-    for layer in layers:
-        for parent, attr in ((layer.attention, "wqkv"), (layer.attention, "wo"), (layer.feed_forward, "w1"),
-                             (layer.feed_forward, "w3"), (layer.feed_forward, "w2")):
-            yield parent, attr
+    """(checkpoint name of the weight, parent module, attribute) of every target Linear."""
+    stacks = [("layers", model.layers)] + ([("fast_layers", model.fast_layers)] if target == "all" else [])
+    for prefix, layers in stacks:
+        for i, layer in enumerate(layers):
+            for block, attr in (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"),
+                                ("feed_forward", "w3"), ("feed_forward", "w2")):
+                yield f"{prefix}.{i}.{block}.{attr}.weight", getattr(layer, block), attr
 
 
-def quantize_model(model: DualARTransformer, fmt_name: str, target: str) -> list:
-    """Swap target Linears for QuantLinears (templates quantized once per shape). Returns the undo list."""
-    fmt = get_format(fmt_name)
+def format_chooser(type_name: str, target: str, cfg: S2Config):
+    """name, shape -> the format of that Linear: `type_name` everywhere, or for a llama-quantize mix (q4_k_m,
+    q5_k_s, ...; q2_k stays the plain format here) the per-layer choice `s2conv export --type` makes."""
+    if type_name not in MIXES or type_name == "q2_k":
+        get_format(type_name)  # an unknown name fails here, before any work
+        return lambda name, shape: type_name
+    policy = Policy(type=type_name, target=target, dims=ModelDims.from_config(cfg))
+    return lambda name, shape: policy.choose(name, shape, "bf16").format
+
+
+def quantize_model(model: DualARTransformer, type_name: str, target: str) -> list:
+    """Swap target Linears for QuantLinears (templates quantized once per format and shape). Returns the undo
+    list."""
+    choose = format_chooser(type_name, target, model.cfg)
     templates, undo = {}, []
-    for parent, attr in linear_modules(model, target):
+    for name, parent, attr in linear_modules(model, target):
         lin = getattr(parent, attr)
         shape = tuple(lin.weight.shape)
-        if shape not in templates:
+        fmt = get_format(choose(name, shape))
+        if (fmt.name, shape) not in templates:
             w = lin.weight.float().cpu().numpy()
-            templates[shape] = torch.from_numpy(fmt.quantize(w)).to(lin.weight.device)
+            templates[fmt.name, shape] = torch.from_numpy(fmt.quantize(w)).to(lin.weight.device)
         q = QuantLinear(fmt, shape[1], shape[0])
-        q.weight = templates[shape].clone()
+        q.weight = templates[fmt.name, shape].clone()
         q.prepare_kernel()
         setattr(parent, attr, q)
         undo.append((parent, attr, lin))
     return undo
+
+
+def format_counts(model: DualARTransformer, target: str) -> dict:
+    """How many target Linears each format holds ("bf16" for plain Linears)."""
+    counts = {}
+    for _, parent, attr in linear_modules(model, target):
+        m = getattr(parent, attr)
+        key = m.fmt.name if isinstance(m, QuantLinear) else "bf16"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def bytes_per_frame(model: DualARTransformer, span: int) -> int:
@@ -140,13 +165,14 @@ def check_linears(model: DualARTransformer, target: str) -> dict:
     from s2conv.runtime.kernels import KERNELS
 
     seen, err, max_rel, ok = set(), 0.0, 0.0, True
-    for parent, attr in linear_modules(model, target):
+    for _, parent, attr in linear_modules(model, target):
         q = getattr(parent, attr)
         quantized = isinstance(q, QuantLinear) and q.kernel is not None
         plain = type(q) is nn.Linear and q.bias is None and q.weight.dtype == torch.bfloat16 and "bf16" in KERNELS
-        if not (quantized or plain) or (q.in_features, q.out_features) in seen:
+        key = (q.in_features, q.out_features, q.fmt.name if quantized else "bf16")
+        if not (quantized or plain) or key in seen:
             continue
-        seen.add((q.in_features, q.out_features))
+        seen.add(key)
         dev = q.weight.device
         g = torch.Generator(device=dev).manual_seed(len(seen))
         x = torch.randn(1, q.in_features, device=dev, generator=g).to(torch.bfloat16)
@@ -334,7 +360,9 @@ def append_markdown(path: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="s2conv bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", default="bf16,fp8,q8,q8_0,q4,q4_k,q3,q2")
+    ap.add_argument("--formats", default="bf16,fp8,q8,q8_0,q4,q4_k,q3,q2",
+                    help="comma-separated: every target Linear in one format, or a llama-quantize mix (q4_k_m, "
+                    "q5_k_s, ...: the formats `s2conv export --type` picks per layer; q2_k here is the plain format)")
     ap.add_argument("--targets", default="slow,all")
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--prompt", type=int, default=256)
@@ -393,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
                            rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels,
-                           check=check, ready_s=t_check + setup_s, compile_s=t_compile, launches_compiled=launches)
+                           check=check, ready_s=t_check + setup_s, compile_s=t_compile, launches_compiled=launches,
+                           formats=format_counts(model, target))
                 if args.batch:
                     row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
                         model, args.prompt, args.frames, args.batch))
@@ -413,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['check']['rel_err']:.1e} relative error over {row['check']['shapes']} shapes); "
                       f"ready after {row['ready_s']:.1f} s of one-time work (kernel compilation, prefill, graph "
                       f"capture; {row['compile_s']:.1f} s of it compiling ahead)")
+                if len(row["formats"]) > 1:
+                    print(f"{'':11s} linears: " + ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())))
                 if "batch" in row:
                     print(f"{'':11s} batch {row['batch']}: {row['batch_frames_per_s']:7.1f} frames/s aggregate "
                           f"({row['batch_frames_per_s'] * row['ms_per_frame'] / 1e3:.2f}x batch 1)")

@@ -67,3 +67,33 @@ def test_kernel_check_passes_the_kernels_and_catches_one_that_disagrees():
     linears[0].kernel = (lambda x, p: launcher(x, p) * 1.02, packed)  # a 2% error in one shape's kernel
     bad = check_linears(model, "all")
     assert not bad["ok"] and bad["rel_err"] > 1e-2
+
+
+def test_a_llama_quantize_mix_gets_the_formats_export_would_write():
+    """`s2conv bench --formats q4_k_m` times the per-layer formats `s2conv export --type q4_k_m` picks (q6_k in the
+    layers llama-quantize gives more bits, the block fallbacks where a row is too short), each kernel checked."""
+    from s2conv.bench import check_linears, format_chooser, format_counts, linear_modules, quantize_model
+    from s2conv.converter.policy import ModelDims, Policy
+    from s2conv.runtime.dual_ar import DualARTransformer
+    from s2conv.runtime.qlinear import QuantLinear
+    from test_runtime_math import TINY, random_s2_weights
+
+    model = DualARTransformer(TINY)
+    model.load_weights({k: v.to(torch.bfloat16) for k, v in random_s2_weights(TINY).items()})
+    quantize_model(model, "q4_k_m", "all")
+    policy = Policy(type="q4_k_m", target="all", dims=ModelDims.from_config(TINY))
+    chosen = {}
+    for name, parent, attr in linear_modules(model, "all"):
+        q = getattr(parent, attr)
+        assert isinstance(q, QuantLinear)
+        assert q.fmt.name == policy.choose(name, (q.out_features, q.in_features), "bf16").format, name
+        chosen[name] = q.fmt.name
+    # w2 (K = 256) of the last slow layer takes q6_k, of the first q4_k: the mix, not one format
+    assert chosen["layers.0.feed_forward.w2.weight"] == "q4_k" and chosen["layers.1.feed_forward.w2.weight"] == "q6_k"
+    counts = format_counts(model, "all")
+    assert sum(counts.values()) == len(chosen) and len(counts) >= 3
+    assert check_linears(model, "all")["ok"]
+    # q2_k names the plain format in the benchmark, not llama-quantize's Q2_K mix (which gives w2 Q3_K)
+    w2 = ("layers.0.feed_forward.w2.weight", (128, 256))
+    assert format_chooser("q2_k", "all", TINY)(*w2) == "q2_k"
+    assert Policy(type="q2_k", target="all", dims=ModelDims.from_config(TINY)).choose(*w2, "bf16").format == "q3_k"
