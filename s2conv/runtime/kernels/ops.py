@@ -514,7 +514,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
            scales.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset,
            GROUP=group, HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None,
            HAS_RES=residual is not None, F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps,
-           SPLIT_MAX=split_max(split), outputs=(y,), **chain, **pdl_args(dev))
+           SPLIT_MAX=split_max(split), PRE=mins is not None, outputs=(y,), **chain, **pdl_args(dev))
     return y
 
 

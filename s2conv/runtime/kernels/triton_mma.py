@@ -186,6 +186,46 @@ def _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, m_ptrs0, m_
 
 
 @triton.jit
+def _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c, GPC: tl.constexpr, HAS_MIN: tl.constexpr):
+    """The scales (and mins) of rows g and g + 8 for chunk c's GPC scale groups, [L, GPC] each (loaded a chunk
+    ahead, with the weight words)."""
+    offs = c * GPC + tl.arange(0, GPC)[None, :]
+    s0 = tl.load(s_ptrs0[:, None] + offs)
+    s2 = tl.load(s_ptrs2[:, None] + offs)
+    m0, m2 = s0, s2
+    if HAS_MIN:
+        m0 = tl.load(m_ptrs0[:, None] + offs)
+        m2 = tl.load(m_ptrs2[:, None] + offs)
+    return s0, s2, m0, m2
+
+
+@triton.jit
+def _col(t, j: tl.constexpr, GPC: tl.constexpr):
+    """Column j of t [L, GPC] (each lane holds its whole row: no shuffles)."""
+    return tl.sum(tl.where(tl.arange(0, GPC)[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
+def _flush_pre(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s0, s2, m0, m2, j: tl.constexpr, GPC: tl.constexpr,
+               BIAS: tl.constexpr, HAS_MIN: tl.constexpr):
+    """`_flush` with group j of the chunk's prefetched scales (and mins) [L, GPC]."""
+    t0 = _col(s0, j, GPC)
+    t2 = _col(s2, j, GPC)
+    a0 += (c0 - BIAS * o0) * t0
+    a1 += (c1 - BIAS * o1) * t0
+    a2 += (c2 - BIAS * o0) * t2
+    a3 += (c3 - BIAS * o1) * t2
+    if HAS_MIN:
+        n0 = _col(m0, j, GPC)
+        n2 = _col(m2, j, GPC)
+        a0 -= n0 * o0
+        a1 -= n0 * o1
+        a2 -= n2 * o0
+        a3 -= n2 * o1
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _flush_both(c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2, m_ptrs0,
                 m_ptrs2, s3_off, grp, BIAS: tl.constexpr, GATED: tl.constexpr, HAS_MIN: tl.constexpr):
     """`_flush` of the weight's sums into a*, and of w3's (gated: scales and mins s3_off further) into d*."""
@@ -205,7 +245,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                       PARTIAL: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
                       ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False,
                       SPLIT_MAX: tl.constexpr = 0, rs_ptr=None, rs_k=1, rs_eps=0.0, RS: tl.constexpr = False,
-                      gx_g=None, gx_ptr=None, GX: tl.constexpr = False):
+                      gx_g=None, gx_ptr=None, GX: tl.constexpr = False, PRE: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
     fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
 
@@ -218,6 +258,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     PARTIAL (split-K in one launch): fp32 partial sums to part[pid_k, m, :] (gated: w3's at column N + n), then
     the last program of the (pid_n, pid_m) tile (counter cnt[pid_m, pid_n]) reduces them (`common.finish_split`).
     HAS_RES, SS, ZERO, RS, GX, SPLIT_MAX as in `triton_int.int_gemv_kernel` (SS, ZERO, RS, GX: one batch row).
+    PRE: each chunk's scales (and mins) are loaded a chunk ahead with its words, where a chunk holds whole scale
+    groups; the launcher sets it for formats with mins (H100, whole frames: q4_k 210.4 -> 216.5 frames/s; q4_0
+    unchanged, q2 293.2 -> 287.4 with it: bench/RESULTS.md, sixteenth session).
     """
     pdl_start(PDL)
     zero_once(zero_ptr, ZERO)
@@ -268,12 +311,26 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
         words3 = tl.load(w3_ptrs + c_start * 128)
     (x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7,
      y7) = _x_chunk(x_lane, c_start, q, x_live, bound, CH, SUB, SPC, EVEN_K)
+    GPC: tl.constexpr = SPC // GS if GS <= SPC else 1  # scale groups per chunk
+    PRE_S: tl.constexpr = PRE and GS <= SPC
+    if PRE_S:
+        sc0, sc2, mn0, mn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c_start, GPC, HAS_MIN)
+        sd0, sd2, md0, md2 = sc0, sc2, mn0, mn2
+        if GATED:
+            sd0, sd2, md0, md2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + s3_off,
+                                               m_ptrs2 + s3_off, c_start, GPC, HAS_MIN)
     for c in range(c_start, c_end):
         cn = tl.minimum(c + 1, c_end - 1)
         nwords = tl.load(w_ptrs + cn * 128)
         nwords3 = nwords
         if GATED:
             nwords3 = tl.load(w3_ptrs + cn * 128)
+        if PRE_S:
+            nsc0, nsc2, nmn0, nmn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, cn, GPC, HAS_MIN)
+            nsd0, nsd2, nmd0, nmd2 = nsc0, nsc2, nmn0, nmn2
+            if GATED:
+                nsd0, nsd2, nmd0, nmd2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + s3_off,
+                                                       m_ptrs2 + s3_off, cn, GPC, HAS_MIN)
         (n0, m0, n1, m1, n2, m2, n3, m3, n4, m4, n5, m5, n6, m6, n7,
          m7) = _x_chunk(x_lane, cn, q, x_live, bound, CH, SUB, SPC, EVEN_K)
         w02, w13 = tl.split(tl.reshape(words, (L, 2, 2)))  # split takes the last dim: words (0, 2), (1, 3)
@@ -293,7 +350,15 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                                       b0, b1, e0, e1, e2, e3, F16, ASM)
             if not F16 or HAS_MIN:  # sum of x per batch column: for the 128 + OFF of the bf16 pairs, the mins
                 o0, o1, _o2, _o3 = _mma(ones, ones, ones, ones, b0, b1, o0, o1, zf, zf, F16, ASM)
-            if GS <= SPC:  # a scale group ends inside the chunk: known at compile time
+            if PRE_S:
+                if (s + 1) % GS == 0:
+                    a0, a1, a2, a3 = _flush_pre(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, sc0, sc2, mn0, mn2,
+                                                s // GS, GPC, BIAS, HAS_MIN)
+                    if GATED:
+                        d0, d1, d2, d3 = _flush_pre(e0, e1, e2, e3, o0, o1, d0, d1, d2, d3, sd0, sd2, md0, md2,
+                                                    s // GS, GPC, BIAS, HAS_MIN)
+                    c0, c1, c2, c3, e0, e1, e2, e3, o0, o1 = zf, zf, zf, zf, zf, zf, zf, zf, zf, zf
+            elif GS <= SPC:  # a scale group ends inside the chunk: known at compile time
                 if (s + 1) % GS == 0:
                     a0, a1, a2, a3, d0, d1, d2, d3 = _flush_both(
                         c0, c1, c2, c3, e0, e1, e2, e3, o0, o1, a0, a1, a2, a3, d0, d1, d2, d3, s_ptrs0, s_ptrs2,
@@ -307,6 +372,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                 c0, c1, c2, c3, e0, e1, e2, e3, o0, o1 = zf, zf, zf, zf, zf, zf, zf, zf, zf, zf
         words = nwords
         words3 = nwords3
+        if PRE_S:
+            sc0, sc2, mn0, mn2, sd0, sd2, md0, md2 = nsc0, nsc2, nmn0, nmn2, nsd0, nsd2, nmd0, nmd2
         x0, y0, x1, y1, x2, y2, x3, y3 = n0, m0, n1, m1, n2, m2, n3, m3
         x4, y4, x5, y5, x6, y6, x7, y7 = n4, m4, n5, m5, n6, m6, n7, m7
     # [L] sums -> [L, 2 (row g, g + 8), 2 (batch row 2q, 2q + 1)]; each lane stores its own four
