@@ -168,10 +168,11 @@ def test_fragment_bit_positions(bits, group):
 @pytest.mark.parametrize("fmt,m,k,gated,residual,split", [
     ("q2", 1, 192, False, True, 1), ("q2", 1, 640, True, False, 3), ("q4_0", 1, 224, False, False, 2),
     ("q4_0", 9, 384, True, False, 2), ("q2", 9, 384, False, True, 1), ("q4_0", 1, 384, False, True, 4),
-    ("q4_k", 1, 384, True, False, 2), ("q4_1", 9, 224, False, True, 1), ("q4_1", 1, 224, False, False, 3)])
+    ("q4_k", 1, 384, True, False, 2), ("q4_1", 9, 224, False, True, 1), ("q4_1", 1, 224, False, False, 3),
+    ("q2_k", 1, 768, True, False, 3), ("q2_k", 9, 512, False, True, 1)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split):
     """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2, q4_0 and the 2- and 4-bit
-    formats with mins) at one row and at two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows
+    formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
     rounding of the reference."""
     n = 37

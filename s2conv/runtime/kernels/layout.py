@@ -198,10 +198,11 @@ def fragment_unit(bits: int, group: int) -> int:
 def uses_fragment_layout(spec: IntSpec) -> bool:
     """Whether a format packs into the fragment layout rather than the interleaved one: 2- or 4-bit codes in
     groups of 32 or 64, with or without mins (q2, q4_0, q4_1, q4_k), where the tensor-core kernel measured 6-20%
-    faster per layer and 6-18% faster whole frames. q4's 128-code groups gained 2% (too little to move its
-    small-M GEMM off the interleaved layout), tq2_0 (256) and q2_k (16, with mins) ran slower. The layout itself
-    takes any group of whole k16 steps."""
-    return spec.bits in FRAGMENT_BITS and spec.group in (32, 64)
+    faster per layer and 6-18% faster whole frames, and q2_k (16-code groups with mins) since its scales and
+    mins are loaded a chunk ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md,
+    sixteenth session). q4's 128-code groups gained 2% (too little to move its small-M GEMM off the interleaved
+    layout), tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""
+    return spec.bits in FRAGMENT_BITS and (spec.group in (32, 64) or (spec.group == 16 and spec.has_min))
 
 
 def _fragment_view(bits: int, group: int):

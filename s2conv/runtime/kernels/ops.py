@@ -379,8 +379,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:
         # the GEMM reads w1|w3 as one weight of 2N rows (the stacked layouts are one layout when N fills whole row
         # groups) and a second small launch takes silu(a) * b: the gated GEMM, its loop inlined twice, compiled
-        # 2.5x as long as the plain one (q2_k: 30 s against 13 on the 2-core CPU machine, the longest kernel of a
-        # cold start), and the plain one is the same kernel as the model's other linears
+        # 2.5x as long as the plain one (q2_k's, when q2_k ran here: 30 s against 13 on the 2-core CPU machine, the
+        # longest kernel of a cold start), and the plain one is the same kernel as the model's other linears
         both = int_linear_impl(x, qweight, scales, mins, bits, offset, group, False)
         return fused.silu_mul(both[:, :n], both[:, n:])
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
