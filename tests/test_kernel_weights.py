@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from s2conv.quant_formats import get_format
+from s2conv.quant_formats.base import two_level_scales
 from s2conv.runtime.kernel_weights import kernel_pieces
 from s2conv.runtime.kernels.layout import REPACK, dequantize_packed
 
@@ -44,3 +45,12 @@ def test_integer_codes_of_ggml_types_rebuild_their_weights(name):
     if got.mins is not None:
         rebuilt = rebuilt - got.mins.repeat_interleave(g, dim=1)
     assert torch.equal(rebuilt, torch.from_numpy(fmt.dequantize(data, 512)))
+    # K-quants with mins also give their scales as the file keeps them: bytes under (d, dmin) per 256 columns
+    if name in ("q2_k", "q4_k", "q5_k"):
+        sub, sup = got.two_level
+        assert sub.dtype == torch.int16 and sub.shape == (4, 512 // g) and sup.shape == (4, 2, 2)
+        scales, mins = two_level_scales(sub, sup)
+        assert torch.equal(scales, got.scales) and torch.equal(mins, got.mins)
+        assert kernel_pieces(fmt, torch.from_numpy(data), 512)[1].dtype == torch.int16
+    else:
+        assert got.two_level is None

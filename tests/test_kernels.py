@@ -8,6 +8,7 @@ from kernel_device import kernel_device
 
 DEVICE = kernel_device()  # before the kernels are imported
 
+from s2conv.quant_formats.base import two_level_scales  # noqa: E402
 from s2conv.errors import QuantFormatError, RuntimeModelError  # noqa: E402
 from s2conv.runtime import kernels  # noqa: E402
 from s2conv.runtime.kernels import (  # noqa: E402
@@ -46,8 +47,20 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     return codes, scales
 
 
+def make_two_level(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
+    """Random repack arguments of a K-quant with mins in its two levels: codes, scale and min bytes (sc | m << 8,
+    every value up to 63) and (d, dmin) per 256 columns, fp16 values as in a file."""
+    codes = make_weight(fmt, n, k, gen)[0]
+    groups = k // INT_SPECS[fmt].group
+    sc, m = (torch.randint(0, 64, (n, groups), generator=gen, dtype=torch.int16) for _ in range(2))
+    sup = (torch.rand(n, k // 256, 2, generator=gen) * 0.004 + 0.001).half().float()
+    return codes, sc | (m << 8), sup
+
+
 def reference_weight(fmt: str, args: tuple, k: int) -> torch.Tensor:
     """fp32 [N, K] straight from the repack arguments (independent of the packed layout)."""
+    if len(args) == 3 and args[1].dtype == torch.int16:  # two-level K-quant scales
+        args = (args[0], *two_level_scales(args[1], args[2]))
     if fmt == "bf16":
         return args[0].to(torch.bfloat16).float()
     if fmt in ("fp8", "q8"):
@@ -165,21 +178,28 @@ def test_fragment_bit_positions(bits, group):
     assert ((q_[tile, c * 128 + 4 * lane + word] >> (16 * e + bits * step)) & ((1 << bits) - 1)) == off + 1
 
 
-@pytest.mark.parametrize("fmt,m,k,gated,residual,split", [
-    ("q2", 1, 192, False, True, 1), ("q2", 1, 640, True, False, 3), ("q4_0", 1, 224, False, False, 2),
-    ("q4_0", 9, 384, True, False, 2), ("q2", 9, 384, False, True, 1), ("q4_0", 1, 384, False, True, 4),
-    ("q4_k", 1, 384, True, False, 2), ("q4_1", 9, 224, False, True, 1), ("q4_1", 1, 224, False, False, 3),
-    ("q2_k", 1, 768, True, False, 3), ("q2_k", 9, 512, False, True, 1)])
-def test_fragment_kernel(fmt, m, k, gated, residual, split):
+@pytest.mark.parametrize("fmt,m,k,gated,residual,split,two_level", [
+    ("q2", 1, 192, False, True, 1, False), ("q2", 1, 640, True, False, 3, False),
+    ("q4_0", 1, 224, False, False, 2, False), ("q4_0", 9, 384, True, False, 2, False),
+    ("q2", 9, 384, False, True, 1, False), ("q4_0", 1, 384, False, True, 4, False),
+    ("q4_k", 1, 384, True, False, 2, False), ("q4_1", 9, 224, False, True, 1, False),
+    ("q4_1", 1, 224, False, False, 3, False), ("q2_k", 1, 768, True, False, 3, False),
+    ("q2_k", 9, 512, False, True, 1, False), ("q2_k", 1, 512, False, False, 1, True),
+    ("q2_k", 9, 768, True, False, 3, True), ("q4_k", 1, 512, True, False, 2, True),
+    ("q4_k", 9, 256, False, True, 1, True)])
+def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
     """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2, q4_0 and the 2- and 4-bit
-    formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with K short of a whole unit (masked x), 37 rows
+    formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with
+    K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
-    rounding of the reference."""
+    rounding of the reference. two_level: K-quant scales as the file keeps them (bytes under (d, dmin) per
+    256 columns), which q2_k's kernel multiplies out itself and q4_k's repack expands to fp32 per group."""
     n = 37
     gen = torch.Generator().manual_seed(k + m)
     spec = INT_SPECS[fmt]
     assert layout.uses_fragment_layout(spec)
-    a1, a3 = make_weight(fmt, n, k, gen), make_weight(fmt, n, k, gen)
+    make = make_two_level if two_level else make_weight
+    a1, a3 = make(fmt, n, k, gen), make(fmt, n, k, gen)
     p = cat_rows(packed_on_device(fmt, a1), packed_on_device(fmt, a3)) if gated else packed_on_device(fmt, a1)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     r = torch.randn(m, n, generator=gen).to(torch.bfloat16) if residual else None

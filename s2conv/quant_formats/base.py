@@ -24,12 +24,25 @@ _REGISTRY: dict[str, "QuantFormat"] = {}
 
 
 class IntegerCodes(NamedTuple):
-    """A weight [rows, cols] as integer codes and per-group float32 scales (and mins): see `code_group`."""
+    """A weight [rows, cols] as integer codes and per-group float32 scales (and mins): see `code_group`.
+
+    two_level (K-quants with mins: q2_k, q4_k, q5_k): the same scales and mins as the file keeps them, a byte
+    each per group under a float per 256-column super-block: (sub int16 [rows, groups] = sc | m << 8, sup float32
+    [rows, cols // 256, 2] = (d, dmin)), scale = d * sc and min = dmin * m exactly (`two_level_scales`)."""
 
     codes: torch.Tensor  # int16 [rows, cols]
     scales: torch.Tensor  # float32 [rows, cols // group]
     mins: torch.Tensor | None  # float32 [rows, cols // group] (w = scale * code - min), or None
     group: int
+    two_level: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def two_level_scales(sub: torch.Tensor, sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`IntegerCodes.two_level` -> float32 (scales, mins) [rows, groups]: d * sc and dmin * m per group."""
+    v = sub.to(torch.int32)
+    per = v.shape[1] // sup.shape[1]  # groups per super-block
+    d, dmin = (sup[..., i].repeat_interleave(per, dim=1) for i in (0, 1))
+    return (v & 0xFF).to(torch.float32) * d, ((v >> 8) & 0xFF).to(torch.float32) * dmin
 
 
 def combine_codes(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
@@ -117,13 +130,25 @@ class QuantFormat:
         if not self.code_group:
             return None
         rows = data.shape[0]
-        q, scales, mins = self._codes_blocks(self._torch_blocks(data, n_cols))
+        blocks = self._torch_blocks(data, n_cols)
+        q, scales, mins = self._codes_blocks(blocks)
+        two_level = None
+        sub_scales = self._sub_scales_blocks(blocks)
+        if sub_scales is not None:
+            d, dmin, sc, m = sub_scales
+            two_level = ((sc.to(torch.int16) | (m.to(torch.int16) << 8)).reshape(rows, -1),
+                         torch.cat([d, dmin], dim=1).reshape(rows, -1, 2))
         return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
-                            None if mins is None else mins.reshape(rows, -1), self.code_group)
+                            None if mins is None else mins.reshape(rows, -1), self.code_group, two_level)
 
     def _torch_blocks(self, data: torch.Tensor, n_cols: int) -> torch.Tensor:
         """(rows, row_bytes(n_cols)) uint8 -> its blocks (n_blocks, type_size), checked (formats with code_group)."""
         raise NotImplementedError
+
+    def _sub_scales_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """K-quants with mins: (d [n_blocks, 1], dmin [n_blocks, 1] float32, sc [n_blocks, S], m [n_blocks, S]
+        integers < 256), where `_codes_blocks`' scales are d * sc and its mins dmin * m; None for other formats."""
+        return None
 
     def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(n_blocks, type_size) uint8 -> integer codes [n_blocks, S, code_group], float32 scales [n_blocks, S]

@@ -50,8 +50,11 @@ class Q2K(KQuantFormat, name="q2_k"):
         d, dmin = half_np(blocks[:, 80:82]), half_np(blocks[:, 82:84])
         return ((d * (sc & 0xF))[..., None] * q - (dmin * (sc >> 4))[..., None]).reshape(-1, 256)
 
-    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sub_scales_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sc = blocks[:, :16]
+        return half_torch(blocks[:, 80:82]), half_torch(blocks[:, 82:84]), sc & 0xF, sc >> 4
+
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = bits_torch(blocks[:, 16:80].reshape(-1, 32), 2).reshape(-1, 16, 16)
-        d, dmin = half_torch(blocks[:, 80:82]), half_torch(blocks[:, 82:84])
-        return q, d * (sc & 0xF), dmin * (sc >> 4)
+        d, dmin, sc, m = self._sub_scales_blocks(blocks)
+        return q, d * sc, dmin * m

@@ -49,9 +49,11 @@ class Q5K(KQuantFormat, name="q5_k"):
         q = (low | (high << 4)).astype(np.float32)
         return ((d * sc)[..., None] * q - (dmin * m)[..., None]).reshape(-1, 256)
 
+    def _sub_scales_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return half_torch(blocks[:, 0:2]), half_torch(blocks[:, 2:4]), *unpack_scales_mins_k4_torch(blocks[:, 4:16])
+
     def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d, dmin = half_torch(blocks[:, 0:2]), half_torch(blocks[:, 2:4])
-        sc, m = unpack_scales_mins_k4_torch(blocks[:, 4:16])
+        d, dmin, sc, m = self._sub_scales_blocks(blocks)
         high = bits_torch(blocks[:, 16:48], 1)
         qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
         low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32)

@@ -34,4 +34,6 @@ def kernel_pieces(fmt: QuantFormat, data: torch.Tensor, k: int) -> tuple[torch.T
     codes = fmt.integer_codes_torch(data, k)  # the ggml types: integer codes with per-group scales and mins
     if codes is None:
         return None
+    if codes.two_level is not None:  # K-quants with mins: their scales as the file keeps them (layout.repack_int)
+        return codes.codes, *codes.two_level
     return codes.codes, codes.scales, *(() if codes.mins is None else (codes.mins,))

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 
 from s2conv.errors import QuantFormatError
+from s2conv.quant_formats.base import two_level_scales
 
 # ---- the integer layout ("slot-planar blocks, 16 interleaved rows") --------------------------------------------
 # Every row of the weight is cut into blocks of BLOCK_K = 512 codes (the last block is padded with zero codes).
@@ -283,7 +284,13 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     """Pack one integer format for the kernels.
 
     codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N, K // group]; mins:
-    float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...).
+    float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...). Or, for K-quants with mins, their two
+    levels (`IntegerCodes.two_level`): scales int16 [N, K // group] (sc | m << 8) with mins float32
+    [N, K // 256, 2] ((d, dmin) per super-block). The fragment layout keeps those where a group's fp32 scale and
+    min (64 bits) would outweigh its codes (q2_k: 32 bits), and the tensor-core kernel forms d * sc and dmin * m
+    itself: q2_k per layer on an H100 84.8 -> 59.1 us (`scripts/probe_kq.py`), frames on an H200 148.0 -> 184.0/s,
+    batch 32 1,501 -> 2,353/s; q4_k gained per layer (53.8 -> 49.0 us) but not whole frames (232.9 -> 231.8/s)
+    and lost 5% at batch 32, so it and the other layouts expand the two levels to float32 per group.
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above; the
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
@@ -297,6 +304,18 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
         raise QuantFormatError(f"no integer kernel format {fmt!r}; known: {', '.join(INT_SPECS)}")
     _check_codes(fmt, codes, spec)
     n, k = codes.shape
+    if scales.dtype == torch.int16:  # two levels: sub-block bytes and (d, dmin) per super-block
+        if tuple(scales.shape) != (n, k // spec.group):
+            raise QuantFormatError(f"repack_{fmt}: scales must have shape {(n, k // spec.group)}, got "
+                                   f"{tuple(scales.shape)}")
+        if not spec.has_min or mins is None or mins.dim() != 3 or mins.shape[0] != n or mins.shape[2] != 2 \
+                or mins.shape[1] == 0 or scales.shape[1] % mins.shape[1]:
+            raise QuantFormatError(f"repack_{fmt}: two-level scales need a format with mins and (d, dmin) pairs "
+                                   f"[N, super-blocks, 2], got {None if mins is None else tuple(mins.shape)}")
+        if uses_fragment_layout(spec) and spec.group * spec.bits < 64 and k % 256 == 0:  # (whole units)
+            return {"qweight": pack_fragment_codes(codes, spec.bits, spec.offset, spec.group),
+                    "scales": scales.contiguous(), "mins": mins.to(torch.float32).contiguous()}
+        scales, mins = two_level_scales(scales, mins)
     _check_scales(fmt, "scales", scales, (n, k // spec.group))
     if uses_row_major_layout(spec):
         kp, sign = k, row_major_sign(spec)
@@ -407,8 +426,11 @@ def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch
     if spec is None:
         raise QuantFormatError(f"no kernel format {fmt!r}; known: {', '.join(REPACK)}")
     if uses_fragment_layout(spec):
-        return dequantize_packed_fragment(spec.bits, spec.offset, spec.group, packed["qweight"], packed["scales"], k,
-                                          dtype, packed.get("mins"))
+        scales, mins = packed["scales"], packed.get("mins")
+        if scales.dtype == torch.int16:
+            scales, mins = two_level_scales(scales, mins)
+        return dequantize_packed_fragment(spec.bits, spec.offset, spec.group, packed["qweight"], scales, k, dtype,
+                                          mins)
     if uses_row_major_layout(spec):
         codes = packed["weight"][:, :k].to(torch.float32)
     else:

@@ -18,6 +18,7 @@ import triton
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels import fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
+from s2conv.quant_formats.base import two_level_scales
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
@@ -469,12 +470,25 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     if kp % unit or not kp - unit < k <= kp:
         raise _fail(op, "K (columns of x)", f"in ({kp - unit}, {kp}] for this qweight", k)
     _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * tiles, chunks * 128), dev)
-    _check_tensor(op, "scales", scales, torch.float32, (rows, kp // group), dev)
-    if mins is not None:
-        _check_tensor(op, "mins", mins, torch.float32, (rows, kp // group), dev)
+    kq = 0  # groups per super-block of two-level scales (`layout.repack_int`)
+    if scales.dtype == torch.int16:
+        n_sup = mins.shape[1] if mins is not None and mins.dim() == 3 else 0
+        kq = (kp // group) // n_sup if n_sup and (kp // group) % n_sup == 0 else 0
+        if not kq or (kq * group) % chunk:
+            raise _fail(op, "two-level scales", "int16 [R, groups] with mins (d, dmin) [R, groups / kq, 2], super-"
+                        "blocks of whole chunks", f"{tuple(scales.shape)} with "
+                        f"{None if mins is None else tuple(mins.shape)}")
+        _check_tensor(op, "sub-block scales", scales, torch.int16, (rows, kp // group), dev)
+        _check_tensor(op, "super-block scales", mins, torch.float32, (rows, n_sup, 2), dev)
+    else:
+        _check_tensor(op, "scales", scales, torch.float32, (rows, kp // group), dev)
+        if mins is not None:
+            _check_tensor(op, "mins", mins, torch.float32, (rows, kp // group), dev)
     _check_residual(op, residual, x, n, gated)
     _check_gx(op, chain, x, n)
     if x.dtype == torch.float32:  # reference path: exact to fp32 rounding
+        if kq:
+            scales, mins = two_level_scales(scales, mins)
         mm = mins if mins is not None else scales
         halves = ([(qweight[:tiles], scales[:n], mm[:n]), (qweight[tiles:], scales[n:], mm[n:])] if gated
                   else [(qweight, scales, mm)])
@@ -514,7 +528,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
            scales.stride(0), y.stride(0), p_arg.stride(0), p_arg.stride(-2), r_arg.stride(0), BITS=bits, OFF=offset,
            GROUP=group, HAS_MIN=mins is not None, NW=warps, EVEN_K=k == kp, GATED=gated, PARTIAL=part is not None,
            HAS_RES=residual is not None, F16=x.dtype == torch.float16, ASM=not _INTERPRETED, num_warps=warps,
-           SPLIT_MAX=split_max(split), PRE=mins is not None, outputs=(y,), **chain, **pdl_args(dev))
+           SPLIT_MAX=split_max(split), PRE=mins is not None, KQ=kq, outputs=(y,), **chain, **pdl_args(dev))
     return y
 
 

@@ -186,16 +186,31 @@ def _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, m_ptrs0, m_
 
 
 @triton.jit
-def _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c, GPC: tl.constexpr, HAS_MIN: tl.constexpr):
+def _kq_params(sub_ptrs, sup_ptrs, c, GPC: tl.constexpr, KQ: tl.constexpr):
+    """K-quant scales of one row per lane: sub-block scale and min bytes (sc | m << 8, int16 [L, GPC]) times the
+    super-block's (d, dmin) (fp32 pairs): d * sc, dmin * m, exact in fp32."""
+    v = tl.load(sub_ptrs[:, None] + (c * GPC + tl.arange(0, GPC)[None, :])).to(tl.int32)
+    dm = tl.load(sup_ptrs[:, None] + (2 * ((c * GPC) // KQ) + tl.arange(0, 2)[None, :]))
+    d, dmin = tl.split(dm)
+    return (v & 0xFF).to(tl.float32) * d[:, None], ((v >> 8) & 0xFF).to(tl.float32) * dmin[:, None]
+
+
+@triton.jit
+def _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c, GPC: tl.constexpr, HAS_MIN: tl.constexpr,
+                  KQ: tl.constexpr = 0):
     """The scales (and mins) of rows g and g + 8 for chunk c's GPC scale groups, [L, GPC] each (loaded a chunk
-    ahead, with the weight words)."""
-    offs = c * GPC + tl.arange(0, GPC)[None, :]
-    s0 = tl.load(s_ptrs0[:, None] + offs)
-    s2 = tl.load(s_ptrs2[:, None] + offs)
-    m0, m2 = s0, s2
-    if HAS_MIN:
-        m0 = tl.load(m_ptrs0[:, None] + offs)
-        m2 = tl.load(m_ptrs2[:, None] + offs)
+    ahead, with the weight words). KQ > 0: s_ptrs* point at `_kq_params`' bytes, m_ptrs* at its (d, dmin)."""
+    if KQ > 0:
+        s0, m0 = _kq_params(s_ptrs0, m_ptrs0, c, GPC, KQ)
+        s2, m2 = _kq_params(s_ptrs2, m_ptrs2, c, GPC, KQ)
+    else:
+        offs = c * GPC + tl.arange(0, GPC)[None, :]
+        s0 = tl.load(s_ptrs0[:, None] + offs)
+        s2 = tl.load(s_ptrs2[:, None] + offs)
+        m0, m2 = s0, s2
+        if HAS_MIN:
+            m0 = tl.load(m_ptrs0[:, None] + offs)
+            m2 = tl.load(m_ptrs2[:, None] + offs)
     return s0, s2, m0, m2
 
 
@@ -245,7 +260,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                       PARTIAL: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, F16: tl.constexpr = False, ASM: tl.constexpr = True,
                       ss_out=None, SS: tl.constexpr = False, zero_ptr=None, ZERO: tl.constexpr = False,
                       SPLIT_MAX: tl.constexpr = 0, rs_ptr=None, rs_k=1, rs_eps=0.0, RS: tl.constexpr = False,
-                      gx_g=None, gx_ptr=None, GX: tl.constexpr = False, PRE: tl.constexpr = False):
+                      gx_g=None, gx_ptr=None, GX: tl.constexpr = False, PRE: tl.constexpr = False,
+                      KQ: tl.constexpr = 0):
     """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
     fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
 
@@ -286,9 +302,13 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     w3_ptrs = w_ptrs + w3_tiles.to(tl.int64) * stride_wt
     s_ptrs0 = s_ptr + tl.minimum(row0, N - 1) * stride_sn
     s_ptrs2 = s_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
-    m_ptrs0 = m_ptr + tl.minimum(row0, N - 1) * stride_sn
-    m_ptrs2 = m_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
+    stride_mn = stride_sn
+    if KQ > 0:  # m_ptr: (d, dmin) pairs, one per KQ groups
+        stride_mn = 2 * (stride_sn // KQ)
+    m_ptrs0 = m_ptr + tl.minimum(row0, N - 1) * stride_mn
+    m_ptrs2 = m_ptr + tl.minimum(row0 + 8, N - 1) * stride_mn
     s3_off = N * stride_sn
+    m3_off = N * stride_mn
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     x_m = pid_m * 8 + g  # the lane's batch row in the B fragments
@@ -314,11 +334,11 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     GPC: tl.constexpr = SPC // GS if GS <= SPC else 1  # scale groups per chunk
     PRE_S: tl.constexpr = PRE and GS <= SPC
     if PRE_S:
-        sc0, sc2, mn0, mn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c_start, GPC, HAS_MIN)
+        sc0, sc2, mn0, mn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c_start, GPC, HAS_MIN, KQ)
         sd0, sd2, md0, md2 = sc0, sc2, mn0, mn2
         if GATED:
-            sd0, sd2, md0, md2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + s3_off,
-                                               m_ptrs2 + s3_off, c_start, GPC, HAS_MIN)
+            sd0, sd2, md0, md2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + m3_off,
+                                               m_ptrs2 + m3_off, c_start, GPC, HAS_MIN, KQ)
     for c in range(c_start, c_end):
         cn = tl.minimum(c + 1, c_end - 1)
         nwords = tl.load(w_ptrs + cn * 128)
@@ -326,11 +346,11 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
         if GATED:
             nwords3 = tl.load(w3_ptrs + cn * 128)
         if PRE_S:
-            nsc0, nsc2, nmn0, nmn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, cn, GPC, HAS_MIN)
+            nsc0, nsc2, nmn0, nmn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, cn, GPC, HAS_MIN, KQ)
             nsd0, nsd2, nmd0, nmd2 = nsc0, nsc2, nmn0, nmn2
             if GATED:
-                nsd0, nsd2, nmd0, nmd2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + s3_off,
-                                                       m_ptrs2 + s3_off, cn, GPC, HAS_MIN)
+                nsd0, nsd2, nmd0, nmd2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + m3_off,
+                                                       m_ptrs2 + m3_off, cn, GPC, HAS_MIN, KQ)
         (n0, m0, n1, m1, n2, m2, n3, m3, n4, m4, n5, m5, n6, m6, n7,
          m7) = _x_chunk(x_lane, cn, q, x_live, bound, CH, SUB, SPC, EVEN_K)
         w02, w13 = tl.split(tl.reshape(words, (L, 2, 2)))  # split takes the last dim: words (0, 2), (1, 3)
