@@ -113,10 +113,17 @@ def compile_launches(launches: list, threads: int | None = None) -> int:
         for kernel, grid, args, kwargs in launches:
             kernel.warmup(*args, grid=grid, **kwargs)
         return len(launches)
+    from triton.runtime import _async_compile
+
     with ThreadPoolExecutor(threads or os.cpu_count() or 1, thread_name_prefix="s2conv-compile") as pool:
-        with AsyncCompileMode(pool):
-            for kernel, grid, args, kwargs in launches:
-                kernel.warmup(*args, grid=grid, **kwargs)
+        mode = AsyncCompileMode(pool)
+        try:
+            with mode:
+                for kernel, grid, args, kwargs in launches:
+                    kernel.warmup(*args, grid=grid, **kwargs)
+        finally:  # triton 3.6 leaves the mode active when a compile raised: every later load would then refuse
+            if _async_compile.active_mode.get() is mode:
+                _async_compile.active_mode.set(None)
     return len(launches)
 
 

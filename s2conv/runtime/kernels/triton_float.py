@@ -155,7 +155,7 @@ def _load_step(x_rows, w_rows, m_mask, k0, K, offs_k, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0), tl.load(w_rows + k0)
     kmask = (k0 + offs_k < K)[None, :]
-    return tl.load(x_rows + k0, mask=m_mask[:, None] & kmask, other=0.0), tl.load(w_rows + k0, mask=kmask, other=0)
+    return tl.load(x_rows + k0, mask=m_mask[:, None] & kmask, other=0.0), tl.load(w_rows + k0, mask=kmask, other=0.0)
 
 
 @triton.jit

@@ -1,0 +1,102 @@
+"""The GPU kernels compile for Hopper (sm_90), on the CPU: triton's interpreter runs the kernels' Python and so
+misses what only the compiler checks (types it cannot cast, such as a masked load's integer `other` for an fp8
+tile, which once broke every fp8 prefill on GPUs while the interpreter tests passed). Each case compiles one
+specialization the runtime launches, through the whole pipeline to a cubin, in one subprocess without
+TRITON_INTERPRET (the interpreter replaces the kernels by Python functions the compiler cannot take)."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_I32 = "i32"
+
+
+def _float_runtime(weight: str, names: tuple) -> dict:
+    ptrs = {"x_ptr": "*bf16", "w_ptr": weight, "s_ptr": "*fp32", "out_ptr": "*bf16", "r_ptr": "*bf16",
+            "part_ptr": "*fp32", "cnt_ptr": "*i32", "m_ptr": "*fp32"}
+    return {name: ptrs.get(name, _I32) for name in names}
+
+
+_GEMM_ARGS = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "r_ptr", "M", "N", "K", "k_per_split", "stride_xm", "stride_wn",
+              "stride_om", "stride_os", "stride_rm", "stride_sn", "m_ptr")
+_GEMV_ARGS = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "cnt_ptr", "r_ptr", "N", "K", "k_per_split", "n_split",
+              "stride_xm", "stride_wn", "stride_om", "stride_ps", "stride_pm", "stride_rm", "stride_sn", "m_ptr")
+_MMA_ARGS = ("M", "N", "K", "n_chunks", "chunks_per_split", "n_split", "stride_xw", "stride_wt", "w3_tiles", "stride_sn",
+             "stride_om", "stride_ps", "stride_pm", "stride_rm")
+
+
+def _cases() -> dict:
+    """case id -> (kernel name, runtime argument types, compile-time values, warps)."""
+    cases = {}
+    # weight pointer type, GROUP, HAS_MIN: fp8, q8, bf16 (a scale per row or none), int8 codes with group scales
+    for weight, group, has_min in [("*fp8e4nv", 0, False), ("*i8", 0, False), ("*bf16", 0, False),
+                                   ("*i8", 32, False), ("*i8", 16, True)]:
+        for even_k in (True, False):
+            tag = f"{weight[1:]}-g{group}{'-mins' if has_min else ''}-{'even' if even_k else 'masked'}"
+            cases["gemm-" + tag] = ("float_gemm_kernel", _float_runtime(weight, _GEMM_ARGS), dict(
+                HAS_SCALE=weight != "*bf16", EVEN_K=even_k, GATED=False, PARTIAL=False, IEEE=False, BLOCK_M=32,
+                BLOCK_N=64, BLOCK_K=128, PDL=False, HAS_RES=False, GROUP=group, HAS_MIN=has_min,
+                PER_GROUP=group >= 32 and not has_min), 4)
+            cases["gemv-" + tag] = ("float_gemv_kernel", _float_runtime(weight, _GEMV_ARGS), dict(
+                HAS_SCALE=weight != "*bf16", EVEN_K=even_k, GATED=True, PARTIAL=True, BLOCK_N=8, BLOCK_K=512,
+                PDL=False, HAS_RES=False, PIPE=1 if group == 16 else 3, ASM=True, GROUP=group, HAS_MIN=has_min,
+                SCALED=has_min), 4)
+    # q2 (no mins), q4_k (scales and mins a chunk ahead), q2_k (two-level scales)
+    for bits, group, has_min, kq in [(2, 64, False, 0), (4, 32, True, 0), (2, 16, True, 16)]:
+        runtime = dict(x_ptr="*bf16", out_ptr="*bf16", r_ptr="*bf16", w_ptr="*i32", s_ptr="*i16" if kq else "*fp32",
+                       m_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32", **{name: _I32 for name in _MMA_ARGS})
+        cases[f"mma-{bits}bit-g{group}{'-kq' if kq else ''}"] = ("mma_linear_kernel", runtime, dict(
+            BITS=bits, OFF=0 if has_min else 1 << (bits - 1), GROUP=group, HAS_MIN=has_min, NW=1, EVEN_K=True,
+            GATED=True, PARTIAL=True, HAS_RES=False, PDL=False, PRE=has_min, KQ=kq), 1)
+    return cases
+
+
+CASES = _cases()
+
+
+def compile_all() -> dict:
+    """Compile every case for sm_90 (triton's CUDA backend, no GPU needed): case id -> None or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from s2conv.runtime.kernels import triton_float, triton_mma
+
+    results = {}
+    for case, (name, runtime, constexprs, warps) in CASES.items():
+        kernel = getattr(triton_float, name, None) or getattr(triton_mma, name)
+        params = inspect.signature(kernel.fn).parameters
+        const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}
+        const.update(constexprs)
+        try:
+            missing = [p for p, v in const.items() if v is inspect.Parameter.empty]
+            assert not missing, f"no type or value for {missing}"
+            src = ASTSource(fn=kernel, signature=dict(runtime, **{p: "constexpr" for p in const}), constexprs=const)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+            results[case] = None
+        except Exception as e:  # noqa: BLE001  (reported per case)
+            while e.__cause__ is not None:
+                e = e.__cause__
+            results[case] = f"{type(e).__name__}: {str(e)[-500:]}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_compiles_for_sm90(compiled, case):
+    assert compiled[case] is None, compiled[case]
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
