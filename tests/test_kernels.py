@@ -193,7 +193,7 @@ def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
     K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
     rounding of the reference. two_level: K-quant scales as the file keeps them (bytes under (d, dmin) per
-    256 columns), which q2_k's kernel multiplies out itself and q4_k's repack expands to fp32 per group."""
+    256 columns), which the kernel multiplies out itself."""
     n = 37
     gen = torch.Generator().manual_seed(k + m)
     spec = INT_SPECS[fmt]

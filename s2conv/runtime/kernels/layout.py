@@ -286,11 +286,11 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     codes: integer [N, K] in the format's signed range (`INT_SPECS[fmt]`); scales: float [N, K // group]; mins:
     float [N, K // group], only for asymmetric formats (q4_k, q4_1, ...). Or, for K-quants with mins, their two
     levels (`IntegerCodes.two_level`): scales int16 [N, K // group] (sc | m << 8) with mins float32
-    [N, K // 256, 2] ((d, dmin) per super-block). The fragment layout keeps those where a group's fp32 scale and
-    min (64 bits) would outweigh its codes (q2_k: 32 bits), and the tensor-core kernel forms d * sc and dmin * m
-    itself: q2_k per layer on an H100 84.8 -> 59.1 us (`scripts/probe_kq.py`), frames on an H200 148.0 -> 184.0/s,
-    batch 32 1,501 -> 2,353/s; q4_k gained per layer (53.8 -> 49.0 us) but not whole frames (232.9 -> 231.8/s)
-    and lost 5% at batch 32, so it and the other layouts expand the two levels to float32 per group.
+    [N, K // 256, 2] ((d, dmin) per super-block). The fragment layout (q2_k, q4_k) keeps those, and the
+    tensor-core kernel forms d * sc and dmin * m itself: per layer on an H100 (`scripts/probe_kq.py`) q2_k 84.8 ->
+    59.1 us, q4_k 53.8 -> 49.0; whole frames q2_k +24% (H200), q4_k +5% on an H100 but -0.5% on an H200, and
+    q4_k's batch 32 -4% (bench/RESULTS.md, sixteenth session). The other layouts expand them to float32 per
+    group.
     Returns {"qweight": int32 [padded_rows(N), padded_k(K) * bits // 32] (rows interleaved, see above; the
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
@@ -312,7 +312,7 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
                 or mins.shape[1] == 0 or scales.shape[1] % mins.shape[1]:
             raise QuantFormatError(f"repack_{fmt}: two-level scales need a format with mins and (d, dmin) pairs "
                                    f"[N, super-blocks, 2], got {None if mins is None else tuple(mins.shape)}")
-        if uses_fragment_layout(spec) and spec.group * spec.bits < 64 and k % 256 == 0:  # (whole units)
+        if uses_fragment_layout(spec) and k % 256 == 0:  # whole super-blocks: whole units (64 or 128 codes)
             return {"qweight": pack_fragment_codes(codes, spec.bits, spec.offset, spec.group),
                     "scales": scales.contiguous(), "mins": mins.to(torch.float32).contiguous()}
         scales, mins = two_level_scales(scales, mins)
