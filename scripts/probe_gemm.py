@@ -58,8 +58,7 @@ def main() -> int:
             bf = [wb.clone() for _ in range(bcopies)]
             it = itertools.count()
             cublas = ops.graph_time_ms(lambda: x @ bf[next(it) % bcopies].T, calls=2 * bcopies, reps=10) * 1e3
-            default = ops.default_config("int", spec.bits, n, k, m, torch.device("cuda"), gated, spec.group,
-                                         spec.has_min)
+            default = ops.default_config("int", spec.bits, n, k, m, torch.device("cuda"), gated, spec.group)
             results = []
             for cfg in [default] + configs(m, pairs, stages):
                 if time.time() - t0 > args.budget_s:

@@ -24,7 +24,7 @@ SHAPES = {"wqkv": (6144, 2560, False), "wo": (2560, 4096, False), "w1|w3": (9728
 
 def variants(fmt: str, n: int, k: int, gated: bool) -> dict[str, ops.Config]:
     spec = INT_SPECS[fmt]
-    base = ops.default_config("int", spec.bits, n, k, 1, torch.device("cuda"), gated, spec.group, spec.has_min)
+    base = ops.default_config("int", spec.bits, n, k, 1, torch.device("cuda"), gated, spec.group)
     fl = dataclasses.replace(base, int_dot=False, slices=1, num_warps=4)
     return {"float": fl,
             "default": base,
@@ -92,7 +92,7 @@ def layer_case(fmt: str, n: int, k: int, gated: bool, m: int, g: torch.Generator
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", default="q4,q8,q8_0,q4_0,q4_k,q3,q2")
+    ap.add_argument("--formats", default="q4,q3,tq2_0", help="formats in the interleaved layout")
     ap.add_argument("--variants", default="")
     ap.add_argument("--stream", action="store_true", help="also time a plain streaming read of each qweight")
     args = ap.parse_args()

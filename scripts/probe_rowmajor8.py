@@ -1,6 +1,6 @@
 """Probe: 8-bit-code ggml formats (q8_0, q6_k, q5_k, ...) read row-major by the float GEMV with a scale per group
-(`ops.float_linear_impl(.., group=)`, their kernel since the fifteenth session) against the interleaved layout's
-dp2a kernel (their kernel before) and against q8 (one scale per row), at
+(`ops.float_linear_impl(.., group=)`, their kernel since the fifteenth session; the interleaved layout's dp2a
+kernel it was compared with no longer takes 8-bit codes) against q8 (one scale per row), at
 S2 Pro's four layer shapes, M = 1, graph-timed with rotating weight copies (L2 holds none). Each variant is checked
 against the dequantized reference first.
 
@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from s2conv.runtime.kernels import INT_SPECS, cat_rows, layout, ops
+from s2conv.runtime.kernels import INT_SPECS, layout, ops
 from s2conv.runtime.kernels.ops import Config, graph_time_ms
 
 SHAPES = [("wqkv", 6144, 2560, False), ("wo", 2560, 4096, False), ("w13", 9728, 2560, True),
@@ -65,36 +65,20 @@ def main() -> None:
             x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
             count = max(2, int(ROTATE // (rows * k)))
             raw = [weights(fmt, rows, k) for _ in range(count)]
-            # the interleaved integer layout and its dp2a kernel (these formats' kernel before the row-major one)
-            packed = []
-            for codes, s, m in raw:
-                halves = [(codes[:n], s[:n], m if m is None else m[:n]), (codes[n:], s[n:], m if m is None else m[n:])]
-                parts = [{"qweight": layout.pack_int_codes(c, spec.bits, spec.offset), "scales": sc,
-                          **({} if mn is None else {"mins": mn})}
-                         for c, sc, mn in (halves if gated else [(codes, s, m)])]
-                packed.append(cat_rows(*parts) if gated else parts[0])
-
-            def kern(x, p):
-                return ops.int_linear_impl(x, p["qweight"], p["scales"], p.get("mins"), spec.bits, spec.offset,
-                                           spec.group, gated)
-
             # row-major int8 + group scales
             sign = layout.row_major_sign(spec)  # q3_k: negated codes and scales fit
             rm = [((c * sign).to(torch.int8), s * sign, m) for c, s, m in raw]
             ref = reference(x, *raw[0], spec.group, gated)
-            e_int = check(f"{fmt} {name} int layout", kern(x, packed[0]), ref)
             e_rm = check(f"{fmt} {name} row-major", ops.float_linear_impl(x, rm[0][0], rm[0][1], gated,
                                                                           group=spec.group, mins=rm[0][2]), ref)
-            it_p, it_r = itertools.cycle(packed), itertools.cycle(rm)
-            t_int = graph_time_ms(lambda: kern(x, next(it_p))) * 1e3
+            it_r = itertools.cycle(rm)
 
             def call(cfg=None):
                 w, s, m = next(it_r)
                 return ops.float_linear_impl(x, w, s, gated, cfg, group=spec.group, mins=m)
 
             t_rm = graph_time_ms(call) * 1e3
-            line = (f"{fmt:5s} {name:5s} int layout {t_int:6.1f} us  row-major {t_rm:6.1f} us  "
-                    f"(errors {e_int:.1e} / {e_rm:.1e})")
+            line = f"{fmt:5s} {name:5s} row-major {t_rm:6.1f} us  (error {e_rm:.1e})"
             best = t_rm
             if args.sweep:
                 res = []
@@ -118,10 +102,9 @@ def main() -> None:
                 best = min(best, res[0][0])
                 line += "  best " + "; ".join(f"{u:5.1f} {c}" for u, c in res[:2])
             print(line, flush=True)
-            tot = totals.setdefault(fmt, [0.0, 0.0, 0.0])
-            tot[0] += t_int
-            tot[1] += t_rm
-            tot[2] += best
+            tot = totals.setdefault(fmt, [0.0, 0.0])
+            tot[0] += t_rm
+            tot[1] += best
         # q8 (per-row scales) at the same shapes, for reference
     for name, n, k, gated in SHAPES:
         rows = 2 * n if gated else n
@@ -130,12 +113,12 @@ def main() -> None:
                torch.rand(rows, device="cuda") * 0.01) for _ in range(max(2, int(ROTATE // (rows * k))))]
         it = itertools.cycle(ws)
         t = graph_time_ms(lambda: ops.float_linear_impl(x, *next(it), gated)) * 1e3
-        tot = totals.setdefault("q8 (per row)", [0.0, 0.0, 0.0])
+        tot = totals.setdefault("q8 (per row)", [0.0, 0.0])
+        tot[0] += t
         tot[1] += t
-        tot[2] += t
-    print("\nper layer (wqkv + wo + w1|w3 + w2), us: int layout / row-major default / row-major best")
-    for fmt, (a, b, c) in totals.items():
-        print(f"  {fmt:13s} {a:6.1f} / {b:6.1f} / {c:6.1f}")
+    print("\nper layer (wqkv + wo + w1|w3 + w2), us: default config / best of the sweep")
+    for fmt, (a, b) in totals.items():
+        print(f"  {fmt:13s} {a:6.1f} / {b:6.1f}")
 
 
 if __name__ == "__main__":

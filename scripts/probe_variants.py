@@ -1,4 +1,4 @@
-"""What the one-row GEMV variant probes share (probe_tma.py, probe_xquant.py, probe_kquant_dot.py): S2's layer
+"""What the one-row GEMV variant probes share (probe_tma.py, probe_xquant.py, probe_mma.py, probe_kq.py): S2's layer
 shapes, the output buffers of a split-K launch, and the loop that checks each variant against the reference and
 graph-times it with rotating weight copies. Imported by those scripts (run from the repository root)."""
 from __future__ import annotations

@@ -29,11 +29,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
 
-from s2conv.runtime.kernels.layout import BLOCK_K, INT_SPECS, uses_row_major_layout  # noqa: E402
+from s2conv.runtime.kernels.layout import (BLOCK_K, INT_SPECS, uses_fragment_layout,  # noqa: E402
+                                          uses_row_major_layout)
 from s2conv.runtime.kernels.ops import default_config, int_dot_xmax  # noqa: E402
 from s2conv.runtime.kernels.triton_int import int_gemv_kernel  # noqa: E402
 
-_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "m_ptr": "*fp32", "out_ptr": "*bf16",
+_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16",
               "part_ptr": "*bf16", "cnt_ptr": "*i32", "r_ptr": "*bf16", "N": "i32", "K": "i32", "n_blocks": "i32",
               "blocks_per_split": "i32", "n_split": "i32", "magic": "i32", "stride_xm": "i32", "stride_wg": "i32",
               "w3_off": "i32", "stride_sn": "i32", "stride_om": "i32", "stride_ps": "i32", "stride_pm": "i32",
@@ -46,7 +47,7 @@ def compile_gemv(fmt: str, bpp: int, warps: int, xmax: int = 0, slices: int = 1)
     """The compiled kernel (triton CompiledKernel) of `fmt` with BPP blocks per loop step, M = 1, no split-K;
     xmax > 0: the dp2a path with that x range and `slices` row slices."""
     spec = INT_SPECS[fmt]
-    const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, HAS_MIN=spec.has_min, EVEN_K=True, GATED=False,
+    const = dict(BITS=spec.bits, OFF=spec.offset, GROUP=spec.group, EVEN_K=True, GATED=False,
                  PARTIAL=False, PDL=False, BPP=bpp, HAS_RES=False, XMAX=xmax, SLICES=slices, ASM=True, NORM=False,
                  SS=False, ZERO=False, SPLIT_MAX=0, RS=False, GX=False, UNROLL=1)
     sig = dict(_SIGNATURE, **{name: "constexpr" for name in const})
@@ -81,7 +82,8 @@ def loops(text: str) -> list[list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # the formats the integer kernel runs (8-bit codes stay row-major, read by the float kernels)
-    ap.add_argument("--formats", default=",".join(f for f, s in INT_SPECS.items() if not uses_row_major_layout(s)))
+    ap.add_argument("--formats", default=",".join(f for f, s in INT_SPECS.items()
+                                                  if not uses_row_major_layout(s) and not uses_fragment_layout(s)))
     ap.add_argument("--warps", type=int, default=0, help="default: 4, or the launcher's for --int-dot")
     ap.add_argument("--blocks", type=int, default=5, help="blocks of a program (K = 2560: 5); BPP of the no-min formats")
     ap.add_argument("--dump", type=Path, help="write each kernel's SASS here")
@@ -92,13 +94,12 @@ def main() -> None:
           + (f", dp2a path with {args.int_dot} slices" if args.int_dot else ""))
     for fmt in args.formats.split(","):
         spec = INT_SPECS[fmt]
-        bpp = 1 if spec.has_min else args.blocks  # ops._bpp: formats with mins step one block at a time
+        bpp = args.blocks
         warps = args.warps
         xmax = int_dot_xmax(spec.bits, spec.offset, spec.group) if args.int_dot else 0
         if xmax:
             bpp = 1  # the dp2a loop steps one block at a time
-            cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group,
-                                 has_min=spec.has_min)
+            cfg = default_config("int", spec.bits, 2560, 2560, 1, torch.device("cpu"), group=spec.group)
             warps = warps or cfg.num_warps
         warps = warps or 4
         text = sass(compile_gemv(fmt, bpp, warps, xmax, args.int_dot or 1))

@@ -585,6 +585,11 @@ def test_launcher_errors_name_the_problem(monkeypatch):
                                     4, 8, 128, False)
     with pytest.raises(RuntimeModelError, match="scales shape must be"):
         torch.ops.s2conv.int_linear(x, p["qweight"], p["scales"][:, :1].contiguous(), None, 4, 8, 128, False)
+    # the interleaved layout's kernels read no mins and no 8-bit codes (those formats have other layouts)
+    with pytest.raises(RuntimeModelError, match="no mins and scale groups of 64 codes or more"):
+        ops.int_linear_impl(x, p["qweight"], p["scales"], p["scales"], 3, 0, 128, False)
+    with pytest.raises(RuntimeModelError, match="bits must be 2, 3 or 4"):
+        ops.int_linear_impl(x, p["qweight"], p["scales"], None, 8, 128, 128, False)
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")  # where a norm weight would reach the folding test first
     for norm in (None, torch.ones(256, device=DEVICE)):  # a group the kernels have no form for: one scale per row
         with pytest.raises(RuntimeModelError, match=r"group must be one of \(16, 32"):

@@ -51,9 +51,31 @@ def _cases() -> dict:
         cases[f"mma-{bits}bit-g{group}{'-kq' if kq else ''}"] = ("mma_linear_kernel", runtime, dict(
             BITS=bits, OFF=0 if has_min else 1 << (bits - 1), GROUP=group, HAS_MIN=has_min, NW=1, EVEN_K=True,
             GATED=True, PARTIAL=True, HAS_RES=False, PDL=False, PRE=has_min, KQ=kq), 1)
+    # the interleaved layout's GEMV (dp2a path, 1 and 4 row slices; the float-x path of fp32 x) and GEMM
+    from s2conv.runtime.kernels.ops import int_dot_xmax
+
+    int_runtime = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp32", out_ptr="*bf16", part_ptr="*fp32",
+                       cnt_ptr="*i32", r_ptr="*bf16", g_ptr="*bf16", eps="fp32",
+                       **{name: _I32 for name in _INT_GEMV_ARGS})
+    for bits, off, group in [(4, 8, 128), (3, 4, 128), (2, 2, 256)]:
+        for xmax, slices in [(int_dot_xmax(bits, off, group), 1), (int_dot_xmax(bits, off, group), 4), (0, 1)]:
+            runtime = dict(int_runtime, x_ptr="*bf16" if xmax else "*fp32")
+            cases[f"int-gemv-{bits}bit-g{group}-{'dp2a' if xmax else 'float-x'}-{slices}"] = (
+                "int_gemv_kernel", runtime, dict(BITS=bits, OFF=off, GROUP=group, EVEN_K=False, GATED=True,
+                                                 PARTIAL=True, PDL=False, BPP=1 if xmax else 2, HAS_RES=False,
+                                                 XMAX=xmax, SLICES=slices, ASM=True), 4)
+        runtime = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp32", out_ptr="*bf16", r_ptr="*bf16",
+                       **{name: _I32 for name in _INT_GEMM_ARGS})
+        cases[f"int-gemm-{bits}bit-g{group}"] = ("int_gemm_kernel", runtime, dict(
+            BITS=bits, OFF=off, GROUP=group, EVEN_K=False, GATED=True, PARTIAL=False, IEEE=False, BLOCK_M=32,
+            BLOCK_N=64, PDL=False, HAS_RES=False), 4)
     return cases
 
 
+_INT_GEMV_ARGS = ("N", "K", "n_blocks", "blocks_per_split", "n_split", "magic", "stride_xm", "stride_wg", "w3_off",
+                  "stride_sn", "stride_om", "stride_ps", "stride_pm", "stride_rm")
+_INT_GEMM_ARGS = ("M", "N", "K", "n_blocks", "blocks_per_split", "stride_xm", "stride_wg", "w3_off", "n_pad",
+                  "stride_sn", "stride_om", "stride_os", "stride_rm")
 CASES = _cases()
 
 
@@ -63,11 +85,11 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from s2conv.runtime.kernels import triton_float, triton_mma
+    from s2conv.runtime.kernels import triton_float, triton_int, triton_mma
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        kernel = getattr(triton_float, name, None) or getattr(triton_mma, name)
+        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma) if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}
         const.update(constexprs)

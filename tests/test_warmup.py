@@ -69,7 +69,8 @@ def test_dry_run_notes_prefill_and_frame_kernels_and_changes_no_prefill(q4_model
     # prefill: the small-M GEMM; the frame: the GEMV, the decode attention, the norms (and on a GPU the sampling)
     assert {"int_gemm_kernel", "int_gemv_kernel", "_decode_attn_kernel", "_rms_norm_kernel"} <= names
     assert ("_topk_sample_kernel" in names) == (DEVICE == "cuda")
-    gemm_m = {args[6] for kernel, grid, args, kwargs in noted if kernel.__name__ == "int_gemm_kernel"}
+    gemm_m = {args[kernel.arg_names.index("M")] for kernel, grid, args, kwargs in noted
+              if kernel.__name__ == "int_gemm_kernel"}
     assert gemm_m == {5, 40}  # one prefill per prompt length
     got = q4_model.prefill(prompt)
     assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -69,9 +69,9 @@ def _int_kernel(fmt: str, gated: bool):
 
     linear.fuses_norm = fuses_norm
     linear.takes_norm_ss = False
-    # rs_in: x arrives times its RMSNorm's weight (a producer's gx_out), the rsqrt applied here; not taken by 8-bit
-    # codes with mins (q5_k: frames 9% slower with it on an H200, while q4 gained 7%: bench/RESULTS.md)
-    linear.takes_rs_in = not (spec.has_min and spec.bits == 8)
+    # rs_in: x arrives times its RMSNorm's weight (a producer's gx_out), the rsqrt applied here (q4 frames +7% on
+    # an H200: bench/RESULTS.md)
+    linear.takes_rs_in = True
 
     linear.__name__ = f"{fmt}_{'gated' if gated else 'linear'}"
     linear.__doc__ = f"{fmt}: x [..., K] @ W^T from REPACK[{fmt!r}] output" + (" (gated w1|w3)" if gated else "")

@@ -78,7 +78,7 @@ def _split_for(n_programs: int, n_chunks: int, device: torch.device, waves: floa
 
 
 def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.device, gated: bool = False,
-                   group: int = 0, has_min: bool = False) -> Config:
+                   group: int = 0) -> Config:
     """The untuned launch config. M = 1: the integer GEMV takes one 16-row group per program (block_n is not
     used) and split-K 4 only when N is too small to fill the GPU (N = 2560); the float GEMV no split, 8 rows and
     512 columns a step (16 and 256 for fp8 w1|w3 and bf16 wqkv) through a 3-4-stage copy pipeline (the best of
@@ -86,10 +86,9 @@ def default_config(kind: str, bits: int, n: int, k: int, m: int, device: torch.d
     if m <= GEMV_MAX_M:
         if kind == "int":
             small = -(-n // 16) < 2 * _sm_count(device)
-            # the dp2a path except for 4-bit codes with mins (q4_k: no faster there; bench/RESULTS.md, fifth
-            # session; 8-bit codes with mins, q5_k: 93 -> 69 us per layer, seventh);
-            # S2CONV_INT_DOT=0 keeps every format on the float path (benchmark baseline)
-            int_dot = not (has_min and bits < 8) and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            # the dp2a path (fp32 x takes the float path whatever the config); S2CONV_INT_DOT=0 keeps every format
+            # on the float path (benchmark baseline)
+            int_dot = os.environ.get("S2CONV_INT_DOT", "1") != "0"
             # the float-x path splits 3-bit w1|w3 as well; the dp2a path runs it whole (H100, q3 frames 265.6 ->
             # 276.6 frames/s: bench/RESULTS.md, fourteenth session)
             split = 4 if small or (gated and bits == 3 and not int_dot) else 1
@@ -330,8 +329,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
     [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
 
-    scales fp32 [R, n_blocks * 512 // group]; mins like scales or None; qweight int32
-    [padded_rows(R), n_blocks * 16 * bits]. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
+    scales fp32 [R, n_blocks * 512 // group] (groups of 64 codes or more); qweight int32
+    [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
     qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
@@ -345,8 +344,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     chain = norm_chain_args(op, x, gated, ss_out, zero, gx_out=gx_out, rs_in=rs_in)
     if norm_weight is not None and rs_in is not None:
         raise _fail(op, "norm_weight with rs_in", "one of them (rs_in: x already carries the norm's weight)", "both")
-    if bits not in (2, 3, 4, 8):
-        raise _fail(op, "bits", "2, 3, 4 or 8", bits)
+    if bits not in (2, 3, 4):
+        raise _fail(op, "bits", "2, 3 or 4", bits)
     if group not in _GROUPS:
         raise _fail(op, "group", f"one of {_GROUPS}", group)
     if norm_weight is not None:
@@ -358,6 +357,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             norm_weight = None
     if _fragment(bits, offset, group, mins is not None):
         return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain, mins)
+    if mins is not None or group < 64:  # what the interleaved layout's kernels read (layout.uses_fragment_layout)
+        raise _fail(op, "an interleaved-layout weight", "no mins and scale groups of 64 codes or more",
+                    f"group {group}{' with mins' if mins is not None else ''}")
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
     rows, words = qweight.shape
@@ -371,10 +373,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     n = rows // 2 if gated else rows
     n_pad = padded_rows(n)
     _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * n_pad, words), dev)
-    sshape = (rows, n_blocks * BLOCK_K // group)
-    _check_tensor(op, "scales", scales, torch.float32, sshape, dev)
-    if mins is not None:
-        _check_tensor(op, "mins", mins, torch.float32, sshape, dev)
+    _check_tensor(op, "scales", scales, torch.float32, (rows, n_blocks * BLOCK_K // group), dev)
     _check_residual(op, residual, x, n, gated)
     _check_gx(op, chain, x, n)
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:
@@ -382,19 +381,18 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # groups) and a second small launch takes silu(a) * b: the gated GEMM, its loop inlined twice, compiled
         # 2.5x as long as the plain one (q2_k's, when q2_k ran here: 30 s against 13 on the 2-core CPU machine, the
         # longest kernel of a cold start), and the plain one is the same kernel as the model's other linears
-        both = int_linear_impl(x, qweight, scales, mins, bits, offset, group, False)
+        both = int_linear_impl(x, qweight, scales, None, bits, offset, group, False)
         return fused.silu_mul(both[:, :n], both[:, n:])
-    cfg = config or TUNED.get(_int_key(x, scales, bits, group, mins is not None, gated)) or default_config(
-        "int", bits, n, k, m, dev, gated, group, mins is not None)
+    cfg = config or TUNED.get(_int_key(x, scales, bits, group, False, gated)) or default_config(
+        "int", bits, n, k, m, dev, gated, group)
     per = -(-n_blocks // cfg.split)
     split = -(-n_blocks // per)
     y, part = _outputs(x, n, split, gated)
     out = y if part is None else part
     stride_os = 0 if part is None else part.stride(0)
     stride_sn = scales.stride(0)
-    m_arg = mins if mins is not None else scales
     r_arg = residual if residual is not None else y
-    common = dict(BITS=bits, OFF=offset, GROUP=group, HAS_MIN=mins is not None, EVEN_K=k == n_blocks * BLOCK_K,
+    common = dict(BITS=bits, OFF=offset, GROUP=group, EVEN_K=k == n_blocks * BLOCK_K,
                   GATED=gated, PARTIAL=part is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_args(dev))
     stride_wg = ROWS * words  # int32 words per row group
@@ -411,11 +409,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # the last-arriving program of a split finishes the row tile, residual included
         launch(
             int_gemv_kernel, (n_tiles, split, m),
-            x, qweight, scales, m_arg, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
+            x, qweight, scales, y, p_arg, cnt, r_arg, n, k, n_blocks, per, split, 0x4B000000,
             x.stride(0), stride_wg, w3_off, stride_sn, y.stride(0), p_arg.stride(0), p_arg.stride(-2),
-            # formats with mins step one block at a time (unrolled, q4_k frames ran slower on an H100: RESULTS.md),
-            # and so do 16-code groups: unrolled, q6_k compiled for 16-23 s (one block a step: 4 s, frames 2% slower)
-            r_arg.stride(0), BPP=1 if mins is not None or group == 16 else per, HAS_RES=residual is not None, XMAX=xmax,
+            r_arg.stride(0), BPP=per, HAS_RES=residual is not None, XMAX=xmax,
             UNROLL=idp_unroll(per, split, gated) if xmax else 1,
             SLICES=cfg.slices, ASM=not _INTERPRETED, g_ptr=x if norm_weight is None else norm_weight,
             eps=float(norm_eps), NORM=norm_weight is not None, SPLIT_MAX=split_max(split), outputs=(y,), **chain,
@@ -423,7 +419,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         return y
     assert not chain, "norm_chain_args allows one row only"
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    launch(int_gemm_kernel, grid, x, qweight, scales, m_arg, out, r_arg, m, n, k, n_blocks, per,
+    launch(int_gemm_kernel, grid, x, qweight, scales, out, r_arg, m, n, k, n_blocks, per,
            x.stride(0), stride_wg, w3_off, n_pad, stride_sn, out.stride(-2), stride_os, r_arg.stride(0),
            IEEE=_dot_in_fp32(x), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
            HAS_RES=residual is not None and part is None, outputs=(out,), **common)

@@ -1,5 +1,7 @@
 """Triton kernels for the integer formats in the layout of `layout.py` (slot-planar blocks, 16 interleaved rows):
-GEMV (M = 1), small-M GEMM.
+GEMV (M = 1), small-M GEMM. The formats that layout holds now: 2-, 3- and 4-bit codes without mins in scale groups
+of 64 codes or more (q4, q3, tq2_0); 8-bit codes are read row-major (`triton_float`), and 2- and 4-bit codes in
+shorter groups or with mins by the tensor-core kernel (`triton_mma`).
 
 Dequantization without integer-to-float conversions (the H100 converts 16 ints per SM and clock, 8x slower than
 it multiplies): OR-ing a bit field v < 2**23 into the mantissa of 2.0**23 gives the float 2**23 + v exactly, and
@@ -85,35 +87,13 @@ def _load_block(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.
 
 
 @triton.jit
-def _min_correction(x_row, m_rows, K, b_start, b_end, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
-    """sum_g mins[r, g] * (sum of x over group g) for the 16 rows r over blocks [b_start, b_end) -> fp32 [16].
-
-    The group sums of x are the same for every row, so formats with mins pay for them once per block here (a
-    [groups, GROUP] reshape of the block's x) instead of once per code in the main loop; mins [16, groups] load
-    along each row's contiguous groups."""
-    GPB: tl.constexpr = _BLOCK_K // GROUP  # groups per block
-    g = tl.arange(0, GPB)
-    j = tl.arange(0, GROUP)
-    corr = tl.zeros([_R, GPB], tl.float32)
-    for b in range(b_start, b_end):
-        k = b * _BLOCK_K + g[:, None] * GROUP + j[None, :]  # [groups, GROUP]
-        if EVEN_K:
-            xv = tl.load(x_row + k).to(tl.float32)
-        else:
-            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        xsum = tl.sum(xv, axis=1)  # [groups]
-        corr += tl.load(m_rows[:, None] + b * GPB + g[None, :]) * xsum[None, :]
-    return tl.sum(corr, axis=1)
-
-
-@triton.jit
-def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
-                   BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, BPP: tl.constexpr):
+def _int_rows_gemv(x_row, w_grp, s_rows, K, b_start, b_end, magic,
+                   BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                   BPP: tl.constexpr):
     """sum_k w[n, k] * x[k] over blocks [b_start, b_end) (at most BPP of them) for one group of 16 interleaved rows
     -> fp32 [16].
 
-    w_grp: the group's first word; s_rows / m_rows: [16] pointers to each row's scales / mins. A whole block of the
+    w_grp: the group's first word; s_rows: [16] pointers to each row's scales. A whole block of the
     group (16 * BITS words of 16 rows) is one contiguous tile [NT, 16, 16] = (sub-tile t, word w, row r): field i
     of the tile holds slots t * SPW + i of every sub-tile at once and meets x at k = 16 * (t * SPW + i) + w, the
     same x for all 16 rows (so a thread converts and scales each x once for the 4 rows of its 16-byte load). Scales
@@ -150,8 +130,7 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
     acc = tl.zeros([NT, _W, _R], tl.float32)
     # BPP > 1: BPP blocks unrolled per step (masked past b_end): straight-line code lets the compiler issue all their
     # weight, scale and x loads early instead of one memory round trip per block (ops.py: BPP = all of a program's
-    # blocks). BPP = 1: block b + 1 is loaded while block b computes (register double buffering). Mins never enter
-    # this loop: `_min_correction` subtracts them afterwards.
+    # blocks). BPP = 1: block b + 1 is loaded while block b computes (register double buffering).
     if BPP == 1:
         wt, ht, s0, s1, s2, s3 = _load_block(w_tile, h_tile, s_tile, b_start, b_end, BITS, GROUP, NT, BSTEP, GPB,
                                              GPW, NWIN)
@@ -188,18 +167,10 @@ def _int_rows_gemv(x_row, w_grp, s_rows, m_rows, K, b_start, b_end, magic,
                     else:
                         xq = _xq(xv, 8 * (i % 4) + BITS * (i // 4), BITS, 1.0)
                         acc_g += _field(wt, wt_hi, magic, 8 * (i % 4) + BITS * (i // 4), BITS, OFF) * xq[:, :, None]
-                if NWIN > 4:  # one scale per 16-code slot and a field per window: no registers to prefetch
-                    # them all, so each window loads its own (L1 holds a block's scale rows after the first)
-                    s_live = tl.full([NT, 1, _R], b, tl.int32) < b_end
-                    acc += acc_g * tl.load(s_tile + b * GPB + v * GPW, mask=s_live, other=0.0)
-                else:
-                    acc += acc_g * _window(v, s0, s1, s2, s3)
+                acc += acc_g * _window(v, s0, s1, s2, s3)
             if BPP == 1:
                 wt, ht, s0, s1, s2, s3 = wn, hn, n0, n1, n2, n3
-    out = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if HAS_MIN:
-        out = out - _min_correction(x_row, m_rows, K, b_start, b_end, GROUP, EVEN_K)
-    return out
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
 # ---- integer-dot GEMV (bf16/fp16 x): x quantized to 16-bit integers, codes multiplied two per dp2a ----------------
@@ -224,9 +195,7 @@ def _dp2(a, b, c, HALF: tl.constexpr, ASM: tl.constexpr):
 def _bytes(wt, ht, e: tl.constexpr, BITS: tl.constexpr):
     """Fields 4e .. 4e + 3 of the words as their four unsigned bytes (layout.field_bit); 3-bit: the low 2 bits
     from wt, the high bit from ht (already shifted to its sub-tile)."""
-    if BITS == 8:
-        return wt
-    elif BITS == 3:
+    if BITS == 3:
         return ((wt >> (2 * e)) & 0x03030303) | (((ht >> e) & 0x01010101) << 2)
     else:
         return (wt >> (BITS * e)) & (((1 << BITS) - 1) * 0x01010101)
@@ -297,12 +266,7 @@ def _load_slice(w_tile, h_tile, s_tile, b, b_end, BITS: tl.constexpr, GROUP: tl.
     ht = wt
     if BITS == 3:
         ht = tl.load(h_tile + b * BSTEP, mask=live, other=0)
-    s0 = tl.zeros([NT, 1, RS], tl.float32)
-    s1 = s0
-    s2 = s0
-    s3 = s0
-    if NWIN <= 4:  # more windows (16-code groups of 2-4-bit codes): loaded in the loop
-        s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
+    s0, s1, s2, s3 = _load_scales(s_tile, b * GPB, live_s, GPW, NWIN)
     return wt, ht, s0, s1, s2, s3
 
 
@@ -476,10 +440,10 @@ def _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_row0, stride_sn, row0, N, K, b_sta
 
 
 @triton.jit
-def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N, K, n_blocks,
+def int_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, r_ptr, N, K, n_blocks,
                     blocks_per_split, n_split, magic, stride_xm, stride_wg, w3_off, stride_sn, stride_om, stride_ps,
                     stride_pm, stride_rm, BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
+                    EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr,
                     PDL: tl.constexpr, BPP: tl.constexpr, HAS_RES: tl.constexpr, XMAX: tl.constexpr = 0,
                     SLICES: tl.constexpr = 1, ASM: tl.constexpr = True, g_ptr=None, eps=0.0,
                     NORM: tl.constexpr = False, ss_out=None, SS: tl.constexpr = False, zero_ptr=None,
@@ -491,7 +455,7 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
     magic: pass 0x4B000000; stride_wg: int32 words per row group (16 W).
     XMAX > 0: the integer-dot path (`_int_rows_gemv_idp`): x[m, this program's K range] is scaled to integers in
     [-XMAX, XMAX] (one max |x| pass first) and meets the codes in dp2a instructions; SLICES, ASM as there.
-    NORM (XMAX > 0, no mins): y = rms_norm(x) w^T with the norm folded in (weight g [K], eps): the first pass
+    NORM (XMAX > 0): y = rms_norm(x) w^T with the norm folded in (weight g [K], eps): the first pass
     takes sum(x**2) and max |x g| over the whole row, the codes meet x g, and rsqrt(mean(x**2) + eps) scales y.
 
     GATED: the weight holds w1 over w3 (w3's row groups start w3_off words in; its scales N rows down) and
@@ -530,21 +494,16 @@ def int_gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_pt
         inv = tl.where(amax > 1e-30, XMAX / amax, 0.0)
         y = _int_rows_gemv_idp(x_row, g_ptr, w_grp, s_ptr, stride_sn, pid_n * _R, N, K, b_start, b_end, inv, BITS,
                                OFF, GROUP, EVEN_K, SLICES, ASM, NORM, UNROLL) * out_scale
-        if HAS_MIN:
-            y -= _min_correction(x_row, m_ptr + rows * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
         if GATED:
             y3 = _int_rows_gemv_idp(x_row, g_ptr, w_grp + w3_off, s_ptr + N * stride_sn, stride_sn, pid_n * _R, N,
                                     K, b_start, b_end, inv, BITS, OFF, GROUP, EVEN_K, SLICES, ASM, NORM,
                                     UNROLL) * out_scale
-            if HAS_MIN:
-                y3 -= _min_correction(x_row, m_ptr + (rows + N) * stride_sn, K, b_start, b_end, GROUP, EVEN_K)
     else:
-        y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start, b_end,
-                           magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
+        y = _int_rows_gemv(x_row, w_grp, s_ptr + rows * stride_sn, K, b_start, b_end, magic, BITS, OFF, GROUP,
+                           EVEN_K, BPP)
         if GATED:
-            rows3 = rows + N
-            y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
-                                b_start, b_end, magic, BITS, OFF, GROUP, HAS_MIN, EVEN_K, BPP)
+            y3 = _int_rows_gemv(x_row, w_grp + w3_off, s_ptr + (rows + N) * stride_sn, K, b_start, b_end, magic,
+                                BITS, OFF, GROUP, EVEN_K, BPP)
     if not GATED:
         y3 = y  # (not used)
     if RS:
@@ -576,33 +535,32 @@ def _int_codes(t, P: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
-                   BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                   EVEN_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, K, b_start, b_end, BITS: tl.constexpr, OFF: tl.constexpr,
+                   GROUP: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """w[BLOCK_N rows] @ x[BLOCK_M, K]^T over blocks [b_start, b_end) -> fp32 [BLOCK_N, BLOCK_M] (tensor cores).
 
     The weight is the dot's left operand (the "swapped" small-M GEMM): with BLOCK_N = 64 rows and 4 warps the
     compiler loads the words straight into wgmma's register operand and dequantizes them there, where the weight
     as the right operand went through shared memory (bench/RESULTS.md, sixth session); x^T is the small operand.
     x_cols: [16, BLOCK_M] pointers (column j, row m); w_rows: [BLOCK_N, 16] pointers to word j of block 0 of each
-    row (interleaved layout: words of one row are 16 apart); codes go to x's dtype exactly (|code| <= 255).
+    row (interleaved layout: words of one row are 16 apart); codes go to x's dtype exactly (|code| <= 15).
     IEEE: multiply in fp32 (fp32 x; also bf16 x under the triton interpreter, whose bf16 dot is wrong).
     """
     offs_w = tl.arange(0, _W)
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16
     SPG: tl.constexpr = GROUP // _W
     NW: tl.constexpr = BITS if BITS != 3 else 2  # words of codes per row and block (3-bit: + one of high bits)
-    WPG: tl.constexpr = SPG // SPW if SPG > SPW else 1  # words per scale group (> 1: 256-code groups, 8-bit codes)
+    # (each scale group lies within one word's slots: groups of 64+ codes, `ops.int_linear_impl` checks)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    xs = tl.zeros([BLOCK_M], tl.float32)
     for b in range(b_start, b_end):
         wb = w_rows + b * (_W * BITS * _R)
         kb = b * _BLOCK_K
         if BITS == 3:
             th = tl.load(wb + 2 * _W * _R)
         # a runtime loop over the block's words (inner slots unrolled): the whole block unrolled compiled for up to
-        # 30 s (q2_k, 16-code groups with mins), the longest kernel of a cold start
+        # 30 s (q2_k's 16-code groups with mins, when q2_k ran here), the longest kernel of a cold start
         for t in range(NW):
             tw = tl.load(wb + t * _W * _R)
             for i in tl.static_range(SPW):
@@ -622,37 +580,20 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, m_rows, K, b_start, b_end,
                     part = tl.dot(wv, xv.to(tl.float32), input_precision="ieee")
                 else:
                     part = tl.dot(wv.to(xv.dtype), xv)
-                if WPG == 1:  # groups inside a word: where each starts and ends is known at compile time
-                    if tl.constexpr(i) % SPG == 0:
-                        acc_g = part
-                        if HAS_MIN:
-                            xs = tl.sum(xv.to(tl.float32), axis=0)
-                    else:
-                        acc_g += part
-                        if HAS_MIN:
-                            xs += tl.sum(xv.to(tl.float32), axis=0)
-                    if tl.constexpr(i) % SPG == SPG - 1:
-                        g = b * (_BLOCK_K // GROUP) + s // SPG
-                        acc += acc_g * tl.load(s_rows + g)[:, None]
-                        if HAS_MIN:
-                            acc -= tl.load(m_rows + g)[:, None] * xs[None, :]
-                else:  # groups of WPG words: the word's place in its group says where
-                    tg = t - (t // WPG) * WPG  # (t % WPG, in a form triton's interpreter runs too)
-                    tl.static_assert(not HAS_MIN, "no format with mins has groups longer than a word")
-                    if i == 0:
-                        acc_g = tl.where(tg == 0, part, acc_g + part)
-                    else:
-                        acc_g += part
-                    if i == SPW - 1:
-                        if tg == WPG - 1:
-                            acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG)[:, None]
+                # groups inside a word: where each starts and ends is known at compile time
+                if tl.constexpr(i) % SPG == 0:
+                    acc_g = part
+                else:
+                    acc_g += part
+                if tl.constexpr(i) % SPG == SPG - 1:
+                    acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG)[:, None]
     return acc
 
 
 @triton.jit
-def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_blocks, blocks_per_split,
+def int_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, r_ptr, M, N, K, n_blocks, blocks_per_split,
                     stride_xm, stride_wg, w3_off, n_pad, stride_sn, stride_om, stride_os, stride_rm,
-                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
+                    BITS: tl.constexpr, OFF: tl.constexpr, GROUP: tl.constexpr,
                     EVEN_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr):
     """Small-M GEMM, grid (cdiv(N, BLOCK_N), split, cdiv(M, BLOCK_M)); outputs and weight arguments as in
@@ -672,15 +613,15 @@ def int_gemm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, r_ptr, M, N, K, n_block
     q_rows = tl.minimum(offs_n, n_pad - 1)  # storage rows (padded groups exist)
     q_base = (q_rows // _R).to(tl.int64) * stride_wg + q_rows % _R
     w_rows = w_ptr + q_base[:, None] + tl.arange(0, _W)[None, :] * _R
-    y = _int_rows_gemm(x_cols, m_mask, w_rows, s_ptr + rows * stride_sn, m_ptr + rows * stride_sn, K, b_start,
-                       b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
+    y = _int_rows_gemm(x_cols, m_mask, w_rows, s_ptr + rows * stride_sn, K, b_start, b_end, BITS, OFF, GROUP,
+                       EVEN_K, IEEE, BLOCK_M, BLOCK_N)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = m_mask[None, :] & (offs_n < N)[:, None]
     if GATED:
         rows3 = rows + N
         w_rows3 = w_rows + w3_off
-        y3 = _int_rows_gemm(x_cols, m_mask, w_rows3, s_ptr + rows3 * stride_sn, m_ptr + rows3 * stride_sn, K,
-                            b_start, b_end, BITS, OFF, GROUP, HAS_MIN, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
+        y3 = _int_rows_gemm(x_cols, m_mask, w_rows3, s_ptr + rows3 * stride_sn, K, b_start, b_end, BITS, OFF,
+                            GROUP, EVEN_K, IEEE, BLOCK_M, BLOCK_N)
         if PARTIAL:
             tl.store(out_ptrs, y, mask=mask)
             tl.store(out_ptrs + N, y3, mask=mask)
