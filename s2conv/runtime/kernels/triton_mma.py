@@ -277,6 +277,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     PRE: each chunk's scales (and mins) are loaded a chunk ahead with its words, where a chunk holds whole scale
     groups; the launcher sets it for formats with mins (H100, whole frames: q4_k 210.4 -> 216.5 frames/s; q4_0
     unchanged, q2 293.2 -> 287.4 with it: bench/RESULTS.md, sixteenth session).
+    KQ > 0: two-level K-quant scales (`layout.repack_int`): s_ptr holds int16 sub-block bytes (sc | m << 8), m_ptr
+    fp32 (d, dmin) pairs, one per KQ groups; always loaded a chunk ahead (`_kq_params`).
     """
     pdl_start(PDL)
     zero_once(zero_ptr, ZERO)
@@ -332,7 +334,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     (x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7,
      y7) = _x_chunk(x_lane, c_start, q, x_live, bound, CH, SUB, SPC, EVEN_K)
     GPC: tl.constexpr = SPC // GS if GS <= SPC else 1  # scale groups per chunk
-    PRE_S: tl.constexpr = PRE and GS <= SPC
+    PRE_S: tl.constexpr = (PRE or KQ > 0) and GS <= SPC
     if PRE_S:
         sc0, sc2, mn0, mn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c_start, GPC, HAS_MIN, KQ)
         sd0, sd2, md0, md2 = sc0, sc2, mn0, mn2
