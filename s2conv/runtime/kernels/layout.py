@@ -297,9 +297,10 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
     fragment layout's [cdiv(N, 16), chunks * 128] where `uses_fragment_layout`),
     "scales": float32 [N, padded K // group]}
     (+ "mins", same shape as scales); where `uses_row_major_layout`: {"weight": int8 [N, K] (the codes times
-    `row_major_sign`), "scales": float32 [N, K // group] (times the same sign)} (+ "mins"). Scales stay fp32: at
-    4-bit g128 they add 6% to the bytes (fp16 would save 3%), and fp32 keeps the kernels exactly equal to the
-    reference dequantization.
+    `row_major_sign`), "scales": float32 [N, K // group] (times the same sign)} (+ "mins"); two levels kept in the
+    fragment layout: "scales" int16 and "mins" the (d, dmin) pairs, as given. Scales stay fp32 otherwise: at
+    4-bit g128 they add 6% to the bytes (fp16 would save 3%; fp16 group scales also ran slower in the row-major
+    GEMV), and fp32 keeps the kernels exactly equal to the reference dequantization.
     """
     spec = INT_SPECS.get(fmt)
     if spec is None:
