@@ -24,8 +24,8 @@ _GEMM_ARGS = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "r_ptr", "M", "N", "K", "k_p
               "stride_om", "stride_os", "stride_rm", "stride_sn", "m_ptr")
 _GEMV_ARGS = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "cnt_ptr", "r_ptr", "N", "K", "k_per_split", "n_split",
               "stride_xm", "stride_wn", "stride_om", "stride_ps", "stride_pm", "stride_rm", "stride_sn", "m_ptr")
-_MMA_ARGS = ("M", "N", "K", "n_chunks", "chunks_per_split", "n_split", "stride_xw", "stride_wt", "w3_tiles", "stride_sn",
-             "stride_om", "stride_ps", "stride_pm", "stride_rm")
+_MMA_ARGS = ("M", "N", "K", "n_chunks", "chunks_per_split", "n_split", "stride_xw", "stride_wt", "w3_tiles",
+             "stride_sn", "stride_om", "stride_ps", "stride_pm", "stride_rm")
 
 
 def _cases() -> dict:

@@ -16,9 +16,9 @@ import torch
 import triton
 
 from s2conv.errors import RuntimeModelError
+from s2conv.quant_formats.base import two_level_scales
 from s2conv.runtime.kernels import fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
-from s2conv.quant_formats.base import two_level_scales
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
@@ -330,8 +330,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
 
     scales fp32 [R, n_blocks * 512 // group] (groups of 64 codes or more); qweight int32
-    [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with gated=True (w1 over w3, as `cat_rows` stacks them:
-    qweight [2 padded_rows(N), ..]; y = silu(x w1^T) * (x w3^T)).
+    [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with
+    gated=True (w1 over w3, as `cat_rows` stacks them: qweight [2 padded_rows(N), ..]; y = silu(x w1^T) *
+    (x w3^T)).
     K = x.shape[1] must lie in the last block: n_blocks * 512 - 512 < K <= n_blocks * 512.
     residual [M, N] (x's dtype, not with gated): returns residual + x W^T, the add done in the kernel's epilogue.
     norm_weight [K] (with norm_eps): x is first put through fish-speech's RMSNorm with that weight, folded into
