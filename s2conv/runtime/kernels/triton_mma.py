@@ -215,6 +215,19 @@ def _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c, GPC: tl.constexpr, HAS_
 
 
 @triton.jit
+def _chunk_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, s3_off, m3_off, c, GPC: tl.constexpr, HAS_MIN: tl.constexpr,
+                  KQ: tl.constexpr, GATED: tl.constexpr):
+    """`_group_params` of chunk c for the weight and (gated) for w3, whose scales start s3_off / m3_off further on
+    (without the gate, w3's are the weight's again)."""
+    s0, s2, m0, m2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c, GPC, HAS_MIN, KQ)
+    t0, t2, n0, n2 = s0, s2, m0, m2
+    if GATED:
+        t0, t2, n0, n2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + m3_off, m_ptrs2 + m3_off, c,
+                                       GPC, HAS_MIN, KQ)
+    return s0, s2, m0, m2, t0, t2, n0, n2
+
+
+@triton.jit
 def _col(t, j: tl.constexpr, GPC: tl.constexpr):
     """Column j of t [L, GPC] (each lane holds its whole row: no shuffles)."""
     return tl.sum(tl.where(tl.arange(0, GPC)[None, :] == j, t, 0.0), axis=1)
@@ -336,11 +349,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     GPC: tl.constexpr = SPC // GS if GS <= SPC else 1  # scale groups per chunk
     PRE_S: tl.constexpr = (PRE or KQ > 0) and GS <= SPC
     if PRE_S:
-        sc0, sc2, mn0, mn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, c_start, GPC, HAS_MIN, KQ)
-        sd0, sd2, md0, md2 = sc0, sc2, mn0, mn2
-        if GATED:
-            sd0, sd2, md0, md2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + m3_off,
-                                               m_ptrs2 + m3_off, c_start, GPC, HAS_MIN, KQ)
+        sc0, sc2, mn0, mn2, sd0, sd2, md0, md2 = _chunk_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, s3_off, m3_off,
+                                                               c_start, GPC, HAS_MIN, KQ, GATED)
     for c in range(c_start, c_end):
         cn = tl.minimum(c + 1, c_end - 1)
         nwords = tl.load(w_ptrs + cn * 128)
@@ -348,11 +358,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
         if GATED:
             nwords3 = tl.load(w3_ptrs + cn * 128)
         if PRE_S:
-            nsc0, nsc2, nmn0, nmn2 = _group_params(s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, cn, GPC, HAS_MIN, KQ)
-            nsd0, nsd2, nmd0, nmd2 = nsc0, nsc2, nmn0, nmn2
-            if GATED:
-                nsd0, nsd2, nmd0, nmd2 = _group_params(s_ptrs0 + s3_off, s_ptrs2 + s3_off, m_ptrs0 + m3_off,
-                                                       m_ptrs2 + m3_off, cn, GPC, HAS_MIN, KQ)
+            nsc0, nsc2, nmn0, nmn2, nsd0, nsd2, nmd0, nmd2 = _chunk_params(
+                s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, s3_off, m3_off, cn, GPC, HAS_MIN, KQ, GATED)
         (n0, m0, n1, m1, n2, m2, n3, m3, n4, m4, n5, m5, n6, m6, n7,
          m7) = _x_chunk(x_lane, cn, q, x_live, bound, CH, SUB, SPC, EVEN_K)
         w02, w13 = tl.split(tl.reshape(words, (L, 2, 2)))  # split takes the last dim: words (0, 2), (1, 3)
