@@ -26,6 +26,14 @@ DTYPES = [torch.float32, torch.bfloat16]
 GREEDY = SamplingParams(temperature=0)
 
 
+@pytest.fixture(params=["per query head", "per KV head"])
+def attention_kernel(request, monkeypatch):
+    """Both decode attention kernels: a program per query head, or per KV head for all its query heads (taken by
+    bf16 / fp16 with 2+ query heads a KV head; other cases run the first either way)."""
+    monkeypatch.setattr(fused, "ATTN_GQA_MIN_SPAN", 1 << 30 if request.param == "per query head" else 0)
+    return request.param
+
+
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     """bf16: within one ulp (one rounding of a summation-order difference); fp32: within 1e-6 of the largest
     magnitude (summation order and fused multiply-adds show in fp32's last bits, also after cancellation)."""
@@ -138,7 +146,7 @@ def eager_attention(q, k_cache, v_cache, pos, span, explicit, mask=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_kv,pos,span", [(2, 0, 8), (1, 40, 64), (4, 100, 256), (2, 255, 300)])
-def test_decode_attention_matches_masked_sdpa(dtype, n_kv, pos, span):
+def test_decode_attention_matches_masked_sdpa(dtype, n_kv, pos, span, attention_kernel):
     b, n_head, d, max_seq = 2, 4, 32, 320
     g = gen(3)
     q = torch.randn(b, n_head, 1, d, generator=g).to(dtype).to(DEVICE)
@@ -179,10 +187,35 @@ def test_decode_attention_split_path_with_many_splits(merge, monkeypatch):
     assert not bool(counters(got.device, 2)[:2].any())
 
 
+@pytest.mark.parametrize("max_splits,splits", [(16, 16), (4, 4), (1, 1)])
+def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits):
+    """The per-KV-head kernel (bf16, 4 query heads a KV head) over 16 key splits of one 64-key step, 4 of four
+    steps, or one program per KV head walking all 16 steps: at pos 0 every split but the first is empty and
+    contributes nothing; late in the span the result is the masked softmax of each head, and the arrival counters
+    are left at zero."""
+    monkeypatch.setattr(fused, "ATTN_GQA_MIN_SPAN", 0)
+    monkeypatch.setattr(fused, "ATTN_GQA_MAX_SPLITS", max_splits)
+    b, n_head, n_kv, d, span = 1, 8, 2, 32, 1024
+    g = gen(21)
+    q = torch.randn(b, n_head, 1, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    kc = torch.randn(b, n_kv, span, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    vc = torch.randn(b, n_kv, span, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    assert fused.attention_splits(span, b * n_kv, torch.device("cpu"), 64, fused.ATTN_GQA_PER_SM,
+                                  max_splits)[0] == splits
+    got = fused.decode_attention(q, kc, vc, 0, span)
+    assert torch.equal(got, vc[:, :, :1].repeat_interleave(4, dim=1).reshape(1, 1, n_head * d))
+    got = fused.decode_attention(q, kc, vc, 900, span)
+    k = kc[0, :, :901].float().repeat_interleave(4, dim=0)  # [heads, keys, d]
+    s = (q[0, :, 0].float()[:, None, :] * k).sum(-1) / math.sqrt(d)
+    want = (torch.softmax(s, -1)[:, :, None] * vc[0, :, :901].float().repeat_interleave(4, dim=0)).sum(1)
+    assert ulps(got, want.reshape(1, 1, -1).to(torch.bfloat16)) <= 1
+    assert not bool(counters(got.device, b * n_kv)[: b * n_kv].any())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm,n_kv,pos,span", [(True, 2, 0, 8), (False, 1, 5, 16), (True, 2, 77, 256),
                                                    (True, 4, 250, 256)])  # one split / 4 splits (pos early, late)
-def test_rope_attention_equals_the_two_kernel_path(dtype, qk_norm, n_kv, pos, span):
+def test_rope_attention_equals_the_two_kernel_path(dtype, qk_norm, n_kv, pos, span, attention_kernel):
     """qk-norm + RoPE + cache write inside the attention launch: the same caches and the same output as
     `qk_norm_rope_cache` then `decode_attention` (fp32: summation order; bf16: one rounding). Row 1 is left-padded
     (offset min(pos + 1, 3): at pos 0 a padded query, which reads key pos alone)."""

@@ -69,9 +69,20 @@ def _cases() -> dict:
         cases[f"int-gemm-{bits}bit-g{group}"] = ("int_gemm_kernel", runtime, dict(
             BITS=bits, OFF=off, GROUP=group, EVEN_K=False, GATED=True, PARTIAL=False, IEEE=False, BLOCK_M=32,
             BLOCK_N=64, PDL=False, HAS_RES=False), 4)
+    # decode attention (fused qk-norm / RoPE / cache write, splits merged in the launch): per query head, per KV head
+    attn_runtime = dict(q_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", pos_ptr="*i64", off_ptr="*i64", o_ptr="*bf16",
+                        part_ptr="*fp32", ml_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16", f_ptr="*fp32",
+                        scale="fp32", eps="fp32", cnt_ptr="*i32", **{name: _I32 for name in _ATTN_ARGS})
+    attn_const = dict(HAS_OFFSETS=False, FUSED=True, HAS_NORM=True, D=128, SINGLE=False, FIX=False, PDL=False,
+                      SPLITS=8)
+    cases["attention-per-head"] = ("_decode_attn_kernel", dict(attn_runtime, N_REP=_I32), dict(attn_const,
+                                                                                                 BLOCK_N=64), 2)
+    cases["attention-per-kv-head"] = ("_decode_attn_gqa_kernel", attn_runtime, dict(
+        attn_const, BLOCK_N=64, N_REP=4, QP=16, NR=4), 4)
     return cases
 
 
+_ATTN_ARGS = ("H", "HKV", "n_keys", "keys_per_split", "n_splits", "stride_cb", "stride_ch", "stride_qkv", "stride_f")
 _INT_GEMV_ARGS = ("N", "K", "n_blocks", "blocks_per_split", "n_split", "magic", "stride_xm", "stride_wg", "w3_off",
                   "stride_sn", "stride_om", "stride_ps", "stride_pm", "stride_rm")
 _INT_GEMM_ARGS = ("M", "N", "K", "n_blocks", "blocks_per_split", "stride_xm", "stride_wg", "w3_off", "n_pad",
@@ -85,11 +96,11 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from s2conv.runtime.kernels import triton_float, triton_int, triton_mma
+    from s2conv.runtime.kernels import fused, triton_float, triton_int, triton_mma
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma) if hasattr(m, name))
+        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma, fused) if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}
         const.update(constexprs)

@@ -25,6 +25,16 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATTN_BLOCK_N = 64  # keys per attention loop step (fewer, down to 16, where the span is shorter: the fast AR's)
 ATTN_WARPS = None  # warps per attention program; None: one per 32 keys of a step
 ATTN_REDUCE_WARPS = 1  # warps per program of the split reduction (H100: 0.2-0.3 us a launch faster than 4)
+# one program per KV head (`_decode_attn_gqa_kernel`: bf16 / fp16 caches, 2+ query heads per KV head) from this span
+# on: it reads each key once instead of once per query head, but its dots cost more than they save on short spans
+# (H100, S2's slow AR: 7.3 against 6.5 us a launch at 512 keys, 9.4 against 12.9 at 2048; the fast AR's 10 keys:
+# 3.5 against 2.2; bench/RESULTS.md). S2CONV_ATTN_GQA_SPAN overrides it (0: always). Then its keys per step,
+# warps, programs per SM and splits per KV head at most (the merge loads [heads, splits, D] at once)
+ATTN_GQA_MIN_SPAN = int(os.environ.get("S2CONV_ATTN_GQA_SPAN", "1024"))
+ATTN_GQA_BLOCK_N = 64
+ATTN_GQA_WARPS = 4
+ATTN_GQA_PER_SM = 2
+ATTN_GQA_MAX_SPLITS = 16
 
 
 def _fix(dtype: torch.dtype) -> bool:
@@ -362,6 +372,153 @@ def _merge_splits(part_ptr, ml_ptr, o_ptr, bh, H, n_splits, D: tl.constexpr, SPL
     tl.store(o_ptr + b * H * D + h * D + offs_d, _round(out, o_ptr.dtype.element_ty, FIX))
 
 
+# ---- decode attention, one program per KV head: its query heads' scores and sums as tensor-core dots ----------------
+@triton.jit
+def _rope_heads(row_ptr, heads, live, w_ptr, f_row, eps, D: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr,
+                FIX: tl.constexpr):
+    """`_rope_head` of several heads of one qkv row at once (the same arithmetic): fp32 [heads, D], 0 where not
+    live."""
+    j = tl.arange(0, D // 2)
+    src = row_ptr + heads[:, None] * D + 2 * j[None, :]
+    x0 = tl.load(src, mask=live[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(src + 1, mask=live[:, None], other=0.0).to(tl.float32)
+    if NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(x0 * x0 + x1 * x1, axis=1) / D + eps)
+        x0 = _round((x0 * inv[:, None]) * tl.load(w_ptr + 2 * j).to(tl.float32)[None, :], dtype, FIX).to(tl.float32)
+        x1 = _round((x1 * inv[:, None]) * tl.load(w_ptr + 2 * j + 1).to(tl.float32)[None, :], dtype,
+                    FIX).to(tl.float32)
+    cos = tl.load(f_row + 2 * j).to(tl.float32)[None, :]
+    sin = tl.load(f_row + 2 * j + 1).to(tl.float32)[None, :]
+    re = _round(x0 * cos - x1 * sin, dtype, FIX).to(tl.float32)
+    im = _round(x1 * cos + x0 * sin, dtype, FIX).to(tl.float32)
+    return tl.interleave(re, im)
+
+
+@triton.jit
+def _attend_heads(q, k, v, valid, m_i, l_i, acc, scale, DOT32: tl.constexpr):
+    """`_attend` for the query heads q [QP, D] (in the caches' dtype, exact) of one KV head: scores by one dot,
+    the weighted values by two (the fp32 weights split into a high and a low part in the caches' dtype, so the
+    sum keeps ~16 bits more of each weight than one rounding would). DOT32: fp32 dots instead (triton's
+    interpreter multiplies 16-bit float tiles wrongly; on a GPU fp32 dots would round to tf32)."""
+    if DOT32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale  # [QP, BLOCK_N] fp32
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    if DOT32:
+        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None])
+    else:
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        acc = tl.dot(p_lo, v, tl.dot(p_hi, v, acc * alpha[:, None]))
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def _decode_attn_gqa_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr, ml_ptr, qw_ptr, kw_ptr, f_ptr,
+                            H, HKV, n_keys, keys_per_split, n_splits, stride_cb, stride_ch, stride_qkv, stride_f,
+                            scale, eps, HAS_OFFSETS: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr,
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, N_REP: tl.constexpr, QP: tl.constexpr,
+                            SINGLE: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr, cnt_ptr=None,
+                            SPLITS: tl.constexpr = 0, NR: tl.constexpr = 1, DOT32: tl.constexpr = False):
+    """`_decode_attn_kernel` with one program per (b * HKV + KV head g, split) for the N_REP query heads
+    g * N_REP .. that read KV head g: each key block is loaded once for all of them, and the heads' scores and
+    weighted values are tensor-core dots of QP (>= 16) rows. bf16 / fp16 caches. The arrival counter is per KV
+    head (cnt[b * HKV + g]); the last program merges its N_REP heads' splits (`_merge_heads`, NR = N_REP rounded
+    up to a power of two)."""
+    pdl_start(PDL)
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bg // HKV
+    g = bg % HKV
+    pos = tl.load(pos_ptr).to(tl.int32)
+    offs_d = tl.arange(0, D)
+    r = tl.arange(0, QP)
+    live = r < N_REP
+    heads = g * N_REP + r
+    base = b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
+    start = split * keys_per_split
+    end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
+    if HAS_OFFSETS:
+        start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
+    cached_end = tl.minimum(end, pos) if FUSED else end
+    offs_n = start + tl.arange(0, BLOCK_N)
+    valid = offs_n < cached_end
+    ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+    k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0)
+    v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0)
+    dtype = o_ptr.dtype.element_ty
+    if FUSED:
+        row = q_ptr + b.to(tl.int64) * stride_qkv
+        f_row = f_ptr + b * stride_f
+        q = _rope_heads(row, heads, live, qw_ptr, f_row, eps, D, HAS_NORM, dtype, FIX)
+        k_new = _rope_head(row + (H + g) * D, kw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
+        v_new = tl.load(row + (H + HKV + g) * D + offs_d).to(tl.float32)
+        writer = offs_d < tl.where(split == 0, D, 0)  # split 0 of each KV head writes its new key and value
+        slot = base + pos.to(tl.int64) * D + offs_d
+        tl.store(kc_ptr + slot, k_new.to(dtype), mask=writer)
+        tl.store(vc_ptr + slot, v_new.to(dtype), mask=writer)
+        owner = (start <= pos) & (pos < end)
+    else:
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=live[:, None],
+                    other=0.0).to(tl.float32)
+    qd = q.to(dtype)  # exact: the query was rounded to the activation dtype
+    m_i = tl.full([QP], -1.0e30, tl.float32)
+    l_i = tl.zeros([QP], tl.float32)
+    acc = tl.zeros([QP, D], tl.float32)
+    m_i, l_i, acc = _attend_heads(qd, k, v, valid, m_i, l_i, acc, scale, DOT32)
+    for n0 in range(start + BLOCK_N, cached_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < cached_end
+        ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+        k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _attend_heads(qd, k, v, valid, m_i, l_i, acc, scale, DOT32)
+    if FUSED:  # key pos, last in order, where this split owns it
+        s_new = tl.where(owner, tl.sum(q * k_new[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s_new - m_new)
+        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
+        l_i = l_i * alpha + p
+        m_i = m_new
+    bh = b * H + heads
+    if SINGLE:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + bh[:, None] * D + offs_d[None, :], _round(out, dtype, FIX), mask=live[:, None])
+    else:
+        tl.store(part_ptr + (bh[:, None] * n_splits + split) * D + offs_d[None, :], acc, mask=live[:, None])
+        tl.store(ml_ptr + (bh * n_splits + split) * 2, m_i, mask=live)
+        tl.store(ml_ptr + (bh * n_splits + split) * 2 + 1, l_i, mask=live)
+        if SPLITS > 0:
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + bg, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                _merge_heads(part_ptr, ml_ptr, o_ptr, b * H + g * N_REP, n_splits, D, SPLITS, NR, N_REP, FIX)
+                tl.store(cnt_ptr + bg, 0)
+
+
+@triton.jit
+def _merge_heads(part_ptr, ml_ptr, o_ptr, bh0, n_splits, D: tl.constexpr, SPLITS: tl.constexpr, NR: tl.constexpr,
+                 N_REP: tl.constexpr, FIX: tl.constexpr):
+    """`_merge_splits` for the N_REP heads bh0 .. bh0 + N_REP - 1 at once ([NR, SPLITS, D] loads)."""
+    r = tl.arange(0, NR)
+    offs_s = tl.arange(0, SPLITS)
+    mask = (r[:, None] < N_REP) & (offs_s[None, :] < n_splits)
+    row = (bh0 + r)[:, None] * n_splits + offs_s[None, :]  # [NR, SPLITS]
+    m = tl.load(ml_ptr + row * 2, mask=mask, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(ml_ptr + row * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+    w = tl.exp(m - tl.max(m, axis=1)[:, None])
+    offs_d = tl.arange(0, D)
+    acc = tl.load(part_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+                  cache_modifier=".cg")
+    out = tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l * w, axis=1)[:, None]
+    tl.store(o_ptr + (bh0 + r)[:, None] * D + offs_d[None, :], _round(out, o_ptr.dtype.element_ty, FIX),
+             mask=(r < N_REP)[:, None])
+
+
 @triton.jit
 def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
                                D: tl.constexpr, SPLITS: tl.constexpr, FIX: tl.constexpr, PDL: tl.constexpr):
@@ -370,11 +527,13 @@ def _decode_attn_reduce_kernel(part_ptr, ml_ptr, o_ptr, H, n_splits,
     _merge_splits(part_ptr, ml_ptr, o_ptr, tl.program_id(0), H, n_splits, D, SPLITS, FIX)
 
 
-def attention_splits(span: int, rows: int, device: torch.device, block_n: int = ATTN_BLOCK_N) -> tuple[int, int]:
-    """(number of key splits, keys per split) so that about 4 programs per SM read the span's keys; a split is a
-    whole number of block_n key blocks. rows = B * H query rows."""
+def attention_splits(span: int, rows: int, device: torch.device, block_n: int = ATTN_BLOCK_N,
+                     per_sm: int = 4, max_splits: int | None = None) -> tuple[int, int]:
+    """(number of key splits, keys per split) so that about `per_sm` programs per SM read the span's keys (at
+    most max_splits of them per row); a split is a whole number of block_n key blocks. rows = programs per split
+    (B * H query rows, or B * HKV for the grouped kernel)."""
     blocks = -(-span // block_n)
-    want = max(1, min(blocks, -(-4 * _sm_count(device) // max(rows, 1))))
+    want = max(1, min(blocks, -(-per_sm * _sm_count(device) // max(rows, 1)), max_splits or blocks))
     per = -(-blocks // want) * block_n
     return -(-span // per), per
 
@@ -431,6 +590,8 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     span = min(span or k_cache.shape[2], k_cache.shape[2])
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     pos_t = _pos_tensor(pos, q.device)
+    if span >= ATTN_GQA_MIN_SPAN and h > n_kv and q.dtype in (torch.bfloat16, torch.float16) and d >= 16:
+        return _attention_gqa(q, fused_args, k_cache, v_cache, pos_t, span, b, h, n_kv, d, offsets, out)
     # small steps and few warps: the fast AR's 10 keys in one 16-key step on one warp took 2.24 us a launch against
     # 3.19 for 64 keys on 4 warps, the slow AR's 64-key steps 7.39 us on 2 warps against 7.68 on 4 (H100,
     # scripts/probe_attention.py, bench/RESULTS.md): an attention program is a chain of latencies, and a smaller
@@ -463,6 +624,34 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
         launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
                SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=ATTN_REDUCE_WARPS, outputs=(out,),
                **pdl_args(q.device))
+    return out
+
+
+def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, pos_t, span: int, b: int, h: int,
+                   n_kv: int, d: int, offsets, out: torch.Tensor) -> torch.Tensor:
+    """`_attention` through `_decode_attn_gqa_kernel` (one program per KV head and key split)."""
+    n_rep = h // n_kv
+    block_n = min(ATTN_GQA_BLOCK_N, max(16, triton.next_power_of_2(span)))
+    n_splits, per = attention_splits(span, b * n_kv, q.device, block_n, ATTN_GQA_PER_SM, ATTN_GQA_MAX_SPLITS)
+    single = n_splits == 1
+    if single:
+        part = ml = out  # unused
+    else:
+        part = torch.empty(b * h, n_splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
+    qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
+    has_norm = qw is not None
+    nr = triton.next_power_of_2(n_rep)
+    launch(
+        _decode_attn_gqa_kernel, (b * n_kv, n_splits),
+        q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
+        qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, span, per, n_splits,
+        k_cache.stride(0), k_cache.stride(1), q.stride(0), stride_f, 1.0 / math.sqrt(d), float(eps),
+        HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
+        BLOCK_N=block_n, N_REP=n_rep, QP=max(16, nr), SINGLE=single, FIX=_fix(q.dtype), num_warps=ATTN_GQA_WARPS,
+        outputs=(out,), cnt_ptr=counters(q.device, b * n_kv) if not single else pos_t,
+        SPLITS=triton.next_power_of_2(n_splits) if not single else 0, NR=nr, DOT32=_INTERPRETED,
+        **pdl_args(q.device))
     return out
 
 
