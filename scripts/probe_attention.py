@@ -1,7 +1,7 @@
 """Time the decode attention launch (`fused.rope_attention`: qk-norm, RoPE, cache write and attention of one
 position) at S2 Pro's shapes on one GPU: the fast AR's (10 cached positions) and the slow AR's (a 512-key span at
 several positions), graph-replayed like a decode frame. Caches rotate so that L2 holds none of the slow keys. Each shape is timed
-with the kernel of one program per query head and with the one of one program per KV head (`fused.ATTN_GQA_MIN_SPAN`).
+with the kernel of one program per query head and with the one of one program per KV head (`fused.ATTN_GQA_SPAN`).
 
 Usage: python scripts/probe_attention.py [--calls 64]
 Run it from two checkouts (PYTHONPATH) to compare kernels: it prints microseconds per launch.
@@ -60,17 +60,17 @@ def main() -> None:
         fused.ATTN_REDUCE_WARPS = args.reduce_warps
     cfg = S2Config()
     print(torch.cuda.get_device_name())
-    kernels = {"per query head": 1 << 30, "per KV head": 0}  # fused.ATTN_GQA_MIN_SPAN
+    kernels = {"per query head": 1 << 30, "per KV head": 0}  # fused.ATTN_GQA_SPAN
     for depth in (1, 5, 9):
         for name, gqa in kernels.items():
-            fused.ATTN_GQA_MIN_SPAN = gqa
+            fused.ATTN_GQA_SPAN = gqa
             us = time_attention(cfg.fast_n_head, cfg.fast_n_local_heads, cfg.fast_head_dim,
                                 cfg.fast_attention_qk_norm, cfg.num_codebooks, cfg.num_codebooks, depth, args.calls)
             print(f"fast AR, depth {depth}, {name}: {us:6.2f} us per launch")
     for span in args.spans:
         for pos in (span // 2, span - 1):
             for name, gqa in kernels.items():
-                fused.ATTN_GQA_MIN_SPAN = gqa
+                fused.ATTN_GQA_SPAN = gqa
                 us = time_attention(cfg.n_head, cfg.n_local_heads, cfg.head_dim, cfg.attention_qk_norm, span, span,
                                     pos, args.calls)
                 print(f"slow AR, position {pos} of a {span}-key span, {name}: {us:6.2f} us per launch")

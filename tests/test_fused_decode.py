@@ -30,7 +30,7 @@ GREEDY = SamplingParams(temperature=0)
 def attention_kernel(request, monkeypatch):
     """Both decode attention kernels: a program per query head, or per KV head for all its query heads (taken by
     bf16 / fp16 with 2+ query heads a KV head; other cases run the first either way)."""
-    monkeypatch.setattr(fused, "ATTN_GQA_MIN_SPAN", 1 << 30 if request.param == "per query head" else 0)
+    monkeypatch.setattr(fused, "ATTN_GQA_SPAN", 1 << 30 if request.param == "per query head" else 0)
     return request.param
 
 
@@ -193,7 +193,7 @@ def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits):
     steps, or one program per KV head walking all 16 steps: at pos 0 every split but the first is empty and
     contributes nothing; late in the span the result is the masked softmax of each head, and the arrival counters
     are left at zero."""
-    monkeypatch.setattr(fused, "ATTN_GQA_MIN_SPAN", 0)
+    monkeypatch.setattr(fused, "ATTN_GQA_SPAN", 0)
     monkeypatch.setattr(fused, "ATTN_GQA_MAX_SPLITS", max_splits)
     b, n_head, n_kv, d, span = 1, 8, 2, 32, 1024
     g = gen(21)

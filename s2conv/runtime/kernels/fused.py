@@ -25,12 +25,13 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATTN_BLOCK_N = 64  # keys per attention loop step (fewer, down to 16, where the span is shorter: the fast AR's)
 ATTN_WARPS = None  # warps per attention program; None: one per 32 keys of a step
 ATTN_REDUCE_WARPS = 1  # warps per program of the split reduction (H100: 0.2-0.3 us a launch faster than 4)
-# one program per KV head (`_decode_attn_gqa_kernel`: bf16 / fp16 caches, 2+ query heads per KV head) from this span
-# on: it reads each key once instead of once per query head, but its dots cost more than they save on short spans
-# (H100, S2's slow AR: 7.3 against 6.5 us a launch at 512 keys, 9.4 against 12.9 at 2048; the fast AR's 10 keys:
-# 3.5 against 2.2; bench/RESULTS.md). S2CONV_ATTN_GQA_SPAN overrides it (0: always). Then its keys per step,
-# warps, programs per SM and splits per KV head at most (the merge loads [heads, splits, D] at once)
-ATTN_GQA_MIN_SPAN = int(os.environ.get("S2CONV_ATTN_GQA_SPAN", "1024"))
+# one program per KV head (`_decode_attn_gqa_kernel`: bf16 / fp16 caches, 2+ query heads per KV head) for spans of
+# more than this many keys: it reads each key once instead of once per query head, but its dots cost more than
+# they save on short spans (H100, S2's slow AR, us a launch, per query head / per KV head: 512 keys 6.5 / 7.4,
+# 1024 keys 7.6 / 7.9, 1536 keys 12.6 / 9.1, 4096 keys 23.8 / 12.0; the fast AR's 10 keys 2.2 / 3.5;
+# bench/RESULTS.md). S2CONV_ATTN_GQA_SPAN overrides it (0: always). Then its keys per step, warps, programs per SM
+# and splits per KV head at most (the merge loads [heads, splits, D] at once)
+ATTN_GQA_SPAN = int(os.environ.get("S2CONV_ATTN_GQA_SPAN", "1024"))
 ATTN_GQA_BLOCK_N = 64
 ATTN_GQA_WARPS = 4
 ATTN_GQA_PER_SM = 2
@@ -590,7 +591,7 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     span = min(span or k_cache.shape[2], k_cache.shape[2])
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     pos_t = _pos_tensor(pos, q.device)
-    if span >= ATTN_GQA_MIN_SPAN and h > n_kv and q.dtype in (torch.bfloat16, torch.float16) and d >= 16:
+    if span > ATTN_GQA_SPAN and h > n_kv and q.dtype in (torch.bfloat16, torch.float16) and d >= 16:
         return _attention_gqa(q, fused_args, k_cache, v_cache, pos_t, span, b, h, n_kv, d, offsets, out)
     # small steps and few warps: the fast AR's 10 keys in one 16-key step on one warp took 2.24 us a launch against
     # 3.19 for 64 keys on 4 warps, the slow AR's 64-key steps 7.39 us on 2 warps against 7.68 on 4 (H100,
