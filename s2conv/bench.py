@@ -266,6 +266,27 @@ def time_decode(model: DualARTransformer, prompt_len: int, frames: int, repeats:
 
 
 @torch.inference_mode()
+def time_first_frame(model: DualARTransformer, prompt_len: int, repeats: int = 5) -> float:
+    """Median seconds from a prompt of prompt_len tokens to its first frame (the prefill through the slow AR and
+    the first frame's sampling and fast AR; kernels already compiled), over `repeats` runs after a warm-up."""
+    cfg = model.cfg
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    prompt = torch.zeros(1, cfg.num_codebooks + 1, prompt_len, dtype=torch.long, device="cuda")
+    prompt[:, 0] = torch.randint(0, cfg.semantic_begin_id, (prompt_len,), device="cuda", generator=g)
+    model.setup_caches(1, prompt_len + 8)
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hidden, logits = model.prefill(prompt)
+        model.sample_frame(hidden, logits, params, None)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+@torch.inference_mode()
 def time_codec(n_frames: int = 256) -> dict:
     """The full-size codec decoder (random weights, bf16) on n_frames frames at batch 1."""
     from s2conv.codec_schema import folded_codec_tensor_shapes
@@ -338,20 +359,22 @@ def append_markdown(path: str, result: dict) -> None:
     bw = result["hbm"]
     lines = ["", f"## {result['date']}, {result['gpu']} (`s2conv bench`, torch {result['torch']})", "",
              f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
-             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) | ready after (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) | ready after (s) "
+             "| first frame (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for fs in result.get("fish_speech", []):
         mode = "compiled (reduce-overhead)" if fs["compiled"] else "eager"
         lines.append(f"| fish-speech 0.1.0 step, {mode} (baseline, first call {fs['first_call_s']:.0f} s) | - | "
-                     f"{fs['ms_per_frame']:.2f} | {fs['frames_per_s']:.1f} | {fs['rtf']:.3f} | - | - |")
+                     f"{fs['ms_per_frame']:.2f} | {fs['frames_per_s']:.1f} | {fs['rtf']:.3f} | - | - | - | - |")
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['format']} | {r['target']} | error: {r['error']} | | | | | | |")
         else:
             batch = f"{r['batch_frames_per_s']:.0f} at batch {r['batch']}" if "batch" in r else "-"
             ready = f"{r['ready_s']:.1f}" if "ready_s" in r else "-"
+            first = f"{r['first_frame_ms']:.1f}" if "first_frame_ms" in r else "-"
             lines.append(f"| {r['format']} | {r['target']} | {r['ms_per_frame']:.2f} | {r['frames_per_s']:.1f} | "
-                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% | {batch} | {ready} |")
+                         f"{r['rtf']:.3f} | {100 * r['read_share']:.0f}% | {batch} | {ready} | {first} |")
     if result.get("codec"):
         lines += ["", f"Codec decode: {result['codec']['x_realtime']:.0f}x real time."]
     with open(path, "a") as f:
@@ -418,10 +441,12 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{check['rel_err']:.2e}, max {check['max_rel']:.2e}")
                 t_check = time.perf_counter() - t_check
                 spf, setup_s = time_decode(model, args.prompt, args.frames)
+                first_s = time_first_frame(model, args.prompt)
                 gbs = bytes_per_frame(model, span) / spf / 1e9
                 row = dict(format=fmt, target=target, ms_per_frame=spf * 1e3, frames_per_s=1 / spf,
                            rtf=FRAME_HZ * spf, gb_per_s=gbs, read_share=gbs / bw["read"], fused_kernels=kernels,
                            check=check, ready_s=t_check + setup_s, compile_s=t_compile, launches_compiled=launches,
+                           first_frame_ms=first_s * 1e3,
                            formats=format_counts(model, target))
                 if args.batch:
                     row.update(batch=args.batch, batch_frames_per_s=time_decode_batch(
@@ -441,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"bandwidth ({row['fused_kernels']} fused linears; vs reference: "
                       f"{row['check']['rel_err']:.1e} relative error over {row['check']['shapes']} shapes); "
                       f"ready after {row['ready_s']:.1f} s of one-time work (kernel compilation, prefill, graph "
-                      f"capture; {row['compile_s']:.1f} s of it compiling ahead)")
+                      f"capture; {row['compile_s']:.1f} s of it compiling ahead); first frame of a "
+                      f"{args.prompt}-token prompt after {row['first_frame_ms']:.1f} ms")
                 if len(row["formats"]) > 1:
                     print(f"{'':11s} linears: " + ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())))
                 if "batch" in row:

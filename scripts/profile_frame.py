@@ -1,6 +1,7 @@
 """Profile decode frames at full S2 Pro shapes: CUDA kernels per frame and GPU time by kernel, graph-replayed.
 
 Usage: python scripts/profile_frame.py [FORMAT ...] [--batch B]   (FORMAT: bf16, q4, ...; all linears quantized)
+       python scripts/profile_frame.py [FORMAT ...] --prefill T     (one prefill of T tokens instead)
 """
 from __future__ import annotations
 
@@ -58,16 +59,35 @@ def profile_format(model, fmt: str, batch: int, frames: int = 7) -> None:
         model.max_batch = 0
 
 
+@torch.inference_mode()
+def profile_prefill(model, fmt: str, tokens: int) -> None:
+    """GPU time by kernel of one prefill of `tokens` prompt tokens (eager, after a warm-up prefill)."""
+    cfg = model.cfg
+    prompt = torch.randint(0, cfg.semantic_begin_id, (1, cfg.num_codebooks + 1, tokens), device="cuda")
+    prompt[:, 1:] = 0
+    model.setup_caches(1, tokens + 8)
+    model.prefill(prompt)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.prefill(prompt)
+        torch.cuda.synchronize()
+    _report(f"{fmt} prefill of {tokens} tokens", prof, 1, top=15)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("formats", nargs="*", default=["bf16"])
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     args = ap.parse_args()
     for fmt in args.formats:
         model = build_model(S2Config())
         if fmt != "bf16":
             quantize_model(model, fmt, "all")
-        profile_format(model, fmt, args.batch)
+        if args.prefill:
+            profile_prefill(model, fmt, args.prefill)
+        else:
+            profile_format(model, fmt, args.batch)
         del model
         torch.cuda.empty_cache()
 

@@ -79,6 +79,17 @@ def _cases() -> dict:
                                                                                                  BLOCK_N=64), 2)
     cases["attention-per-kv-head"] = ("_decode_attn_gqa_kernel", attn_runtime, dict(
         attn_const, BLOCK_N=64, N_REP=4, QP=16, NR=4), 4)
+    # the prefill's one-pass dequantize: each layout (row-major fp8 / int8 with mins, interleaved 3-bit, fragment
+    # with two-level scales)
+    for tag, q, layout, bits, off, group, has_min, kq in [("fp8", "*fp8e4nv", 0, 8, 0, 0, False, 0),
+                                                          ("int8-mins", "*i8", 0, 8, 0, 32, True, 0),
+                                                          ("interleaved-3bit", "*i32", 1, 3, 4, 128, False, 0),
+                                                          ("fragment-kq", "*i32", 2, 2, 0, 16, True, 16)]:
+        runtime = dict(q_ptr=q, s_ptr="*i16" if kq else "*fp32", m_ptr="*fp32", out_ptr="*bf16", N=_I32, K=_I32,
+                       stride_q=_I32, stride_s=_I32, n_sup=_I32)
+        cases[f"dequant-{tag}"] = ("_dequant_kernel", runtime, dict(
+            LAYOUT=layout, BITS=bits, OFF=off, GROUP=group, HAS_MIN=has_min, KQ=kq, BLOCK_N=16, BLOCK_K=256,
+            FIX=False), 4)
     return cases
 
 
@@ -96,11 +107,11 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from s2conv.runtime.kernels import fused, triton_float, triton_int, triton_mma
+    from s2conv.runtime.kernels import dequant, fused, triton_float, triton_int, triton_mma
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma, fused) if hasattr(m, name))
+        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma, fused, dequant) if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}
         const.update(constexprs)

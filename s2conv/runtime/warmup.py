@@ -15,11 +15,12 @@ from s2conv.runtime.frame_loop import SPAN_STEP, FrameLoop
 from s2conv.runtime.kernels.launch import compile_launches, recording
 from s2conv.runtime.sampling import SamplingParams
 
-# prompt lengths whose prefill kernels are compiled. The small-M GEMM's tile height (16, 32 or 64 rows) and whether
-# it splits K (`ops.default_config`: about 3 waves of tiles) follow the prompt length; at S2's shapes these cover
-# every variant from 17 tokens up (32: 32-row tiles; 64: 64-row tiles, every linear split; 256: wqkv whole, wo and
-# w2 split, as up to 384 tokens; 512: nothing split, as from 448 tokens: typical voice-cloning prompts)
-PROMPT_LENGTHS = (32, 64, 256, 512)
+# prompt lengths whose prefill kernels are compiled, and the frames after them. The small-M GEMM's tile height (16,
+# 32 or 64 rows) and whether it splits K (`ops.default_config`) follow the prompt length up to
+# `dequant.PREFILL_M` (32: 32-row tiles; 64: 64-row tiles, every linear split); from there on the weights are
+# dequantized once for cuBLAS (256). The frame after each prefill compiles the attention of its span: 512 and 768
+# keys for the kernel per query head, 1536 (after 1280 tokens: voice-cloning prompts) for the one per KV head
+PROMPT_LENGTHS = (32, 64, 256, 512, 1280)
 
 
 @torch.inference_mode()

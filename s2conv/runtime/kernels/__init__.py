@@ -11,7 +11,8 @@
     h = KERNELS["q4"](x, packed, residual=h, ss_out=ss, gx_out=(g, hg))  # ... and h * g into hg, so that
     y = KERNELS["q4"](hg, packed, rs_in=(ss, eps))       # an integer kernel takes it too (rsqrt on its output)
 
-The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
+From `dequant.PREFILL_M` rows of 16-bit x on (prefill), a launcher dequantizes the weight once and multiplies with
+cuBLAS instead. The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
 triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
 """
 from __future__ import annotations
@@ -43,6 +44,22 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _dense(x: torch.Tensor, **chain) -> bool:
+    """Whether a launch takes the prefill path (`_dense_linear`): many 16-bit rows, nothing chained."""
+    return (x.shape[0] >= dequant.PREFILL_M and x.dtype in (torch.bfloat16, torch.float16)
+            and all(v is None for v in chain.values()))
+
+
+def _dense_linear(fmt: str, x: torch.Tensor, packed: dict, gated: bool, residual: torch.Tensor | None):
+    """x [M, K] @ W^T through the weight dequantized once (`dequant.dequantize`) and cuBLAS; gated: silu(x W1^T)
+    * (x W3^T) of the joined halves, as `FeedForward` computes it."""
+    y = torch.nn.functional.linear(x, dequant.dequantize(fmt, packed, x.shape[1], x.dtype))
+    if gated:
+        h1, h3 = y.split(y.shape[1] // 2, dim=1)
+        y = torch.nn.functional.silu(h1) * h3
+    return y if residual is None else residual + y
+
+
 def _int_kernel(fmt: str, gated: bool):
     spec = INT_SPECS[fmt]
 
@@ -54,7 +71,9 @@ def _int_kernel(fmt: str, gated: bool):
         g, eps = norm if norm is not None else (None, 0.0)
         args = (_flat(x), packed["qweight"], packed["scales"], packed.get("mins"), spec.bits, spec.offset,
                 spec.group, gated)
-        if _eager():
+        if _dense(args[0], norm=norm, ss_out=ss_out, zero=zero, gx_out=gx_out, rs_in=rs_in):
+            y = _dense_linear(fmt, args[0], packed, gated, r)
+        elif _eager():
             y = ops.int_linear_impl(*args, residual=r, norm_weight=g, norm_eps=eps, ss_out=ss_out, zero=zero,
                                     gx_out=gx_out, rs_in=rs_in)
         else:
@@ -88,7 +107,9 @@ def _float_kernel(fmt: str, gated: bool, group: int = 0):
         r = None if residual is None else _flat(residual)
         args = (_flat(x), packed["weight"], packed.get("scales"), gated)
         grouped = dict(group=group, mins=packed.get("mins"))
-        if _eager():
+        if _dense(args[0], ss_out=ss_out, zero=zero, norm_ss=norm_ss, gx_out=gx_out):
+            y = _dense_linear(fmt, args[0], packed, gated, r)
+        elif _eager():
             y = ops.float_linear_impl(*args, residual=r, ss_out=ss_out, zero=zero, norm_ss=norm_ss, gx_out=gx_out,
                                       **grouped)
         else:
@@ -106,7 +127,7 @@ def _float_kernel(fmt: str, gated: bool, group: int = 0):
 
 
 try:
-    from s2conv.runtime.kernels import ops  # noqa: F401  (registers the torch custom ops)
+    from s2conv.runtime.kernels import dequant, ops  # noqa: F401  (ops registers the torch custom ops)
 except ImportError as e:  # triton missing: the runtime falls back to dequantize + F.linear
     log.info("s2conv kernels unavailable: %s", e)
 else:
