@@ -293,7 +293,8 @@ def test_greedy_decode_with_fused_kernels_equals_eager(weights, monkeypatch):
     # batch 1: one attention launch with the qk-norm/RoPE per block and step (slow: 2 steps; fast: 10 per frame)
     # (the fast AR's last layer at position 0 only fills its cache: no attention launch there)
     assert len(attention) == 2 * TINY.n_layer + 3 * (TINY.num_codebooks * TINY.n_fast_layer - 1)
-    assert "forward" in model.norm.__dict__ and "forward" not in model.layers[0].attention_norm.__dict__
+    assert "forward" in model.norm.__dict__ and "forward" in model.layers[0].attention_norm.__dict__  # prefill too
+    assert "forward" not in model.layers[0].attention.q_norm.__dict__  # QK-norms round otherwise: eager in prefill
     assert got.shape == want.shape == (10, 3)
     assert torch.equal(got, want)
     fused_decode.disable(model)

@@ -17,9 +17,10 @@ weight (`_gx_mid`, the next block's `_gx_in`), which wqkv and w1|w3 read, scalin
 block is then 5 launches (each stack's first block keeps its attention-norm launch). With S2CONV_FOLD_NORM=1 and the
 integer chain off, integer formats at one row fold both norms into the next GEMV (`_folds_norm`).
 
-Outside the blocks, at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic
-tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Prefill (S > 1) and CPU tensors keep the eager code
-of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
+Every RMSNorm (not the QK-norms) runs the norm kernel at any number of rows, prefill included. Outside the blocks,
+at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic
+tokens, then <|im_end|>) take the Triton GEMV instead of cuBLAS. Otherwise prefill (S > 1) and CPU tensors keep the eager
+code of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
 runs its decode steps of left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once
 `enable` swapped the blocks.
 """
@@ -377,8 +378,9 @@ def enable(model: nn.Module, force: bool = False) -> bool:
     if not force and (params is None or not params.is_cuda):
         return False
     n_blocks = 0
-    # norms inside blocks are called by the fused block forward itself; swapping them too would move prefill
-    # (S > 1, which stays on the eager block code) onto the kernel
+    # the blocks' own RMSNorms take the kernel too: the fused decode step reads their weights directly, and prefill
+    # (S > 1, the eager block code) then runs one norm launch instead of ~7 elementwise kernels (the QK-norms, with
+    # their other rounding, stay eager there)
     in_blocks = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
     for module in model.modules():
         if isinstance(module, TransformerBlock):
@@ -394,7 +396,7 @@ def enable(model: nn.Module, force: bool = False) -> bool:
             module._gx_in = torch.zeros(1, g.shape[0], dtype=g.dtype, device=dev)
             module._gx_mid = torch.zeros(1, g.shape[0], dtype=g.dtype, device=dev)
             n_blocks += 1
-        elif type(module) is RMSNorm and id(module) not in in_blocks:  # the final norms (slow, fast)
+        elif type(module) is RMSNorm:  # the final norms (slow, fast) and the blocks' attention and ffn norms
             module.forward = types.MethodType(_norm_forward, module)
         elif (type(module) is nn.Linear and id(module) not in in_blocks and module.bias is None
               and module.weight.dtype == torch.bfloat16):  # the fast AR's head: cuBLAS took 9.6 us a row
