@@ -35,7 +35,7 @@ def _field_bit(i, bits: tl.constexpr):
 
 
 @triton.jit
-def _interleaved_code(q_ptr, n, k, words_per_row, BITS: tl.constexpr):
+def _interleaved_code(q_ptr, n, k, live, words_per_row, BITS: tl.constexpr):
     """Unsigned code (n, k) of the interleaved layout (`pack_int_codes`): block k // 512, slot (k % 512) // 16,
     word column k % 16; rows interleaved in groups of 16 (word w of row n at ((n // 16) * W + w) * 16 + n % 16)."""
     blk = k // 512
@@ -43,16 +43,16 @@ def _interleaved_code(q_ptr, n, k, words_per_row, BITS: tl.constexpr):
     wi = k % 16
     row = (n // 16).to(tl.int64) * words_per_row * 16 + n % 16
     if BITS == 3:  # two 2-bit low sub-tiles, then the high-bit sub-tile (`unpack_int_codes`)
-        lo = tl.load(q_ptr + row + ((blk * 3 + slot // 16) * 16 + wi) * 16)
-        hi = tl.load(q_ptr + row + ((blk * 3 + 2) * 16 + wi) * 16)
+        lo = tl.load(q_ptr + row + ((blk * 3 + slot // 16) * 16 + wi) * 16, mask=live, other=0)
+        hi = tl.load(q_ptr + row + ((blk * 3 + 2) * 16 + wi) * 16, mask=live, other=0)
         return ((lo >> _field_bit(slot % 16, 2)) & 3) | (((hi >> _field_bit(slot, 1)) & 1) << 2)
     per: tl.constexpr = 32 // BITS  # fields per word
-    word = tl.load(q_ptr + row + ((blk * BITS + slot // per) * 16 + wi) * 16)
+    word = tl.load(q_ptr + row + ((blk * BITS + slot // per) * 16 + wi) * 16, mask=live, other=0)
     return (word >> _field_bit(slot % per, BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
-def _fragment_code(q_ptr, n, k, stride_q, BITS: tl.constexpr, GROUP: tl.constexpr):
+def _fragment_code(q_ptr, n, k, live, stride_q, BITS: tl.constexpr, GROUP: tl.constexpr):
     """Unsigned code (n, k) of the fragment layout (`pack_fragment_codes`): row n = 16 tile + 8 h + g; in chunk
     k // CHUNK, k = sub j + 4 SPS q + 4 s' + 2 kk + e sits in word (4 g + q) * 4 + 2 kk + h of the chunk's 128,
     at bit 16 e + BITS (j SPS + s')."""
@@ -65,7 +65,7 @@ def _fragment_code(q_ptr, n, k, stride_q, BITS: tl.constexpr, GROUP: tl.constexp
     r2 = rem % (4 * SPS)
     word = (4 * (r % 8) + rem // (4 * SPS)) * 4 + 2 * ((r2 % 4) // 2) + r // 8
     bit = 16 * (r2 % 2) + BITS * ((kc // SUB) * SPS + r2 // 4)
-    w = tl.load(q_ptr + (n // 16).to(tl.int64) * stride_q + (k // CHUNK) * 128 + word)
+    w = tl.load(q_ptr + (n // 16).to(tl.int64) * stride_q + (k // CHUNK) * 128 + word, mask=live, other=0)
     return (w >> bit) & ((1 << BITS) - 1)
 
 
@@ -82,27 +82,25 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
     hand (`common.round_to`: triton's interpreter truncates)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    live = (n < N) & (k < K)
-    n = tl.minimum(n, N - 1)
-    k = tl.minimum(k, K - 1)
+    live = (n < N) & (k < K)  # masks, not clamped indices: the row-major tile's loads and stores stay vectors
     if LAYOUT == 0:
-        code = tl.load(q_ptr + n.to(tl.int64) * stride_q + k).to(tl.float32)
+        code = tl.load(q_ptr + n.to(tl.int64) * stride_q + k, mask=live, other=0.0).to(tl.float32)  # 0.0: fp8 too
     elif LAYOUT == 1:
-        code = (_interleaved_code(q_ptr, n, k, stride_q, BITS) - OFF).to(tl.float32)
+        code = (_interleaved_code(q_ptr, n, k, live, stride_q, BITS) - OFF).to(tl.float32)
     else:
-        code = (_fragment_code(q_ptr, n, k, stride_q, BITS, GROUP) - OFF).to(tl.float32)
+        code = (_fragment_code(q_ptr, n, k, live, stride_q, BITS, GROUP) - OFF).to(tl.float32)
     if GROUP == 0:
-        w = code * tl.load(s_ptr + n)
+        w = code * tl.load(s_ptr + n, mask=n < N, other=0.0)
     elif KQ > 0:
-        v = tl.load(s_ptr + n * stride_s + k // GROUP).to(tl.int32)
+        v = tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0).to(tl.int32)
         sup = m_ptr + (n * n_sup + k // (GROUP * KQ)) * 2
-        w = code * ((v & 0xFF).to(tl.float32) * tl.load(sup))
+        w = code * ((v & 0xFF).to(tl.float32) * tl.load(sup, mask=live, other=0.0))
         if HAS_MIN:
-            w = w - ((v >> 8) & 0xFF).to(tl.float32) * tl.load(sup + 1)
+            w = w - ((v >> 8) & 0xFF).to(tl.float32) * tl.load(sup + 1, mask=live, other=0.0)
     else:
-        w = code * tl.load(s_ptr + n * stride_s + k // GROUP)
+        w = code * tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0.0)
         if HAS_MIN:
-            w = w - tl.load(m_ptr + n * stride_s + k // GROUP)
+            w = w - tl.load(m_ptr + n * stride_s + k // GROUP, mask=live, other=0.0)
     tl.store(out_ptr + n.to(tl.int64) * K + k, round_to(w, out_ptr.dtype.element_ty, FIX), mask=live)
 
 
