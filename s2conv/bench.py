@@ -359,8 +359,8 @@ def append_markdown(path: str, result: dict) -> None:
     bw = result["hbm"]
     lines = ["", f"## {result['date']}, {result['gpu']} (`s2conv bench`, torch {result['torch']})", "",
              f"Measured read bandwidth {bw['read']:.0f} GB/s; prompt {result['prompt']}, {result['frames']} frames.", "",
-             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) | ready after (s) "
-             "| first frame (ms) |",
+             "| format | target | ms/frame | frames/s | RTF | read share | batched frames/s (aggregate) "
+             "| ready after (s) | first frame (ms) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for fs in result.get("fish_speech", []):
         mode = "compiled (reduce-overhead)" if fs["compiled"] else "eager"

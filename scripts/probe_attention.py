@@ -1,7 +1,8 @@
 """Time the decode attention launch (`fused.rope_attention`: qk-norm, RoPE, cache write and attention of one
-position) at S2 Pro's shapes on one GPU: the fast AR's (10 cached positions) and the slow AR's (a 512-key span at
-several positions), graph-replayed like a decode frame. Caches rotate so that L2 holds none of the slow keys. Each shape is timed
-with the kernel of one program per query head and with the one of one program per KV head (`fused.ATTN_GQA_SPAN`).
+position) at S2 Pro's shapes on one GPU: the fast AR's (10 cached positions) and the slow AR's (spans of 512 to 2048
+keys, `--spans`, at two positions each), graph-replayed like a decode frame. Caches rotate so that L2 holds none of the slow keys. Each
+shape is timed with the kernel of one program per query head and with the one of one program per KV head
+(`fused.ATTN_GQA_SPAN`).
 
 Usage: python scripts/probe_attention.py [--calls 64]
 Run it from two checkouts (PYTHONPATH) to compare kernels: it prints microseconds per launch.

@@ -111,7 +111,8 @@ def compile_all() -> dict:
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        kernel = next(getattr(m, name) for m in (triton_float, triton_int, triton_mma, fused, dequant) if hasattr(m, name))
+        modules = (triton_float, triton_int, triton_mma, fused, dequant)
+        kernel = next(getattr(m, name) for m in modules if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}
         const.update(constexprs)

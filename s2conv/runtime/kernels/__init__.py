@@ -12,8 +12,8 @@
     y = KERNELS["q4"](hg, packed, rs_in=(ss, eps))       # an integer kernel takes it too (rsqrt on its output)
 
 From `dequant.PREFILL_M` rows of 16-bit x on (prefill), a launcher dequantizes the weight once and multiplies with
-cuBLAS instead. The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format name. Without
-triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
+cuBLAS instead. The model never calls the launchers directly; `QuantLinear` dispatches through KERNELS by format
+name. Without triton (or without a GPU and TRITON_INTERPRET=1) KERNELS is empty and the layout helpers still work.
 """
 from __future__ import annotations
 

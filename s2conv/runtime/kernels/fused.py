@@ -1,5 +1,6 @@
 """Fused Triton kernels for the decode step: RMSNorm (+ residual add), QK-norm + RoPE + KV-cache write,
-split-K decode attention and SwiGLU's silu(a) * b. Each replaces a chain of small eager ops by one launch.
+split-K decode attention (a program per query head, or per KV head past `ATTN_GQA_SPAN` keys) and SwiGLU's
+silu(a) * b. Each replaces a chain of small eager ops by one launch.
 Batched decoding of left-padded rows passes per-row RoPE table rows and per-row first keys (the pad offsets).
 
 The rounding points follow the eager code in `s2conv.runtime.layers` / `rope.py` step by step (fp32 math, a round to
