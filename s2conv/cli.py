@@ -5,6 +5,7 @@ Only this module prints. Every S2ConvError becomes one line on stderr and exit s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -206,12 +207,21 @@ def bench(ctx: click.Context) -> None:
     sys.exit(bench_main(ctx.args))
 
 
+def _interrupted() -> None:
+    """Exit 130 after an interrupt (Ctrl-C, SIGTERM), once the cleanup handlers have run (no partial output is left
+    by then). os._exit skips the interpreter's shutdown: a quantizer thread pool caught mid-chunk could otherwise
+    keep the process waiting on its threads, or abort it in torch's teardown (exit -6)."""
+    click.echo("error: interrupted", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -221,8 +231,7 @@ def main() -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
 
 
 if __name__ == "__main__":

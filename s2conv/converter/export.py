@@ -262,8 +262,9 @@ def _write_file(path: str, ckpt, plan: ExportPlan, threads: int, progress: bool)
                disable=not progress, leave=False)
     written = [0] * len(plan.rows)
     current = -1
+    chunks = iter_encoded(ckpt, plan.rows, threads)
     try:
-        for i, chunk in iter_encoded(ckpt, plan.rows, threads):
+        for i, chunk in chunks:
             if i != current:
                 _finish_row(f, plan.rows, written, current)
                 current = i
@@ -279,6 +280,9 @@ def _write_file(path: str, ckpt, plan: ExportPlan, threads: int, progress: bool)
         if f.tell() != plan.file_bytes:
             raise ConversionError(f"{path}: wrote {f.tell()} bytes, planned {plan.file_bytes}")
     finally:
+        # stop and join the encoder thread now: left to garbage collection, an interrupted export could reach
+        # interpreter shutdown with the thread still inside torch ("terminate called", exit -6 instead of 130)
+        chunks.close()
         bar.close()
         w.close()
 
