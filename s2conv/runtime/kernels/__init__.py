@@ -45,9 +45,10 @@ def _eager() -> bool:
 
 
 def _dense(x: torch.Tensor, **chain) -> bool:
-    """Whether a launch takes the prefill path (`_dense_linear`): many 16-bit rows, nothing chained."""
+    """Whether a launch takes the prefill path (`_dense_linear`): many 16-bit rows, nothing chained, not inside
+    torch.compile (which goes through the custom ops)."""
     return (x.shape[0] >= dequant.PREFILL_M and x.dtype in (torch.bfloat16, torch.float16)
-            and all(v is None for v in chain.values()))
+            and all(v is None for v in chain.values()) and _eager())
 
 
 def _dense_linear(fmt: str, x: torch.Tensor, packed: dict, gated: bool, residual: torch.Tensor | None):
