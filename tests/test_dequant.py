@@ -61,7 +61,7 @@ def test_prefill_rows_take_the_dequantized_weight(fmt, gated, monkeypatch):
     from s2conv.runtime.kernels import GATED_KERNELS, KERNELS, dequant
 
     monkeypatch.setattr(dequant, "PREFILL_M", 24)
-    k, n = 256, 32
+    k, n = 256, 40  # 40 rows: each half of a joined gated weight has padded row groups
     a, b = _packed(fmt, n, k, False, 3), _packed(fmt, n, k, False, 4)
     p = cat_rows(a, b) if gated else a
     w = [dequantize_packed(fmt, t, k, torch.bfloat16) for t in ((a, b) if gated else (a,))]

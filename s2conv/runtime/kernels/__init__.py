@@ -53,11 +53,17 @@ def _dense(x: torch.Tensor, **chain) -> bool:
 
 def _dense_linear(fmt: str, x: torch.Tensor, packed: dict, gated: bool, residual: torch.Tensor | None):
     """x [M, K] @ W^T through the weight dequantized once (`dequant.dequantize`) and cuBLAS; gated: silu(x W1^T)
-    * (x W3^T) of the joined halves, as `FeedForward` computes it."""
-    y = torch.nn.functional.linear(x, dequant.dequantize(fmt, packed, x.shape[1], x.dtype))
+    * (x W3^T), as `FeedForward` computes it, each half of the joined weight on its own (`cat_rows` stacks each
+    tensor whole, row padding included)."""
+    def product(p: dict) -> torch.Tensor:
+        return torch.nn.functional.linear(x, dequant.dequantize(fmt, p, x.shape[1], x.dtype))
+
     if gated:
-        h1, h3 = y.split(y.shape[1] // 2, dim=1)
+        h1, h3 = (product({name: t[i * (t.shape[0] // 2): (i + 1) * (t.shape[0] // 2)] for name, t in packed.items()})
+                  for i in (0, 1))
         y = torch.nn.functional.silu(h1) * h3
+    else:
+        y = product(packed)
     return y if residual is None else residual + y
 
 
