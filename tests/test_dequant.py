@@ -40,7 +40,8 @@ def test_dequantize_equals_the_reference(fmt, two_level, k):
 
 @pytest.mark.parametrize("fmt", ["q4", "q4_k", "q8_0", "fp8"])
 def test_dequantize_joined_halves(fmt):
-    """A gated weight's w1 | w3 (`cat_rows`, each tensor stacked on dim 0) dequantizes as w1 over w3."""
+    """A gated weight's w1 | w3 (`cat_rows`, each tensor stacked on dim 0) with halves of whole 16-row groups
+    dequantizes as w1 over w3 (other halves keep row padding between them: the prefill path splits them)."""
     if fmt not in FORMATS:
         pytest.skip(f"{fmt} has no kernel here")
     k = 256

@@ -107,7 +107,7 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
 def dequantize(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The weight [N, k] of a packed dict (`REPACK[fmt]` output; N = the scales' rows) in `dtype`: what
     `layout.dequantize_packed` computes (fp32 products, one rounding), in one launch. bf16 weights are returned
-    as they are."""
+    as they are. As there, not for `cat_rows` output in general: its halves keep their own row padding."""
     if fmt == "bf16":
         return packed["weight"].to(dtype)
     scales = packed["scales"]
