@@ -77,3 +77,21 @@ def test_prefill_rows_take_the_dequantized_weight(fmt, gated, monkeypatch):
         assert float((got.float() - want.float()).abs().max()) <= 2**-6 * float(want.float().abs().max())
     fused = (GATED_KERNELS if gated else KERNELS)[fmt](x[:23], p)  # one row fewer: the fused kernel
     assert float((fused.float() - want[:23].float()).abs().max()) <= 2**-5 * float(want.float().abs().max())
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q4_k", "q8_0"])
+def test_prefill_path_refuses_a_wrong_k_or_residual(fmt, monkeypatch):
+    """The prefill path checks what the fused launchers check before a kernel could read past the weight: x's
+    columns against the weight's K, and the residual's shape (one-line errors)."""
+    if fmt not in FORMATS:
+        pytest.skip(f"{fmt} has no kernel here")
+    from s2conv.errors import RuntimeModelError
+    from s2conv.runtime.kernels import KERNELS, dequant
+
+    monkeypatch.setattr(dequant, "PREFILL_M", 4)
+    p = _packed(fmt, 32, 256, False)
+    x = torch.randn(4, 256 + 512).to(torch.bfloat16).to(DEVICE)
+    with pytest.raises(RuntimeModelError, match=r"K \(columns of x\) must be in"):
+        KERNELS[fmt](x, p)
+    with pytest.raises(RuntimeModelError, match="residual must be"):
+        KERNELS[fmt](x[:, :256], p, residual=torch.zeros(4, 31, dtype=torch.bfloat16, device=DEVICE))

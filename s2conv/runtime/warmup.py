@@ -62,7 +62,9 @@ def _dry_run(model: DualARTransformer, lengths: list[int], params: SamplingParam
     """A prefill of each length, then a frame at the attention span it leads to (the span sets the split)."""
     cfg, device = model.cfg, model.norm.weight.device
     for t in lengths:
-        model.setup_caches(1, t + 2)
+        # caches of the frame's whole span bucket: a generation's caches usually reach past it, so the frame's
+        # attention then reads a span that is a multiple of SPAN_STEP (triton specializes on such sizes)
+        model.setup_caches(1, min(cfg.max_seq_len, -(-(t + 2) // SPAN_STEP) * SPAN_STEP))
         prompt = torch.zeros(1, cfg.num_codebooks + 1, t, dtype=torch.long, device=device)
         hidden, logits = model.prefill(prompt)
         loop = FrameLoop(model, params, 2, use_graphs=False)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.layout import (  # noqa: F401  (public re-exports)
     BLOCK_K, FLOAT_FORMATS, INT_SPECS, REPACK, cat_rows, dequantize_packed, padded_k, repack_bf16, repack_fp8,
     repack_int, repack_q2, repack_q3, repack_q4, repack_q4_0, repack_q4_k, repack_q8, repack_q8_0,
@@ -64,7 +65,12 @@ def _dense_linear(fmt: str, x: torch.Tensor, packed: dict, gated: bool, residual
         y = torch.nn.functional.silu(h1) * h3
     else:
         y = product(packed)
-    return y if residual is None else residual + y
+    if residual is None:
+        return y
+    if residual.shape != y.shape or residual.dtype != y.dtype:
+        raise RuntimeModelError(f"{fmt} linear: residual must be {list(y.shape)} {y.dtype}, got "
+                                f"{list(residual.shape)} {residual.dtype}")
+    return residual + y
 
 
 def _int_kernel(fmt: str, gated: bool):

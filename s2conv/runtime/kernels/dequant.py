@@ -20,7 +20,8 @@ import triton.language as tl
 
 from s2conv.runtime.kernels.common import round_to
 from s2conv.runtime.kernels.launch import launch
-from s2conv.runtime.kernels.layout import INT_SPECS, uses_fragment_layout, uses_row_major_layout
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.layout import INT_SPECS, fragment_unit, uses_fragment_layout, uses_row_major_layout
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # rows of x from which the launchers dequantize once and call cuBLAS (S2CONV_PREFILL_M overrides it)
@@ -104,6 +105,21 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
     tl.store(out_ptr + n.to(tl.int64) * K + k, round_to(w, out_ptr.dtype.element_ty, FIX), mask=live)
 
 
+def _check_k(fmt: str, layout: int, q: torch.Tensor, bits: int, group: int, k: int) -> None:
+    """k (the columns of x) must be the weight's K: the kernel would otherwise read past the packed rows."""
+    if layout == _ROW_MAJOR:
+        lo, hi = q.shape[1], q.shape[1]
+    elif layout == _INTERLEAVED:
+        hi = q.shape[1] * 32 // bits  # K padded to whole 512-code blocks
+        lo = hi - 511
+    else:
+        hi = q.shape[1] // 128 * (256 // bits)  # K padded to whole units of max(chunk, group) codes
+        lo = hi - fragment_unit(bits, group) + 1
+    if not lo <= k <= hi:
+        raise RuntimeModelError(f"dequantize {fmt}: K (columns of x) must be in [{lo}, {hi}] for this weight, "
+                                f"got {k}")
+
+
 def dequantize(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The weight [N, k] of a packed dict (`REPACK[fmt]` output; N = the scales' rows) in `dtype`: what
     `layout.dequantize_packed` computes (fp32 products, one rounding), in one launch. bf16 weights are returned
@@ -126,6 +142,7 @@ def dequantize(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.bfloat
             n_sup = mins.shape[1]
             kq = scales.shape[1] // n_sup
     q = packed["weight"] if layout == _ROW_MAJOR else packed["qweight"]
+    _check_k(fmt, layout, q, bits, group, k)
     has_min = mins is not None and (kq == 0 or spec.has_min)  # two levels: "mins" holds (d, dmin) either way
     block_n, block_k = 16, 256
     launch(_dequant_kernel, (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),

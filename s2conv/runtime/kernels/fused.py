@@ -631,7 +631,10 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
 
 def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, pos_t, span: int, b: int, h: int,
                    n_kv: int, d: int, offsets, out: torch.Tensor) -> torch.Tensor:
-    """`_attention` through `_decode_attn_gqa_kernel` (one program per KV head and key split)."""
+    """`_attention` through `_decode_attn_gqa_kernel` (one program per KV head and key split; its splits always
+    merge inside the launch, S2CONV_ATTN_MERGE notwithstanding). fp16 caches: softmax weights below fp16's
+    smallest subnormal (~6e-8 of the row maximum's) drop out of the weighted sum but not of the normalizer, a
+    relative error under span * 6e-8."""
     n_rep = h // n_kv
     block_n = min(ATTN_GQA_BLOCK_N, max(16, triton.next_power_of_2(span)))
     n_splits, per = attention_splits(span, b * n_kv, q.device, block_n, ATTN_GQA_PER_SM, ATTN_GQA_MAX_SPLITS)
