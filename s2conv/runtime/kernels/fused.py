@@ -257,6 +257,19 @@ def _rope_head(row_ptr, w_ptr, f_row, eps, D: tl.constexpr, NORM: tl.constexpr, 
 
 
 @triton.jit
+def _key_range(pos, split, keys_per_split, n_keys, off_ptr, b, HAS_OFFSETS: tl.constexpr, FUSED: tl.constexpr):
+    """(start, end, cached end) of a split's keys: its share of the span, up to key pos; with HAS_OFFSETS from
+    row b's first key (its left padding; a padded query, pos < offset, reads key pos alone); FUSED: the cached
+    keys end before pos, whose key and value come from the projection in registers."""
+    start = split * keys_per_split
+    end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
+    if HAS_OFFSETS:
+        start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
+    cached_end = tl.minimum(end, pos) if FUSED else end
+    return start, end, cached_end
+
+
+@triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, scale):
     """Online-softmax step: fold keys k and values v [BLOCK_N, D] (rows where valid) into the running max m_i,
     sum l_i and weighted sum acc [D] of query q [D]."""
@@ -293,13 +306,9 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
     pos = tl.load(pos_ptr).to(tl.int32)
     offs_d = tl.arange(0, D)
     base = b.to(tl.int64) * stride_cb + (h // N_REP).to(tl.int64) * stride_ch
-    start = split * keys_per_split
-    end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
-    if HAS_OFFSETS:
-        start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
+    start, end, cached_end = _key_range(pos, split, keys_per_split, n_keys, off_ptr, b, HAS_OFFSETS, FUSED)
     # the first key block's loads go out before the query is built (they depend only on pos): at S2's spans every
     # program reads one block, so its key/value latency overlaps the qk-norm and RoPE work
-    cached_end = tl.minimum(end, pos) if FUSED else end  # FUSED: key pos comes from registers, not the cache
     offs_n = start + tl.arange(0, BLOCK_N)
     valid = offs_n < cached_end
     ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
@@ -442,11 +451,7 @@ def _decode_attn_gqa_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part
     live = r < N_REP
     heads = g * N_REP + r
     base = b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
-    start = split * keys_per_split
-    end = tl.minimum(tl.minimum(start + keys_per_split, pos + 1), n_keys)
-    if HAS_OFFSETS:
-        start = tl.maximum(start, tl.minimum(tl.load(off_ptr + b).to(tl.int32), pos))
-    cached_end = tl.minimum(end, pos) if FUSED else end
+    start, end, cached_end = _key_range(pos, split, keys_per_split, n_keys, off_ptr, b, HAS_OFFSETS, FUSED)
     offs_n = start + tl.arange(0, BLOCK_N)
     valid = offs_n < cached_end
     ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
