@@ -44,9 +44,9 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def ulps(got: torch.Tensor, want: torch.Tensor) -> int:
-    """Largest distance in units of the last place of `want`'s dtype (bf16: 2^-7 relative)."""
+    """Largest distance in units of the last place of `want`'s dtype (bf16: 2^-7 relative, fp16: 2^-10)."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    if got.dtype == torch.bfloat16:
+    if got.dtype in (torch.bfloat16, torch.float16):
         g, w = got.view(torch.int16).int(), want.view(torch.int16).int()
     else:
         g, w = got.view(torch.int32).long(), want.view(torch.int32).long()
@@ -187,9 +187,10 @@ def test_decode_attention_split_path_with_many_splits(merge, monkeypatch):
     assert not bool(counters(got.device, 2)[:2].any())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("max_splits,splits", [(16, 16), (4, 4), (1, 1)])
-def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits):
-    """The per-KV-head kernel (bf16, 4 query heads a KV head) over 16 key splits of one 64-key step, 4 of four
+def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits, dtype):
+    """The per-KV-head kernel (bf16 or fp16, 4 query heads a KV head) over 16 key splits of one 64-key step, 4 of four
     steps, or one program per KV head walking all 16 steps: at pos 0 every split but the first is empty and
     contributes nothing; late in the span the result is the masked softmax of each head, and the arrival counters
     are left at zero."""
@@ -197,9 +198,9 @@ def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits):
     monkeypatch.setattr(fused, "ATTN_GQA_MAX_SPLITS", max_splits)
     b, n_head, n_kv, d, span = 1, 8, 2, 32, 1024
     g = gen(21)
-    q = torch.randn(b, n_head, 1, d, generator=g).to(torch.bfloat16).to(DEVICE)
-    kc = torch.randn(b, n_kv, span, d, generator=g).to(torch.bfloat16).to(DEVICE)
-    vc = torch.randn(b, n_kv, span, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    q = torch.randn(b, n_head, 1, d, generator=g).to(dtype).to(DEVICE)
+    kc = torch.randn(b, n_kv, span, d, generator=g).to(dtype).to(DEVICE)
+    vc = torch.randn(b, n_kv, span, d, generator=g).to(dtype).to(DEVICE)
     assert fused.attention_splits(span, b * n_kv, torch.device("cpu"), 64, fused.ATTN_GQA_PER_SM,
                                   max_splits)[0] == splits
     got = fused.decode_attention(q, kc, vc, 0, span)
@@ -208,7 +209,7 @@ def test_kv_head_programs_merge_many_splits(monkeypatch, max_splits, splits):
     k = kc[0, :, :901].float().repeat_interleave(4, dim=0)  # [heads, keys, d]
     s = (q[0, :, 0].float()[:, None, :] * k).sum(-1) / math.sqrt(d)
     want = (torch.softmax(s, -1)[:, :, None] * vc[0, :, :901].float().repeat_interleave(4, dim=0)).sum(1)
-    assert ulps(got, want.reshape(1, 1, -1).to(torch.bfloat16)) <= 1
+    assert ulps(got, want.reshape(1, 1, -1).to(dtype)) <= 1
     assert not bool(counters(got.device, b * n_kv)[: b * n_kv].any())
 
 
