@@ -273,6 +273,43 @@ def test_silu_mul_on_halves_of_one_tensor(dtype):
     assert close(fused.silu_mul(a, b), F.silu(a) * b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_prefill_block_equals_the_eager_block(dtype):
+    """A prompt through a swapped block (`prefill_block`: the QK-norms, RoPE and cache writes of all positions in
+    one launch) gives the eager block's output and caches, positions starting past 0 (a second chunk)."""
+    from s2conv.runtime.layers import TransformerBlock
+
+    g = gen(31)
+    dim, n_head, n_kv, d, s, start = 64, 4, 2, 16, 12, 5
+    blocks = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        blk = TransformerBlock(dim, n_head, n_kv, d, 96, 1e-6, qk_norm=True).to(dtype).to(DEVICE)
+        for m in (blk.attention_norm, blk.ffn_norm, blk.attention.q_norm, blk.attention.k_norm):
+            m.weight.data = (1 + 0.3 * torch.randn(m.weight.shape, generator=gen(7))).to(dtype).to(DEVICE)
+        blk.attention.kv_cache = KVCache(1, n_kv, 32, d, dtype, DEVICE)
+        filler = torch.randn(blk.attention.kv_cache.k_cache.shape, generator=gen(8)).to(dtype).to(DEVICE)
+        blk.attention.kv_cache.k_cache.copy_(filler)
+        blk.attention.kv_cache.v_cache.copy_(-filler)
+        blocks.append(blk)
+    pos = torch.arange(start, start + s, device=DEVICE)
+    freqs = precompute_freqs_cis(32, d, 10000.0).to(DEVICE)[pos]
+    mask = causal_mask(pos, start + s)
+    x = torch.randn(1, s, dim, generator=g).to(dtype).to(DEVICE)
+    want = blocks[0](x, freqs, mask, pos)
+    assert fused_decode.enable(blocks[1], force=True)
+    assert fused_decode._prompt_fuses(blocks[1], x, freqs, mask, pos)
+    got = fused_decode.prefill_block(blocks[1], x, freqs, mask, pos)
+    ca, cb = blocks[0].attention.kv_cache, blocks[1].attention.kv_cache
+    # the norm kernel rounds as eager does; its sums (and so wqkv's input) may differ in the last bit of fp32
+    assert close(cb.k_cache, ca.k_cache) and close(cb.v_cache, ca.v_cache)
+    if dtype == torch.bfloat16:
+        assert ulps(got, want) <= 2
+    else:
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 # ---- whole model --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def weights():
@@ -287,10 +324,14 @@ def test_greedy_decode_with_fused_kernels_equals_eager(weights, monkeypatch):
     assert fused_decode.enable(model, force=True)
     calls, attention = [], []
     model.layers[0].attention.wqkv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
-    original = fused.rope_attention
+    original, prompt_rows = fused.rope_attention, []
     monkeypatch.setattr(fused, "rope_attention", lambda *a, **kw: attention.append(1) or original(*a, **kw))
+    original_prompt = fused.qk_norm_rope_cache_prompt
+    monkeypatch.setattr(fused, "qk_norm_rope_cache_prompt",
+                        lambda qkv, *a, **kw: prompt_rows.append(qkv.shape[0]) or original_prompt(qkv, *a, **kw))
     got = generate_frames(model, prompt, 3, GREEDY, use_graphs=False)
-    assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill stays eager (S = 8), every decode step is S = 1
+    assert calls[0] == 8 and calls[1:] == [1] * 2  # prefill (S = 8), then every decode step is S = 1
+    assert prompt_rows == [8] * TINY.n_layer  # the prefill's QK-norms, RoPE and cache writes: one launch a block
     # batch 1: one attention launch with the qk-norm/RoPE per block and step (slow: 2 steps; fast: 10 per frame)
     # (the fast AR's last layer at position 0 only fills its cache: no attention launch there)
     assert len(attention) == 2 * TINY.n_layer + 3 * (TINY.num_codebooks * TINY.n_fast_layer - 1)

@@ -79,6 +79,13 @@ def _cases() -> dict:
                                                                                                  BLOCK_N=64), 2)
     cases["attention-per-kv-head"] = ("_decode_attn_gqa_kernel", attn_runtime, dict(
         attn_const, BLOCK_N=64, N_REP=4, QP=16, NR=4), 4)
+    # QK-norm + RoPE + cache write: batched decode rows, and a prompt's rows (prefill)
+    rope_runtime = dict(qkv_ptr="*bf16", qw_ptr="*bf16", kw_ptr="*bf16", f_ptr="*fp32", kc_ptr="*bf16",
+                        vc_ptr="*bf16", q_ptr="*bf16", pos_ptr="*i64", eps="fp32",
+                        **{name: _I32 for name in ("H", "HKV", "stride_qkv", "stride_f", "stride_cb", "stride_ch")})
+    for prompt in (False, True):
+        cases[f"qk-rope-cache-{'prompt' if prompt else 'decode'}"] = ("_qk_rope_cache_kernel", rope_runtime, dict(
+            HAS_NORM=True, D=128, HEADS=8, FIX=False, PDL=False, PROMPT=prompt), 4)
     # the prefill's one-pass dequantize: each layout (row-major fp8 / int8 with mins, interleaved 3-bit, fragment
     # with two-level scales)
     for tag, q, layout, bits, off, group, has_min, kq in [("fp8", "*fp8e4nv", 0, 8, 0, 0, False, 0),

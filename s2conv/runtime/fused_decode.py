@@ -87,10 +87,38 @@ def _semantic_logits(self: nn.Module, hidden: Tensor) -> Tensor:
 
 def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor,
                    input_pos: Tensor | None = None) -> Tensor:
+    if _prompt_fuses(self, x, freqs_cis, mask, input_pos):
+        return prefill_block(self, x, freqs_cis, mask, input_pos)
     if x.shape[1] != 1 or input_pos is None or self.attention.kv_cache is None or not _active(self, x):
         return TransformerBlock.forward(self, x, freqs_cis, mask, input_pos)
     # mask [1, span]: its width is the attention span the eager path reads (keys > pos are masked inside)
     return decode_block(self, x, freqs_cis, input_pos, mask.shape[-1])
+
+
+def _prompt_fuses(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos) -> bool:
+    """Whether `prefill_block` takes this call: one prompt of several positions into a KV cache, one RoPE row and
+    one mask row per position, the softmax of F.scaled_dot_product_attention (the slow AR's)."""
+    attn = block.attention
+    return (x.shape[0] == 1 and x.shape[1] > 1 and input_pos is not None and attn.kv_cache is not None
+            and not attn.explicit_softmax and freqs_cis.dim() == 3 and mask.dim() == 2 and _active(block, x))
+
+
+def prefill_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    """A prompt x [1, S, dim] at cache positions input_pos [S] through a block swapped by `enable`: the eager
+    block's arithmetic, with the QK-norms, RoPE and KV-cache writes of all S positions in one launch
+    (`qk_norm_rope_cache_prompt`, ~30 eager kernels otherwise) and the RMSNorms on the norm kernel."""
+    attn, cache = block.attention, block.attention.kv_cache
+    b, s, _ = x.shape
+    qw, kw, eps = _qk_norm_args(attn)
+    qkv = attn.wqkv(block.attention_norm(x))
+    q = block._fused.qk_norm_rope_cache_prompt(qkv[0], qw, kw, freqs_cis, cache.k_cache, cache.v_cache, input_pos,
+                                               attn.n_head, attn.n_kv_head, eps)  # [S, H, D]
+    kv_len, groups = mask.shape[-1], attn.n_head // attn.n_kv_head
+    k = cache.k_cache[:b, :, :kv_len].repeat_interleave(groups, dim=1)
+    v = cache.v_cache[:b, :, :kv_len].repeat_interleave(groups, dim=1)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask)  # [1, H, S, D]
+    h = x + attn.wo(y.transpose(1, 2).reshape(b, s, attn.n_head * attn.head_dim))
+    return h + block.feed_forward(block.ffn_norm(h))
 
 
 def decode_block(block: TransformerBlock, x: Tensor, freqs_cis: Tensor, pos: Tensor, span: int,

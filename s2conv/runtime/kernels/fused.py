@@ -120,18 +120,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr, pos_ptr,
                           H, HKV, stride_qkv, stride_f, stride_cb, stride_ch, eps,
                           HAS_NORM: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, FIX: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, PROMPT: tl.constexpr = False):
     """Program (b, tile of HEADS heads) over the H + 2 HKV heads of one qkv row, as [HEADS, D/2] pairs (2j, 2j+1).
 
     Query and key heads: optional per-head RMSNorm (fp32, scaled, rounded once), then the pair rotation in fp32,
     rounded; queries go to q [B, H, 1, D], keys to the k cache at position pos. Value heads pass through the same
     arithmetic with cos = 1, sin = 0 (exact) into the v cache. Row b's (cos, sin) pairs start at f + b * stride_f
-    (stride_f 0: one table row shared by all rows)."""
+    (stride_f 0: one table row shared by all rows). PROMPT: the rows are the positions of one sequence (prefill):
+    row b goes to position pos[b] of cache row 0."""
     pdl_start(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     j = tl.arange(0, D // 2)
-    pos = tl.load(pos_ptr).to(tl.int64)
+    if PROMPT:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        cache_row = 0
+    else:
+        pos = tl.load(pos_ptr).to(tl.int64)
+        cache_row = b
     live = head < H + 2 * HKV
     is_q = head < H
     is_v = live & (head >= H + HKV)  # not the padding heads of the last tile: they would write past the cache
@@ -159,7 +165,7 @@ def _qk_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, f_ptr, kc_ptr, vc_ptr, q_ptr,
     im = _round(x1 * cos + x0 * sin, dtype, FIX)
     q_dst = q_ptr + (b * H + head[:, None]) * D + 2 * j[None, :]
     kv_head = tl.where(is_v, head - H - HKV, head - H).to(tl.int64)
-    kv_off = b * stride_cb + kv_head[:, None] * stride_ch + pos * D + 2 * j[None, :]
+    kv_off = cache_row * stride_cb + kv_head[:, None] * stride_ch + pos * D + 2 * j[None, :]
     tl.store(q_dst, re, mask=is_q[:, None])
     tl.store(q_dst + 1, im, mask=is_q[:, None])
     tl.store(kc_ptr + kv_off, re, mask=is_k[:, None])
@@ -231,6 +237,35 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_
            stride_f, k_cache.stride(0), k_cache.stride(1), float(eps),
            HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype),
            num_warps=4, outputs=(q,), **pdl_args(qkv.device))
+    return q
+
+
+def qk_norm_rope_cache_prompt(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                              freqs_cis: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              positions: torch.Tensor, n_head: int, n_kv_head: int, eps: float = 1e-6) -> torch.Tensor:
+    """`qk_norm_rope_cache` for the S rows of one prompt (prefill): qkv [S, (H + 2 Hkv) * D], freqs_cis [S, D/2, 2]
+    (row s: position positions[s]), caches [>= 1, Hkv, max_seq, D] (row 0 is written) -> q [S, H, D]. One launch
+    for what the eager attention does in about 30 (two QK-norms, two RoPEs, the cache writes)."""
+    op = "qk_norm_rope_cache_prompt"
+    s, width = qkv.shape[0], qkv.shape[-1]
+    if qkv.dim() != 2 or positions.shape != (s,) or positions.dtype.is_floating_point:
+        raise _fail(op, "qkv and positions", "[S, width] and S integer positions",
+                    f"{tuple(qkv.shape)} and {tuple(positions.shape)} {positions.dtype}")
+    d, freqs = _check_qkv(op, qkv[:, None], q_norm_w, k_norm_w, freqs_cis, n_head, n_kv_head)
+    if freqs.shape[0] != s:
+        raise _fail(op, "freqs_cis", f"[{s}, {d // 2}, 2]: one RoPE row per prompt row", tuple(freqs_cis.shape))
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cache(op, name, cache, 1, n_kv_head, d, qkv.dtype)
+    q2 = _rows(op, qkv, width)
+    q = torch.empty(s, n_head, d, dtype=qkv.dtype, device=qkv.device)
+    has_norm = q_norm_w is not None
+    n_heads = n_head + 2 * n_kv_head
+    heads = triton.next_power_of_2(n_heads) if _INTERPRETED else 8
+    launch(_qk_rope_cache_kernel, (s, triton.cdiv(n_heads, heads)),
+           q2, q_norm_w if has_norm else freqs, k_norm_w if has_norm else freqs, freqs, k_cache, v_cache, q,
+           positions, n_head, n_kv_head, q2.stride(0), d, k_cache.stride(0), k_cache.stride(1), float(eps),
+           HAS_NORM=has_norm, D=d, HEADS=heads, FIX=_fix(qkv.dtype), num_warps=4, outputs=(q,),
+           PROMPT=True, **pdl_args(qkv.device))
     return q
 
 
