@@ -19,8 +19,9 @@ integer chain off, integer formats at one row fold both norms into the next GEMV
 
 Every RMSNorm (not the QK-norms) runs the norm kernel at any number of rows, prefill included. Outside the blocks,
 at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic tokens, then
-<|im_end|>) take the Triton GEMV instead of cuBLAS. Otherwise prefill (S > 1) and CPU tensors keep the eager code
-of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
+<|im_end|>) take the Triton GEMV instead of cuBLAS. A single prompt's prefill (`prefill_block`) runs the eager
+block's arithmetic with its QK-norms, RoPE and cache writes in one launch; batched prompts (per-row masks) and CPU
+tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
 runs its decode steps of left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once
 `enable` swapped the blocks.
 """
