@@ -21,9 +21,9 @@ Every RMSNorm (not the QK-norms) runs the norm kernel at any number of rows, pre
 at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic tokens, then
 <|im_end|>) take the Triton GEMV instead of cuBLAS. A single prompt's prefill (`prefill_block`) runs the eager
 block's arithmetic with its QK-norms, RoPE and cache writes in one launch; batched prompts (per-row masks) and CPU
-tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every weight format keeps working. `batch.py`
-runs its decode steps of left-padded rows through `decode_block` too (per-row RoPE rows and key offsets) once
-`enable` swapped the blocks.
+tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every weight
+format keeps working. `batch.py` runs its decode steps of left-padded rows through `decode_block` too (per-row
+RoPE rows and key offsets) once `enable` swapped the blocks.
 """
 from __future__ import annotations
 
@@ -408,8 +408,7 @@ def enable(model: nn.Module, force: bool = False) -> bool:
         return False
     n_blocks = 0
     # the blocks' own RMSNorms take the kernel too: the fused decode step reads their weights directly, and prefill
-    # (S > 1, the eager block code) then runs one norm launch instead of ~7 elementwise kernels (the QK-norms, with
-    # their other rounding, stay eager there)
+    # (S > 1) then runs one norm launch instead of ~7 elementwise kernels
     in_blocks = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
     for module in model.modules():
         if isinstance(module, TransformerBlock):
