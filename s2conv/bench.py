@@ -6,7 +6,9 @@ shape, copied into every layer so each layer reads its own bytes), then times th
 bandwidth and the codec decoder, in the same run. Before timing a format it checks one linear of each shape against
 the reference path (dequantize, then an fp32 matmul) on fresh random inputs; a mismatch fails the run. The baseline,
 fish-speech's own decode step at the same shapes (`--fish-speech eager,compiled`; needs the `fish-speech` package),
-runs in the same process. With --results FILE, appends a dated Markdown section to FILE.
+runs in the same process. Each format also reports the first frame of a --prompt-token prompt (prefill plus the
+first frame, kernels compiled: the latency before audio can start). With --results FILE, appends a dated Markdown
+section to FILE.
 
     s2conv bench --formats bf16,q8,q4,q4_k_m --targets slow,all --frames 200  (or: python scripts/bench_decode.py ...)
 """
