@@ -381,15 +381,15 @@ def _join_w13(ff: nn.Module):
         return joined
     if isinstance(w1, QuantLinear) and isinstance(w3, QuantLinear) and w1.kernel and w3.kernel \
             and w1.fmt.name == w3.fmt.name and w1.out_features == w3.out_features:
-        from s2conv.runtime.kernels import GATED_KERNELS, cat_rows
+        from s2conv.runtime.kernels import GATED_KERNELS, cat_rows, split_rows
 
         gated = GATED_KERNELS.get(w1.fmt.name)
         if gated is None:
             return None
         (l1, p1), (l3, p3) = w1.kernel, w3.kernel
         joined = cat_rows(p1, p3)  # every tensor is stacked on its own dim 0: w1 is each one's first half
-        w1.kernel = (l1, {name: t[: t.shape[0] // 2] for name, t in joined.items()})
-        w3.kernel = (l3, {name: t[t.shape[0] // 2:] for name, t in joined.items()})
+        half1, half3 = split_rows(joined)
+        w1.kernel, w3.kernel = (l1, half1), (l3, half3)
         return gated, joined
     return None
 

@@ -25,7 +25,7 @@ import torch
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.layout import (  # noqa: F401  (public re-exports)
     BLOCK_K, FLOAT_FORMATS, INT_SPECS, REPACK, cat_rows, dequantize_packed, padded_k, repack_bf16, repack_fp8,
-    repack_int, repack_q2, repack_q3, repack_q4, repack_q4_0, repack_q4_k, repack_q8, repack_q8_0,
+    repack_int, repack_q2, repack_q3, repack_q4, repack_q4_0, repack_q4_k, repack_q8, repack_q8_0, split_rows,
     uses_row_major_layout,
 )
 
@@ -60,8 +60,7 @@ def _dense_linear(fmt: str, x: torch.Tensor, packed: dict, gated: bool, residual
         return torch.nn.functional.linear(x, dequant.dequantize(fmt, p, x.shape[1], x.dtype))
 
     if gated:
-        h1, h3 = (product({name: t[i * (t.shape[0] // 2): (i + 1) * (t.shape[0] // 2)] for name, t in packed.items()})
-                  for i in (0, 1))
+        h1, h3 = (product(half) for half in split_rows(packed))
         y = torch.nn.functional.silu(h1) * h3
     else:
         y = product(packed)

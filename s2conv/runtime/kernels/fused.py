@@ -642,11 +642,7 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     warps = ATTN_WARPS or max(1, block_n // 32)
     n_splits, per = attention_splits(span, b * h, q.device, block_n)
     single = n_splits == 1
-    if single:
-        part = ml = out  # unused
-    else:
-        part = torch.empty(b * h, n_splits, d, dtype=torch.float32, device=q.device)
-        ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
+    part, ml = _split_buffers(out, b * h, n_splits, d)
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     fix = _fix(q.dtype)
@@ -669,6 +665,15 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     return out
 
 
+def _split_buffers(out: torch.Tensor, rows: int, n_splits: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split path's fp32 partial sums [rows, splits, D] and (max, sum) pairs [rows, splits, 2]; one split
+    needs neither (out stands in for the unused pointers)."""
+    if n_splits == 1:
+        return out, out
+    return (torch.empty(rows, n_splits, d, dtype=torch.float32, device=out.device),
+            torch.empty(rows, n_splits, 2, dtype=torch.float32, device=out.device))
+
+
 def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, pos_t, span: int, b: int, h: int,
                    n_kv: int, d: int, offsets, out: torch.Tensor) -> torch.Tensor:
     """`_attention` through `_decode_attn_gqa_kernel` (one program per KV head and key split; its splits always
@@ -679,11 +684,7 @@ def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, 
     block_n = min(ATTN_GQA_BLOCK_N, max(16, triton.next_power_of_2(span)))
     n_splits, per = attention_splits(span, b * n_kv, q.device, block_n, ATTN_GQA_PER_SM, ATTN_GQA_MAX_SPLITS)
     single = n_splits == 1
-    if single:
-        part = ml = out  # unused
-    else:
-        part = torch.empty(b * h, n_splits, d, dtype=torch.float32, device=q.device)
-        ml = torch.empty(b * h, n_splits, 2, dtype=torch.float32, device=q.device)
+    part, ml = _split_buffers(out, b * h, n_splits, d)
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     nr = triton.next_power_of_2(n_rep)

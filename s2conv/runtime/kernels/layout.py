@@ -418,6 +418,12 @@ def cat_rows(a: dict, b: dict) -> dict:
     return {name: torch.cat([a[name], b[name]], dim=0).contiguous() for name in a}
 
 
+def split_rows(joined: dict) -> tuple[dict, dict]:
+    """The two halves of a `cat_rows` result (views: every tensor's first and second half along dim 0)."""
+    return tuple({name: t[i * (t.shape[0] // 2): (i + 1) * (t.shape[0] // 2)] for name, t in joined.items()}
+                 for i in (0, 1))
+
+
 def dequantize_packed(fmt: str, packed: dict, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, k] a packed dict stands for (reference and CPU fallback; materializes the matrix).
     N is the scales' row count (an integer qweight has padded_rows(N) storage rows); not for cat_rows output."""
