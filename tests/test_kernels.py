@@ -14,7 +14,7 @@ from s2conv.runtime import kernels  # noqa: E402
 from s2conv.runtime.kernels import (  # noqa: E402
     FLOAT_FORMATS, GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed,
 )
-from s2conv.runtime.kernels import layout, ops  # noqa: E402
+from s2conv.runtime.kernels import cuda_int, layout, ops  # noqa: E402
 
 
 FORMATS = list(INT_SPECS) + list(FLOAT_FORMATS)
@@ -481,7 +481,9 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
     x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
     g = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
     launcher = (GATED_KERNELS if gated else KERNELS)[fmt]
-    assert not launcher.fuses_norm(x.to(DEVICE), p)  # opt-in
+    spec = INT_SPECS[fmt]
+    on_cuda_gemv = cuda_int.takes(x.to(DEVICE), spec.bits, spec.group, spec.has_min, k, gated)  # folds it always
+    assert launcher.fuses_norm(x.to(DEVICE), p) == on_cuda_gemv  # else opt-in
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")
     # q4_k: mins; q2, q4_0: the tensor-core kernel of the fragment layout takes no norm
     fused = m == 1 and fmt != "q4_k" and not layout.uses_fragment_layout(INT_SPECS[fmt])

@@ -96,7 +96,8 @@ def _int_kernel(fmt: str, gated: bool):
 
     def fuses_norm(x: torch.Tensor, packed: dict) -> bool:
         """Whether linear(x, packed, norm=...) folds the norm into its one kernel launch."""
-        return ops.fuses_norm(_flat(x), spec.bits, spec.offset, spec.group, "mins" in packed, x.shape[-1])
+        return ops.fuses_norm(_flat(x), spec.bits, spec.offset, spec.group, "mins" in packed, x.shape[-1],
+                              gated=gated)
 
     linear.fuses_norm = fuses_norm
     linear.takes_norm_ss = False

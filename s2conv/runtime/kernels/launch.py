@@ -85,6 +85,11 @@ def launch(kernel, grid, *args, outputs: tuple = (), **kwargs) -> None:
         t.zero_()
 
 
+def recording_active() -> bool:
+    """Whether launches are being noted (`recording`) rather than run."""
+    return _recorded is not None
+
+
 @contextlib.contextmanager
 def recording():
     """Within the block, kernels go through `launch` unlaunched; yields the list of noted launches (kernel, grid,

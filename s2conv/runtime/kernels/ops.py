@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.quant_formats.base import two_level_scales
-from s2conv.runtime.kernels import fused
+from s2conv.runtime.kernels import cuda_int, fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
@@ -255,15 +255,25 @@ def _fragment(bits: int, offset: int, group: int, has_min: bool) -> bool:
 
 
 def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int,
-               config: Optional[Config] = None) -> bool:
+               config: Optional[Config] = None, gated: bool = False) -> bool:
     """Whether `int_linear_impl(.., norm_weight=..)` folds the RMSNorm into its kernel for this x (one row on the
-    dp2a path, no mins, config.fold_norm) rather than running the RMSNorm kernel first."""
+    CUDA GEMV, or on the dp2a path with config.fold_norm; no mins) rather than running the RMSNorm kernel first."""
     if x.dim() != 2 or x.shape[0] > GEMV_MAX_M or x.dtype == torch.float32 or has_min:
         return False
     if _fragment(bits, offset, group, has_min):  # the tensor-core kernel takes no norm: a norm launch first
         return False
+    if _cuda_gemv(x, bits, group, has_min, k, config, gated):  # the CUDA GEMV folds it at no cost
+        return True
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
     return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group) > 0
+
+
+def _cuda_gemv(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, config: Optional[Config],
+               gated: bool) -> bool:
+    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4 on a GPU with NVRTC, K <= 4096)
+    rather than the Triton one: only with the default config and the dp2a path on (S2CONV_INT_DOT)."""
+    return (config is None and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            and cuda_int.takes(x, bits, group, has_min, k, gated))
 
 
 def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torch.Tensor],
@@ -353,7 +363,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.device != dev or not norm_weight.is_contiguous():
             raise _fail(op, "norm_weight", f"a contiguous [{x.shape[1]}] tensor on {dev}",
                         f"{tuple(norm_weight.shape)} on {norm_weight.device}")
-        if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config):
+        if not fuses_norm(x, bits, offset, group, mins is not None, x.shape[1], config, gated):
             x = fused.rms_norm(x, norm_weight, norm_eps)
             norm_weight = None
     if _fragment(bits, offset, group, mins is not None):
@@ -384,6 +394,12 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # longest kernel of a cold start), and the plain one is the same kernel as the model's other linears
         both = int_linear_impl(x, qweight, scales, None, bits, offset, group, False)
         return fused.silu_mul(both[:, :n], both[:, n:])
+    if _cuda_gemv(x, bits, group, False, k, config, gated) and cuda_int.aligned(x, qweight, scales):
+        try:
+            return cuda_int.int4_gemv(x, qweight, scales, gated, residual, norm_weight, norm_eps, ss_out, zero,
+                                      gx_out, rs_in, offset, int_dot_xmax(bits, offset, group))
+        except RuntimeModelError as e:  # no NVRTC here: this device keeps the Triton kernel (cuda_int.available)
+            log.warning("%s", e)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, False, gated)) or default_config(
         "int", bits, n, k, m, dev, gated, group)
     per = -(-n_blocks // cfg.split)

@@ -1,0 +1,362 @@
+"""A hand-written CUDA GEMV (one row of x) for 4-bit codes in the interleaved layout of `layout.py` (q4), compiled
+at load time by NVRTC; the q4 launcher takes it where `takes` says so, the Triton kernels everywhere else.
+
+Why CUDA beside Triton: the integer GEMV is latency-bound (a q4 layer took ~36 us against ~20 us for a kernel that
+only loads the same bytes). In the Triton kernel, a program walks its blocks one after another with a block or
+two of words in flight and prepares x for its whole row. Here every warp owns one 512-code block of a 16-row
+tile (the thread block), requests all of that block's weight words and scales at once (8 16-byte loads a lane,
+16 when gated), then prepares only its own block's x while those are in flight:
+1. x of the block as 16-bit integers round(x * inv), inv = XMAX / max |x| over the block (a per-block scale,
+   found by warp shuffles: no wait on other warps), stored in shared memory in the order of a word's fields, so
+   one 16-byte load gives the 8 x integers that a word's 8 codes meet; per word also the bias 0x4B400000 - OFF *
+   sum(its x integers) (the code offset's correction);
+2. per word and row: 4 dp2a (two multiply-adds each) starting from the bias; the float with the result's bits
+   minus 2**23 + 2**22 is the exact integer dot (`triton_int`'s trick), times the group scale / inv;
+3. the row sums over lanes (shuffles) and warps (one barrier), then warp 0's epilogue: the RMSNorm factor (a
+   folded norm, or the chain's rs_in), silu(w1) * w3 when gated, the residual, the chain's outputs.
+
+H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
+GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2, so K above
+4096 stays on Triton. CI has no GPU: the tests compile every variant for sm_90 with nvcc where it is installed,
+and the GPU tests check the kernel against the reference path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.launch import launch, recording_active
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+typedef unsigned short u16;
+
+__device__ __forceinline__ float x_to_f(u16 v) {
+#if XF16
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#else
+    return __uint_as_float(((unsigned)v) << 16);
+#endif
+}
+__device__ __forceinline__ u16 f_to_x(float f) {
+    u16 h;
+#if XF16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+__device__ __forceinline__ int dp2a_lo(int a, unsigned b, int c) {
+    int d; asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ int dp2a_hi(int a, unsigned b, int c) {
+    int d; asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ int4 ld_stream(const int4* p) {  // read once: keep it out of L1
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// the 4 codes' products of one 4-bit word (fields 0..7 at byte i % 4, nibble i / 4) with x pairs xv, from c
+__device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
+    unsigned lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+    c = dp2a_lo(xv.x, lo, c);
+    c = dp2a_hi(xv.y, lo, c);
+    c = dp2a_lo(xv.z, hi, c);
+    return dp2a_hi(xv.w, hi, c);
+}
+__device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
+
+// One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
+// blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
+// holds word l / 4 of rows 4 (l % 4) .. + 3, word u * 8 + l / 4 of the block at load u (in scale group u / 2).
+// qw: int32 words [HALVES * n_pad, W] (`layout.pack_int_codes`); scales fp32 [HALVES * N, stride_s], one per 128
+// codes (4 per block); x, res, y, g, gx_*: the activations' 16-bit dtype. Shared memory, per warp: its block's x
+// integers [64 words][8] u16 and each word's bias [64] int; then the warps' row sums [WARPS][HALVES * 16].
+// x is scaled to integers per block (inv = XMAX / max |x| over the block's 512 codes), so a warp prepares its
+// own x without waiting on the other warps: the one block-wide barrier is before the final sums.
+#define HALVES (GATED ? 2 : 1)
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
+        const int4* __restrict__ qw, const float* __restrict__ scales, const u16* __restrict__ x,
+        u16* __restrict__ y, const u16* __restrict__ res, const u16* __restrict__ g,
+        float* ss_out, float* zero, const u16* __restrict__ gx_g, u16* __restrict__ gx_buf, const float* rs_in,
+        int N, int K, int W, int n_pad, int stride_s, double eps, double xmax) {
+    extern __shared__ int4 smem[];
+#if NORM
+    __shared__ float sq_warp[WARPS];  // the warps' sums of squares of x (the folded RMSNorm's statistic)
+    float sq = 0.f;
+#endif
+    const int tid = threadIdx.x, lane = tid & 31, b = tid >> 5, q = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    int4* xs = smem + b * 64;
+    int* bias = (int*)(smem + WARPS * 64) + b * 64;
+    float* sums = (float*)((int*)(smem + WARPS * 64) + WARPS * 64);
+    // 1. this warp's weight words and scales, all requested first
+    const int4* wbase = qw + (long long)blockIdx.x * 4 * W + q;
+    int4 wr[HALVES][8];
+    float4 sc[HALVES][4];  // [r]: the 4 group scales of the block for row 4 q + r
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 64 + u * 8 + lane / 4));
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            int row = min(row0 + 4 * q + r, N - 1);
+            sc[h][r] = *(const float4*)(scales + (long long)(h * N + row) * stride_s + 4 * b);
+        }
+    }
+#if ZERO
+    if (tid == 0 && blockIdx.x == 0) *zero = 0.f;  // a consumed sum-of-squares slot, free for the next step
+#endif
+    // 2. the block's x: lane l takes the 16 codes of slot l (k = 512 b + 16 l + e), the block's max |x| by
+    // shuffles, the integers stored at field l % 8 of words 16 (l / 8) + e; then each word's bias
+    float v[16], amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        int k = b * 512 + 16 * lane + e;
+        v[e] = k < K ? x_to_f(x[k]) : 0.f;
+#if NORM
+        sq += v[e] * v[e];
+        v[e] *= k < K ? x_to_f(g[k]) : 0.f;
+#endif
+        amax = fmaxf(amax, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float inv = amax > 0.f ? (float)xmax / amax : 0.f, rinv = amax > 0.f ? amax / (float)xmax : 0.f;
+    u16* xq = (u16*)xs;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) xq[((lane >> 3) * 16 + e) * 8 + (lane & 7)] = (u16)(short)__float2int_rn(v[e] * inv);
+    __syncwarp();
+#pragma unroll
+    for (int j = lane; j < 64; j += 32) {
+        int4 p = xs[j];
+        int s = (short)(p.x & 0xffff) + (p.x >> 16) + (short)(p.y & 0xffff) + (p.y >> 16)
+              + (short)(p.z & 0xffff) + (p.z >> 16) + (short)(p.w & 0xffff) + (p.w >> 16);
+        bias[j] = 0x4B400000 - OFF * s;
+    }
+    __syncwarp();
+    // 3. the dot products, 4 rows a lane: the integer dot of a word is exact, then times its group's scale
+    float acc[HALVES][4];
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sc[h][r] = make_float4(sc[h][r].x * rinv, sc[h][r].y * rinv, sc[h][r].z * rinv,
+                                                           sc[h][r].w * rinv);
+        acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int j = u * 8 + lane / 4;
+        const int4 xv = xs[j];
+        const int b0 = bias[j];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float4 s = sc[h][r];
+                const float sg = u < 2 ? s.x : u < 4 ? s.y : u < 6 ? s.z : s.w;  // group u / 2 (compile time)
+                const int w = r == 0 ? wr[h][u].x : r == 1 ? wr[h][u].y : r == 2 ? wr[h][u].z : wr[h][u].w;
+                acc[h][r] += exact(dot_word((unsigned)w, xv, b0)) * sg;
+            }
+        }
+    }
+    // 4. sums over the 8 lanes of a row quad, then (after the barrier) over the warps, by warp 0
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[h][r] += __shfl_xor_sync(0xffffffffu, acc[h][r], o);
+    }
+#if NORM
+#pragma unroll
+    for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (lane == 0) sq_warp[b] = sq;
+#endif
+    if (lane < 4)
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) sums[b * HALVES * 16 + h * 16 + 4 * lane + r] = acc[h][r];
+    __syncthreads();
+    if (tid >= 32) return;
+    // the epilogue, lane r of warp 0 for row row0 + r: RMSNorm factor, gate, rounding, + residual (rounded again,
+    // as eager h + linear(x)); GX: the output times the next norm's weight too; SS: its sum of squares
+    const bool live = lane < 16 && row0 + lane < N;
+    float out_scale = 1.f;
+#if NORM
+    float sq_all = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
+    out_scale = rsqrtf(sq_all / K + (float)eps);
+#elif RS
+    out_scale = rsqrtf(*rs_in / K + (float)eps);
+#endif
+    float o = 0.f;
+    if (live) {
+        float t[HALVES];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
+            t[h] = s * out_scale;
+        }
+#if GATED
+        o = t[0] / (1.f + __expf(-t[0])) * t[1];
+#else
+        o = t[0];
+#endif
+        o = x_to_f(f_to_x(o));
+#if HAS_RES
+        o = x_to_f(f_to_x(o + x_to_f(res[row0 + lane])));
+#endif
+        y[row0 + lane] = f_to_x(o);
+#if GX
+        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
+#endif
+    }
+#if SS
+    float o2 = o * o;
+#pragma unroll
+    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
+    if (lane == 0) atomicAdd(ss_out, o2);
+#endif
+}
+"""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialization: warps (= 512-code blocks of K), gated, residual, folded RMSNorm, norm chain
+    flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per SM the registers must
+    allow (__launch_bounds__)."""
+
+    warps: int
+    gated: bool = False
+    has_res: bool = False
+    norm: bool = False
+    ss: bool = False
+    zero: bool = False
+    gx: bool = False
+    rs: bool = False
+    fp16: bool = False
+    offset: int = 8
+    min_blocks: int = 1
+
+    def source(self) -> str:
+        flags = dict(WARPS=self.warps, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
+                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks)
+        return "".join(f"#define {k} {int(v)}\n" for k, v in flags.items()) + SOURCE
+
+
+def max_blocks(gated: bool) -> int:
+    """The most 512-code blocks of K (one warp each) a thread block keeps in registers without spilling (sm_90):
+    24 (768 threads), gated 16 (`tests/test_cuda_int.py` compiles both limits)."""
+    return 16 if gated else 24
+
+
+_FAILED: set = set()
+
+
+def min_blocks(gated: bool, warps: int) -> int:
+    """__launch_bounds__'s blocks per SM: gated (2 x 8 words a lane in registers), 3 where that leaves the
+    registers room (<= 5 warps: 128 a thread), so w1|w3's 608 tiles run in fewer waves (H200 probe: 18.0 ->
+    12.6 us); else what the registers allow."""
+    return 3 if gated and warps <= 5 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(variant: Variant):
+    """The kernel compiled by NVRTC for the current GPU (torch.cuda._compile_kernel), cached per variant."""
+    return torch.cuda._compile_kernel(variant.source(), "s2_int4_gemv", nvcc_options=["--std=c++17"])
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether this kernel can take x: one row of bf16/fp16 on a CUDA GPU of compute capability 8.0 or later, with
+    torch's NVRTC wrapper, unless S2CONV_CUDA_GEMV=0 (or a compilation failed on this device before)."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("S2CONV_CUDA_GEMV", "1") != "0" and hasattr(torch.cuda, "_compile_kernel")
+            and x.device not in _FAILED and torch.cuda.get_device_capability(x.device)[0] >= 8)
+
+
+def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
+    """Whether `int4_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
+    `available(x)`, 4-bit codes without mins, one scale per 128 codes, K of at most S2CONV_CUDA_GEMV_MAX_K
+    (default 4096: at K = 9728 the Triton GEMV's split-K was faster, bench/RESULTS.md)."""
+    max_k = min(int(os.environ.get("S2CONV_CUDA_GEMV_MAX_K", "4096")), max_blocks(gated) * 512)
+    return available(x) and bits == 4 and group == 128 and not has_min and 0 < k <= max_k
+
+
+def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """The memory layout the kernel's vector loads assume: contiguous x and qweight, scale rows of whole 16-byte
+    groups of 4 (a block's scales in one load)."""
+    return (x.is_contiguous() and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % 4 == 0
+            and scales.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0)
+
+
+class _Gemv:
+    """The kernel in the form `launch.launch` takes (so that a dry run notes it and compiling ahead compiles it):
+    GEMV[grid](variant, threads, shared bytes, *kernel args) runs it, GEMV.warmup(variant, ..) compiles it."""
+
+    __name__ = "s2_int4_gemv"
+
+    def __getitem__(self, grid: tuple):
+        def run(variant: Variant, threads: int, shared: int, *args) -> None:
+            compiled(variant)(grid=grid, block=(threads, 1, 1), shared_mem=shared, args=list(args))
+        return run
+
+    def warmup(self, variant: Variant, *args, grid=None, **kwargs) -> None:
+        try:
+            compiled(variant)
+        except Exception as e:  # noqa: BLE001  (the launch itself reports it, and falls back to Triton)
+            log.warning("CUDA int4 GEMV: compiling ahead failed: %s", e)
+
+
+GEMV = _Gemv()
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated: bool = False,
+              residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+              ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None, gx_out: tuple | None = None,
+              rs_in: tuple | None = None, offset: int = 8, xmax: int = 32767) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W^T (x's dtype) for a 4-bit weight in the interleaved layout, one scale per 128 codes
+    (what `ops.int_linear_impl` takes for q4; it checks the arguments, `takes` and `aligned` first).
+    gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added; norm_weight: x first through
+    fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the norm chain of
+    `ops.norm_chain_args`. xmax: the integer range of x (`ops.int_dot_xmax`). Goes through `launch.launch`: a dry
+    run notes it (and compiling ahead compiles its variant) instead of running it."""
+    n = scales.shape[0] // (2 if gated else 1)
+    words = qweight.shape[1]
+    n_pad = qweight.shape[0] // (2 if gated else 1)
+    warps = words // 64
+    v = Variant(warps, gated, residual is not None, norm_weight is not None, ss_out is not None, zero is not None,
+                gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset, min_blocks(gated, warps))
+    if not recording_active():
+        try:
+            compiled(v)
+        except Exception as e:  # noqa: BLE001  (no NVRTC, an unsupported GPU: the Triton kernel instead)
+            _FAILED.add(x.device)
+            raise RuntimeModelError(f"CUDA int4 GEMV unavailable on {x.device}: {e}") from e
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    shared = warps * 64 * (16 + 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks` warps
+    eps = rs_in[1] if rs_in is not None else norm_eps
+    unused = y
+    launch(GEMV, (-(-n // 16), 1, 1), v, 32 * warps, shared, qweight, scales, x, y,
+           unused if residual is None else residual, unused if norm_weight is None else norm_weight,
+           unused if ss_out is None else ss_out, unused if zero is None else zero,
+           unused if gx_out is None else gx_out[0], unused if gx_out is None else gx_out[1],
+           unused if rs_in is None else rs_in[0], n, x.shape[1], words, n_pad, scales.stride(0), float(eps),
+           float(xmax), outputs=(y,))
+    return y

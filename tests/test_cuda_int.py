@@ -1,0 +1,134 @@
+"""The CUDA q4 GEMV (`kernels/cuda_int.py`): every variant compiles for sm_90 (on the CPU, with nvcc, where it is
+installed), and on a GPU its outputs, norm-chain outputs included, match the reference path and the Triton GEMV."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from s2conv.runtime.kernels.cuda_int import Variant, max_blocks, min_blocks
+
+_FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True), dict(gated=True, norm=True),
+          dict(has_res=True, ss=True, zero=True, gx=True), dict(gated=True, rs=True),
+          dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("warps", [1, 5, 19, "max"])
+@pytest.mark.parametrize("flags", _FLAGS, ids=lambda f: "-".join(f) or "plain")
+def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, flags):
+    """Up to `max_blocks` warps: the registers hold a lane's words without spilling (one more warp gated spills)."""
+    warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
+    src = tmp_path / "k.cu"
+    src.write_text(Variant(warps, **flags, min_blocks=min_blocks(flags.get("gated", False), warps)).source())
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
+                        str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+
+
+def _cuda_row(k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    from s2conv.runtime.kernels.cuda_int import available
+    x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
+    if not available(x):
+        pytest.skip("no NVRTC, or a GPU below sm_80")
+    return x
+
+
+def _q4(n: int, k: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    from s2conv.runtime.kernels import REPACK, dequantize_packed
+    codes = torch.randint(-7, 8, (n, k), generator=gen, dtype=torch.int8)
+    packed = REPACK["q4"](codes.cuda(), (torch.rand(n, k // 128, generator=gen) * 0.02 + 0.001).cuda())
+    return packed, dequantize_packed("q4", packed, k)
+
+
+def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float() * g.float()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1.5e-2) -> None:
+    err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(16, 512), (40, 640), (2560, 2560), (96, 4096)])
+@pytest.mark.parametrize("mode", ["plain", "residual", "norm", "gated", "gated-norm"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_matches_reference(mode, n, k, dtype):
+    from s2conv.runtime.kernels import cat_rows
+    from s2conv.runtime.kernels.cuda_int import int4_gemv
+    gen = torch.Generator().manual_seed(n + k)
+    x = _cuda_row(k, dtype, gen)
+    gated = mode.startswith("gated")
+    p1, w1 = _q4(n, k, gen)
+    if gated:
+        p3, w3 = _q4(n, k, gen)
+        packed = cat_rows(p1, p3)
+    else:
+        packed = p1
+    g = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda() if mode.endswith("norm") else None
+    res = torch.randn(1, n, generator=gen).to(dtype).cuda() if mode == "residual" else None
+    xin = _rms(x, g, 1e-6) if g is not None else x.float()
+    if gated:
+        want = torch.nn.functional.silu(xin @ w1.T) * (xin @ w3.T)
+    else:
+        want = xin @ w1.T + (res.float() if res is not None else 0)
+    y = int4_gemv(x, packed["qweight"], packed["scales"], gated, residual=res, norm_weight=g, norm_eps=1e-6)
+    assert y.shape == (1, n) and y.dtype == dtype
+    _close(y, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_chain_matches_triton(gated):
+    """ss_out, zero, gx_out and rs_in as `ops.int_linear_impl` documents them: the dispatcher's CUDA path against
+    the Triton GEMV (forced by an explicit config) on the same inputs."""
+    from s2conv.runtime.kernels import cat_rows, ops
+    n, k = 2560 if not gated else 1024, 2560
+    gen = torch.Generator().manual_seed(7)
+    x = _cuda_row(k, torch.bfloat16, gen)
+    packed = cat_rows(_q4(n, k, gen)[0], _q4(n, k, gen)[0]) if gated else _q4(n, k, gen)[0]
+    g = (torch.rand(n, generator=gen) + 0.5).to(x.dtype).cuda()
+    res = torch.randn(1, n, generator=gen).to(x.dtype).cuda()
+    cfg = ops.default_config("int", 4, n, k, 1, x.device, gated, 128)
+    outs = []
+    for config in (None, cfg):  # None: the CUDA GEMV; cfg: Triton
+        ss_in = torch.full((1,), 3.0 * k, device="cuda")
+        ss_out = torch.full((1,), 0.5, device="cuda")
+        zero = torch.full((1,), 9.0, device="cuda")
+        gx = torch.empty(1, n, dtype=x.dtype, device="cuda")
+        chain = dict(rs_in=(ss_in, 1e-6), zero=zero)
+        if not gated:
+            chain.update(ss_out=ss_out, gx_out=(g, gx), residual=res)
+        y = ops.int_linear_impl(x, packed["qweight"], packed["scales"], None, 4, 8, 128, gated, config, **chain)
+        outs.append((y, ss_out.clone(), zero.clone(), gx.clone()))
+    (y_c, ss_c, z_c, gx_c), (y_t, ss_t, z_t, gx_t) = outs
+    _close(y_c, y_t)
+    assert z_c.item() == 0.0 and z_t.item() == 0.0
+    if not gated:
+        _close(gx_c, gx_t)
+        assert ss_c.item() == pytest.approx(ss_t.item(), rel=1e-2)
+        assert ss_c.item() == pytest.approx(0.5 + y_c.float().pow(2).sum().item(), rel=1e-4)
+
+
+def test_takes_only_what_it_computes():
+    """The dispatcher's gate: 4-bit codes, groups of 128, no mins, K up to the limit, one 16-bit CUDA row."""
+    from s2conv.runtime.kernels import cuda_int
+    x = torch.zeros(1, 2560, dtype=torch.bfloat16)
+    assert not cuda_int.takes(x, 4, 128, False, 2560, False)  # a CPU tensor
+    if torch.cuda.is_available() and cuda_int.available(x.cuda()):
+        xc = x.cuda()
+        assert cuda_int.takes(xc, 4, 128, False, 2560, True)
+        for bits in (2, 3):
+            assert not cuda_int.takes(xc, bits, 128, False, 2560, False)
+        assert not cuda_int.takes(xc, 4, 32, False, 2560, False)
+        assert not cuda_int.takes(xc, 4, 128, True, 2560, False)
+        assert not cuda_int.takes(xc, 4, 128, False, 9728, False)
+        assert not cuda_int.takes(torch.zeros(2, 2560, dtype=torch.bfloat16, device="cuda"), 4, 128, False, 2560,
+                                  False)
