@@ -288,7 +288,12 @@ def available(x: torch.Tensor) -> bool:
     torch's NVRTC wrapper, unless S2CONV_CUDA_GEMV=0 (or a compilation failed on this device before)."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and os.environ.get("S2CONV_CUDA_GEMV", "1") != "0" and hasattr(torch.cuda, "_compile_kernel")
-            and x.device not in _FAILED and torch.cuda.get_device_capability(x.device)[0] >= 8)
+            and x.device not in _FAILED and _capability(x.device) >= 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
