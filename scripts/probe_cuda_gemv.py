@@ -15,7 +15,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from s2conv.runtime.kernels import REPACK, cat_rows, dequantize_packed, ops
+from s2conv.runtime.kernels import REPACK, cat_rows, dequantize_packed, ops, split_rows
 from s2conv.runtime.kernels.cuda_int import int4_gemv
 from s2conv.runtime.kernels.ops import graph_time_ms
 from probe_gemv import roofline_us  # scripts/ is on sys.path when run as a script
@@ -34,13 +34,12 @@ def q4_weight(n: int, k: int, gated: bool) -> dict:
     return cat_rows(*parts) if gated else parts[0]
 
 
-def reference(x, p, n, k, gated, residual, g):
+def reference(x, p, k, gated, residual, g):
     xf = x.float()
     if g is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * g.float()
     if gated:
-        w1 = dequantize_packed("q4", {"qweight": p["qweight"][: p["qweight"].shape[0] // 2], "scales": p["scales"][:n]}, k)
-        w3 = dequantize_packed("q4", {"qweight": p["qweight"][p["qweight"].shape[0] // 2:], "scales": p["scales"][n:]}, k)
+        w1, w3 = (dequantize_packed("q4", half, k) for half in split_rows(p))
         return F.silu(xf @ w1.T) * (xf @ w3.T)
     y = xf @ dequantize_packed("q4", p, k).T
     return y if residual is None else y + residual.float()
@@ -60,7 +59,7 @@ def main() -> None:
         one = q4_weight(n, k, gated)
         nbytes = sum(t.numel() * t.element_size() for t in one.values())
         copies = [one] + [q4_weight(n, k, gated) for _ in range(max(1, int(ROTATE // nbytes)))]
-        ref = reference(x, one, n, k, gated, res, g)
+        ref = reference(x, one, k, gated, res, g)
         cfg = ops.default_config("int", 4, n, k, 1, x.device, gated, 128)  # an explicit config: the Triton GEMV
         calls = {
             "triton": lambda p: ops.int_linear_impl(x, p["qweight"], p["scales"], None, 4, 8, 128, gated, cfg,

@@ -277,9 +277,14 @@ def min_blocks(gated: bool, warps: int) -> int:
     return 3 if gated and warps <= 5 else 1
 
 
-@functools.lru_cache(maxsize=None)
 def compiled(variant: Variant):
-    """The kernel compiled by NVRTC for the current GPU (torch.cuda._compile_kernel), cached per variant."""
+    """The kernel compiled by NVRTC for the current GPU (torch.cuda._compile_kernel) and loaded into its context
+    (where the launch runs, as for the Triton kernels), cached per variant and device."""
+    return _compiled(variant, torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(variant: Variant, device: int):
     return torch.cuda._compile_kernel(variant.source(), "s2_int4_gemv", nvcc_options=["--std=c++17"])
 
 
