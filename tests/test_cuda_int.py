@@ -12,7 +12,8 @@ from s2conv.runtime.kernels.cuda_int import Variant, max_blocks, min_blocks
 
 _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True), dict(gated=True, norm=True),
           dict(has_res=True, ss=True, zero=True, gx=True), dict(gated=True, rs=True),
-          dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True)]
+          dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True),
+          dict(gated=True, norm=True, pdl=True), dict(has_res=True, ss=True, zero=True, gx=True, pdl=True)]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -117,6 +118,49 @@ def test_norm_chain_matches_triton(gated):
         assert ss_c.item() == pytest.approx(0.5 + y_c.float().pow(2).sum().item(), rel=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_with_pdl_matches_eager(monkeypatch):
+    """A captured chain of GEMVs (each x the previous output) after a copy node and with a torch kernel in between:
+    the replay matches eager launches on new inputs. On sm_90+ the GEMVs that follow a kernel go out with PDL and
+    read x only after their producer's writes; the first follows a copy node and must not."""
+    from s2conv.runtime.kernels import cuda_int
+    n = k = 2560
+    gen = torch.Generator().manual_seed(3)
+    src = _cuda_row(k, torch.bfloat16, gen)
+    weights = [_q4(n, k, gen)[0] for _ in range(6)]
+    g = (torch.rand(k, generator=gen) + 0.5).to(src.dtype).cuda()
+    h0 = torch.empty_like(src)
+    pdl_launches = []
+    launch_pdl = cuda_int._launch_pdl
+    monkeypatch.setattr(cuda_int, "_launch_pdl", lambda *a: (pdl_launches.append(1), launch_pdl(*a)))
+
+    def chain() -> torch.Tensor:
+        h0.copy_(src)
+        h = h0
+        for i, p in enumerate(weights):
+            h = cuda_int.int4_gemv(h, p["qweight"], p["scales"], residual=h, norm_weight=g, norm_eps=1e-6)
+            if i == 2:
+                h = h * 0.5
+        return h
+
+    chain()  # compiles every variant before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        out = chain()
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in range(3):
+        src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        assert torch.equal(replayed, chain())
+    if cuda_int.pdl_capable(src.device):
+        assert len(pdl_launches) == 5  # every GEMV but the first, which follows the copy node
+
+
 def test_takes_only_what_it_computes():
     """The dispatcher's gate: 4-bit codes, groups of 128, no mins, K up to the limit, one 16-bit CUDA row."""
     from s2conv.runtime.kernels import cuda_int
@@ -129,6 +173,7 @@ def test_takes_only_what_it_computes():
             assert not cuda_int.takes(xc, bits, 128, False, 2560, False)
         assert not cuda_int.takes(xc, 4, 32, False, 2560, False)
         assert not cuda_int.takes(xc, 4, 128, True, 2560, False)
-        assert not cuda_int.takes(xc, 4, 128, False, 9728, False)
+        assert cuda_int.takes(xc, 4, 128, False, 9728, False) == (cuda_int.max_k(xc.device) >= 9728)
+        assert not cuda_int.takes(xc, 4, 128, False, 9728, True)  # gated: more words than the registers hold
         assert not cuda_int.takes(torch.zeros(2, 2560, dtype=torch.bfloat16, device="cuda"), 4, 128, False, 2560,
                                   False)

@@ -9,10 +9,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """Let the next kernel launch, then wait for the previous one's writes (launch.py); no-op without PDL."""
-    if PDL:
+    """PDL 1: let the next kernel launch, then wait for the previous one's writes (launch.py); 2: only let the next
+    kernel launch (this one was launched plainly; a CUDA GEMV after it may start early); 0: nothing."""
+    if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
+    elif PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -15,13 +15,20 @@ tile (the thread block), requests all of that block's weight words and scales at
 3. the row sums over lanes (shuffles) and warps (one barrier), then warp 0's epilogue: the RMSNorm factor (a
    folded norm, or the chain's rs_in), silu(w1) * w3 when gated, the residual, the chain's outputs.
 
+On Hopper and later, a GEMV captured into a CUDA graph right after another kernel goes out with programmatic
+dependent launch (PDL, `_launch_pdl`): it starts while its producer still runs, requests its weights, and waits
+(griddepcontrol.wait) before it reads x. Each GEMV lets its successor launch first thing, so consecutive GEMVs
+overlap one's tail with the next one's weight loads.
+
 H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
-GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2, so K above
-4096 stays on Triton. CI has no GPU: the tests compile every variant for sm_90 with nvcc where it is installed,
-and the GPU tests check the kernel against the reference path.
+GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2. Without PDL,
+K above 4096 stays on Triton (`max_k`); with it, whole q4 frames on an H100 went 300.1 -> 312.5 frames/s with
+every GEMV here (nineteenth session). CI has no GPU: the tests compile every variant for sm_90 with nvcc where it
+is installed, and the GPU tests check the kernel against the reference path, graph-replayed with PDL as well.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -74,6 +81,22 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
     return dp2a_hi(xv.w, hi, c);
 }
 __device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
+// what the previous kernel wrote (x, the residual, rs_in), read through L2 only: under PDL this grid started before
+// that kernel finished, and a read-only-cache load (what `const __restrict__` compiles to) returned stale values
+__device__ __forceinline__ u16 ld_fresh(const u16* p) { return __ldcg(p); }
+__device__ __forceinline__ int4 ld_fresh(const int4* p) { return __ldcg(p); }
+__device__ __forceinline__ float ld_fresh(const float* p) { return __ldcg(p); }
+// programmatic dependent launch (sm_90+): both are no-ops unless the launch asked for it (`_launch_pdl`)
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
@@ -101,6 +124,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
     int* bias = (int*)(smem + WARPS * 64) + b * 64;
     float* sums = (float*)((int*)(smem + WARPS * 64) + WARPS * 64);
     // 1. this warp's weight words and scales, all requested first
+    pdl_launch_dependents();  // the next GEMV may start its own weight loads while this one runs
     const int4* wbase = qw + (long long)blockIdx.x * 4 * W + q;
     int4 wr[HALVES][8];
     float4 sc[HALVES][4];  // [r]: the 4 group scales of the block for row 4 q + r
@@ -115,19 +139,27 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
             sc[h][r] = *(const float4*)(scales + (long long)(h * N + row) * stride_s + 4 * b);
         }
     }
+    pdl_wait();  // everything above read constants only; x, res, rs_in and every write come after the producer
 #if ZERO
     if (tid == 0 && blockIdx.x == 0) *zero = 0.f;  // a consumed sum-of-squares slot, free for the next step
 #endif
     // 2. the block's x: lane l takes the 16 codes of slot l (k = 512 b + 16 l + e), the block's max |x| by
     // shuffles, the integers stored at field l % 8 of words 16 (l / 8) + e; then each word's bias
+    // (K is a multiple of 128: a slot is wholly inside or outside; x is 16-byte aligned, `aligned`)
+    const int k0 = b * 512 + 16 * lane;
+    int4 xr[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+    if (k0 < K) {
+        xr[0] = ld_fresh((const int4*)(x + k0));
+        xr[1] = ld_fresh((const int4*)(x + k0 + 8));
+    }
+    const u16* xh = (const u16*)xr;
     float v[16], amax = 0.f;
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
-        int k = b * 512 + 16 * lane + e;
-        v[e] = k < K ? x_to_f(x[k]) : 0.f;
+        v[e] = x_to_f(xh[e]);
 #if NORM
         sq += v[e] * v[e];
-        v[e] *= k < K ? x_to_f(g[k]) : 0.f;
+        v[e] *= k0 < K ? x_to_f(g[k0 + e]) : 0.f;
 #endif
         amax = fmaxf(amax, fabsf(v[e]));
     }
@@ -201,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
     for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
     out_scale = rsqrtf(sq_all / K + (float)eps);
 #elif RS
-    out_scale = rsqrtf(*rs_in / K + (float)eps);
+    out_scale = rsqrtf(ld_fresh(rs_in) / K + (float)eps);
 #endif
     float o = 0.f;
     if (live) {
@@ -220,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
 #endif
         o = x_to_f(f_to_x(o));
 #if HAS_RES
-        o = x_to_f(f_to_x(o + x_to_f(res[row0 + lane])));
+        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
 #endif
         y[row0 + lane] = f_to_x(o);
 #if GX
@@ -241,7 +273,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
 class Variant:
     """One compiled specialization: warps (= 512-code blocks of K), gated, residual, folded RMSNorm, norm chain
     flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per SM the registers must
-    allow (__launch_bounds__)."""
+    allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`)."""
 
     warps: int
     gated: bool = False
@@ -254,10 +286,12 @@ class Variant:
     fp16: bool = False
     offset: int = 8
     min_blocks: int = 1
+    pdl: bool = False
 
     def source(self) -> str:
         flags = dict(WARPS=self.warps, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
-                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks)
+                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks,
+                     PDL=self.pdl)
         return "".join(f"#define {k} {int(v)}\n" for k, v in flags.items()) + SOURCE
 
 
@@ -303,17 +337,92 @@ def _capability(device: torch.device) -> int:
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
     """Whether `int4_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
-    `available(x)`, 4-bit codes without mins, one scale per 128 codes, K of at most S2CONV_CUDA_GEMV_MAX_K
-    (default 4096: at K = 9728 the Triton GEMV's split-K was faster, bench/RESULTS.md)."""
-    max_k = min(int(os.environ.get("S2CONV_CUDA_GEMV_MAX_K", "4096")), max_blocks(gated) * 512)
-    return available(x) and bits == 4 and group == 128 and not has_min and 0 < k <= max_k
+    `available(x)`, 4-bit codes without mins, one scale per 128 codes, K of at most `max_k`."""
+    return (available(x) and bits == 4 and group == 128 and not has_min
+            and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
+
+
+def max_k(device: torch.device) -> int:
+    """S2CONV_CUDA_GEMV_MAX_K, by default every K the registers allow where the GEMVs go out with PDL, else 4096.
+    Measured on an H100 (bench/RESULTS.md, eighteenth and nineteenth sessions): without PDL, Triton's split-K GEMV
+    was the faster one at K = 9728 (S2's w2; whole q4 frames 291.9 frames/s with every K here, 296.8 with 4096);
+    with PDL every K here is faster (312.5 against 302.9), since w2 then overlaps its neighbours."""
+    default = 1 << 20 if pdl_capable(device) else 4096
+    return int(os.environ.get("S2CONV_CUDA_GEMV_MAX_K", default))
 
 
 def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """The memory layout the kernel's vector loads assume: contiguous x and qweight, scale rows of whole 16-byte
-    groups of 4 (a block's scales in one load)."""
+    """The memory layout the kernel's vector loads assume: contiguous x and qweight, all three 16-byte aligned, scale
+    rows of whole 16-byte groups of 4 (a block's scales in one load)."""
     return (x.is_contiguous() and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % 4 == 0
-            and scales.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0)
+            and scales.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
+# ---- programmatic dependent launch (PDL) inside CUDA graphs ----------------------------------------------------------
+# A GEMV captured right after another kernel is launched with PDL: it starts while that kernel still runs, requests
+# its weights and scales, and waits (griddepcontrol.wait) for the producer's writes before it reads x. Only after a
+# kernel: griddepcontrol.wait waits for prerequisite *grids*, so after a copy or memset node (torch's copy_ of a
+# token, a zeroed buffer) the GEMV would read x before it is written. Eager launches stay plain (no gain there).
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
+_CAPTURE_ACTIVE = 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
+
+
+def pdl_capable(device: torch.device) -> bool:
+    """Whether GEMVs on `device` carry the PDL prologue: compute capability 9.0 or later (griddepcontrol), the
+    driver entry points found, unless S2CONV_CUDA_PDL=0."""
+    return (os.environ.get("S2CONV_CUDA_PDL", "1") != "0" and _capability(device) >= 9 and _driver() is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx, lib.cuStreamGetCaptureInfo_v2, lib.cuGraphNodeGetType  # noqa: B018 (present?)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def _after_kernel(stream: int) -> bool:
+    """Whether `stream` is capturing and everything the next node depends on is a kernel node."""
+    lib = _driver()
+    status, graph, n = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_size_t()
+    capture_id, deps = ctypes.c_uint64(), ctypes.POINTER(ctypes.c_void_p)()
+    if lib.cuStreamGetCaptureInfo_v2(ctypes.c_void_p(stream), ctypes.byref(status), ctypes.byref(capture_id),
+                                     ctypes.byref(graph), ctypes.byref(deps), ctypes.byref(n)) != 0:
+        return False
+    if status.value != _CAPTURE_ACTIVE or n.value == 0:
+        return False
+    kind = ctypes.c_int()
+    for i in range(n.value):
+        if lib.cuGraphNodeGetType(ctypes.c_void_p(deps[i]), ctypes.byref(kind)) != 0 or kind.value != _KERNEL_NODE:
+            return False
+    return True
+
+
+def _launch_pdl(kernel, grid: tuple, threads: int, shared: int, args: list, stream: int) -> None:
+    """kernel(args) with the programmatic-serialization attribute (cuLaunchKernelEx); args as torch's wrapper
+    marshals them: tensors as pointers, ints as int, floats as double."""
+    held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+            ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
+    params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(threads, 1, 1), shared,
+                           ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
+    err = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
 
 
 class _Gemv:
@@ -324,7 +433,13 @@ class _Gemv:
 
     def __getitem__(self, grid: tuple):
         def run(variant: Variant, threads: int, shared: int, *args) -> None:
-            compiled(variant)(grid=grid, block=(threads, 1, 1), shared_mem=shared, args=list(args))
+            kernel = compiled(variant)
+            if variant.pdl:
+                stream = torch.cuda.current_stream().cuda_stream
+                if _after_kernel(stream):
+                    _launch_pdl(kernel, grid, threads, shared, list(args), stream)
+                    return
+            kernel(grid=grid, block=(threads, 1, 1), shared_mem=shared, args=list(args))
         return run
 
     def warmup(self, variant: Variant, *args, grid=None, **kwargs) -> None:
@@ -352,7 +467,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gate
     n_pad = qweight.shape[0] // (2 if gated else 1)
     warps = words // 64
     v = Variant(warps, gated, residual is not None, norm_weight is not None, ss_out is not None, zero is not None,
-                gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset, min_blocks(gated, warps))
+                gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset, min_blocks(gated, warps),
+                pdl_capable(x.device))
     if not recording_active():
         try:
             compiled(v)

@@ -60,9 +60,21 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def pdl_args(device: torch.device) -> dict:
-    """Keyword arguments for a kernel launch with a `PDL` constexpr flag: PDL=..., plus launch_pdl when on."""
-    on = pdl_enabled(device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    """Keyword arguments for a kernel launch with a `PDL` constexpr flag (`common.pdl_start`): PDL=1 and launch_pdl
+    when PDL is on for the Triton kernels; else PDL=2 on sm_90+ (the kernel only lets its successor launch early,
+    for the CUDA GEMVs that go out with PDL: `cuda_int`), unless S2CONV_PDL_TRIGGER=0; else PDL=0."""
+    if pdl_enabled(device):
+        return {"PDL": 1, "launch_pdl": True}
+    return {"PDL": 2 if _triggers(device) else 0}
+
+
+def _triggers(device: torch.device) -> bool:
+    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL_TRIGGER", "1") == "0":
+        return False
+    ok = _CAPABLE.get(device)
+    if ok is None:
+        ok = _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return ok
 
 
 # ---- compiling ahead: record a dry run's launches, compile their kernels concurrently -------------------------------

@@ -270,8 +270,8 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
 
 def _cuda_gemv(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, config: Optional[Config],
                gated: bool) -> bool:
-    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4 on a GPU with NVRTC, K <= 4096)
-    rather than the Triton one: only with the default config and the dp2a path on (S2CONV_INT_DOT)."""
+    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4 on a GPU with NVRTC, K up to
+    `cuda_int.max_k`) rather than the Triton one: only with the default config and the dp2a path on (S2CONV_INT_DOT)."""
     return (config is None and os.environ.get("S2CONV_INT_DOT", "1") != "0"
             and cuda_int.takes(x, bits, group, has_min, k, gated))
 
