@@ -31,7 +31,7 @@ def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, flags):
 
 
 def _cuda_row(k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    from s2conv.runtime.kernels.cuda_int import available
+    from s2conv.runtime.kernels.cuda_common import available
     x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
     if not available(x):
         pytest.skip("no NVRTC, or a GPU below sm_80")
@@ -124,7 +124,7 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch):
     """A captured chain of GEMVs (each x the previous output) after a copy node and with a torch kernel in between:
     the replay matches eager launches on new inputs. On sm_90+ the GEMVs that follow a kernel go out with PDL and
     read x only after their producer's writes; the first follows a copy node and must not."""
-    from s2conv.runtime.kernels import cuda_int
+    from s2conv.runtime.kernels import cuda_common, cuda_int
     n = k = 2560
     gen = torch.Generator().manual_seed(3)
     src = _cuda_row(k, torch.bfloat16, gen)
@@ -132,8 +132,8 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch):
     g = (torch.rand(k, generator=gen) + 0.5).to(src.dtype).cuda()
     h0 = torch.empty_like(src)
     pdl_launches = []
-    launch_pdl = cuda_int._launch_pdl
-    monkeypatch.setattr(cuda_int, "_launch_pdl", lambda *a: (pdl_launches.append(1), launch_pdl(*a)))
+    launch_pdl = cuda_common._launch_pdl
+    monkeypatch.setattr(cuda_common, "_launch_pdl", lambda *a: (pdl_launches.append(1), launch_pdl(*a)))
 
     def chain() -> torch.Tensor:
         h0.copy_(src)
@@ -157,16 +157,16 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch):
         torch.cuda.synchronize()
         replayed = out.clone()
         assert torch.equal(replayed, chain())
-    if cuda_int.pdl_capable(src.device):
+    if cuda_common.pdl_capable(src.device):
         assert len(pdl_launches) == 5  # every GEMV but the first, which follows the copy node
 
 
 def test_takes_only_what_it_computes():
     """The dispatcher's gate: 4-bit codes, groups of 128, no mins, K up to the limit, one 16-bit CUDA row."""
-    from s2conv.runtime.kernels import cuda_int
+    from s2conv.runtime.kernels import cuda_common, cuda_int
     x = torch.zeros(1, 2560, dtype=torch.bfloat16)
     assert not cuda_int.takes(x, 4, 128, False, 2560, False)  # a CPU tensor
-    if torch.cuda.is_available() and cuda_int.available(x.cuda()):
+    if torch.cuda.is_available() and cuda_common.available(x.cuda()):
         xc = x.cuda()
         assert cuda_int.takes(xc, 4, 128, False, 2560, True)
         for bits in (2, 3):

@@ -28,50 +28,15 @@ is installed, and the GPU tests check the kernel against the reference path, gra
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
-from s2conv.errors import RuntimeModelError
+from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
 from s2conv.runtime.kernels.launch import launch, recording_active
 
-log = logging.getLogger(__name__)
-
-SOURCE = r"""
-typedef unsigned short u16;
-
-__device__ __forceinline__ float x_to_f(u16 v) {
-#if XF16
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
-#else
-    return __uint_as_float(((unsigned)v) << 16);
-#endif
-}
-__device__ __forceinline__ u16 f_to_x(float f) {
-    u16 h;
-#if XF16
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-    return h;
-}
-__device__ __forceinline__ int dp2a_lo(int a, unsigned b, int c) {
-    int d; asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ int dp2a_hi(int a, unsigned b, int c) {
-    int d; asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ int4 ld_stream(const int4* p) {  // read once: keep it out of L1
-    int4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+SOURCE = r"""  // after cuda_common.PRELUDE
 // the 4 codes' products of one 4-bit word (fields 0..7 at byte i % 4, nibble i / 4) with x pairs xv, from c
 __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
     unsigned lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
@@ -81,22 +46,6 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
     return dp2a_hi(xv.w, hi, c);
 }
 __device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
-// what the previous kernel wrote (x, the residual, rs_in), read through L2 only: under PDL this grid started before
-// that kernel finished, and a read-only-cache load (what `const __restrict__` compiles to) returned stale values
-__device__ __forceinline__ u16 ld_fresh(const u16* p) { return __ldcg(p); }
-__device__ __forceinline__ int4 ld_fresh(const int4* p) { return __ldcg(p); }
-__device__ __forceinline__ float ld_fresh(const float* p) { return __ldcg(p); }
-// programmatic dependent launch (sm_90+): both are no-ops unless the launch asked for it (`_launch_pdl`)
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if PDL
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
@@ -268,7 +217,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
 }
 """
 
-
 @dataclass(frozen=True)
 class Variant:
     """One compiled specialization: warps (= 512-code blocks of K), gated, residual, folded RMSNorm, norm chain
@@ -292,7 +240,7 @@ class Variant:
         flags = dict(WARPS=self.warps, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
                      ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks,
                      PDL=self.pdl)
-        return "".join(f"#define {k} {int(v)}\n" for k, v in flags.items()) + SOURCE
+        return flags_source(flags, SOURCE)
 
 
 def max_blocks(gated: bool) -> int:
@@ -301,38 +249,11 @@ def max_blocks(gated: bool) -> int:
     return 16 if gated else 24
 
 
-_FAILED: set = set()
-
-
 def min_blocks(gated: bool, warps: int) -> int:
     """__launch_bounds__'s blocks per SM: gated (2 x 8 words a lane in registers), 3 where that leaves the
     registers room (<= 5 warps: 128 a thread), so w1|w3's 608 tiles run in fewer waves (H200 probe: 18.0 ->
     12.6 us); else what the registers allow."""
     return 3 if gated and warps <= 5 else 1
-
-
-def compiled(variant: Variant):
-    """The kernel compiled by NVRTC for the current GPU (torch.cuda._compile_kernel) and loaded into its context
-    (where the launch runs, as for the Triton kernels), cached per variant and device."""
-    return _compiled(variant, torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(variant: Variant, device: int):
-    return torch.cuda._compile_kernel(variant.source(), "s2_int4_gemv", nvcc_options=["--std=c++17"])
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether this kernel can take x: one row of bf16/fp16 on a CUDA GPU of compute capability 8.0 or later, with
-    torch's NVRTC wrapper, unless S2CONV_CUDA_GEMV=0 (or a compilation failed on this device before)."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("S2CONV_CUDA_GEMV", "1") != "0" and hasattr(torch.cuda, "_compile_kernel")
-            and x.device not in _FAILED and _capability(x.device) >= 8)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
 
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
@@ -358,98 +279,7 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> boo
             and scales.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-# ---- programmatic dependent launch (PDL) inside CUDA graphs ----------------------------------------------------------
-# A GEMV captured right after another kernel is launched with PDL: it starts while that kernel still runs, requests
-# its weights and scales, and waits (griddepcontrol.wait) for the producer's writes before it reads x. Only after a
-# kernel: griddepcontrol.wait waits for prerequisite *grids*, so after a copy or memset node (torch's copy_ of a
-# token, a zeroed buffer) the GEMV would read x before it is written. Eager launches stay plain (no gain there).
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
-_CAPTURE_ACTIVE = 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
-
-
-def pdl_capable(device: torch.device) -> bool:
-    """Whether GEMVs on `device` carry the PDL prologue: compute capability 9.0 or later (griddepcontrol), the
-    driver entry points found, unless S2CONV_CUDA_PDL=0."""
-    return (os.environ.get("S2CONV_CUDA_PDL", "1") != "0" and _capability(device) >= 9 and _driver() is not None)
-
-
-@functools.lru_cache(maxsize=None)
-def _driver():
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuLaunchKernelEx, lib.cuStreamGetCaptureInfo_v2, lib.cuGraphNodeGetType  # noqa: B018 (present?)
-    except (OSError, AttributeError):
-        return None
-    return lib
-
-
-def _after_kernel(stream: int) -> bool:
-    """Whether `stream` is capturing and everything the next node depends on is a kernel node."""
-    lib = _driver()
-    status, graph, n = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_size_t()
-    capture_id, deps = ctypes.c_uint64(), ctypes.POINTER(ctypes.c_void_p)()
-    if lib.cuStreamGetCaptureInfo_v2(ctypes.c_void_p(stream), ctypes.byref(status), ctypes.byref(capture_id),
-                                     ctypes.byref(graph), ctypes.byref(deps), ctypes.byref(n)) != 0:
-        return False
-    if status.value != _CAPTURE_ACTIVE or n.value == 0:
-        return False
-    kind = ctypes.c_int()
-    for i in range(n.value):
-        if lib.cuGraphNodeGetType(ctypes.c_void_p(deps[i]), ctypes.byref(kind)) != 0 or kind.value != _KERNEL_NODE:
-            return False
-    return True
-
-
-def _launch_pdl(kernel, grid: tuple, threads: int, shared: int, args: list, stream: int) -> None:
-    """kernel(args) with the programmatic-serialization attribute (cuLaunchKernelEx); args as torch's wrapper
-    marshals them: tensors as pointers, ints as int, floats as double."""
-    held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
-            ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
-    params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
-    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1
-    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(threads, 1, 1), shared,
-                           ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
-    err = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
-    if err != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
-
-
-class _Gemv:
-    """The kernel in the form `launch.launch` takes (so that a dry run notes it and compiling ahead compiles it):
-    GEMV[grid](variant, threads, shared bytes, *kernel args) runs it, GEMV.warmup(variant, ..) compiles it."""
-
-    __name__ = "s2_int4_gemv"
-
-    def __getitem__(self, grid: tuple):
-        def run(variant: Variant, threads: int, shared: int, *args) -> None:
-            kernel = compiled(variant)
-            if variant.pdl:
-                stream = torch.cuda.current_stream().cuda_stream
-                if _after_kernel(stream):
-                    _launch_pdl(kernel, grid, threads, shared, list(args), stream)
-                    return
-            kernel(grid=grid, block=(threads, 1, 1), shared_mem=shared, args=list(args))
-        return run
-
-    def warmup(self, variant: Variant, *args, grid=None, **kwargs) -> None:
-        try:
-            compiled(variant)
-        except Exception as e:  # noqa: BLE001  (the launch itself reports it, and falls back to Triton)
-            log.warning("CUDA int4 GEMV: compiling ahead failed: %s", e)
-
-
-GEMV = _Gemv()
+GEMV = CudaGemv("s2_int4_gemv")
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated: bool = False,
@@ -470,11 +300,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gate
                 gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset, min_blocks(gated, warps),
                 pdl_capable(x.device))
     if not recording_active():
-        try:
-            compiled(v)
-        except Exception as e:  # noqa: BLE001  (no NVRTC, an unsupported GPU: the Triton kernel instead)
-            _FAILED.add(x.device)
-            raise RuntimeModelError(f"CUDA int4 GEMV unavailable on {x.device}: {e}") from e
+        GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     shared = warps * 64 * (16 + 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks` warps
     eps = rs_in[1] if rs_in is not None else norm_eps
