@@ -1,6 +1,6 @@
-"""What the hand-written CUDA GEMVs share (`cuda_int`: 4-bit codes, `cuda_rows`: 8-bit row-major weights): the
-device helpers every kernel source starts with (`PRELUDE`), compiling a source with NVRTC once per device, and the
-launch, plain or with programmatic dependent launch (PDL) inside CUDA graphs.
+"""What hand-written CUDA GEMVs share (`cuda_int`, for 4-bit codes, is the one so far): the device helpers every
+kernel source starts with (`PRELUDE`), compiling a source with NVRTC once per device, and the launch, plain or
+with programmatic dependent launch (PDL) inside CUDA graphs.
 
 PDL: a GEMV captured right after another kernel goes out with cuLaunchKernelEx and the programmatic-serialization
 attribute. It starts while that kernel still runs, requests its weights and scales (constants), and waits
