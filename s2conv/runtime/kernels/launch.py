@@ -18,6 +18,10 @@ weight blocks before the wait) moved whole frames by no more than the run-to-run
 every format got slower with it (bf16 146.5 -> 133.2, q2 241 -> 199 frames/s); in the eleventh, with every kernel
 waiting before it let the next one launch and the float GEMV loading its first weight tiles before its wait, fp8
 still lost 7% on an H200 (251.5 -> 233.8). `S2CONV_PDL=1` turns it on.
+
+What does pay: the CUDA GEMVs (`cuda_common`) go out with PDL after a kernel, and on Hopper every Triton kernel
+lets its successor launch first thing without waiting itself (PDL 2 in `pdl_args`): q4 frames 311.8 / 313.3 ->
+317.9 / 317.9 on an H100 (bench/RESULTS.md, nineteenth session). `S2CONV_PDL_TRIGGER=0` leaves that out.
 """
 from __future__ import annotations
 
