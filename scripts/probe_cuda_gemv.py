@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from s2conv.runtime.kernels import REPACK, cat_rows, dequantize_packed, ops, split_rows
-from s2conv.runtime.kernels.cuda_int import int4_gemv
+from s2conv.runtime.kernels.cuda_int import int_gemv
 from s2conv.runtime.kernels.ops import graph_time_ms
 from probe_gemv import roofline_us  # scripts/ is on sys.path when run as a script
 
@@ -64,8 +64,8 @@ def main() -> None:
         calls = {
             "triton": lambda p: ops.int_linear_impl(x, p["qweight"], p["scales"], None, 4, 8, 128, gated, cfg,
                                                     residual=res, norm_weight=g, norm_eps=EPS),
-            "cuda": lambda p: int4_gemv(x, p["qweight"], p["scales"], gated, residual=res, norm_weight=g,
-                                        norm_eps=EPS),
+            "cuda": lambda p: int_gemv(x, p["qweight"], p["scales"], gated, residual=res, norm_weight=g,
+                                       norm_eps=EPS),
         }
         times = {"load-only": roofline_us(nbytes)}
         for label, call in calls.items():

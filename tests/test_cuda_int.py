@@ -1,5 +1,6 @@
-"""The CUDA q4 GEMV (`kernels/cuda_int.py`): every variant compiles for sm_90 (on the CPU, with nvcc, where it is
-installed), and on a GPU its outputs, norm-chain outputs included, match the reference path and the Triton GEMV."""
+"""The CUDA integer GEMV (`kernels/cuda_int.py`: q4, q3, tq2_0): every variant compiles for sm_90 (on the CPU, with
+nvcc, where it is installed), and on a GPU its outputs, norm-chain outputs included, match the reference path and
+the Triton GEMV."""
 from __future__ import annotations
 
 import shutil
@@ -16,14 +17,20 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True), dict(ga
           dict(gated=True, norm=True, pdl=True), dict(has_res=True, ss=True, zero=True, gx=True, pdl=True)]
 
 
+_CODES = {"q4": dict(bits=4, group=128, offset=8), "q3": dict(bits=3, group=128, offset=4),
+          "tq2_0": dict(bits=2, group=256, offset=2)}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("warps", [1, 5, 19, "max"])
+@pytest.mark.parametrize("fmt", list(_CODES))
 @pytest.mark.parametrize("flags", _FLAGS, ids=lambda f: "-".join(f) or "plain")
-def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, flags):
+def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, fmt, flags):
     """Up to `max_blocks` warps: the registers hold a lane's words without spilling (one more warp gated spills)."""
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
     src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, **flags, min_blocks=min_blocks(flags.get("gated", False), warps)).source())
+    src.write_text(Variant(warps, **_CODES[fmt], **flags,
+                           min_blocks=min_blocks(flags.get("gated", False), warps)).source())
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
                         str(tmp_path / "k.cubin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -38,11 +45,17 @@ def _cuda_row(k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _packed(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """(the packed weight on the GPU, its dequantized fp32 [n, k]) of random codes and scales."""
+    from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed
+    spec = INT_SPECS[fmt]
+    codes = torch.randint(spec.lo, spec.hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    packed = REPACK[fmt](codes.cuda(), (torch.rand(n, k // spec.group, generator=gen) * 0.02 + 0.001).cuda())
+    return packed, dequantize_packed(fmt, packed, k)
+
+
 def _q4(n: int, k: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
-    from s2conv.runtime.kernels import REPACK, dequantize_packed
-    codes = torch.randint(-7, 8, (n, k), generator=gen, dtype=torch.int8)
-    packed = REPACK["q4"](codes.cuda(), (torch.rand(n, k // 128, generator=gen) * 0.02 + 0.001).cuda())
-    return packed, dequantize_packed("q4", packed, k)
+    return _packed("q4", n, k, gen)
 
 
 def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,20 +68,23 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1.5e-2) -> None:
     assert err < tol, err
 
 
+@pytest.mark.parametrize("fmt", list(_CODES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(16, 512), (40, 640), (2560, 2560), (96, 4096)])
+@pytest.mark.parametrize("n,k", [(16, 512), (40, 640), (2560, 2560), (96, 4096), (32, 9728)])
 @pytest.mark.parametrize("mode", ["plain", "residual", "norm", "gated", "gated-norm"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_matches_reference(mode, n, k, dtype):
+def test_matches_reference(mode, n, k, dtype, fmt):
     from s2conv.runtime.kernels import cat_rows
-    from s2conv.runtime.kernels.cuda_int import int4_gemv
+    from s2conv.runtime.kernels.cuda_int import int_gemv
+    gated = mode.startswith("gated")
+    if k % _CODES[fmt]["group"] or (gated and k > max_blocks(True) * 512):
+        pytest.skip("K not whole scale groups, or beyond the gated kernel's limit")
     gen = torch.Generator().manual_seed(n + k)
     x = _cuda_row(k, dtype, gen)
-    gated = mode.startswith("gated")
-    p1, w1 = _q4(n, k, gen)
+    p1, w1 = _packed(fmt, n, k, gen)
     if gated:
-        p3, w3 = _q4(n, k, gen)
+        p3, w3 = _packed(fmt, n, k, gen)
         packed = cat_rows(p1, p3)
     else:
         packed = p1
@@ -79,25 +95,29 @@ def test_matches_reference(mode, n, k, dtype):
         want = torch.nn.functional.silu(xin @ w1.T) * (xin @ w3.T)
     else:
         want = xin @ w1.T + (res.float() if res is not None else 0)
-    y = int4_gemv(x, packed["qweight"], packed["scales"], gated, residual=res, norm_weight=g, norm_eps=1e-6)
+    c = _CODES[fmt]
+    y = int_gemv(x, packed["qweight"], packed["scales"], gated, residual=res, norm_weight=g, norm_eps=1e-6,
+                 offset=c["offset"], bits=c["bits"], group=c["group"])
     assert y.shape == (1, n) and y.dtype == dtype
     _close(y, want)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(_CODES))
 @pytest.mark.parametrize("gated", [False, True])
-def test_norm_chain_matches_triton(gated):
+def test_norm_chain_matches_triton(gated, fmt):
     """ss_out, zero, gx_out and rs_in as `ops.int_linear_impl` documents them: the dispatcher's CUDA path against
     the Triton GEMV (forced by an explicit config) on the same inputs."""
     from s2conv.runtime.kernels import cat_rows, ops
     n, k = 2560 if not gated else 1024, 2560
+    c = _CODES[fmt]
     gen = torch.Generator().manual_seed(7)
     x = _cuda_row(k, torch.bfloat16, gen)
-    packed = cat_rows(_q4(n, k, gen)[0], _q4(n, k, gen)[0]) if gated else _q4(n, k, gen)[0]
+    packed = cat_rows(_packed(fmt, n, k, gen)[0], _packed(fmt, n, k, gen)[0]) if gated else _packed(fmt, n, k, gen)[0]
     g = (torch.rand(n, generator=gen) + 0.5).to(x.dtype).cuda()
     res = torch.randn(1, n, generator=gen).to(x.dtype).cuda()
-    cfg = ops.default_config("int", 4, n, k, 1, x.device, gated, 128)
+    cfg = ops.default_config("int", c["bits"], n, k, 1, x.device, gated, c["group"])
     outs = []
     for config in (None, cfg):  # None: the CUDA GEMV; cfg: Triton
         ss_in = torch.full((1,), 3.0 * k, device="cuda")
@@ -107,7 +127,8 @@ def test_norm_chain_matches_triton(gated):
         chain = dict(rs_in=(ss_in, 1e-6), zero=zero)
         if not gated:
             chain.update(ss_out=ss_out, gx_out=(g, gx), residual=res)
-        y = ops.int_linear_impl(x, packed["qweight"], packed["scales"], None, 4, 8, 128, gated, config, **chain)
+        y = ops.int_linear_impl(x, packed["qweight"], packed["scales"], None, c["bits"], c["offset"], c["group"],
+                                gated, config, **chain)
         outs.append((y, ss_out.clone(), zero.clone(), gx.clone()))
     (y_c, ss_c, z_c, gx_c), (y_t, ss_t, z_t, gx_t) = outs
     _close(y_c, y_t)
@@ -139,7 +160,7 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch):
         h0.copy_(src)
         h = h0
         for i, p in enumerate(weights):
-            h = cuda_int.int4_gemv(h, p["qweight"], p["scales"], residual=h, norm_weight=g, norm_eps=1e-6)
+            h = cuda_int.int_gemv(h, p["qweight"], p["scales"], residual=h, norm_weight=g, norm_eps=1e-6)
             if i == 2:
                 h = h * 0.5
         return h
@@ -162,7 +183,8 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch):
 
 
 def test_takes_only_what_it_computes():
-    """The dispatcher's gate: 4-bit codes, groups of 128, no mins, K up to the limit, one 16-bit CUDA row."""
+    """The dispatcher's gate: 4-bit codes in groups of 128, 2- and 3-bit ones in groups of 128 or 256, no mins, K up
+    to the limit, one 16-bit CUDA row."""
     from s2conv.runtime.kernels import cuda_common, cuda_int
     x = torch.zeros(1, 2560, dtype=torch.bfloat16)
     assert not cuda_int.takes(x, 4, 128, False, 2560, False)  # a CPU tensor
@@ -170,8 +192,10 @@ def test_takes_only_what_it_computes():
         xc = x.cuda()
         assert cuda_int.takes(xc, 4, 128, False, 2560, True)
         for bits in (2, 3):
-            assert not cuda_int.takes(xc, bits, 128, False, 2560, False)
-        assert not cuda_int.takes(xc, 4, 32, False, 2560, False)
+            assert cuda_int.takes(xc, bits, 128, False, 2560, False) and cuda_int.takes(xc, bits, 256, False, 2560, True)
+            assert not cuda_int.takes(xc, bits, 64, False, 2560, False)
+        assert not cuda_int.takes(xc, 4, 32, False, 2560, False) and not cuda_int.takes(xc, 4, 256, False, 2560, False)
+        assert not cuda_int.takes(xc, 8, 128, False, 2560, False)
         assert not cuda_int.takes(xc, 4, 128, True, 2560, False)
         assert cuda_int.takes(xc, 4, 128, False, 9728, False) == (cuda_int.max_k(xc.device) >= 9728)
         assert not cuda_int.takes(xc, 4, 128, False, 9728, True)  # gated: more words than the registers hold

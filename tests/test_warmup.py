@@ -21,7 +21,7 @@ from s2conv.runtime.warmup import compile_kernels, record_launches  # noqa: E402
 from test_runtime_math import TINY, _force_eos_at, random_prompt, random_s2_weights  # noqa: E402
 
 
-GEMVS = {"int_gemv_kernel", "s2_int4_gemv"}  # the Triton q4 GEMV, the CUDA one (kernels/cuda_int.py)
+GEMVS = {"int_gemv_kernel", "s2_int_gemv"}  # the Triton q4 GEMV, the CUDA one (kernels/cuda_int.py)
 
 
 def _q4_linear(n=48, k=512):
@@ -45,7 +45,7 @@ def test_recording_notes_launches_instead_of_running_them():
     kernel, grid, args, kwargs = noted[0]
     # the Triton GEMV, or on a GPU with NVRTC the CUDA one (kernels/cuda_int.py): 3 tiles of 16 rows either way
     assert kernel.__name__ in GEMVS and grid[0] == 3
-    assert kernel.__name__ == "s2_int4_gemv" or kwargs["BITS"] == 4
+    assert kernel.__name__ == "s2_int_gemv" or kwargs["BITS"] == 4
     assert torch.equal(got, torch.zeros_like(want))  # the output it would have written reads as zeros
     assert torch.equal(KERNELS["q4"](x, packed), want)  # after the block, launches run again
     if DEVICE == "cpu":

@@ -46,18 +46,27 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
     return dp2a_hi(xv.w, hi, c);
 }
 __device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
+__device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ float compf(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 // One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
-// holds word l / 4 of rows 4 (l % 4) .. + 3, word u * 8 + l / 4 of the block at load u (in scale group u / 2).
-// qw: int32 words [HALVES * n_pad, W] (`layout.pack_int_codes`); scales fp32 [HALVES * N, stride_s], one per 128
-// codes (4 per block); x, res, y, g, gx_*: the activations' 16-bit dtype. Shared memory, per warp: its block's x
-// integers [64 words][8] u16 and each word's bias [64] int; then the warps' row sums [WARPS][HALVES * 16].
+// holds word l / 4 of rows 4 (l % 4) .. + 3, word u * 8 + l / 4 of the block at load u (NLOAD = 2 BITS loads:
+// a block is 16 BITS words a row, `layout.pack_int_codes`).
+// qw: int32 words [HALVES * n_pad, W]; scales fp32 [HALVES * N, stride_s], one per GROUP codes (SPB per block);
+// x, res, y, g, gx_*: the activations' 16-bit dtype. Shared memory, per warp: its block's x integers in the order
+// of the words' fields (4-bit: [64 words][8] u16; 2- and 3-bit: [32 two-bit words][16] u16, the 1-bit words of
+// 3-bit codes meet the same x) and the bias of each (word, scale group) [BIASES]; then the warps' row sums
+// [WARPS][HALVES * 16].
 // x is scaled to integers per block (inv = XMAX / max |x| over the block's 512 codes), so a warp prepares its
 // own x without waiting on the other warps: the one block-wide barrier is before the final sums.
 #define HALVES (GATED ? 2 : 1)
+#define NLOAD (2 * BITS)
+#define SPB (512 / GROUP)
+#define GPW (256 / GROUP)  // 2- and 3-bit: scale groups a two-bit word's 16 fields (slots) span
+#define BIASES (BITS == 4 ? 64 : 32 * GPW)
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
         const int4* __restrict__ qw, const float* __restrict__ scales, const u16* __restrict__ x,
         u16* __restrict__ y, const u16* __restrict__ res, const u16* __restrict__ g,
         float* ss_out, float* zero, const u16* __restrict__ gx_g, u16* __restrict__ gx_buf, const float* rs_in,
@@ -70,22 +79,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
     const int tid = threadIdx.x, lane = tid & 31, b = tid >> 5, q = lane & 3;
     const int row0 = blockIdx.x * 16;
     int4* xs = smem + b * 64;
-    int* bias = (int*)(smem + WARPS * 64) + b * 64;
-    float* sums = (float*)((int*)(smem + WARPS * 64) + WARPS * 64);
+    int* bias = (int*)(smem + WARPS * 64) + b * BIASES;
+    float* sums = (float*)((int*)(smem + WARPS * 64) + WARPS * BIASES);
     // 1. this warp's weight words and scales, all requested first
     pdl_launch_dependents();  // the next GEMV may start its own weight loads while this one runs
     const int4* wbase = qw + (long long)blockIdx.x * 4 * W + q;
-    int4 wr[HALVES][8];
-    float4 sc[HALVES][4];  // [r]: the 4 group scales of the block for row 4 q + r
+    int4 wr[HALVES][NLOAD];
+    float sc[HALVES][4][SPB];  // [r][i]: the block's group scales for row 4 q + r
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-            wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 64 + u * 8 + lane / 4));
+        for (int u = 0; u < NLOAD; ++u)
+            wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + u * 8 + lane / 4));
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            int row = min(row0 + 4 * q + r, N - 1);
-            sc[h][r] = *(const float4*)(scales + (long long)(h * N + row) * stride_s + 4 * b);
+            const float* sp = scales + (long long)(h * N + min(row0 + 4 * q + r, N - 1)) * stride_s + SPB * b;
+#if SPB == 2
+            const float2 s2 = *(const float2*)sp;
+            sc[h][r][0] = s2.x;
+            sc[h][r][1] = s2.y;
+#else
+#pragma unroll
+            for (int i = 0; i < SPB; i += 4) {
+                const float4 s4 = *(const float4*)(sp + i);
+                sc[h][r][i] = s4.x;
+                sc[h][r][i + 1] = s4.y;
+                sc[h][r][i + 2] = s4.z;
+                sc[h][r][i + 3] = s4.w;
+            }
+#endif
         }
     }
     pdl_wait();  // everything above read constants only; x, res, rs_in and every write come after the producer
@@ -93,7 +115,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
     if (tid == 0 && blockIdx.x == 0) *zero = 0.f;  // a consumed sum-of-squares slot, free for the next step
 #endif
     // 2. the block's x: lane l takes the 16 codes of slot l (k = 512 b + 16 l + e), the block's max |x| by
-    // shuffles, the integers stored at field l % 8 of words 16 (l / 8) + e; then each word's bias
+    // shuffles, the integers stored where the words' fields meet them (4-bit: field l % 8 of word 16 (l / 8) + e;
+    // 2-bit words: field l % 16 of word 16 (l / 16) + e); then the bias of each (word, scale group)
     // (K is a multiple of 128: a slot is wholly inside or outside; x is 16-byte aligned, `aligned`)
     const int k0 = b * 512 + 16 * lane;
     int4 xr[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
@@ -116,6 +139,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
     for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float inv = amax > 0.f ? (float)xmax / amax : 0.f, rinv = amax > 0.f ? amax / (float)xmax : 0.f;
     u16* xq = (u16*)xs;
+#if BITS == 4
 #pragma unroll
     for (int e = 0; e < 16; ++e) xq[((lane >> 3) * 16 + e) * 8 + (lane & 7)] = (u16)(short)__float2int_rn(v[e] * inv);
     __syncwarp();
@@ -126,32 +150,85 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
               + (short)(p.z & 0xffff) + (p.z >> 16) + (short)(p.w & 0xffff) + (p.w >> 16);
         bias[j] = 0x4B400000 - OFF * s;
     }
+#else
+#pragma unroll
+    for (int e = 0; e < 16; ++e) xq[((lane >> 4) * 16 + e) * 16 + (lane & 15)] = (u16)(short)__float2int_rn(v[e] * inv);
     __syncwarp();
-    // 3. the dot products, 4 rows a lane: the integer dot of a word is exact, then times its group's scale
+    {  // lane j: two-bit word j's 16 x integers, summed per scale group (16 / GPW fields each)
+        const int4 p0 = xs[2 * lane], p1 = xs[2 * lane + 1];
+        const int pr[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+        for (int gi = 0; gi < GPW; ++gi) {
+            int s = 0;
+#pragma unroll
+            for (int p = gi * 8 / GPW; p < (gi + 1) * 8 / GPW; ++p) s += (short)(pr[p] & 0xffff) + (pr[p] >> 16);
+            bias[lane * GPW + gi] = 0x4B400000 - OFF * s;
+        }
+    }
+#endif
+    __syncwarp();
+    // 3. the dot products, 4 rows a lane: each (word, scale group) integer dot is exact, then times its scale
     float acc[HALVES][4];
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) sc[h][r] = make_float4(sc[h][r].x * rinv, sc[h][r].y * rinv, sc[h][r].z * rinv,
-                                                           sc[h][r].w * rinv);
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int i = 0; i < SPB; ++i) sc[h][r][i] *= rinv;
         acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.f;
     }
+#if BITS == 4
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < 8; ++u) {  // word u * 8 + l / 4, in scale group u / 2
         const int j = u * 8 + lane / 4;
         const int4 xv = xs[j];
         const int b0 = bias[j];
 #pragma unroll
-        for (int h = 0; h < HALVES; ++h) {
+        for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const float4 s = sc[h][r];
-                const float sg = u < 2 ? s.x : u < 4 ? s.y : u < 6 ? s.z : s.w;  // group u / 2 (compile time)
-                const int w = r == 0 ? wr[h][u].x : r == 1 ? wr[h][u].y : r == 2 ? wr[h][u].z : wr[h][u].w;
-                acc[h][r] += exact(dot_word((unsigned)w, xv, b0)) * sg;
-            }
+            for (int r = 0; r < 4; ++r)
+                acc[h][r] += exact(dot_word((unsigned)comp(wr[h][u], r), xv, b0)) * sc[h][r][u / 2];
+    }
+#else
+    // two-bit word (t, w) = load 2 t + w / 8 holds fields i of slots 16 t + i (i = 0..15) at bit 8 (i % 4) + 2 (i / 4);
+    // 3-bit: the high bits, the one-bit word w = load 4 + w / 8, hold slot s at bit 8 (s % 4) + s / 4
+#pragma unroll
+    for (int hw = 0; hw < 2; ++hw) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+            const int j = 16 * t + 8 * hw + lane / 4;  // the two-bit word, 0..31
+            const int4 xa = xs[2 * j], xb = xs[2 * j + 1];
+            const int xp[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+            int b0[GPW];
+#pragma unroll
+            for (int gi = 0; gi < GPW; ++gi) b0[gi] = bias[j * GPW + gi];
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const unsigned lo = (unsigned)comp(wr[h][2 * t + hw], r);
+#if BITS == 3
+                    const unsigned hi = (unsigned)comp(wr[h][4 + hw], r);
+#endif
+                    int c[GPW];
+#pragma unroll
+                    for (int gi = 0; gi < GPW; ++gi) c[gi] = b0[gi];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // fields 4 e .. 4 e + 3, in scale group e * GPW / 4
+                        unsigned codes = (lo >> (2 * e)) & 0x03030303u;
+#if BITS == 3
+                        codes |= ((hi >> (4 * t + e)) & 0x01010101u) << 2;
+#endif
+                        const int gi = e * GPW / 4;
+                        c[gi] = dp2a_lo(xp[2 * e], codes, c[gi]);
+                        c[gi] = dp2a_hi(xp[2 * e + 1], codes, c[gi]);
+                    }
+#pragma unroll
+                    for (int gi = 0; gi < GPW; ++gi) acc[h][r] += exact(c[gi]) * sc[h][r][t * GPW + gi];
+                }
         }
     }
+#endif
     // 4. sums over the 8 lanes of a row quad, then (after the barrier) over the warps, by warp 0
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) {
@@ -219,11 +296,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int4_gemv(
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled specialization: warps (= 512-code blocks of K), gated, residual, folded RMSNorm, norm chain
+    """One compiled specialization: warps (= 512-code blocks of K), code bits, codes per scale, gated, residual, folded RMSNorm, norm chain
     flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per SM the registers must
     allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`)."""
 
     warps: int
+    bits: int = 4
+    group: int = 128
     gated: bool = False
     has_res: bool = False
     norm: bool = False
@@ -237,7 +316,7 @@ class Variant:
     pdl: bool = False
 
     def source(self) -> str:
-        flags = dict(WARPS=self.warps, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
+        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
                      ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks,
                      PDL=self.pdl)
         return flags_source(flags, SOURCE)
@@ -257,9 +336,10 @@ def min_blocks(gated: bool, warps: int) -> int:
 
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
-    """Whether `int4_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
-    `available(x)`, 4-bit codes without mins, one scale per 128 codes, K of at most `max_k`."""
-    return (available(x) and bits == 4 and group == 128 and not has_min
+    """Whether `int_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
+    `available(x)`, codes without mins, 4-bit ones in groups of 128 (q4), 2- and 3-bit ones in groups of 128 or 256
+    (q3, tq2_0), K of at most `max_k`."""
+    return (available(x) and not has_min and (group == 128 if bits == 4 else bits in (2, 3) and group in (128, 256))
             and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -272,37 +352,41 @@ def max_k(device: torch.device) -> int:
     return int(os.environ.get("S2CONV_CUDA_GEMV_MAX_K", default))
 
 
-def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """The memory layout the kernel's vector loads assume: contiguous x and qweight, all three 16-byte aligned, scale
-    rows of whole 16-byte groups of 4 (a block's scales in one load)."""
-    return (x.is_contiguous() and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % 4 == 0
-            and scales.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
+def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int = 128) -> bool:
+    """The memory layout the kernel's vector loads assume: contiguous x and qweight, all three 16-byte aligned (8
+    for the scales of 256-code groups), scale rows of whole vectors (a block's 2 scales in one load, or 4)."""
+    vec = 2 if group == 256 else 4
+    return (x.is_contiguous() and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
+            and scales.data_ptr() % (4 * vec) == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-GEMV = CudaGemv("s2_int4_gemv")
+GEMV = CudaGemv("s2_int_gemv")
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated: bool = False,
-              residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-              ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None, gx_out: tuple | None = None,
-              rs_in: tuple | None = None, offset: int = 8, xmax: int = 32767) -> torch.Tensor:
-    """y [1, N] = x [1, K] @ W^T (x's dtype) for a 4-bit weight in the interleaved layout, one scale per 128 codes
-    (what `ops.int_linear_impl` takes for q4; it checks the arguments, `takes` and `aligned` first).
-    gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added; norm_weight: x first through
-    fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the norm chain of
-    `ops.norm_chain_args`. xmax: the integer range of x (`ops.int_dot_xmax`). Goes through `launch.launch`: a dry
-    run notes it (and compiling ahead compiles its variant) instead of running it."""
+def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated: bool = False,
+             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+             ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None, gx_out: tuple | None = None,
+             rs_in: tuple | None = None, offset: int = 8, xmax: int = 32767, bits: int = 4,
+             group: int = 128) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W^T (x's dtype) for a weight of `bits`-bit codes in the interleaved layout, one scale
+    per `group` codes (what `ops.int_linear_impl` takes for q4, q3 and tq2_0; it checks the arguments, `takes` and
+    `aligned` first). gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added;
+    norm_weight: x first through fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the
+    norm chain of `ops.norm_chain_args`. xmax: the integer range of x (`ops.int_dot_xmax`: each (word, scale group)
+    integer dot stays below 2**22). Goes through `launch.launch`: a dry run notes it (and compiling ahead compiles
+    its variant) instead of running it."""
     n = scales.shape[0] // (2 if gated else 1)
     words = qweight.shape[1]
     n_pad = qweight.shape[0] // (2 if gated else 1)
-    warps = words // 64
-    v = Variant(warps, gated, residual is not None, norm_weight is not None, ss_out is not None, zero is not None,
-                gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset, min_blocks(gated, warps),
-                pdl_capable(x.device))
+    warps = words // (16 * bits)
+    v = Variant(warps, bits, group, gated, residual is not None, norm_weight is not None, ss_out is not None,
+                zero is not None, gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset,
+                min_blocks(gated, warps), pdl_capable(x.device))
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    shared = warps * 64 * (16 + 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks` warps
+    biases = 64 if bits == 4 else 32 * (256 // group)
+    shared = warps * (64 * 16 + biases * 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks`
     eps = rs_in[1] if rs_in is not None else norm_eps
     unused = y
     launch(GEMV, (-(-n // 16), 1, 1), v, 32 * warps, shared, qweight, scales, x, y,

@@ -262,18 +262,19 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
         return False
     if _fragment(bits, offset, group, has_min):  # the tensor-core kernel takes no norm: a norm launch first
         return False
-    if _cuda_gemv(x, bits, group, has_min, k, config, gated):  # the CUDA GEMV folds it at no cost
+    if _cuda_gemv(x, bits, offset, group, has_min, k, config, gated):  # the CUDA GEMV folds it at no cost
         return True
     cfg = config or default_config("int", bits, 1, k, 1, x.device, group=group)
     return cfg.int_dot and cfg.fold_norm and int_dot_xmax(bits, offset, group) > 0
 
 
-def _cuda_gemv(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, config: Optional[Config],
+def _cuda_gemv(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int, config: Optional[Config],
                gated: bool) -> bool:
-    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4 on a GPU with NVRTC, K up to
-    `cuda_int.max_k`) rather than the Triton one: only with the default config and the dp2a path on (S2CONV_INT_DOT)."""
+    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4, q3 and tq2_0 on a GPU with NVRTC,
+    K up to `cuda_int.max_k`) rather than the Triton one: only with the default config, the dp2a path on
+    (S2CONV_INT_DOT) and x's integer range exact for the format (`int_dot_xmax`)."""
     return (config is None and os.environ.get("S2CONV_INT_DOT", "1") != "0"
-            and cuda_int.takes(x, bits, group, has_min, k, gated))
+            and cuda_int.takes(x, bits, group, has_min, k, gated) and int_dot_xmax(bits, offset, group) > 0)
 
 
 def norm_chain_args(op: str, x: torch.Tensor, gated: bool, ss_out: Optional[torch.Tensor],
@@ -394,10 +395,10 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # longest kernel of a cold start), and the plain one is the same kernel as the model's other linears
         both = int_linear_impl(x, qweight, scales, None, bits, offset, group, False)
         return fused.silu_mul(both[:, :n], both[:, n:])
-    if _cuda_gemv(x, bits, group, False, k, config, gated) and cuda_int.aligned(x, qweight, scales):
+    if _cuda_gemv(x, bits, offset, group, False, k, config, gated) and cuda_int.aligned(x, qweight, scales, group):
         try:
-            return cuda_int.int4_gemv(x, qweight, scales, gated, residual, norm_weight, norm_eps, ss_out, zero,
-                                      gx_out, rs_in, offset, int_dot_xmax(bits, offset, group))
+            return cuda_int.int_gemv(x, qweight, scales, gated, residual, norm_weight, norm_eps, ss_out, zero,
+                                     gx_out, rs_in, offset, int_dot_xmax(bits, offset, group), bits, group)
         except RuntimeModelError as e:  # no NVRTC here: this device keeps the Triton kernel (cuda_common.available)
             log.warning("%s", e)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, False, gated)) or default_config(
