@@ -49,7 +49,7 @@ def _packed(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[dict, torch
     """(the packed weight on the GPU, its dequantized fp32 [n, k]) of random codes and scales."""
     from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed
     spec = INT_SPECS[fmt]
-    codes = torch.randint(spec.lo, spec.hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), generator=gen, dtype=torch.int8)
     packed = REPACK[fmt](codes.cuda(), (torch.rand(n, k // spec.group, generator=gen) * 0.02 + 0.001).cuda())
     return packed, dequantize_packed(fmt, packed, k)
 
