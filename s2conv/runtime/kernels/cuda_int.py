@@ -1,30 +1,34 @@
-"""A hand-written CUDA GEMV (one row of x) for 4-bit codes in the interleaved layout of `layout.py` (q4), compiled
-at load time by NVRTC; the q4 launcher takes it where `takes` says so, the Triton kernels everywhere else.
+"""A hand-written CUDA GEMV (one row of x) for 2-, 3- and 4-bit codes in the interleaved layout of `layout.py` (q4,
+q3, tq2_0), compiled at load time by NVRTC; the integer launcher takes it where `takes` says so, the Triton
+kernels everywhere else.
 
 Why CUDA beside Triton: the integer GEMV is latency-bound (a q4 layer took ~36 us against ~20 us for a kernel that
 only loads the same bytes). In the Triton kernel, a program walks its blocks one after another with a block or
 two of words in flight and prepares x for its whole row. Here every warp owns one 512-code block of a 16-row
-tile (the thread block), requests all of that block's weight words and scales at once (8 16-byte loads a lane,
-16 when gated), then prepares only its own block's x while those are in flight:
+tile (the thread block), requests all of that block's weight words and scales at once (2 * bits 16-byte loads a
+lane, twice that when gated), then prepares only its own block's x while those are in flight:
 1. x of the block as 16-bit integers round(x * inv), inv = XMAX / max |x| over the block (a per-block scale,
    found by warp shuffles: no wait on other warps), stored in shared memory in the order of a word's fields, so
-   one 16-byte load gives the 8 x integers that a word's 8 codes meet; per word also the bias 0x4B400000 - OFF *
-   sum(its x integers) (the code offset's correction);
-2. per word and row: 4 dp2a (two multiply-adds each) starting from the bias; the float with the result's bits
-   minus 2**23 + 2**22 is the exact integer dot (`triton_int`'s trick), times the group scale / inv;
+   16-byte loads give the x integers that a word's codes meet; per word and scale group also the bias
+   0x4B400000 - OFF * sum(its x integers) (the code offset's correction);
+2. per word (4-bit) or per 2-bit word and scale group (2-bit; 3-bit: the 2-bit word's low bits ORed with the
+   1-bit word's high bits, shifted into place, so a code is again one byte): dp2a (two multiply-adds each)
+   starting from the bias; the float with the result's bits minus 2**23 + 2**22 is the exact integer dot
+   (`triton_int`'s trick), times the group scale / inv;
 3. the row sums over lanes (shuffles) and warps (one barrier), then warp 0's epilogue: the RMSNorm factor (a
    folded norm, or the chain's rs_in), silu(w1) * w3 when gated, the residual, the chain's outputs.
 
 On Hopper and later, a GEMV captured into a CUDA graph right after another kernel goes out with programmatic
-dependent launch (PDL, `_launch_pdl`): it starts while its producer still runs, requests its weights, and waits
+dependent launch (PDL, `cuda_common`): it starts while its producer still runs, requests its weights, and waits
 (griddepcontrol.wait) before it reads x. Each GEMV lets its successor launch first thing, so consecutive GEMVs
 overlap one's tail with the next one's weight loads.
 
 H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
 GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2. Without PDL,
 K above 4096 stays on Triton (`max_k`); with it, whole q4 frames on an H100 went 300.1 -> 312.5 frames/s with
-every GEMV here (nineteenth session). CI has no GPU: the tests compile every variant for sm_90 with nvcc where it
-is installed, and the GPU tests check the kernel against the reference path, graph-replayed with PDL as well.
+every GEMV here, q3 277.3 -> 318.3 (nineteenth session). CI has no GPU: the tests compile every variant for
+sm_90 with nvcc where it is installed, and the GPU tests check the kernel against the reference path,
+graph-replayed with PDL as well.
 """
 from __future__ import annotations
 
