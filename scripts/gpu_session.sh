@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that checks and measures the runtime on a GPU (about 10 minutes on an H100 with every step):
-#   tests:   the kernel, sampling, QuantLinear and fused-decode tests including the `cuda`-marked ones (S2 shapes,
-#            CUDA graphs),
+#   tests:   the kernel (Triton and CUDA), sampling, QuantLinear and fused-decode tests including the `cuda`-marked
+#            ones (S2 shapes, CUDA graphs),
 #   bench:   `s2conv bench` for every format (all linears) plus the codec and fish-speech's step (FISH=eager,compiled
 #            adds its 4-8 minute compilation), eager sampling as the baseline for bf16/q4,
 #   batch:   bf16 and q4 at batch 32,
@@ -18,7 +18,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ " $steps " == *" tests "* ]]; then
     python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" -k "${TESTS_K:-not nothing}" tests/test_kernels.py \
-        tests/test_sampling_kernel.py tests/test_qlinear.py tests/test_fused_decode.py tests/test_batch_fused.py \
+        tests/test_cuda_int.py tests/test_sampling_kernel.py tests/test_qlinear.py tests/test_fused_decode.py \
+        tests/test_batch_fused.py \
         2>&1 | tail -15 || status=1
 fi
 if [[ " $steps " == *" bench "* ]]; then

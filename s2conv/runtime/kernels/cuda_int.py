@@ -300,9 +300,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled specialization: warps (= 512-code blocks of K), code bits, codes per scale, gated, residual, folded RMSNorm, norm chain
-    flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per SM the registers must
-    allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`)."""
+    """One compiled specialization: warps (= 512-code blocks of K), code bits, codes per scale, gated, residual,
+    folded RMSNorm, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per
+    SM the registers must allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`)."""
 
     warps: int
     bits: int = 4
@@ -320,9 +320,9 @@ class Variant:
     pdl: bool = False
 
     def source(self) -> str:
-        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res, NORM=self.norm, SS=self.ss,
-                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, OFF=self.offset, MINB=self.min_blocks,
-                     PDL=self.pdl)
+        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res,
+                     NORM=self.norm, SS=self.ss, ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16,
+                     OFF=self.offset, MINB=self.min_blocks, PDL=self.pdl)
         return flags_source(flags, SOURCE)
 
 
