@@ -66,7 +66,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1.5e-2) -> None:
 
 @pytest.mark.parametrize("fmt", list(_CODES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(16, 512), (40, 640), (2560, 2560), (96, 4096), (32, 9728)])
+@pytest.mark.parametrize("n,k", [(16, 512), (40, 1536), (2560, 2560), (96, 4096), (32, 9728)])
 @pytest.mark.parametrize("mode", ["plain", "residual", "norm", "gated", "gated-norm"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -137,7 +137,7 @@ def test_norm_chain_matches_triton(gated, fmt):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fmt", ["q4", "q3"])
+@pytest.mark.parametrize("fmt", list(_CODES))
 def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
     """A captured chain of GEMVs (each x the previous output) after a copy node and with a torch kernel in between:
     the replay matches eager launches on new inputs. On sm_90+ the GEMVs that follow a kernel go out with PDL and
@@ -179,6 +179,28 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
         assert torch.equal(replayed, chain())
     if cuda_common.pdl_capable(src.device):
         assert len(pdl_launches) == 5  # every GEMV but the first, which follows the copy node
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_call_the_cuda_gemv_cannot_take_still_gets_its_norm(monkeypatch):
+    """K not a whole number of 512-code blocks: `fuses_norm` answers for the CUDA GEMV, `aligned` then sends the
+    call to Triton, whose tuned config here has no dp2a path to fold the norm into: the norm runs first."""
+    import dataclasses
+
+    from s2conv.runtime.kernels import cuda_int, ops
+    n, k = 40, 640
+    gen = torch.Generator().manual_seed(17)
+    x = _cuda_row(k, torch.bfloat16, gen)
+    packed, w = _packed("q3", n, k, gen)
+    g = (torch.rand(k, generator=gen) + 0.5).to(x.dtype).cuda()
+    assert ops.fuses_norm(x, 3, 4, 128, False, k)
+    assert not cuda_int.aligned(x, packed["qweight"], packed["scales"], 128)
+    plain = dataclasses.replace(ops.default_config("int", 3, n, k, 1, x.device, False, 128), int_dot=False)
+    monkeypatch.setitem(ops.TUNED, ops._int_key(x, packed["scales"], 3, 128, False, False), plain)
+    y = ops.int_linear_impl(x, packed["qweight"], packed["scales"], None, 3, 4, 128, False, norm_weight=g,
+                            norm_eps=1e-6)
+    _close(y, _rms(x, g, 1e-6) @ w.T)
 
 
 def test_takes_only_what_it_computes():

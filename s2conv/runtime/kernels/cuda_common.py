@@ -158,11 +158,20 @@ def _after_kernel(stream: int) -> bool:
     return True
 
 
+def _c_arg(a):
+    if isinstance(a, torch.Tensor):
+        return ctypes.c_void_p(a.data_ptr())
+    if isinstance(a, int):
+        return ctypes.c_int(a)
+    if isinstance(a, float):
+        return ctypes.c_double(a)
+    raise TypeError(f"unsupported kernel argument type: {type(a).__name__}")
+
+
 def _launch_pdl(kernel, grid: tuple, threads: int, shared: int, args: list, stream: int) -> None:
     """kernel(args) with the programmatic-serialization attribute (cuLaunchKernelEx); args as torch's wrapper
     marshals them: tensors as pointers, ints as int, floats as double."""
-    held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
-            ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
+    held = [_c_arg(a) for a in args]
     params = (ctypes.c_void_p * len(held))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in held])
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1
@@ -180,10 +189,19 @@ class CudaGemv:
 
     def __init__(self, name: str):
         self.__name__ = name
+        self._kernels: dict = {}  # (variant, device index) -> kernel: no source built and hashed per launch
+
+    def kernel(self, variant):
+        """The compiled kernel of `variant` on the current device (compiled on first use)."""
+        key = (variant, torch.cuda.current_device())
+        k = self._kernels.get(key)
+        if k is None:
+            k = self._kernels[key] = compiled(variant.source(), self.__name__)
+        return k
 
     def __getitem__(self, grid: tuple):
         def run(variant, threads: int, shared: int, *args) -> None:
-            kernel = compiled(variant.source(), self.__name__)
+            kernel = self.kernel(variant)
             if variant.pdl:
                 stream = torch.cuda.current_stream().cuda_stream
                 if _after_kernel(stream):
@@ -194,14 +212,14 @@ class CudaGemv:
 
     def warmup(self, variant, *args, grid=None, **kwargs) -> None:
         try:
-            compiled(variant.source(), self.__name__)
+            self.kernel(variant)
         except Exception as e:  # noqa: BLE001  (the launch itself reports it, and falls back to Triton)
             log.warning("CUDA GEMV %s: compiling ahead failed: %s", self.__name__, e)
 
     def check(self, variant, device: torch.device) -> None:
         """Compile `variant` now (outside a dry run), or raise RuntimeModelError and keep `device` on Triton."""
         try:
-            compiled(variant.source(), self.__name__)
+            self.kernel(variant)
         except Exception as e:  # noqa: BLE001  (no NVRTC, an unsupported GPU: the Triton kernel instead)
             failed(device)
             raise RuntimeModelError(f"CUDA GEMV {self.__name__} unavailable on {device}: {e}") from e

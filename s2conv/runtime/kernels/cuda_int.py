@@ -121,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     // 2. the block's x: lane l takes the 16 codes of slot l (k = 512 b + 16 l + e), the block's max |x| by
     // shuffles, the integers stored where the words' fields meet them (4-bit: field l % 8 of word 16 (l / 8) + e;
     // 2-bit words: field l % 16 of word 16 (l / 16) + e); then the bias of each (word, scale group)
-    // (K is a multiple of 128: a slot is wholly inside or outside; x is 16-byte aligned, `aligned`)
+    // (K is a whole number of blocks and x is 16-byte aligned: `aligned`)
     const int k0 = b * 512 + 16 * lane;
     int4 xr[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
     if (k0 < K) {
@@ -357,10 +357,13 @@ def max_k(device: torch.device) -> int:
 
 
 def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int = 128) -> bool:
-    """The memory layout the kernel's vector loads assume: contiguous x and qweight, all three 16-byte aligned (8
-    for the scales of 256-code groups), scale rows of whole vectors (a block's 2 scales in one load, or 4)."""
+    """The memory layout the kernel's loads assume: K a whole number of 512-code blocks with a scale for every
+    group of them (a lane reads 16 x values and a block's scales at once, unmasked), contiguous x and qweight, all
+    three 16-byte aligned (8 for the scales of 256-code groups), scale rows of whole vectors (a block's 2 scales
+    in one load, or 4)."""
     vec = 2 if group == 256 else 4
-    return (x.is_contiguous() and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
+    return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
+            and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
             and scales.data_ptr() % (4 * vec) == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
 
 

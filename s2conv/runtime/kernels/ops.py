@@ -422,6 +422,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # fp32 x keeps the float path: its outputs equal the reference to fp32 rounding, the dp2a path's to x's
         # 16-bit integer rounding (far below a bf16/fp16 output's)
         xmax = int_dot_xmax(bits, offset, group) if cfg.int_dot and x.dtype != torch.float32 else 0
+        if norm_weight is not None and not xmax:  # only the dp2a path folds it (`fuses_norm` promised the CUDA
+            x = fused.rms_norm(x, norm_weight, norm_eps)  # GEMV, which could not take this call after all)
+            norm_weight = None
         if xmax:
             common.update(num_warps=cfg.num_warps if cfg.slices == 4 else max(cfg.num_warps, 4))
         # the last-arriving program of a split finishes the row tile, residual included
