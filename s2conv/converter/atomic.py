@@ -11,6 +11,7 @@ import ctypes
 import errno
 import glob
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -127,10 +128,18 @@ class AtomicDir:
             raise ConversionError(f"output directory {parent} does not exist")
         _remove_stale_dirs(parent, self.target.name)
         try:
-            with _signals_deferred():  # an interrupt lands after the name is known, so the except can remove it
-                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.{os.getpid()}.", suffix=TMP_MARK,
-                                                 dir=parent))
+            with _signals_deferred():
+                while True:
+                    # the name is known before the directory exists, so that an interrupt raised right after
+                    # mkdir (a signal another thread received is not held back by this thread's mask) finds it
+                    self.tmp = parent / f".{self.target.name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_MARK}"
+                    try:
+                        os.mkdir(self.tmp, 0o700)
+                        break
+                    except FileExistsError:
+                        continue
         except OSError as e:
+            self.tmp = None
             raise os_error("cannot write to", parent, e) from None
         except BaseException:  # KeyboardInterrupt: `with` calls no __exit__ when __enter__ raises
             self._discard()
@@ -143,6 +152,7 @@ class AtomicDir:
             with _signals_deferred():
                 self._discard()
             return
+        old = None
         try:
             # fsyncs, renames and the old directory's removal run with SIGINT / SIGTERM held back: an interrupt
             # arriving meanwhile takes effect once the target is complete and no temporary name is left
@@ -150,7 +160,6 @@ class AtomicDir:
                 for f in self.tmp.iterdir():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-                old = None
                 if self.target.exists():
                     old = self.target.with_name(f".{self.target.name}.old{TMP_MARK}")
                     os.replace(self.target, old)
@@ -158,7 +167,12 @@ class AtomicDir:
                 _fsync_dir(self.target.parent)
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        except BaseException:
+        except BaseException:  # (an interrupt another thread received can still land inside the block)
+            if old is not None and old.exists():
+                if self.target.exists():  # the new output is in place: the old one goes, as planned
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+                else:  # interrupted between the two renames: the previous output back where it was
+                    os.replace(old, self.target)
             self._discard()
             raise
 
@@ -206,8 +220,10 @@ def _fsync_dir(d: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT and SIGTERM back while the block runs (they are delivered when it ends); no-op where the platform
-    has no signal masks."""
+    """Hold SIGINT and SIGTERM back from this thread while the block runs (they are delivered when it ends); no-op
+    where the platform has no signal masks. Only this thread's mask: a signal that another thread (torch's, numpy's)
+    receives still runs the Python handler in the main thread during the block, so code inside must stay safe when
+    interrupted anywhere (as `AtomicDir` does)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
