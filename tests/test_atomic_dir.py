@@ -1,12 +1,12 @@
-"""AtomicDir removes the temporary directories that a SIGKILLed run left, and only those, and leaves none of its
-own when interrupted."""
+"""AtomicDir removes the temporary directories that a SIGKILLed run left, and only those; AtomicDir and AtomicFile
+leave none of their own when interrupted."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from s2conv.converter.atomic import TMP_MARK, AtomicDir
+from s2conv.converter.atomic import TMP_MARK, AtomicDir, AtomicFile
 
 
 def test_stale_temporary_dirs_of_dead_processes_are_removed(tmp_path):
@@ -61,3 +61,19 @@ def test_an_interrupted_forced_overwrite_keeps_one_complete_output(tmp_path, mon
             (tmp / "file").write_bytes(b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "file").read_bytes() == kept
+
+
+def test_an_interrupt_before_a_forced_file_is_renamed_in_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """--force links the finished file under a temporary name, then renames it over the target."""
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt("signal 15")
+
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicFile(target, force=True) as f:
+            os.write(f.fd, b"new")
+            monkeypatch.setattr(os, "replace", interrupted_replace)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert target.read_bytes() == b"old"

@@ -87,11 +87,12 @@ class AtomicFile:
             os.replace(self._named, self.target)
             self._named = None
         elif self.force:
-            tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}{TMP_MARK}")
+            self._named = tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}{TMP_MARK}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            _link_fd_path(self.path, tmp)
+            _link_fd_path(self.path, tmp)  # (named before it exists: an interrupt from here on finds it, __exit__)
             os.replace(tmp, self.target)
+            self._named = None
         else:
             try:
                 _link_fd_path(self.path, self.target)  # fails if the target appeared meanwhile: never overwrite
