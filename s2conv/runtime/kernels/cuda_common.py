@@ -1,4 +1,4 @@
-"""What hand-written CUDA GEMVs share (`cuda_int`, for 4-bit codes, is the one so far): the device helpers every
+"""What hand-written CUDA GEMVs share (`cuda_int`, for 2- to 4-bit codes, is the one so far): the device helpers every
 kernel source starts with (`PRELUDE`), compiling a source with NVRTC once per device, and the launch, plain or
 with programmatic dependent launch (PDL) inside CUDA graphs.
 
