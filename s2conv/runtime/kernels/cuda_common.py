@@ -1,5 +1,5 @@
 """What hand-written CUDA GEMVs share (`cuda_int`, for 2- to 4-bit codes, is the one so far): the device helpers every
-kernel source starts with (`PRELUDE`), compiling a source with NVRTC once per device, and the launch, plain or
+kernel source starts with (`PRELUDE`), compiling each variant with NVRTC once per device, and the launch, plain or
 with programmatic dependent launch (PDL) inside CUDA graphs.
 
 PDL: a GEMV captured right after another kernel goes out with cuLaunchKernelEx and the programmatic-serialization
@@ -79,17 +79,6 @@ _FAILED: set = set()
 def flags_source(flags: dict, source: str) -> str:
     """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude."""
     return "".join(f"#define {k} {int(v)}\n" for k, v in flags.items()) + PRELUDE + source
-
-
-def compiled(source: str, name: str):
-    """The kernel `name` of `source` compiled by NVRTC for the current GPU (torch.cuda._compile_kernel) and loaded
-    into its context (where the launch runs, as for the Triton kernels), cached per source and device."""
-    return _compiled(source, name, torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(source: str, name: str, device: int):
-    return torch.cuda._compile_kernel(source, name, nvcc_options=["--std=c++17"])
 
 
 def available(x: torch.Tensor) -> bool:
@@ -189,14 +178,16 @@ class CudaGemv:
 
     def __init__(self, name: str):
         self.__name__ = name
-        self._kernels: dict = {}  # (variant, device index) -> kernel: no source built and hashed per launch
+        self._kernels: dict = {}  # (variant, device index) -> compiled kernel
 
     def kernel(self, variant):
-        """The compiled kernel of `variant` on the current device (compiled on first use)."""
+        """The kernel of `variant` compiled by NVRTC (torch.cuda._compile_kernel) on first use and loaded into the
+        current GPU's context (where the launch runs, as for the Triton kernels): cached per variant and device."""
         key = (variant, torch.cuda.current_device())
         k = self._kernels.get(key)
         if k is None:
-            k = self._kernels[key] = compiled(variant.source(), self.__name__)
+            k = self._kernels[key] = torch.cuda._compile_kernel(variant.source(), self.__name__,
+                                                                 nvcc_options=["--std=c++17"])
         return k
 
     def __getitem__(self, grid: tuple):

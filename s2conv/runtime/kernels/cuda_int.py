@@ -51,7 +51,6 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
 }
 __device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
 __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-__device__ __forceinline__ float compf(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 // One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l

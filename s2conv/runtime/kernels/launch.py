@@ -52,15 +52,19 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` are launched with PDL: S2CONV_PDL=1, a CUDA device of compute capability >= 9.0,
-    not under triton's interpreter."""
-    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL", "0") != "1":
+def _hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability >= 9.0 (griddepcontrol), not under triton's interpreter."""
+    if device.type != "cuda" or _INTERPRETED:
         return False
     ok = _CAPABLE.get(device)
     if ok is None:
         ok = _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
     return ok
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` are launched with PDL: S2CONV_PDL=1 on a `_hopper` device."""
+    return os.environ.get("S2CONV_PDL", "0") == "1" and _hopper(device)
 
 
 def pdl_args(device: torch.device) -> dict:
@@ -69,16 +73,7 @@ def pdl_args(device: torch.device) -> dict:
     for the CUDA GEMVs that go out with PDL: `cuda_int`), unless S2CONV_PDL_TRIGGER=0; else PDL=0."""
     if pdl_enabled(device):
         return {"PDL": 1, "launch_pdl": True}
-    return {"PDL": 2 if _triggers(device) else 0}
-
-
-def _triggers(device: torch.device) -> bool:
-    if device.type != "cuda" or _INTERPRETED or os.environ.get("S2CONV_PDL_TRIGGER", "1") == "0":
-        return False
-    ok = _CAPABLE.get(device)
-    if ok is None:
-        ok = _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return ok
+    return {"PDL": 2 if os.environ.get("S2CONV_PDL_TRIGGER", "1") != "0" and _hopper(device) else 0}
 
 
 # ---- compiling ahead: record a dry run's launches, compile their kernels concurrently -------------------------------
