@@ -131,7 +131,7 @@ def test_repack_roundtrip(fmt, k):
         assert packed["weight"].dtype == torch.int8 and packed["weight"].shape == (5, k)
         assert packed["scales"].shape == (5, k // spec.group)
         codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)  # q3_k: negated codes and scales
-    elif layout.uses_fragment_layout(spec):  # q2, q4_0, q4_1, q4_k: tiles of 16 rows, chunks of 256 / bits codes
+    elif layout.uses_fragment_layout(spec):  # q4_0, q4_1, q4_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
         assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * 128)
@@ -179,16 +179,15 @@ def test_fragment_bit_positions(bits, group):
 
 
 @pytest.mark.parametrize("fmt,m,k,gated,residual,split,two_level", [
-    ("q2", 1, 192, False, True, 1, False), ("q2", 1, 640, True, False, 3, False),
     ("q4_0", 1, 224, False, False, 2, False), ("q4_0", 9, 384, True, False, 2, False),
-    ("q2", 9, 384, False, True, 1, False), ("q4_0", 1, 384, False, True, 4, False),
+    ("q4_0", 1, 384, False, True, 4, False),
     ("q4_k", 1, 384, True, False, 2, False), ("q4_1", 9, 224, False, True, 1, False),
     ("q4_1", 1, 224, False, False, 3, False), ("q2_k", 1, 768, True, False, 3, False),
     ("q2_k", 9, 512, False, True, 1, False), ("q2_k", 1, 512, False, False, 1, True),
     ("q2_k", 9, 768, True, False, 3, True), ("q4_k", 1, 512, True, False, 2, True),
     ("q4_k", 9, 256, False, True, 1, True)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
-    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q2, q4_0 and the 2- and 4-bit
+    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q4_0 and the 2- and 4-bit
     formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with
     K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output

@@ -6,7 +6,8 @@ Why CUDA beside Triton: the integer GEMV is latency-bound (a q4 layer took ~36 u
 only loads the same bytes). In the Triton kernel, a program walks its blocks one after another with a block or
 two of words in flight and prepares x for its whole row. Here every warp owns one 512-code block of a 16-row
 tile (the thread block), requests all of that block's weight words and scales at once (2 * bits 16-byte loads a
-lane, twice that when gated), then prepares only its own block's x while those are in flight:
+lane, twice that when gated; the 16 rows' scales in one coalesced load, handed to the lanes that use them by
+shuffles later), then prepares only its own block's x while those are in flight:
 1. x of the block as 16-bit integers round(x * inv), inv = XMAX / max |x| over the block (a per-block scale,
    found by warp shuffles: no wait on other warps), stored in shared memory in the order of a word's fields, so
    16-byte loads give the x integers that a word's codes meet; per word and scale group also the bias
@@ -26,7 +27,9 @@ overlap one's tail with the next one's weight loads.
 H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
 GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2. Without PDL,
 K above 4096 stays on Triton (`max_k`); with it, whole q4 frames on an H100 went 300.1 -> 312.5 frames/s with
-every GEMV here, q3 277.3 -> 318.3 (nineteenth session). CI has no GPU: the tests compile every variant for
+every GEMV here, q3 277.3 -> 318.3 (nineteenth session). Loading the scales coalesced (one load a lane,
+rather than each lane its own 4 rows' scales in up to 8 loads): q4 314.2 -> 328.6, q3 314.3 -> 345.2, q2 318.4 ->
+365.1, tq2_0 411.0 -> 420.3 (twentieth session). CI has no GPU: the tests compile every variant for
 sm_90 with nvcc where it is installed, and the GPU tests check the kernel against the reference path,
 graph-replayed with PDL as well.
 """
@@ -68,6 +71,10 @@ __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 
 #define SPB (512 / GROUP)
 #define GPW (256 / GROUP)  // 2- and 3-bit: scale groups a two-bit word's 16 fields (slots) span
 #define BIASES (BITS == 4 ? 64 : 32 * GPW)
+#define SPL (SPB / 2)  // scales a lane loads
+// the scale of group i (of the block's SPB) for row 4 q + r, from the lane that loaded it: a warp loads its 16
+// rows' scales coalesced, SPL a lane, rather than each lane its 4 rows' (4 SPB scales, 4 rows a load)
+#define SCALE(h, r, i) __shfl_sync(0xffffffffu, scl[h][(i) % SPL], 2 * (4 * q + (r)) + (i) / SPL)
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
         const int4* __restrict__ qw, const float* __restrict__ scales, const u16* __restrict__ x,
@@ -88,30 +95,27 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     pdl_launch_dependents();  // the next GEMV may start its own weight loads while this one runs
     const int4* wbase = qw + (long long)blockIdx.x * 4 * W + q;
     int4 wr[HALVES][NLOAD];
-    float sc[HALVES][4][SPB];  // [r][i]: the block's group scales for row 4 q + r
+    float scl[HALVES][SPL];  // the block's scales of row row0 + lane / 2, half lane % 2 (SCALE hands them out)
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
         for (int u = 0; u < NLOAD; ++u)
             wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + u * 8 + lane / 4));
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const float* sp = scales + (long long)(h * N + min(row0 + 4 * q + r, N - 1)) * stride_s + SPB * b;
-#if SPB == 2
-            const float2 s2 = *(const float2*)sp;
-            sc[h][r][0] = s2.x;
-            sc[h][r][1] = s2.y;
+        const float* sl = scales + (long long)(h * N + min(row0 + lane / 2, N - 1)) * stride_s + SPB * b
+                        + (lane & 1) * SPL;
+#if SPL == 4
+        const float4 s4 = *(const float4*)sl;
+        scl[h][0] = s4.x;
+        scl[h][1] = s4.y;
+        scl[h][2] = s4.z;
+        scl[h][3] = s4.w;
+#elif SPL == 2
+        const float2 s2 = *(const float2*)sl;
+        scl[h][0] = s2.x;
+        scl[h][1] = s2.y;
 #else
-#pragma unroll
-            for (int i = 0; i < SPB; i += 4) {
-                const float4 s4 = *(const float4*)(sp + i);
-                sc[h][r][i] = s4.x;
-                sc[h][r][i + 1] = s4.y;
-                sc[h][r][i + 2] = s4.z;
-                sc[h][r][i + 3] = s4.w;
-            }
+        scl[h][0] = *sl;
 #endif
-        }
     }
     pdl_wait();  // everything above read constants only; x, res, rs_in and every write come after the producer
 #if ZERO
@@ -171,34 +175,38 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #endif
     __syncwarp();
     // 3. the dot products, 4 rows a lane: each (word, scale group) integer dot is exact, then times its scale
-    float acc[HALVES][4];
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int i = 0; i < SPB; ++i) sc[h][r][i] *= rinv;
-        acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.f;
-    }
+    float acc[HALVES][4] = {};
 #if BITS == 4
+    float st[HALVES][4];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {  // word u * 8 + l / 4, in scale group u / 2
         const int j = u * 8 + lane / 4;
         const int4 xv = xs[j];
         const int b0 = bias[j];
+        if (u % 2 == 0)
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) st[h][r] = SCALE(h, r, u / 2);
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-            for (int r = 0; r < 4; ++r)
-                acc[h][r] += exact(dot_word((unsigned)comp(wr[h][u], r), xv, b0)) * sc[h][r][u / 2];
+            for (int r = 0; r < 4; ++r) acc[h][r] += exact(dot_word((unsigned)comp(wr[h][u], r), xv, b0)) * st[h][r];
     }
 #else
     // two-bit word (t, w) = load 2 t + w / 8 holds fields i of slots 16 t + i (i = 0..15) at bit 8 (i % 4) + 2 (i / 4);
     // 3-bit: the high bits, the one-bit word w = load 4 + w / 8, hold slot s at bit 8 (s % 4) + s / 4
 #pragma unroll
-    for (int hw = 0; hw < 2; ++hw) {
+    for (int t = 0; t < 2; ++t) {
+        float st[HALVES][4][GPW];  // the scale groups of slots 16 t .. 16 t + 15
 #pragma unroll
-        for (int t = 0; t < 2; ++t) {
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int gi = 0; gi < GPW; ++gi) st[h][r][gi] = SCALE(h, r, t * GPW + gi);
+#pragma unroll
+        for (int hw = 0; hw < 2; ++hw) {
             const int j = 16 * t + 8 * hw + lane / 4;  // the two-bit word, 0..31
             const int4 xa = xs[2 * j], xb = xs[2 * j + 1];
             const int xp[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
@@ -227,11 +235,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
                         c[gi] = dp2a_hi(xp[2 * e + 1], codes, c[gi]);
                     }
 #pragma unroll
-                    for (int gi = 0; gi < GPW; ++gi) acc[h][r] += exact(c[gi]) * sc[h][r][t * GPW + gi];
+                    for (int gi = 0; gi < GPW; ++gi) acc[h][r] += exact(c[gi]) * st[h][r][gi];
                 }
         }
     }
 #endif
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[h][r] *= rinv;  // x's integers back to x's scale
     // 4. sums over the 8 lanes of a row quad, then (after the barrier) over the warps, by warp 0
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) {
@@ -340,9 +352,10 @@ def min_blocks(gated: bool, warps: int) -> int:
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
     """Whether `int_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
-    `available(x)`, codes without mins, 4-bit ones in groups of 128 (q4), 2- and 3-bit ones in groups of 128 or 256
-    (q3, tq2_0), K of at most `max_k`."""
-    return (available(x) and not has_min and (group == 128 if bits == 4 else bits in (2, 3) and group in (128, 256))
+    `available(x)`, codes without mins, 4-bit ones in groups of 128 (q4), 2- and 3-bit ones in groups of 64, 128 or
+    256 (q2, q3, tq2_0), K of at most `max_k`."""
+    return (available(x) and not has_min
+            and (group == 128 if bits == 4 else bits in (2, 3) and group in (64, 128, 256))
             and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -357,10 +370,10 @@ def max_k(device: torch.device) -> int:
 
 def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int = 128) -> bool:
     """The memory layout the kernel's loads assume: K a whole number of 512-code blocks with a scale for every
-    group of them (a lane reads 16 x values and a block's scales at once, unmasked), contiguous x and qweight, all
-    three 16-byte aligned (8 for the scales of 256-code groups), scale rows of whole vectors (a block's 2 scales
-    in one load, or 4)."""
-    vec = 2 if group == 256 else 4
+    group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
+    scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
+    at once: 4 for 64-code groups, 2 for 128, 1 for 256)."""
+    vec = 256 // group
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
             and scales.data_ptr() % (4 * vec) == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
