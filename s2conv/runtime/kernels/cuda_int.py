@@ -1,5 +1,5 @@
 """A hand-written CUDA GEMV (one row of x) for 2-, 3- and 4-bit codes in the interleaved layout of `layout.py` (q4,
-q3, tq2_0), compiled at load time by NVRTC; the integer launcher takes it where `takes` says so, the Triton
+q3, q2, tq2_0), compiled at load time by NVRTC; the integer launcher takes it where `takes` says so, the Triton
 kernels everywhere else.
 
 Why CUDA beside Triton: the integer GEMV is latency-bound (a q4 layer took ~36 us against ~20 us for a kernel that
@@ -388,7 +388,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
              rs_in: tuple | None = None, offset: int = 8, xmax: int = 32767, bits: int = 4,
              group: int = 128) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W^T (x's dtype) for a weight of `bits`-bit codes in the interleaved layout, one scale
-    per `group` codes (what `ops.int_linear_impl` takes for q4, q3 and tq2_0; it checks the arguments, `takes` and
+    per `group` codes (what `ops.int_linear_impl` takes for q4, q3, q2 and tq2_0; it checks the arguments, `takes` and
     `aligned` first). gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added;
     norm_weight: x first through fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the
     norm chain of `ops.norm_chain_args`. xmax: the integer range of x (`ops.int_dot_xmax`: each (word, scale group)

@@ -270,8 +270,8 @@ def fuses_norm(x: torch.Tensor, bits: int, offset: int, group: int, has_min: boo
 
 def _cuda_gemv(x: torch.Tensor, bits: int, offset: int, group: int, has_min: bool, k: int, config: Optional[Config],
                gated: bool) -> bool:
-    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4, q3 and tq2_0 on a GPU with NVRTC,
-    K up to `cuda_int.max_k`) rather than the Triton one: only with the default config, the dp2a path on
+    """Whether a one-row integer linear runs the CUDA GEMV (`cuda_int.takes`: q4, q3, q2 and tq2_0 on a GPU with
+    NVRTC, K up to `cuda_int.max_k`) rather than the Triton one: only with the default config, the dp2a path on
     (S2CONV_INT_DOT) and x's integer range exact for the format (`int_dot_xmax`)."""
     return (config is None and os.environ.get("S2CONV_INT_DOT", "1") != "0"
             and cuda_int.takes(x, bits, group, has_min, k, gated) and int_dot_xmax(bits, offset, group) > 0)

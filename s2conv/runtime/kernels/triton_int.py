@@ -1,6 +1,6 @@
 """Triton kernels for the integer formats in the layout of `layout.py` (slot-planar blocks, 16 interleaved rows):
 GEMV (M = 1), small-M GEMM. The formats that layout holds now: 2-, 3- and 4-bit codes without mins in scale groups
-of 64 codes or more (q4, q3, tq2_0); 8-bit codes are read row-major (`triton_float`), and 2- and 4-bit codes in
+of 64 codes or more (q4, q3, q2, tq2_0); 8-bit codes are read row-major (`triton_float`), and 2- and 4-bit codes in
 shorter groups or with mins by the tensor-core kernel (`triton_mma`).
 
 Dequantization without integer-to-float conversions (the H100 converts 16 ints per SM and clock, 8x slower than

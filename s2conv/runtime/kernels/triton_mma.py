@@ -6,7 +6,8 @@ groups of 32 or 64 it is slower than for q4. Here one shift and one LOP3 turn tw
 sum of x per group (an mma of the same x against ones) takes the 128 + offset back out, and the mins of the
 formats that have them. Per S2 layer on an H100 (`scripts/probe_mma.py`): q2 41.0 -> 38.2 us, q4_0 57.0 -> 45.8,
 q4_k 60.7 -> 55.3; q4 (one scale per 128) 40.0 -> 41.1, so q4 keeps the interleaved layout (bench/RESULTS.md,
-twelfth session).
+twelfth session). q2 has since moved to the interleaved layout too, whose CUDA GEMV is faster still at one row
+(`layout.uses_fragment_layout`).
 
 Mapping: each warp owns one 16-row tile; lane l = 4 g + q holds rows g and g + 8 of the A fragments, the x of
 batch row g in the B fragments (m16n8k16: n = 8 batch rows, so M <= 8 per program), and after the mma the sums
