@@ -485,7 +485,7 @@ def test_norm_folded_into_the_linear(fmt, m, gated, monkeypatch):
                     and cuda_int.takes(x.to(DEVICE), spec.bits, spec.group, spec.has_min, k, gated))
     assert launcher.fuses_norm(x.to(DEVICE), p) == on_cuda_gemv  # else opt-in
     monkeypatch.setenv("S2CONV_FOLD_NORM", "1")
-    # q4_k: mins; q2, q4_0: the tensor-core kernel of the fragment layout takes no norm
+    # q4_k: mins; q4_0: the tensor-core kernel of the fragment layout takes no norm
     fused = m == 1 and fmt != "q4_k" and not layout.uses_fragment_layout(INT_SPECS[fmt])
     assert launcher.fuses_norm(x.to(DEVICE), p) == fused
     y = launcher(x.to(DEVICE), p, norm=(g.to(DEVICE), 1e-6)).float().cpu()
