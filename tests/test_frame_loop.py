@@ -40,19 +40,79 @@ def test_sampled_frames_are_seeded_and_use_ras(weights):
     assert a.shape == (10, 12) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_the_loop_is_kept_between_calls_until_its_settings_or_caches_change(weights, monkeypatch):
+    """A second call with the same settings decodes through the same FrameLoop (on a GPU: its captured graphs)
+    and gives the same frames; other sampling settings, more frames than it holds, or reallocated KV caches get a
+    new one, as does every call with S2CONV_FRAME_LOOP_CACHE=0."""
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    _force_eos_at(model, -1)
+    prompt = random_prompt(TINY, 8)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
+    a = generate_frames(model, prompt, 12, params, seed=3, use_graphs=False)
+    loop = model.frame_loop
+    assert torch.equal(generate_frames(model, prompt, 12, params, seed=3, use_graphs=False), a)
+    assert model.frame_loop is loop
+    assert torch.equal(generate_frames(model, prompt, 7, params, seed=3, use_graphs=False), a[:, :7])
+    assert model.frame_loop is loop  # fewer frames than it holds
+    generate_frames(model, prompt, 13, params, seed=3, use_graphs=False)
+    assert model.frame_loop is not loop  # more frames than it held
+    loop = model.frame_loop
+    generate_frames(model, prompt, 13, GREEDY, use_graphs=False)
+    assert model.frame_loop is not loop and model.frame_loop.params == GREEDY
+    loop = model.frame_loop
+    model.max_batch = 0  # the next setup_caches reallocates the KV caches
+    generate_frames(model, prompt, 13, GREEDY, use_graphs=False)
+    assert model.frame_loop is not loop
+    loop = model.frame_loop
+    monkeypatch.setenv("S2CONV_FRAME_LOOP_CACHE", "0")
+    generate_frames(model, prompt, 13, GREEDY, use_graphs=False)
+    assert model.frame_loop is not loop
+
+
+def test_kv_caches_grow_in_steps(weights):
+    """Longer prompts within one KV_STEP keep the caches (and so the loop's graphs) of the call before."""
+    from s2conv.runtime.frame_loop import KV_STEP
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32)
+    _force_eos_at(model, -1)
+    generate_frames(model, random_prompt(TINY, 8), 4, GREEDY, use_graphs=False)
+    version, loop = model.cache_version, model.frame_loop
+    assert model.max_seq == min(TINY.max_seq_len, KV_STEP)
+    generate_frames(model, random_prompt(TINY, 12), 4, GREEDY, use_graphs=False)
+    assert model.cache_version == version and model.frame_loop is loop
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, top_p=0.8, top_k=30)])
 def test_cuda_graph_replay_equals_eager(weights, params):
+    """Capturing restores the device generator, so graph replay draws what eager steps draw."""
     model = DualARTransformer.from_weights(TINY, weights, torch.float32, device="cuda")
     _force_eos_at(model, -1)
     prompt = random_prompt(TINY, 8).cuda()
     eager = generate_frames(model, prompt, 40, params, seed=1, use_graphs=False)
     graphed = generate_frames(model, prompt, 40, params, seed=1, use_graphs=True)
-    if params.greedy:
-        assert torch.equal(eager, graphed)
-    else:  # the graph's warm-up draws advance the generator, so only the shape is comparable
-        assert graphed.shape == eager.shape
+    assert torch.equal(eager, graphed)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_graphs_replay_the_seeded_draws(weights, monkeypatch):
+    """A second call replays the first call's graphs (no capture) and, seeded alike, samples the same frames; a
+    new seed samples others."""
+    from s2conv.runtime import frame_loop
+    captures = []
+    capture = frame_loop.capture_step
+    monkeypatch.setattr(frame_loop, "capture_step", lambda *a: (captures.append(1), capture(*a))[1])
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device="cuda")
+    _force_eos_at(model, -1)
+    prompt = random_prompt(TINY, 8).cuda()
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
+    a = generate_frames(model, prompt, 40, params, seed=1)
+    first = len(captures)
+    b = generate_frames(model, prompt, 40, params, seed=1)
+    c = generate_frames(model, prompt, 40, params, seed=2)
+    assert first >= 1 and len(captures) == first
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_progress_callback_counts_every_kept_frame(weights):

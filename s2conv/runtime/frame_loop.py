@@ -5,9 +5,15 @@ only preallocated buffers: the previous frame column, the position, the RAS wind
 the captured graph N times therefore decodes N frames with no host work in between; the host only watches for
 <|im_end|>, one frame behind the GPU, through a pinned copy. The attention span is bucketed (a multiple of
 `SPAN_STEP` positions), with one graph per bucket, so early frames do not read the whole KV cache.
+The loop and its graphs stay with the model between `generate_frames` calls (`frame_loop_for`): a pipeline that
+speaks text in several batches captures each span's graph once, not once per batch, and the KV cache grows in
+steps of `KV_STEP` positions so that the next batch's longer prompt rarely reallocates it (which would make the
+graphs stale).
 On the CPU the same step runs eagerly, so the loop logic is tested without a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -16,13 +22,16 @@ from s2conv.runtime.dual_ar import DualARTransformer, check_generation
 from s2conv.runtime.sampling import SamplingParams
 
 SPAN_STEP = 256
+KV_STEP = 1024  # KV cache positions are allocated in these steps by `generate_frames` (about 150 MB for S2 Pro)
 
 
 def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `step()`. Two warm-up calls run first on a side stream (allocator, cuBLAS handles, Triton
     compilation), each followed by restoring the `state` tensors the step advances; the KV slots they wrote are
-    rewritten with the same values on replay."""
+    rewritten with the same values on replay. The device generator's state is restored too, so the random draws
+    of a decode do not depend on whether its graphs were captured in this call or an earlier one."""
     saved = [t.clone() for t in state]
+    rng = torch.cuda.get_rng_state()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -34,6 +43,7 @@ def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    torch.cuda.set_rng_state(rng)
     return graph
 
 
@@ -49,6 +59,7 @@ class FrameLoop:
         self.previous = torch.zeros(1, params.ras_window, dtype=torch.long, device=dev)
         self.frames = torch.zeros(cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.key = (params, use_graphs, model.cache_version)  # what the graphs were captured against
 
     def _step(self, span: int) -> None:
         """One frame from the static buffers into the static buffers (the body of the graph)."""
@@ -129,8 +140,21 @@ def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: in
         torch.cuda.manual_seed(seed)
     else:
         torch.manual_seed(seed)
-    model.setup_caches(1, t + max_new_frames)
+    model.setup_caches(1, -(-(t + max_new_frames) // KV_STEP) * KV_STEP)
     hidden, logits = model.prefill(prompt[None])
     first = model.sample_frame(hidden, logits, params, None)  # the prefill frame has no RAS window
-    loop = FrameLoop(model, params, max_new_frames, use_graphs)
+    loop = frame_loop_for(model, params, max_new_frames, use_graphs)
     return loop.run(first, t, max_new_frames, model.max_seq, on_frame)[1:].clone()
+
+
+def frame_loop_for(model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool) -> FrameLoop:
+    """The model's FrameLoop for these settings, kept between calls with its captured graphs. A new one (the old
+    one and its graphs released first) when the sampling settings differ, when it holds fewer than max_frames
+    frames, or when the KV caches were reallocated since it was made (`cache_version`: its graphs point at the old
+    ones). S2CONV_FRAME_LOOP_CACHE=0 makes a new one every call."""
+    loop = model.frame_loop
+    if (loop is None or loop.key != (params, use_graphs, model.cache_version) or loop.frames.shape[1] < max_frames
+            or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"):
+        model.frame_loop = None
+        loop = model.frame_loop = FrameLoop(model, params, max_frames, use_graphs)
+    return loop
