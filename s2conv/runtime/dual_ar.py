@@ -99,6 +99,7 @@ class DualARTransformer(nn.Module):
                                                cfg.fast_head_dim, dtype, device)
         self.max_batch, self.max_seq = batch, max_seq
         self.cache_version += 1
+        self.frame_loop = None  # its graphs read the old caches: release them (and their memory pools) now
 
     # ---------------------------------------------------------------- slow AR
 
