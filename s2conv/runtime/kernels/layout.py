@@ -199,14 +199,13 @@ def fragment_unit(bits: int, group: int) -> int:
 
 
 def uses_fragment_layout(spec: IntSpec) -> bool:
-    """Whether a format packs into the fragment layout rather than the interleaved one: 2- or 4-bit codes in
-    groups of 32, with or without mins (q4_0, q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per
-    layer and 6-18% faster whole frames than the Triton GEMV, and q2_k (16-code groups with mins) since its scales
-    and mins are loaded a chunk ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md,
-    sixteenth session). q2 (64-code groups) measured as well there, but the interleaved layout's CUDA GEMV
-    (`cuda_int`) beats the tensor-core kernel at one row (twentieth session); q4's 128-code groups gained 2%, tq2_0
-    (256) ran slower. The layout itself takes any group of whole k16 steps."""
-    return spec.bits in FRAGMENT_BITS and (spec.group == 32 or (spec.group == 16 and spec.has_min))
+    """Whether a format packs into the fragment layout rather than the interleaved one: 4-bit codes in groups of 32
+    with mins (q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per layer and 6-18% faster whole
+    frames than the Triton GEMV, and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk
+    ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md, sixteenth session). q2 and
+    q4_0 (no mins) measured so there too, but take the interleaved layout's CUDA GEMV now (`cuda_int`); q4's
+    128-code groups gained 2%, tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""
+    return spec.bits in FRAGMENT_BITS and spec.has_min and spec.group in (16, 32)
 
 
 def _fragment_view(bits: int, group: int):

@@ -369,8 +369,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             norm_weight = None
     if _fragment(bits, offset, group, mins is not None):
         return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain, mins)
-    if mins is not None or group < 64:  # what the interleaved layout's kernels read (layout.uses_fragment_layout)
-        raise _fail(op, "an interleaved-layout weight", "no mins and scale groups of 64 codes or more",
+    if mins is not None or group < 32:  # what the interleaved layout's kernels read (layout.uses_fragment_layout)
+        raise _fail(op, "an interleaved-layout weight", "no mins and scale groups of 32 codes or more",
                     f"group {group}{' with mins' if mins is not None else ''}")
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
