@@ -43,6 +43,53 @@ import torch
 from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
 from s2conv.runtime.kernels.launch import launch, recording_active
 
+EPILOGUE = r"""  // after the row sums are in sums[warp][HALVES][16]: warp 0 finishes the tile's rows
+    if (tid >= 32) return;
+    // the epilogue, lane r of warp 0 for row row0 + r: RMSNorm factor, gate, rounding, + residual (rounded again,
+    // as eager h + linear(x)); GX: the output times the next norm's weight too; SS: its sum of squares
+    const bool live = lane < 16 && row0 + lane < N;
+    float out_scale = 1.f;
+#if NORM
+    float sq_all = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
+    out_scale = rsqrtf(sq_all / K + (float)eps);
+#elif RS
+    out_scale = rsqrtf(ld_fresh(rs_in) / K + (float)eps);
+#endif
+    float o = 0.f;
+    if (live) {
+        float t[HALVES];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
+            t[h] = s * out_scale;
+        }
+#if GATED
+        o = t[0] / (1.f + __expf(-t[0])) * t[1];
+#else
+        o = t[0];
+#endif
+        o = x_to_f(f_to_x(o));
+#if HAS_RES
+        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
+#endif
+        y[row0 + lane] = f_to_x(o);
+#if GX
+        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
+#endif
+    }
+#if SS
+    float o2 = o * o;
+#pragma unroll
+    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
+    if (lane == 0) atomicAdd(ss_out, o2);
+#endif
+}
+"""
+
 SOURCE = r"""  // after cuda_common.PRELUDE
 // the 4 codes' products of one 4-bit word (fields 0..7 at byte i % 4, nibble i / 4) with x pairs xv, from c
 __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
@@ -312,51 +359,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #pragma unroll
             for (int r = 0; r < 4; ++r) sums[b * HALVES * 16 + h * 16 + 4 * lane + r] = acc[h][r];
     __syncthreads();
-    if (tid >= 32) return;
-    // the epilogue, lane r of warp 0 for row row0 + r: RMSNorm factor, gate, rounding, + residual (rounded again,
-    // as eager h + linear(x)); GX: the output times the next norm's weight too; SS: its sum of squares
-    const bool live = lane < 16 && row0 + lane < N;
-    float out_scale = 1.f;
-#if NORM
-    float sq_all = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
-    out_scale = rsqrtf(sq_all / K + (float)eps);
-#elif RS
-    out_scale = rsqrtf(ld_fresh(rs_in) / K + (float)eps);
-#endif
-    float o = 0.f;
-    if (live) {
-        float t[HALVES];
-#pragma unroll
-        for (int h = 0; h < HALVES; ++h) {
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
-            t[h] = s * out_scale;
-        }
-#if GATED
-        o = t[0] / (1.f + __expf(-t[0])) * t[1];
-#else
-        o = t[0];
-#endif
-        o = x_to_f(f_to_x(o));
-#if HAS_RES
-        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
-#endif
-        y[row0 + lane] = f_to_x(o);
-#if GX
-        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
-#endif
-    }
-#if SS
-    float o2 = o * o;
-#pragma unroll
-    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
-    if (lane == 0) atomicAdd(ss_out, o2);
-#endif
-}
-"""
+""" + EPILOGUE
+
 
 @dataclass(frozen=True)
 class Variant:

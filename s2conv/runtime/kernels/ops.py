@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.quant_formats.base import two_level_scales
-from s2conv.runtime.kernels import cuda_int, fused
+from s2conv.runtime.kernels import cuda_frag, cuda_int, fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
@@ -525,6 +525,15 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         if "zero_ptr" in chain:
             chain["zero_ptr"].zero_()
         return y
+    if (m == 1 and config is None and offset == 0 and cuda_frag.takes(x, bits, group, kq, k, gated)
+            and cuda_frag.aligned(x, qweight, scales, mins)):  # q4_k's one row: the CUDA GEMV on this layout
+        try:
+            return cuda_frag.frag_gemv(
+                x, qweight, scales, mins, gated, residual, chain.get("ss_out"), chain.get("zero_ptr"),
+                (chain["gx_g"], chain["gx_ptr"]) if "gx_ptr" in chain else None,
+                (chain["rs_ptr"], chain["rs_eps"]) if "rs_ptr" in chain else None)
+        except RuntimeModelError as e:  # no NVRTC here: this device keeps the tensor-core kernel
+            log.warning("%s", e)
     if k % 2 or x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs): even rows, aligned
         x = torch.nn.functional.pad(x, (0, k % 2))  # a fresh tensor; the zero column meets padding codes
         k = x.shape[1]
