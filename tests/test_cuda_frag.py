@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from s2conv.runtime.kernels.cuda_frag import Variant
-from s2conv.runtime.kernels.cuda_int import max_blocks
+from s2conv.runtime.kernels.cuda_int import max_blocks, min_blocks
 
 _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=True, zero=True, gx=True),
           dict(gated=True, rs=True), dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True),
@@ -23,7 +23,7 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=Tr
 def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, flags):
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
     src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, **flags).source())
+    src.write_text(Variant(warps, **flags, min_blocks=min_blocks(flags.get("gated", False), warps)).source())
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
                         str(tmp_path / "k.cubin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -115,12 +115,14 @@ def test_norm_chain_matches_the_tensor_core_kernel(gated):
         outs.append((y, ss_out.clone(), zero.clone(), gx.clone()))
     (y_c, ss_c, z_c, gx_c), (y_t, ss_t, z_t, gx_t) = outs
 
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-    assert rel(y_c, y_t) < 1.5e-2
+    def close(a, b):  # element by element: two bf16 roundings, and x's integer rounding against the largest output
+        a, b = a.float(), b.float()
+        bad = (a - b).abs() > 2 * 2.0**-8 * b.abs() + 2e-3 * b.abs().max()
+        assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off"
+    close(y_c, y_t)
     assert z_c.item() == 0.0 and z_t.item() == 0.0
     if not gated:
-        assert rel(gx_c, gx_t) < 1.5e-2
+        close(gx_c, gx_t)
         assert ss_c.item() == pytest.approx(ss_t.item(), rel=1e-2)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
-from s2conv.runtime.kernels.cuda_int import EPILOGUE, max_blocks
+from s2conv.runtime.kernels.cuda_int import EPILOGUE, max_blocks, max_k, min_blocks
 from s2conv.runtime.kernels.launch import launch, recording_active
 
 SOURCE = r"""  // after cuda_common.PRELUDE
@@ -169,9 +169,11 @@ class Variant:
 def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
     """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
     in 32-code groups with two-level scales of 8 groups a super-block (q4_k), K a whole number of 512-code pieces
-    up to what the registers hold; S2CONV_CUDA_FRAG=0 keeps the tensor-core kernel."""
-    return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0" and bits == 4 and group == 32
-            and kq == 8 and k % 512 == 0 and 0 < k <= max_blocks(gated) * 512)
+    up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
+    integer GEMVs) keeps the tensor-core kernel."""
+    return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
+            and os.environ.get("S2CONV_INT_DOT", "1") != "0" and bits == 4 and group == 32 and kq == 8
+            and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
 def aligned(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: torch.Tensor) -> bool:
@@ -197,7 +199,7 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     chunks = qweight.shape[1] // 128
     warps = x.shape[1] // 512
     v = Variant(warps, gated, residual is not None, ss_out is not None, zero is not None, gx_out is not None,
-                rs_in is not None, x.dtype == torch.float16, 1, pdl_capable(x.device))
+                rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps), pdl_capable(x.device))
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
