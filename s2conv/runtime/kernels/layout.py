@@ -32,8 +32,8 @@ from s2conv.quant_formats.base import two_level_scales
 # qweight is int32 [N_pad, W] (N_pad = ROWS * ceil(N / ROWS)) in that storage order: its dim-0 index is a storage
 # row, not a weight row, except that the first ROWS * g storage rows hold exactly the first ROWS * g weight rows.
 # Scales keep the weight's own rows: [N, groups]. The packing takes 8-bit codes too, but the kernels that read this
-# layout (`triton_int`) take 2-4-bit codes without mins in groups of 64+ codes: q4, q3, q2 and tq2_0 use it (the other
-# formats: the fragment and row-major layouts below).
+# layout (`triton_int`) take 2-4-bit codes without mins in groups of 32+ codes: q4, q4_0, q3, q2 and tq2_0 use it
+# (the other formats: the fragment and row-major layouts below).
 BLOCK_K = 512
 WORDS = 16  # int32 words per sub-tile and row: 64 contiguous bytes
 SLOTS = BLOCK_K // WORDS

@@ -340,7 +340,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
     [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
 
-    scales fp32 [R, n_blocks * 512 // group] (groups of 64 codes or more); qweight int32
+    scales fp32 [R, n_blocks * 512 // group] (groups of 32 codes or more); qweight int32
     [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with
     gated=True (w1 over w3, as `cat_rows` stacks them: qweight [2 padded_rows(N), ..]; y = silu(x w1^T) *
     (x w3^T)).
