@@ -1,6 +1,6 @@
-"""The CUDA GEMV on the fragment layout (`kernels/cuda_frag.py`: q4_k's and q2_k's one row): every variant compiles for sm_90
-(on the CPU, with nvcc, where it is installed), and on a GPU the dispatcher's CUDA path matches the reference
-weight and the tensor-core kernel, norm chain and graph replay included."""
+"""The CUDA GEMV on the fragment layout (`kernels/cuda_frag.py`: q4_k's and q2_k's one row): every variant
+compiles for sm_90 (on the CPU, with nvcc, where it is installed), and on a GPU the dispatcher's CUDA path matches
+the reference weight and the tensor-core kernel, norm chain and graph replay included."""
 from __future__ import annotations
 
 import shutil

@@ -200,8 +200,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled specialization: warps (= 512-code pieces of K), code bits (4: q4_k, 2: q2_k), gated, residual, norm chain flags
-    (`ops.norm_chain_args`), fp16 x (else bf16), thread blocks per SM for __launch_bounds__, the PDL prologue."""
+    """One compiled specialization: warps (= 512-code pieces of K), code bits (4: q4_k, 2: q2_k), gated,
+    residual, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), thread blocks per SM for
+    __launch_bounds__, the PDL prologue."""
 
     warps: int
     bits: int = 4
@@ -247,9 +248,9 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
               zero: torch.Tensor | None = None, gx_out: tuple | None = None, rs_in: tuple | None = None,
               xmax: int = 32767, bits: int = 4) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4) or q2_k (bits 2) weight in the fragment layout with its
-    two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual and the norm chain as in
-    `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and `aligned` first). xmax: x's
-    integer range (8 codes of up to 15, or 4 of up to 3, times it stay below 2**22)."""
+    two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual
+    and the norm chain as in `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and
+    `aligned` first). xmax: x's integer range (8 codes of up to 15, or 4 of up to 3, times it stay below 2**22)."""
     n = sub.shape[0] // (2 if gated else 1)
     tiles = qweight.shape[0] // (2 if gated else 1)
     chunks = qweight.shape[1] // 128
