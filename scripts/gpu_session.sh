@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ " $steps " == *" tests "* ]]; then
     python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" -k "${TESTS_K:-not nothing}" tests/test_kernels.py \
-        tests/test_cuda_int.py tests/test_sampling_kernel.py tests/test_qlinear.py tests/test_fused_decode.py \
+        tests/test_cuda_int.py tests/test_cuda_frag.py tests/test_sampling_kernel.py tests/test_qlinear.py tests/test_fused_decode.py \
         tests/test_batch_fused.py \
         2>&1 | tail -15 || status=1
 fi

@@ -1,4 +1,4 @@
-"""The CUDA integer GEMV (`kernels/cuda_int.py`: q4, q3, q2, tq2_0): every variant compiles for sm_90 (on the CPU, with
+"""The CUDA integer GEMV (`kernels/cuda_int.py`: q4, q4_0, q3, q2, tq2_0): every variant compiles for sm_90 (on the CPU, with
 nvcc, where it is installed), and on a GPU its outputs, norm-chain outputs included, match the reference path and
 the Triton GEMV."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True), dict(ga
           dict(gated=True, norm=True, pdl=True), dict(has_res=True, ss=True, zero=True, gx=True, pdl=True)]
 
 
-_CODES = {"q4": dict(bits=4, group=128, offset=8), "q3": dict(bits=3, group=128, offset=4),
+_CODES = {"q4": dict(bits=4, group=128, offset=8), "q4_0": dict(bits=4, group=32, offset=8),
+          "q3": dict(bits=3, group=128, offset=4),
           "q2": dict(bits=2, group=64, offset=2), "tq2_0": dict(bits=2, group=256, offset=2)}
 
 
@@ -204,7 +205,7 @@ def test_a_call_the_cuda_gemv_cannot_take_still_gets_its_norm(monkeypatch):
 
 
 def test_takes_only_what_it_computes():
-    """The dispatcher's gate: 4-bit codes in groups of 128, 2- and 3-bit ones in groups of 64, 128 or 256, no mins, K up
+    """The dispatcher's gate: 4-bit codes in groups of 32 or 128, 2- and 3-bit ones in groups of 64, 128 or 256, no mins, K up
     to the limit, one 16-bit CUDA row."""
     from s2conv.runtime.kernels import cuda_common, cuda_int
     x = torch.zeros(1, 2560, dtype=torch.bfloat16)
@@ -217,7 +218,7 @@ def test_takes_only_what_it_computes():
             assert cuda_int.takes(xc, bits, 256, False, 2560, True)
             assert cuda_int.takes(xc, bits, 64, False, 2560, False)
             assert not cuda_int.takes(xc, bits, 32, False, 2560, False)
-        assert not cuda_int.takes(xc, 4, 32, False, 2560, False) and not cuda_int.takes(xc, 4, 256, False, 2560, False)
+        assert cuda_int.takes(xc, 4, 32, False, 2560, False) and not cuda_int.takes(xc, 4, 256, False, 2560, False)
         assert not cuda_int.takes(xc, 8, 128, False, 2560, False)
         assert not cuda_int.takes(xc, 4, 128, True, 2560, False)
         assert cuda_int.takes(xc, 4, 128, False, 9728, False) == (cuda_int.max_k(xc.device) >= 9728)

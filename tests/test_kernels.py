@@ -131,7 +131,7 @@ def test_repack_roundtrip(fmt, k):
         assert packed["weight"].dtype == torch.int8 and packed["weight"].shape == (5, k)
         assert packed["scales"].shape == (5, k // spec.group)
         codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)  # q3_k: negated codes and scales
-    elif layout.uses_fragment_layout(spec):  # q4_0, q4_1, q4_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
+    elif layout.uses_fragment_layout(spec):  # q4_1, q4_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
         assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * 128)
@@ -179,15 +179,15 @@ def test_fragment_bit_positions(bits, group):
 
 
 @pytest.mark.parametrize("fmt,m,k,gated,residual,split,two_level", [
-    ("q4_0", 1, 224, False, False, 2, False), ("q4_0", 9, 384, True, False, 2, False),
-    ("q4_0", 1, 384, False, True, 4, False),
+    ("q4_1", 1, 224, False, False, 2, False), ("q4_1", 9, 384, True, False, 2, False),
+    ("q4_1", 1, 384, False, True, 4, False),
     ("q4_k", 1, 384, True, False, 2, False), ("q4_1", 9, 224, False, True, 1, False),
     ("q4_1", 1, 224, False, False, 3, False), ("q2_k", 1, 768, True, False, 3, False),
     ("q2_k", 9, 512, False, True, 1, False), ("q2_k", 1, 512, False, False, 1, True),
     ("q2_k", 9, 768, True, False, 3, True), ("q4_k", 1, 512, True, False, 2, True),
     ("q4_k", 9, 256, False, True, 1, True)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
-    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of q4_0 and the 2- and 4-bit
+    """The tensor-core kernel of the fragment layout (bf16 x, the decode path of the 2- and 4-bit
     formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with
     K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
@@ -588,7 +588,7 @@ def test_launcher_errors_name_the_problem(monkeypatch):
     with pytest.raises(RuntimeModelError, match="scales shape must be"):
         torch.ops.s2conv.int_linear(x, p["qweight"], p["scales"][:, :1].contiguous(), None, 4, 8, 128, False)
     # the interleaved layout's kernels read no mins and no 8-bit codes (those formats have other layouts)
-    with pytest.raises(RuntimeModelError, match="no mins and scale groups of 64 codes or more"):
+    with pytest.raises(RuntimeModelError, match="no mins and scale groups of 32 codes or more"):
         ops.int_linear_impl(x, p["qweight"], p["scales"], p["scales"], 3, 0, 128, False)
     with pytest.raises(RuntimeModelError, match="bits must be 2, 3 or 4"):
         ops.int_linear_impl(x, p["qweight"], p["scales"], None, 8, 128, 128, False)

@@ -44,6 +44,8 @@ class DualARTransformer(nn.Module):
         self.fast_norm = RMSNorm(cfg.fast_dim, cfg.norm_eps)
         self.fast_output = nn.Linear(cfg.fast_dim, cfg.codebook_size, bias=False)
         self.max_batch, self.max_seq = 0, 0
+        self.cache_version = 0  # counts KV cache allocations: a CUDA graph captured before the last one is stale
+        self.frame_loop = None  # the decode loop `frame_loop.generate_frames` keeps between calls, graphs and all
 
     # ---------------------------------------------------------------- construction
 
@@ -96,6 +98,8 @@ class DualARTransformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch, cfg.fast_n_local_heads, cfg.num_codebooks,
                                                cfg.fast_head_dim, dtype, device)
         self.max_batch, self.max_seq = batch, max_seq
+        self.cache_version += 1
+        self.frame_loop = None  # its graphs read the old caches: release them (and their memory pools) now
 
     # ---------------------------------------------------------------- slow AR
 

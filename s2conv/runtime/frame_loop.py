@@ -5,9 +5,15 @@ only preallocated buffers: the previous frame column, the position, the RAS wind
 the captured graph N times therefore decodes N frames with no host work in between; the host only watches for
 <|im_end|>, one frame behind the GPU, through a pinned copy. The attention span is bucketed (a multiple of
 `SPAN_STEP` positions), with one graph per bucket, so early frames do not read the whole KV cache.
+The loop and its graphs stay with the model between `generate_frames` calls (`frame_loop_for`): a pipeline that
+speaks text in several batches captures each span's graph once, not once per batch, and the KV cache grows in
+steps of `KV_STEP` positions so that the next batch's longer prompt rarely reallocates it (which would make the
+graphs stale).
 On the CPU the same step runs eagerly, so the loop logic is tested without a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -16,24 +22,30 @@ from s2conv.runtime.dual_ar import DualARTransformer, check_generation
 from s2conv.runtime.sampling import SamplingParams
 
 SPAN_STEP = 256
+KV_STEP = 1024  # KV cache positions are allocated in these steps by `generate_frames` (about 150 MB for S2 Pro)
 
 
 def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `step()`. Two warm-up calls run first on a side stream (allocator, cuBLAS handles, Triton
     compilation), each followed by restoring the `state` tensors the step advances; the KV slots they wrote are
-    rewritten with the same values on replay."""
+    rewritten with the same values on replay. The device generator's state is restored too, so the random draws
+    of a decode do not depend on whether its graphs were captured in this call or an earlier one."""
     saved = [t.clone() for t in state]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
+    rng = torch.cuda.get_rng_state()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-            for t, s in zip(state, saved):
-                t.copy_(s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    finally:
+        torch.cuda.set_rng_state(rng)
     return graph
 
 
@@ -49,6 +61,7 @@ class FrameLoop:
         self.previous = torch.zeros(1, params.ras_window, dtype=torch.long, device=dev)
         self.frames = torch.zeros(cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.key = None  # `loop_key` after its last complete run: what its graphs were captured against
 
     def _step(self, span: int) -> None:
         """One frame from the static buffers into the static buffers (the body of the graph)."""
@@ -129,8 +142,58 @@ def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: in
         torch.cuda.manual_seed(seed)
     else:
         torch.manual_seed(seed)
-    model.setup_caches(1, t + max_new_frames)
+    model.setup_caches(1, kv_positions(t, max_new_frames))
     hidden, logits = model.prefill(prompt[None])
     first = model.sample_frame(hidden, logits, params, None)  # the prefill frame has no RAS window
-    loop = FrameLoop(model, params, max_new_frames, use_graphs)
-    return loop.run(first, t, max_new_frames, model.max_seq, on_frame)[1:].clone()
+    loop = frame_loop_for(model, params, max_new_frames, use_graphs)
+    codes = loop.run(first, t, max_new_frames, model.max_seq, on_frame)[1:].clone()
+    loop.key = loop_key(model, params, use_graphs)  # after the run: joined weight copies made during it count
+    return codes
+
+
+def kv_positions(prompt_len: int, max_new_frames: int) -> int:
+    """KV cache positions to allocate for a generation: what it needs, rounded up to whole `KV_STEP`s."""
+    return -(-(prompt_len + max_new_frames) // KV_STEP) * KV_STEP
+
+
+def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool) -> tuple:
+    """What a FrameLoop's graphs were captured against: the sampling settings, the KV caches' allocation
+    (`cache_version`), and the address of every tensor the model holds (parameters with their versions, buffers,
+    and tensors kept as attributes: the kernels' packed weights, the fused decode's slots and joined copies), so
+    that replaced or reloaded weights get new graphs. Tensors that decoding writes (caches, slots) count by
+    address only."""
+    found = []
+
+    def add(v, version: bool) -> None:
+        if isinstance(v, torch.Tensor):
+            found.append((v.data_ptr(), v._version if version and not v.is_inference() else 0))
+        elif isinstance(v, (tuple, list)):
+            for e in v:
+                add(e, False)
+        elif isinstance(v, dict):
+            for e in v.values():
+                add(e, False)
+
+    for m in model.modules():
+        for p in m._parameters.values():
+            add(p, True)
+        for b in m._buffers.values():
+            add(b, False)
+        for name, v in vars(m).items():
+            if name not in ("_parameters", "_buffers", "_modules", "frame_loop"):
+                add(v, False)
+    return params, use_graphs, model.cache_version, tuple(found)
+
+
+def frame_loop_for(model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool) -> FrameLoop:
+    """The model's FrameLoop for these settings, kept between calls with its captured graphs. A new one (the old
+    one and its graphs released first) when `loop_key` differs from the key after its last complete run (other
+    sampling settings, reallocated KV caches, replaced weights) or when it holds fewer than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one
+    every call. Weights changed in place through `.data` without a version bump are not seen: set
+    `model.frame_loop = None` after such surgery."""
+    loop = model.frame_loop
+    if (loop is None or loop.frames.shape[1] < max_frames or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"
+            or loop.key != loop_key(model, params, use_graphs)):
+        model.frame_loop = None
+        loop = model.frame_loop = FrameLoop(model, params, max_frames, use_graphs)
+    return loop

@@ -47,14 +47,14 @@ def record_launches(model: DualARTransformer, prompt_lengths: tuple[int, ...] = 
     # the dry run sizes the KV caches for its prompts; the model gets its own caches back afterwards, so that a
     # generation sizes them as it would have (the attention span, and with it the order of its sums, follows them)
     blocks = [*model.layers, *model.fast_layers]
-    saved = [b.attention.kv_cache for b in blocks], model.max_batch, model.max_seq
+    saved = [b.attention.kv_cache for b in blocks], model.max_batch, model.max_seq, model.cache_version
     with recording() as noted:
         try:
             _dry_run(model, lengths, params)
         finally:
             for b, cache in zip(blocks, saved[0]):
                 b.attention.kv_cache = cache
-            model.max_batch, model.max_seq = saved[1], saved[2]
+            model.max_batch, model.max_seq, model.cache_version = saved[1:]
     return noted
 
 

@@ -1,5 +1,5 @@
 """A hand-written CUDA GEMV (one row of x) for 2-, 3- and 4-bit codes in the interleaved layout of `layout.py` (q4,
-q3, q2, tq2_0), compiled at load time by NVRTC; the integer launcher takes it where `takes` says so, the Triton
+q4_0, q3, q2, tq2_0), compiled at load time by NVRTC; the integer launcher takes it where `takes` says so, the Triton
 kernels everywhere else.
 
 Why CUDA beside Triton: the integer GEMV is latency-bound (a q4 layer took ~36 us against ~20 us for a kernel that
@@ -43,6 +43,53 @@ import torch
 from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
 from s2conv.runtime.kernels.launch import launch, recording_active
 
+EPILOGUE = r"""  // after the row sums are in sums[warp][HALVES][16]: warp 0 finishes the tile's rows
+    if (tid >= 32) return;
+    // the epilogue, lane r of warp 0 for row row0 + r: RMSNorm factor, gate, rounding, + residual (rounded again,
+    // as eager h + linear(x)); GX: the output times the next norm's weight too; SS: its sum of squares
+    const bool live = lane < 16 && row0 + lane < N;
+    float out_scale = 1.f;
+#if NORM
+    float sq_all = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
+    out_scale = rsqrtf(sq_all / K + (float)eps);
+#elif RS
+    out_scale = rsqrtf(ld_fresh(rs_in) / K + (float)eps);
+#endif
+    float o = 0.f;
+    if (live) {
+        float t[HALVES];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
+            t[h] = s * out_scale;
+        }
+#if GATED
+        o = t[0] / (1.f + __expf(-t[0])) * t[1];
+#else
+        o = t[0];
+#endif
+        o = x_to_f(f_to_x(o));
+#if HAS_RES
+        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
+#endif
+        y[row0 + lane] = f_to_x(o);
+#if GX
+        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
+#endif
+    }
+#if SS
+    float o2 = o * o;
+#pragma unroll
+    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
+    if (lane == 0) atomicAdd(ss_out, o2);
+#endif
+}
+"""
+
 SOURCE = r"""  // after cuda_common.PRELUDE
 // the 4 codes' products of one 4-bit word (fields 0..7 at byte i % 4, nibble i / 4) with x pairs xv, from c
 __device__ __forceinline__ int dot_word(unsigned w, int4 xv, int c) {
@@ -70,7 +117,7 @@ __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 
 #define NLOAD (2 * BITS)
 #define SPB (512 / GROUP)
 #define GPW (256 / GROUP)  // 2- and 3-bit: scale groups a two-bit word's 16 fields (slots) span
-#define BIASES (BITS == 4 ? 64 : 32 * GPW)
+#define BIASES (BITS == 4 ? (GROUP == 32 ? 128 : 64) : 32 * GPW)
 #define SPL (SPB / 2)  // scales a lane loads
 // the scale of group i (of the block's SPB) for row 4 q + r, from the lane that loaded it: a warp loads its 16
 // rows' scales coalesced, SPL a lane, rather than each lane its 4 rows' (4 SPB scales, 4 rows a load)
@@ -103,7 +150,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
             wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + u * 8 + lane / 4));
         const float* sl = scales + (long long)(h * N + min(row0 + lane / 2, N - 1)) * stride_s + SPB * b
                         + (lane & 1) * SPL;
-#if SPL == 4
+#if SPL == 8
+        const float4 s4 = *(const float4*)sl, s4b = *(const float4*)(sl + 4);
+        scl[h][0] = s4.x;
+        scl[h][1] = s4.y;
+        scl[h][2] = s4.z;
+        scl[h][3] = s4.w;
+        scl[h][4] = s4b.x;
+        scl[h][5] = s4b.y;
+        scl[h][6] = s4b.z;
+        scl[h][7] = s4b.w;
+#elif SPL == 4
         const float4 s4 = *(const float4*)sl;
         scl[h][0] = s4.x;
         scl[h][1] = s4.y;
@@ -150,6 +207,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #pragma unroll
     for (int e = 0; e < 16; ++e) xq[((lane >> 3) * 16 + e) * 8 + (lane & 7)] = (u16)(short)__float2int_rn(v[e] * inv);
     __syncwarp();
+#if GROUP == 32
+    // per (octet o, column c, group p) = (i / 32, i / 4 % 8, i % 4): fields 2 p, 2 p + 1 of words 16 o + c and
+    // 16 o + 8 + c (a lane's two words of octet o, whose integer dots add up per group)
+#pragma unroll
+    for (int i = lane; i < 128; i += 32) {
+        const int ja = 16 * (i >> 5) + ((i >> 2) & 7), p = i & 3;
+        const int a = ((const int*)xs)[ja * 4 + p], c = ((const int*)xs)[(ja + 8) * 4 + p];
+        bias[i] = 0x4B400000 - OFF * ((short)(a & 0xffff) + (a >> 16) + (short)(c & 0xffff) + (c >> 16));
+    }
+#else
 #pragma unroll
     for (int j = lane; j < 64; j += 32) {
         int4 p = xs[j];
@@ -157,6 +224,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
               + (short)(p.z & 0xffff) + (p.z >> 16) + (short)(p.w & 0xffff) + (p.w >> 16);
         bias[j] = 0x4B400000 - OFF * s;
     }
+#endif
 #else
 #pragma unroll
     for (int e = 0; e < 16; ++e) xq[((lane >> 4) * 16 + e) * 16 + (lane & 15)] = (u16)(short)__float2int_rn(v[e] * inv);
@@ -176,7 +244,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     __syncwarp();
     // 3. the dot products, 4 rows a lane: each (word, scale group) integer dot is exact, then times its scale
     float acc[HALVES][4] = {};
-#if BITS == 4
+#if BITS == 4 && GROUP == 32
+    // words 16 o + l / 4 and 16 o + 8 + l / 4 (loads 2 o, 2 o + 1) hold fields of octet o's slots 8 o .. 8 o + 7;
+    // fields 2 p, 2 p + 1 (one dp2a) are scale group 4 o + p, so each group's dot is exact over the two words
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+        const int ja = 16 * o + lane / 4;
+        const int4 xa = xs[ja], xb = xs[ja + 8];
+        const int4 b4 = ((const int4*)bias)[o * 8 + lane / 4];
+        float st[HALVES][4][4];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int p = 0; p < 4; ++p) st[h][r][p] = SCALE(h, r, 4 * o + p);
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const unsigned wa = (unsigned)comp(wr[h][2 * o], r), wb = (unsigned)comp(wr[h][2 * o + 1], r);
+                const unsigned la = wa & 0x0F0F0F0Fu, ha = (wa >> 4) & 0x0F0F0F0Fu;
+                const unsigned lb = wb & 0x0F0F0F0Fu, hb = (wb >> 4) & 0x0F0F0F0Fu;
+                acc[h][r] += exact(dp2a_lo(xb.x, lb, dp2a_lo(xa.x, la, b4.x))) * st[h][r][0]
+                           + exact(dp2a_hi(xb.y, lb, dp2a_hi(xa.y, la, b4.y))) * st[h][r][1]
+                           + exact(dp2a_lo(xb.z, hb, dp2a_lo(xa.z, ha, b4.z))) * st[h][r][2]
+                           + exact(dp2a_hi(xb.w, hb, dp2a_hi(xa.w, ha, b4.w))) * st[h][r][3];
+            }
+    }
+#elif BITS == 4
     float st[HALVES][4];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {  // word u * 8 + l / 4, in scale group u / 2
@@ -263,51 +359,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #pragma unroll
             for (int r = 0; r < 4; ++r) sums[b * HALVES * 16 + h * 16 + 4 * lane + r] = acc[h][r];
     __syncthreads();
-    if (tid >= 32) return;
-    // the epilogue, lane r of warp 0 for row row0 + r: RMSNorm factor, gate, rounding, + residual (rounded again,
-    // as eager h + linear(x)); GX: the output times the next norm's weight too; SS: its sum of squares
-    const bool live = lane < 16 && row0 + lane < N;
-    float out_scale = 1.f;
-#if NORM
-    float sq_all = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sq_all += sq_warp[w];
-    out_scale = rsqrtf(sq_all / K + (float)eps);
-#elif RS
-    out_scale = rsqrtf(ld_fresh(rs_in) / K + (float)eps);
-#endif
-    float o = 0.f;
-    if (live) {
-        float t[HALVES];
-#pragma unroll
-        for (int h = 0; h < HALVES; ++h) {
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
-            t[h] = s * out_scale;
-        }
-#if GATED
-        o = t[0] / (1.f + __expf(-t[0])) * t[1];
-#else
-        o = t[0];
-#endif
-        o = x_to_f(f_to_x(o));
-#if HAS_RES
-        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
-#endif
-        y[row0 + lane] = f_to_x(o);
-#if GX
-        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
-#endif
-    }
-#if SS
-    float o2 = o * o;
-#pragma unroll
-    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
-    if (lane == 0) atomicAdd(ss_out, o2);
-#endif
-}
-"""
+""" + EPILOGUE
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -352,10 +405,10 @@ def min_blocks(gated: bool, warps: int) -> int:
 
 def takes(x: torch.Tensor, bits: int, group: int, has_min: bool, k: int, gated: bool) -> bool:
     """Whether `int_gemv` takes this linear (`ops.int_linear_impl` asks, for a weight in the interleaved layout):
-    `available(x)`, codes without mins, 4-bit ones in groups of 128 (q4), 2- and 3-bit ones in groups of 64, 128 or
-    256 (q2, q3, tq2_0), K of at most `max_k`."""
+    `available(x)`, codes without mins, 4-bit ones in groups of 32 or 128 (q4_0, q4), 2- and 3-bit ones in groups of
+    64, 128 or 256 (q2, q3, tq2_0), K of at most `max_k`."""
     return (available(x) and not has_min
-            and (group == 128 if bits == 4 else bits in (2, 3) and group in (64, 128, 256))
+            and (group in (32, 128) if bits == 4 else bits in (2, 3) and group in (64, 128, 256))
             and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -373,7 +426,7 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
     group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
     scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
     at once: 4 for 64-code groups, 2 for 128, 1 for 256)."""
-    vec = 256 // group
+    vec = min(4, 256 // group)
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
             and scales.data_ptr() % (4 * vec) == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
@@ -404,7 +457,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    biases = 64 if bits == 4 else 32 * (256 // group)
+    biases = (128 if group == 32 else 64) if bits == 4 else 32 * (256 // group)
     shared = warps * (64 * 16 + biases * 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks`
     eps = rs_in[1] if rs_in is not None else norm_eps
     unused = y

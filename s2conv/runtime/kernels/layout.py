@@ -32,8 +32,8 @@ from s2conv.quant_formats.base import two_level_scales
 # qweight is int32 [N_pad, W] (N_pad = ROWS * ceil(N / ROWS)) in that storage order: its dim-0 index is a storage
 # row, not a weight row, except that the first ROWS * g storage rows hold exactly the first ROWS * g weight rows.
 # Scales keep the weight's own rows: [N, groups]. The packing takes 8-bit codes too, but the kernels that read this
-# layout (`triton_int`) take 2-4-bit codes without mins in groups of 64+ codes: q4, q3, q2 and tq2_0 use it (the other
-# formats: the fragment and row-major layouts below).
+# layout (`triton_int`) take 2-4-bit codes without mins in groups of 32+ codes: q4, q4_0, q3, q2 and tq2_0 use it
+# (the other formats: the fragment and row-major layouts below).
 BLOCK_K = 512
 WORDS = 16  # int32 words per sub-tile and row: 64 contiguous bytes
 SLOTS = BLOCK_K // WORDS
@@ -199,14 +199,13 @@ def fragment_unit(bits: int, group: int) -> int:
 
 
 def uses_fragment_layout(spec: IntSpec) -> bool:
-    """Whether a format packs into the fragment layout rather than the interleaved one: 2- or 4-bit codes in
-    groups of 32, with or without mins (q4_0, q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per
-    layer and 6-18% faster whole frames than the Triton GEMV, and q2_k (16-code groups with mins) since its scales
-    and mins are loaded a chunk ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md,
-    sixteenth session). q2 (64-code groups) measured as well there, but the interleaved layout's CUDA GEMV
-    (`cuda_int`) beats the tensor-core kernel at one row (twentieth session); q4's 128-code groups gained 2%, tq2_0
-    (256) ran slower. The layout itself takes any group of whole k16 steps."""
-    return spec.bits in FRAGMENT_BITS and (spec.group == 32 or (spec.group == 16 and spec.has_min))
+    """Whether a format packs into the fragment layout rather than the interleaved one: 4-bit codes in groups of 32
+    with mins (q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per layer and 6-18% faster whole
+    frames than the Triton GEMV, and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk
+    ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md, sixteenth session). q2 and
+    q4_0 (no mins) measured so there too, but take the interleaved layout's CUDA GEMV now (`cuda_int`); q4's
+    128-code groups gained 2%, tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""
+    return spec.bits in FRAGMENT_BITS and spec.has_min and spec.group in (16, 32)
 
 
 def _fragment_view(bits: int, group: int):

@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.quant_formats.base import two_level_scales
-from s2conv.runtime.kernels import cuda_int, fused
+from s2conv.runtime.kernels import cuda_frag, cuda_int, fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_unit, padded_rows, uses_fragment_layout)
@@ -340,7 +340,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
     [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
 
-    scales fp32 [R, n_blocks * 512 // group] (groups of 64 codes or more); qweight int32
+    scales fp32 [R, n_blocks * 512 // group] (groups of 32 codes or more); qweight int32
     [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with
     gated=True (w1 over w3, as `cat_rows` stacks them: qweight [2 padded_rows(N), ..]; y = silu(x w1^T) *
     (x w3^T)).
@@ -369,8 +369,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             norm_weight = None
     if _fragment(bits, offset, group, mins is not None):
         return fragment_linear_impl(x, qweight, scales, bits, offset, group, gated, config, residual, chain, mins)
-    if mins is not None or group < 64:  # what the interleaved layout's kernels read (layout.uses_fragment_layout)
-        raise _fail(op, "an interleaved-layout weight", "no mins and scale groups of 64 codes or more",
+    if mins is not None or group < 32:  # what the interleaved layout's kernels read (layout.uses_fragment_layout)
+        raise _fail(op, "an interleaved-layout weight", "no mins and scale groups of 32 codes or more",
                     f"group {group}{' with mins' if mins is not None else ''}")
     if qweight.dim() != 2 or qweight.shape[1] % (WORDS * bits):
         raise _fail(op, "qweight shape", f"[R, a multiple of {WORDS * bits}] for {bits}-bit", tuple(qweight.shape))
@@ -525,6 +525,15 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         if "zero_ptr" in chain:
             chain["zero_ptr"].zero_()
         return y
+    if (m == 1 and config is None and offset == 0 and cuda_frag.takes(x, bits, group, kq, k, gated)
+            and cuda_frag.aligned(x, qweight, scales, mins)):  # q4_k's, q2_k's one row: the CUDA GEMV
+        try:
+            return cuda_frag.frag_gemv(
+                x, qweight, scales, mins, gated, residual, chain.get("ss_out"), chain.get("zero_ptr"),
+                (chain["gx_g"], chain["gx_ptr"]) if "gx_ptr" in chain else None,
+                (chain["rs_ptr"], chain["rs_eps"]) if "rs_ptr" in chain else None, bits=bits)
+        except RuntimeModelError as e:  # no NVRTC here: this device keeps the tensor-core kernel
+            log.warning("%s", e)
     if k % 2 or x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs): even rows, aligned
         x = torch.nn.functional.pad(x, (0, k % 2))  # a fresh tensor; the zero column meets padding codes
         k = x.shape[1]

@@ -1,7 +1,7 @@
 """Triton kernels for the integer formats in the layout of `layout.py` (slot-planar blocks, 16 interleaved rows):
 GEMV (M = 1), small-M GEMM. The formats that layout holds now: 2-, 3- and 4-bit codes without mins in scale groups
-of 64 codes or more (q4, q3, q2, tq2_0); 8-bit codes are read row-major (`triton_float`), and 2- and 4-bit codes in
-shorter groups or with mins by the tensor-core kernel (`triton_mma`).
+of 32 codes or more (q4, q4_0, q3, q2, tq2_0); 8-bit codes are read row-major (`triton_float`), and 2- and 4-bit
+codes in shorter groups or with mins by the tensor-core kernel (`triton_mma`).
 
 Dequantization without integer-to-float conversions (the H100 converts 16 ints per SM and clock, 8x slower than
 it multiplies): OR-ing a bit field v < 2**23 into the mantissa of 2.0**23 gives the float 2**23 + v exactly, and
@@ -551,7 +551,7 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, K, b_start, b_end, BITS: tl.c
     SPW: tl.constexpr = 32 // BITS if BITS != 3 else 16
     SPG: tl.constexpr = GROUP // _W
     NW: tl.constexpr = BITS if BITS != 3 else 2  # words of codes per row and block (3-bit: + one of high bits)
-    # (each scale group lies within one word's slots: groups of 64+ codes, `ops.int_linear_impl` checks)
+    # (each scale group lies within one word's slots: groups of 32+ codes, `ops.int_linear_impl` checks)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for b in range(b_start, b_end):

@@ -1,0 +1,271 @@
+"""A hand-written CUDA GEMV (one row of x) for the K-quants with mins, read straight from the fragment layout of
+`layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q2_k: 2-bit codes in 16-code
+groups), so that batched rows keep the tensor-core kernel of `triton_mma` on the same weight. Compiled at load time
+by NVRTC, as `cuda_int`'s kernel, whose epilogue (gate, residual, norm chain) it shares.
+
+A thread block takes one 16-row tile; warp w takes its 512 codes (8 chunks of 4-bit codes, 4 of 2-bit ones),
+requests all their words (one 16-byte load a chunk and lane) and the warp's scales (the sub-block bytes and (d,
+dmin) of one super-block a lane) before it waits for its producer (PDL), then:
+1. x of its 512 codes as 16-bit integers round(x * inv), inv = XMAX / max |x| over them, in shared memory in k
+   order;
+2. lane l = 4 g + q holds rows g and g + 8 of the tile, and of every group the consecutive codes the layout gives
+   it (4-bit: 8 q .. 8 q + 7 of 32; 2-bit: 4 q .. 4 q + 3 of 16): a word's codes are masked into bytes by steps,
+   and a byte permute pairs each step's codes k, k + 1, so that one dp2a takes a pair of one group. Each group's
+   integer dot over the lane's codes is exact (8 * 15 * XMAX < 2**22); times the group's scale d * sc, minus its
+   min dmin * m times the sum of the lane's x integers of the group (the sums over q complete both);
+3. the sub-block bytes (sc | m << 8) and (d, dmin) of row R's super-block s sit in lane 2 R + s after the loads;
+   the lanes that need them take them by shuffles and decode them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
+from s2conv.runtime.kernels.cuda_int import EPILOGUE, max_blocks, max_k, min_blocks
+from s2conv.runtime.kernels.launch import launch, recording_active
+
+SOURCE = r"""  // after cuda_common.PRELUDE
+__device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
+__device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c, d] -> [a, c, b, d]
+    unsigned r; asm("prmt.b32 %0, %1, 0, 0x3120;" : "=r"(r) : "r"(m)); return r;
+}
+
+// qw: int32 [HALVES * tiles, chunks * 128] in the fragment layout (a tile's chunk of 256 / BITS codes: 32 lanes x
+// one int4, word 2 kk + h of lane 4 g + q: row 16 tile + 8 h + g; bits [BITS s, + BITS) and [16 + BITS s, + BITS):
+// the codes at k and k + 1 of step s: 4-bit: k = 64 chunk + 32 j + 8 q + 4 s' + 2 kk, s = 2 j + s' (32-code
+// groups j); 2-bit: k = 128 chunk + 16 s + 4 q + 2 kk (16-code groups s)); sub: int16 [HALVES * N, stride_s]
+// (sc | m << 8 per group); dm: fp32 [HALVES * N, stride_m / 2, 2] (d, dmin per 256 codes: KQ groups). Shared
+// memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16].
+#define HALVES (GATED ? 2 : 1)
+#define CPW (2 * BITS)       // chunks a warp takes (512 codes)
+#define KQ (BITS == 4 ? 8 : 16)  // groups a super-block
+#define SBV (KQ / 8)         // int4 vectors of sub-block bytes a super-block
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
+        const int4* __restrict__ qw, const int4* __restrict__ sub, const float2* __restrict__ dm,
+        const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ res, float* ss_out, float* zero,
+        const u16* __restrict__ gx_g, u16* __restrict__ gx_buf, const float* rs_in,
+        int N, int K, int chunks, int tiles, int stride_s, int stride_m, double eps, double xmax) {
+    extern __shared__ int4 smem[];
+    const int tid = threadIdx.x, lane = tid & 31, b = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    short* xs = (short*)(smem + b * 64);
+    float* sums = (float*)(smem + WARPS * 64);
+    // 1. this warp's words and scales, all requested first
+    pdl_launch_dependents();
+    int4 wr[HALVES][CPW];
+    int4 scb[HALVES][SBV];  // sub-block bytes of row row0 + lane / 2, super-block lane % 2 of this warp's 512 codes
+    float2 sdm[HALVES];  // its (d, dmin)
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+        const int4* base = qw + ((long long)(h * tiles + blockIdx.x) * chunks + CPW * b) * 32 + lane;
+#pragma unroll
+        for (int u = 0; u < CPW; ++u) wr[h][u] = ld_stream(base + 32 * u);
+        const long long row = h * N + min(row0 + lane / 2, N - 1);
+#pragma unroll
+        for (int v = 0; v < SBV; ++v) scb[h][v] = sub[(row * stride_s + 2 * KQ * b) / 8 + SBV * (lane & 1) + v];
+        sdm[h] = dm[(row * stride_m) / 2 + 2 * b + (lane & 1)];
+    }
+    pdl_wait();
+#if ZERO
+    if (tid == 0 && blockIdx.x == 0) *zero = 0.f;
+#endif
+    // 2. x: lane l scales codes 16 l .. 16 l + 15 of the warp's 512 (K is a whole number of them: `aligned`)
+    const int k0 = b * 512 + 16 * lane;
+    int4 xr[2];
+    xr[0] = ld_fresh((const int4*)(x + k0));
+    xr[1] = ld_fresh((const int4*)(x + k0 + 8));
+    const u16* xh = (const u16*)xr;
+    float v[16], amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        v[e] = x_to_f(xh[e]);
+        amax = fmaxf(amax, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float inv = amax > 0.f ? (float)xmax / amax : 0.f, rinv = amax > 0.f ? amax / (float)xmax : 0.f;
+    {
+        int w[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            w[e] = (__float2int_rn(v[2 * e] * inv) & 0xffff) | (__float2int_rn(v[2 * e + 1] * inv) << 16);
+        ((int4*)xs)[2 * lane] = make_int4(w[0], w[1], w[2], w[3]);
+        ((int4*)xs)[2 * lane + 1] = make_int4(w[4], w[5], w[6], w[7]);
+    }
+    __syncwarp();
+    float acc[HALVES][2] = {};
+#if BITS == 4
+    // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        const int4 x0 = ((const int4*)xs)[8 * u + q], x1 = ((const int4*)xs)[8 * u + 4 + q];
+        float xsum[2];
+        {
+            int s0 = 0, s1 = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s0 = dp2a_lo(comp(x0, i), 0x0101u, s0);
+                s1 = dp2a_lo(comp(x1, i), 0x0101u, s1);
+            }
+            xsum[0] = (float)s0;
+            xsum[1] = (float)s1;
+        }
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {  // row g + 8 hr
+                const int src = 2 * (g + 8 * hr) + u / 4;  // the lane holding this row's super-block u / 4
+                const unsigned sm = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][0], u % 4), src);
+                const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
+                int c0 = 0x4B400000, c1 = 0x4B400000;
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
+                    const unsigned even = pair_steps(w & 0x0F0F0F0Fu), odd = pair_steps((w >> 4) & 0x0F0F0F0Fu);
+                    c0 = dp2a_lo(comp(x0, kk), even, c0);       // step 0: group 2 u, codes 8 q + 2 kk, + 1
+                    c0 = dp2a_lo(comp(x0, 2 + kk), odd, c0);    // step 1: + 4
+                    c1 = dp2a_hi(comp(x1, kk), even, c1);       // step 2: group 2 u + 1
+                    c1 = dp2a_hi(comp(x1, 2 + kk), odd, c1);    // step 3
+                }
+                acc[h][hr] += exact(c0) * (d * (float)(sm & 0xffu)) - xsum[0] * (dmin * (float)((sm >> 8) & 0xffu))
+                            + exact(c1) * (d * (float)((sm >> 16) & 0xffu)) - xsum[1] * (dmin * (float)(sm >> 24));
+            }
+    }
+#else
+    // 3. per chunk u (128 codes): groups 8 u + s (s = 0..7), each the lane's 4 codes at 128 u + 16 s + 4 q .. + 3;
+    // (w >> 2 t) & 0x03030303, paired, holds steps t and 4 + t: one dp2a.lo and one dp2a.hi
+    const int* xw = (const int*)xs;  // x integer pairs: pair p holds codes 2 p, 2 p + 1
+#pragma unroll
+    for (int u = 0; u < CPW; ++u) {
+        int xp[8][2];  // [s][kk]: the pair at 128 u + 16 s + 4 q + 2 kk
+        float xsum[8];
+#pragma unroll
+        for (int st = 0; st < 8; ++st) {
+            const int2 p = ((const int2*)xw)[32 * u + 4 * st + q];
+            xp[st][0] = p.x;
+            xp[st][1] = p.y;
+            xsum[st] = (float)dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
+        }
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int src = 2 * (g + 8 * hr) + u / 2;  // the lane holding this row's super-block u / 2
+                unsigned sm[4];  // groups 8 u + 2 i, + 1: (sc, m, sc, m) bytes
+#pragma unroll
+                for (int i = 0; i < 4; ++i) sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][u % 2], i), src);
+                const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
+                int c[8];
+#pragma unroll
+                for (int st = 0; st < 8; ++st) c[st] = 0x4B400000;
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
+#pragma unroll
+                    for (int t = 0; t < 4; ++t) {
+                        const unsigned m = pair_steps((w >> (2 * t)) & 0x03030303u);
+                        c[t] = dp2a_lo(xp[t][kk], m, c[t]);
+                        c[4 + t] = dp2a_hi(xp[4 + t][kk], m, c[4 + t]);
+                    }
+                }
+                float a = 0.f;
+#pragma unroll
+                for (int st = 0; st < 8; ++st) {
+                    const unsigned v = sm[st / 2] >> (16 * (st % 2));
+                    a += exact(c[st]) * (d * (float)(v & 0xffu)) - xsum[st] * (dmin * (float)((v >> 8) & 0xffu));
+                }
+                acc[h][hr] += a;
+            }
+    }
+#endif
+    // 4. sums over the 4 lanes q of a row pair, then over the warps (the shared epilogue, warp 0)
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float a = acc[h][hr] * rinv;
+            a += __shfl_xor_sync(0xffffffffu, a, 1);
+            a += __shfl_xor_sync(0xffffffffu, a, 2);
+            if (q == 0) sums[b * HALVES * 16 + h * 16 + g + 8 * hr] = a;
+        }
+    __syncthreads();
+""" + EPILOGUE
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialization: warps (= 512-code pieces of K), code bits (4: q4_k, 2: q2_k), gated,
+    residual, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), thread blocks per SM for
+    __launch_bounds__, the PDL prologue."""
+
+    warps: int
+    bits: int = 4
+    gated: bool = False
+    has_res: bool = False
+    ss: bool = False
+    zero: bool = False
+    gx: bool = False
+    rs: bool = False
+    fp16: bool = False
+    min_blocks: int = 1
+    pdl: bool = False
+
+    def source(self) -> str:
+        flags = dict(WARPS=self.warps, BITS=self.bits, GATED=self.gated, HAS_RES=self.has_res, NORM=False, SS=self.ss,
+                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, MINB=self.min_blocks, PDL=self.pdl)
+        return flags_source(flags, SOURCE)
+
+
+def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
+    """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
+    in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 2-bit codes in 16-code groups, 16 a
+    super-block (q2_k), K a whole number of 512-code pieces
+    up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
+    integer GEMVs) keeps the tensor-core kernel."""
+    return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
+            and os.environ.get("S2CONV_INT_DOT", "1") != "0" and (bits, group, kq) in ((4, 32, 8), (2, 16, 16))
+            and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
+
+
+def aligned(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: torch.Tensor) -> bool:
+    """The layout the loads assume: contiguous x, qweight and (d, dmin); sub-block rows of whole 16-byte vectors;
+    every base 16-byte aligned."""
+    return (x.is_contiguous() and qweight.is_contiguous() and dm.is_contiguous() and sub.stride(1) == 1
+            and sub.stride(0) % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (x, qweight, sub, dm)))
+
+
+GEMV = CudaGemv("s2_frag_gemv")
+
+
+def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: torch.Tensor, gated: bool = False,
+              residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
+              zero: torch.Tensor | None = None, gx_out: tuple | None = None, rs_in: tuple | None = None,
+              xmax: int = 32767, bits: int = 4) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4) or q2_k (bits 2) weight in the fragment layout with its
+    two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual
+    and the norm chain as in `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and
+    `aligned` first). xmax: x's integer range (8 codes of up to 15, or 4 of up to 3, times it stay below 2**22)."""
+    n = sub.shape[0] // (2 if gated else 1)
+    tiles = qweight.shape[0] // (2 if gated else 1)
+    chunks = qweight.shape[1] // 128
+    warps = x.shape[1] // 512
+    v = Variant(warps, bits, gated, residual is not None, ss_out is not None, zero is not None, gx_out is not None,
+                rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps), pdl_capable(x.device))
+    if not recording_active():
+        GEMV.check(v, x.device)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4
+    unused = y
+    launch(GEMV, (tiles, 1, 1), v, 32 * warps, shared, qweight, sub, dm, x, y,
+           unused if residual is None else residual, unused if ss_out is None else ss_out,
+           unused if zero is None else zero, unused if gx_out is None else gx_out[0],
+           unused if gx_out is None else gx_out[1], unused if rs_in is None else rs_in[0], n, x.shape[1], chunks,
+           tiles, sub.stride(0), dm.shape[1] * 2, float(rs_in[1] if rs_in is not None else 0.0), float(xmax),
+           outputs=(y,))
+    return y
