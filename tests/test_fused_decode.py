@@ -510,11 +510,11 @@ def test_norms_chain_through_float_gemvs(weights, monkeypatch):
     assert "_ss_in" not in fast.layers[0].__dict__ and "_next_block" not in fast.layers[0].__dict__
 
 
-@pytest.mark.slow  # under 2 minutes for both in triton's interpreter (CPU); seconds on a GPU
-@pytest.mark.parametrize("fmt", ["q4", "q4_0"])
+@pytest.mark.slow  # about a minute each in triton's interpreter (CPU); seconds on a GPU
+@pytest.mark.parametrize("fmt", ["q4", "q4_1"])
 def test_norms_chain_through_integer_gemvs(weights, fmt, monkeypatch):
-    """Integer GEMVs at one row (q4: dp2a, q4_0: tensor cores): wo and w2 also store their output times the next
-    RMSNorm's weight, and w1|w3 and the next block's wqkv read that copy and scale their outputs by the rsqrt of
+    """Integer GEMVs at one row (q4: the interleaved layout, q4_1: the fragment layout, with mins): wo and w2 also
+    store their output times the next RMSNorm's weight, and w1|w3 and the next block's wqkv read that copy and scale their outputs by the rsqrt of
     the sum of squares, so a step launches no norm inside the stacks but each first block's attention norm (none
     where its wqkv folds it: q4 on the CUDA GEMV) and the final norm. Slots are reset as in the float chain; the
     results match the eager quantized model's."""
