@@ -11,8 +11,9 @@ dmin) of one super-block a lane) before it waits for its producer (PDL), then:
 2. lane l = 4 g + q holds rows g and g + 8 of the tile, and of every group the consecutive codes the layout gives
    it (4-bit: 8 q .. 8 q + 7 of 32; 2-bit: 4 q .. 4 q + 3 of 16): a word's codes are masked into bytes by steps,
    and a byte permute pairs each step's codes k, k + 1, so that one dp2a takes a pair of one group. Each group's
-   integer dot over the lane's codes is exact (8 * 15 * XMAX < 2**22); times the group's scale d * sc, minus its
-   min dmin * m times the sum of the lane's x integers of the group (the sums over q complete both);
+   integer dot over the lane's codes is exact; a super-block's dots times their 6- or 4-bit scales sc, and its
+   sums of x integers times their mins m, add up in integers (below 2**31), and only then meet (d, dmin) in
+   floats (the sums over q complete both);
 3. the sub-block bytes (sc | m << 8) and (d, dmin) of row R's super-block s sit in lane 2 R + s after the loads;
    the lanes that need them take them by shuffles and decode them.
 """
@@ -28,7 +29,6 @@ from s2conv.runtime.kernels.cuda_int import EPILOGUE, max_blocks, max_k, min_blo
 from s2conv.runtime.kernels.launch import launch, recording_active
 
 SOURCE = r"""  // after cuda_common.PRELUDE
-__device__ __forceinline__ float exact(int biased) { return __int_as_float(biased) - 12582912.0f; }
 __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c, d] -> [a, c, b, d]
     unsigned r; asm("prmt.b32 %0, %1, 0, 0x3120;" : "=r"(r) : "r"(m)); return r;
@@ -98,21 +98,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     }
     __syncwarp();
     float acc[HALVES][2] = {};
+    int isc[HALVES][2] = {}, imn[HALVES][2] = {};  // a super-block's sums of sc * dot and m * sum(x), in integers
 #if BITS == 4
-    // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7
+    // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7; a lane's
+    // dot of a group is below 8 * 15 * 32767, times sc (6 bits) over the 8 groups of a super-block below 2**31
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int4 x0 = ((const int4*)xs)[8 * u + q], x1 = ((const int4*)xs)[8 * u + 4 + q];
-        float xsum[2];
-        {
-            int s0 = 0, s1 = 0;
+        int xsum0 = 0, xsum1 = 0;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                s0 = dp2a_lo(comp(x0, i), 0x0101u, s0);
-                s1 = dp2a_lo(comp(x1, i), 0x0101u, s1);
-            }
-            xsum[0] = (float)s0;
-            xsum[1] = (float)s1;
+        for (int i = 0; i < 4; ++i) {
+            xsum0 = dp2a_lo(comp(x0, i), 0x0101u, xsum0);
+            xsum1 = dp2a_lo(comp(x1, i), 0x0101u, xsum1);
         }
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
@@ -120,9 +117,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
             for (int hr = 0; hr < 2; ++hr) {  // row g + 8 hr
                 const int src = 2 * (g + 8 * hr) + u / 4;  // the lane holding this row's super-block u / 4
                 const unsigned sm = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][0], u % 4), src);
-                const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
-                const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
-                int c0 = 0x4B400000, c1 = 0x4B400000;
+                int c0 = 0, c1 = 0;
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
                     const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
@@ -132,24 +127,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                     c1 = dp2a_hi(comp(x1, kk), even, c1);       // step 2: group 2 u + 1
                     c1 = dp2a_hi(comp(x1, 2 + kk), odd, c1);    // step 3
                 }
-                acc[h][hr] += exact(c0) * (d * (float)(sm & 0xffu)) - xsum[0] * (dmin * (float)((sm >> 8) & 0xffu))
-                            + exact(c1) * (d * (float)((sm >> 16) & 0xffu)) - xsum[1] * (dmin * (float)(sm >> 24));
+                isc[h][hr] += c0 * (int)(sm & 0xffu) + c1 * (int)((sm >> 16) & 0xffu);
+                imn[h][hr] += xsum0 * (int)((sm >> 8) & 0xffu) + xsum1 * (int)(sm >> 24);
+                if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
+                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
+                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
+                    isc[h][hr] = imn[h][hr] = 0;
+                }
             }
     }
 #else
     // 3. per chunk u (128 codes): groups 8 u + s (s = 0..7), each the lane's 4 codes at 128 u + 16 s + 4 q .. + 3;
     // (w >> 2 t) & 0x03030303, paired, holds steps t and 4 + t: one dp2a.lo and one dp2a.hi
+    // (a lane's dot of a group is below 4 * 3 * 32767, times sc (4 bits) over 16 groups far below 2**31)
     const int* xw = (const int*)xs;  // x integer pairs: pair p holds codes 2 p, 2 p + 1
 #pragma unroll
     for (int u = 0; u < CPW; ++u) {
         int xp[8][2];  // [s][kk]: the pair at 128 u + 16 s + 4 q + 2 kk
-        float xsum[8];
+        int xsum[8];
 #pragma unroll
         for (int st = 0; st < 8; ++st) {
             const int2 p = ((const int2*)xw)[32 * u + 4 * st + q];
             xp[st][0] = p.x;
             xp[st][1] = p.y;
-            xsum[st] = (float)dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
+            xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
         }
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
@@ -159,11 +161,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 unsigned sm[4];  // groups 8 u + 2 i, + 1: (sc, m, sc, m) bytes
 #pragma unroll
                 for (int i = 0; i < 4; ++i) sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][u % 2], i), src);
-                const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
-                const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
-                int c[8];
-#pragma unroll
-                for (int st = 0; st < 8; ++st) c[st] = 0x4B400000;
+                int c[8] = {};
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
                     const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
@@ -174,13 +172,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                         c[4 + t] = dp2a_hi(xp[4 + t][kk], m, c[4 + t]);
                     }
                 }
-                float a = 0.f;
 #pragma unroll
                 for (int st = 0; st < 8; ++st) {
                     const unsigned v = sm[st / 2] >> (16 * (st % 2));
-                    a += exact(c[st]) * (d * (float)(v & 0xffu)) - xsum[st] * (dmin * (float)((v >> 8) & 0xffu));
+                    isc[h][hr] += c[st] * (int)(v & 0xffu);
+                    imn[h][hr] += xsum[st] * (int)((v >> 8) & 0xffu);
                 }
-                acc[h][hr] += a;
+                if (u % 2 == 1) {  // the super-block's end: its (d, dmin)
+                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
+                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
+                    isc[h][hr] = imn[h][hr] = 0;
+                }
             }
     }
 #endif
@@ -250,7 +253,7 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4) or q2_k (bits 2) weight in the fragment layout with its
     two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual
     and the norm chain as in `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and
-    `aligned` first). xmax: x's integer range (8 codes of up to 15, or 4 of up to 3, times it stay below 2**22)."""
+    `aligned` first). xmax: x's integer range, at most 32767 (a super-block's integer sums then stay below 2**31)."""
     n = sub.shape[0] // (2 if gated else 1)
     tiles = qweight.shape[0] // (2 if gated else 1)
     chunks = qweight.shape[1] // 128
