@@ -1,4 +1,4 @@
-"""The CUDA GEMV on the fragment layout (`kernels/cuda_frag.py`: q4_k's and q2_k's one row): every variant
+"""The CUDA GEMV on the fragment layout (`kernels/cuda_frag.py`: q4_k's, q3_k's and q2_k's one row): every variant
 compiles for sm_90 (on the CPU, with nvcc, where it is installed), and on a GPU the dispatcher's CUDA path matches
 the reference weight and the tensor-core kernel, norm chain and graph replay included."""
 from __future__ import annotations
@@ -19,19 +19,20 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=Tr
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("warps", [1, 5, 19, "max"])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 16), (2, 16)])
 @pytest.mark.parametrize("flags", _FLAGS, ids=lambda f: "-".join(f) or "plain")
-def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, bits, flags):
+def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, bits, group, flags):
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
     src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, bits, **flags, min_blocks=min_blocks(flags.get("gated", False), warps)).source())
+    src.write_text(Variant(warps, bits, group, **flags,
+                           min_blocks=min_blocks(flags.get("gated", False), warps)).source())
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
                         str(tmp_path / "k.cubin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
 
 
-_BITS = {"q4_k": (4, 32), "q2_k": (2, 16)}
+_BITS = {"q4_k": (4, 32), "q3_k": (4, 16), "q2_k": (2, 16)}
 
 
 def _kq(fmt: str, n: int, k: int, gen: torch.Generator):
@@ -167,8 +168,8 @@ def test_graph_replay_with_pdl_matches_eager(fmt):
 
 
 def test_takes_only_what_it_computes():
-    """Two-level scales: q4_k's (4-bit 32-code groups, 8 a super-block) and q2_k's (2-bit 16-code groups, 16 a
-    super-block); K a whole number of 512-code pieces within the register limit; one CUDA row."""
+    """Two-level scales: q4_k's (4-bit 32-code groups, 8 a super-block), q3_k's (4-bit fields, 16-code groups, 16
+    a super-block) and q2_k's (2-bit 16-code groups, 16 a super-block); K a whole number of 512-code pieces within the register limit; one CUDA row."""
     from s2conv.runtime.kernels import cuda_common, cuda_frag
     x = torch.zeros(1, 2560, dtype=torch.bfloat16)
     assert not cuda_frag.takes(x, 4, 32, 8, 2560, False)  # a CPU tensor
@@ -176,7 +177,7 @@ def test_takes_only_what_it_computes():
         xc = x.cuda()
         assert cuda_frag.takes(xc, 4, 32, 8, 2560, False) and cuda_frag.takes(xc, 4, 32, 8, 9728, False)
         assert not cuda_frag.takes(xc, 4, 32, 0, 2560, False)  # fp32 scales and mins (q4_1)
-        assert cuda_frag.takes(xc, 2, 16, 16, 2560, False)  # q2_k
-        assert not cuda_frag.takes(xc, 2, 16, 8, 2560, False) and not cuda_frag.takes(xc, 4, 16, 16, 2560, False)
+        assert cuda_frag.takes(xc, 2, 16, 16, 2560, False) and cuda_frag.takes(xc, 4, 16, 16, 2560, False)
+        assert not cuda_frag.takes(xc, 2, 16, 8, 2560, False) and not cuda_frag.takes(xc, 4, 16, 8, 2560, False)
         assert not cuda_frag.takes(xc, 4, 32, 8, 2304, False)  # not whole 512-code pieces
         assert not cuda_frag.takes(xc, 4, 32, 8, 9728, True)  # gated: more words than the registers hold

@@ -13,7 +13,7 @@ from s2conv.runtime.kernels import INT_SPECS, cat_rows, dequantize_packed  # noq
 from s2conv.runtime.kernels.dequant import dequantize  # noqa: E402
 from test_kernels import FORMATS, make_two_level, make_weight, packed_on_device  # noqa: E402
 
-TWO_LEVEL = [f for f in ("q2_k", "q4_k") if f in INT_SPECS]
+TWO_LEVEL = [f for f in ("q2_k", "q4_k", "q3_k") if f in INT_SPECS]
 
 
 def _packed(fmt: str, n: int, k: int, two_level: bool, seed: int = 0) -> dict:

@@ -45,8 +45,9 @@ def test_integer_codes_of_ggml_types_rebuild_their_weights(name):
     if got.mins is not None:
         rebuilt = rebuilt - got.mins.repeat_interleave(g, dim=1)
     assert torch.equal(rebuilt, torch.from_numpy(fmt.dequantize(data, 512)))
-    # K-quants with mins also give their scales as the file keeps them: bytes under (d, dmin) per 256 columns
-    if name in ("q2_k", "q4_k", "q5_k"):
+    # K-quants with mins (and q3_k) also give their scales as the file keeps them: bytes under (d, dmin) per 256
+    # columns
+    if name in ("q2_k", "q3_k", "q4_k", "q5_k"):
         sub, sup = got.two_level
         assert sub.dtype == torch.int16 and sub.shape == (4, 512 // g) and sup.shape == (4, 2, 2)
         scales, mins = two_level_scales(sub, sup)

@@ -49,12 +49,19 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
 
 def make_two_level(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     """Random repack arguments of a K-quant with mins in its two levels: codes, scale and min bytes (sc | m << 8,
-    every value up to 63) and (d, dmin) per 256 columns, fp16 values as in a file."""
+    every value up to 63; q3_k: signed sc in [-32, 31] with m = 4 sc, and dmin = d, as its file gives them) and
+    (d, dmin) per 256 columns, fp16 values as in a file."""
     codes = make_weight(fmt, n, k, gen)[0]
     groups = k // INT_SPECS[fmt].group
-    sc, m = (torch.randint(0, 64, (n, groups), generator=gen, dtype=torch.int16) for _ in range(2))
     sup = (torch.rand(n, k // 256, 2, generator=gen) * 0.004 + 0.001).half().float()
-    return codes, sc | (m << 8), sup
+    if fmt == "q3_k":
+        sc = torch.randint(-32, 32, (n, groups), generator=gen, dtype=torch.int16)
+        sc[0, :2] = torch.tensor([-32, 31])  # both ends: the sign extensions must hold
+        m = 4 * sc
+        sup[..., 1] = sup[..., 0]
+    else:
+        sc, m = (torch.randint(0, 64, (n, groups), generator=gen, dtype=torch.int16) for _ in range(2))
+    return codes, (sc & 0xFF) | (m << 8), sup
 
 
 def reference_weight(fmt: str, args: tuple, k: int) -> torch.Tensor:
@@ -130,8 +137,8 @@ def test_repack_roundtrip(fmt, k):
     if layout.uses_row_major_layout(spec):  # q8_0, q5_*, q6_k: int8 codes as they are, row-major
         assert packed["weight"].dtype == torch.int8 and packed["weight"].shape == (5, k)
         assert packed["scales"].shape == (5, k // spec.group)
-        codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)  # q3_k: negated codes and scales
-    elif layout.uses_fragment_layout(spec):  # q4_1, q4_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
+        codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)
+    elif layout.uses_fragment_layout(spec):  # q4_1, q4_k, q3_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
         chunks = -(-k // unit) * unit // (256 // spec.bits)
         assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * 128)
@@ -185,7 +192,8 @@ def test_fragment_bit_positions(bits, group):
     ("q4_1", 1, 224, False, False, 3, False), ("q2_k", 1, 768, True, False, 3, False),
     ("q2_k", 9, 512, False, True, 1, False), ("q2_k", 1, 512, False, False, 1, True),
     ("q2_k", 9, 768, True, False, 3, True), ("q4_k", 1, 512, True, False, 2, True),
-    ("q4_k", 9, 256, False, True, 1, True)])
+    ("q4_k", 9, 256, False, True, 1, True), ("q3_k", 1, 512, True, False, 2, True),
+    ("q3_k", 9, 256, False, True, 1, True)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
     """The tensor-core kernel of the fragment layout (bf16 x, the decode path of the 2- and 4-bit
     formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with
@@ -317,10 +325,9 @@ def test_gated_kernel(fmt, m, n):
     assert_matches(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16, extra.reshape(-1, n))  # 2 m rows: GEMM
 
 
-@pytest.mark.parametrize("fmt,gated", [("q8_0", False), ("q5_0", True), ("q6_k", False), ("q5_k", True),
-                                       ("q3_k", False)])
+@pytest.mark.parametrize("fmt,gated", [("q8_0", False), ("q5_0", True), ("q6_k", False), ("q5_k", True)])
 def test_row_major_grouped_formats(fmt, gated, monkeypatch):
-    """8-bit codes that fit a byte (q3_k's negated) stay a row-major int8 matrix with a scale (and min) per group,
+    """8-bit codes that fit a byte stay a row-major int8 matrix with a scale (and min) per group,
     read by the float kernels: the GEMV at one row (also with the norm applied from a producer's sum of squares,
     as for q8) and the GEMM at 5 rows, each both ways it can run (GEMV: products summed per group, or codes scaled
     one by one; GEMM: one dot per group, or dequantized tiles in two dots), within one output rounding of the

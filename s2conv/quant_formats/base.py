@@ -26,8 +26,9 @@ _REGISTRY: dict[str, "QuantFormat"] = {}
 class IntegerCodes(NamedTuple):
     """A weight [rows, cols] as integer codes and per-group float32 scales (and mins): see `code_group`.
 
-    two_level (K-quants with mins: q2_k, q4_k, q5_k): the same scales and mins as the file keeps them, a byte
-    each per group under a float per 256-column super-block: (sub int16 [rows, groups] = sc | m << 8, sup float32
+    two_level (K-quants with mins: q2_k, q4_k, q5_k; and q3_k, its signed scale's 4 times as the min of codes
+    stored unsigned): the same scales and mins as the file keeps them, a signed byte each per group under a float
+    per 256-column super-block: (sub int16 [rows, groups] = (sc & 0xFF) | m << 8, sup float32
     [rows, cols // 256, 2] = (d, dmin)), scale = d * sc and min = dmin * m exactly (`two_level_scales`)."""
 
     codes: torch.Tensor  # int16 [rows, cols]
@@ -38,11 +39,12 @@ class IntegerCodes(NamedTuple):
 
 
 def two_level_scales(sub: torch.Tensor, sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`IntegerCodes.two_level` -> float32 (scales, mins) [rows, groups]: d * sc and dmin * m per group."""
-    v = sub.to(torch.int32)
+    """`IntegerCodes.two_level` -> float32 (scales, mins) [rows, groups]: d * sc and dmin * m per group (sc and m
+    signed bytes)."""
+    v = sub.to(torch.int32)  # sign-extended from int16: m's sign
     per = v.shape[1] // sup.shape[1]  # groups per super-block
     d, dmin = (sup[..., i].repeat_interleave(per, dim=1) for i in (0, 1))
-    return (v & 0xFF).to(torch.float32) * d, ((v >> 8) & 0xFF).to(torch.float32) * dmin
+    return ((v << 24) >> 24).to(torch.float32) * d, (v >> 8).to(torch.float32) * dmin
 
 
 def combine_codes(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
@@ -136,7 +138,7 @@ class QuantFormat:
         sub_scales = self._sub_scales_blocks(blocks)
         if sub_scales is not None:
             d, dmin, sc, m = sub_scales
-            two_level = ((sc.to(torch.int16) | (m.to(torch.int16) << 8)).reshape(rows, -1),
+            two_level = (((sc.to(torch.int16) & 0xFF) | (m.to(torch.int16) << 8)).reshape(rows, -1),
                          torch.cat([d, dmin], dim=1).reshape(rows, -1, 2))
         return IntegerCodes(q.reshape(rows, n_cols).to(torch.int16), scales.reshape(rows, -1),
                             None if mins is None else mins.reshape(rows, -1), self.code_group, two_level)

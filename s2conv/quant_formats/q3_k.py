@@ -28,7 +28,7 @@ def pack_2bit(L: np.ndarray) -> np.ndarray:
 class Q3K(KQuantFormat, name="q3_k"):
     ggml_type = GGMLQuantizationType.Q3_K
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]
-    code_group = 256
+    code_group = 16
     chunk_weights = 1 << 18  # its search runs on (N,) vectors, one per sub-block: larger chunks amortize calls
 
     def _quantize_blocks(self, x: np.ndarray) -> np.ndarray:
@@ -63,14 +63,22 @@ class Q3K(KQuantFormat, name="q3_k"):
         d = half_np(blocks[:, 108:110])
         return ((d * sc)[..., None] * q).reshape(-1, 256)
 
-    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Codes sc * q in [-124, 128] (the 6-bit sub-block scale folded in) with the super-block scale d:
-        w = d * (sc * q), the same float32 value as (d * sc) * q (both products are exact)."""
-        high = bits_torch(blocks[:, :32], 1)
-        low = bits_torch(blocks[:, 32:96].reshape(-1, 32), 2).reshape(-1, 8, 32)
-        q = (low.to(torch.int16) - ((high ^ 1) << 2).to(torch.int16)).reshape(-1, 16, 16)
+    def _sub_scales_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(d, d, sc, 4 sc): the signed 6-bit scale sc - 32 as the sub-block scale and 4 times it as the min, so
+        that w = d * sc * (q + 4) - d * (4 sc) takes the unsigned codes q + 4 in [0, 7] (4 sc fits a signed
+        byte), as the K-quants with mins do."""
         s = blocks[:, 96:108]
         sc_low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=1)
         sc_high = bits_torch(s[:, 8:12], 2).reshape(-1, 16)
         sc = (sc_low | (sc_high << 4)).to(torch.int16) - 32
-        return (sc[..., None] * q).reshape(-1, 1, 256), half_torch(blocks[:, 108:110]), None
+        d = half_torch(blocks[:, 108:110])
+        return d, d, sc, 4 * sc
+
+    def _codes_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unsigned codes q + 4 = low | high << 2 in [0, 7] per 16-weight sub-block, scale d * sc and min
+        d * 4 sc (all exact in float32: w = d * sc * (q + 4) - 4 d * sc = d * sc * q)."""
+        high = bits_torch(blocks[:, :32], 1)
+        low = bits_torch(blocks[:, 32:96].reshape(-1, 32), 2).reshape(-1, 8, 32)
+        u = (low.to(torch.int16) | (high.to(torch.int16) << 2)).reshape(-1, 16, 16)
+        d, _, sc, m = self._sub_scales_blocks(blocks)
+        return u, d * sc, d * m

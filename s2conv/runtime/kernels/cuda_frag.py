@@ -30,6 +30,9 @@ from s2conv.runtime.kernels.launch import launch, recording_active
 
 SOURCE = r"""  // after cuda_common.PRELUDE
 __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+// byte i of v: q4_k's and q2_k's scale and min bytes are unsigned (up to 63), q3_k's signed
+__device__ __forceinline__ int ubyte(unsigned v, int i) { return (int)((v >> (8 * i)) & 0xffu); }
+__device__ __forceinline__ int sbyte(unsigned v, int i) { return (int)(v << (24 - 8 * i)) >> 24; }
 __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c, d] -> [a, c, b, d]
     unsigned r; asm("prmt.b32 %0, %1, 0, 0x3120;" : "=r"(r) : "r"(m)); return r;
 }
@@ -42,7 +45,7 @@ __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c,
 // memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16].
 #define HALVES (GATED ? 2 : 1)
 #define CPW (2 * BITS)       // chunks a warp takes (512 codes)
-#define KQ (BITS == 4 ? 8 : 16)  // groups a super-block
+#define KQ (256 / GROUP)      // groups a super-block
 #define SBV (KQ / 8)         // int4 vectors of sub-block bytes a super-block
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
         const int4* __restrict__ qw, const int4* __restrict__ sub, const float2* __restrict__ dm,
@@ -99,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     __syncwarp();
     float acc[HALVES][2] = {};
     int isc[HALVES][2] = {}, imn[HALVES][2] = {};  // a super-block's sums of sc * dot and m * sum(x), in integers
-#if BITS == 4
+#if BITS == 4 && GROUP == 32
     // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7; a lane's
     // dot of a group is below 8 * 15 * 32767, times sc (6 bits) over the 8 groups of a super-block below 2**31
 #pragma unroll
@@ -127,8 +130,53 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                     c1 = dp2a_hi(comp(x1, kk), even, c1);       // step 2: group 2 u + 1
                     c1 = dp2a_hi(comp(x1, 2 + kk), odd, c1);    // step 3
                 }
-                isc[h][hr] += c0 * (int)(sm & 0xffu) + c1 * (int)((sm >> 16) & 0xffu);
-                imn[h][hr] += xsum0 * (int)((sm >> 8) & 0xffu) + xsum1 * (int)(sm >> 24);
+                isc[h][hr] += c0 * ubyte(sm, 0) + c1 * ubyte(sm, 2);
+                imn[h][hr] += xsum0 * ubyte(sm, 1) + xsum1 * ubyte(sm, 3);
+                if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
+                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
+                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
+                    isc[h][hr] = imn[h][hr] = 0;
+                }
+            }
+    }
+#elif BITS == 4
+    // 3. per chunk u (64 codes): groups 16 (u % 4) + s of super-block u / 4 (s = 0..3), each the lane's 4 codes at
+    // 64 u + 16 s + 4 q .. + 3; w & 0x0F0F0F0F, paired, holds steps 0 and 2, (w >> 4) & 0x0F0F0F0F steps 1 and 3
+    // (a lane's dot of a group is below 4 * 7 * 32767, times |sc| <= 32 over 16 groups below 2**29)
+#pragma unroll
+    for (int u = 0; u < CPW; ++u) {
+        int xp[4][2];  // [s][kk]: the pair at 64 u + 16 s + 4 q + 2 kk
+        int xsum[4];
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+            const int2 p = ((const int2*)xs)[16 * u + 4 * st + q];
+            xp[st][0] = p.x;
+            xp[st][1] = p.y;
+            xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
+        }
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int src = 2 * (g + 8 * hr) + u / 4;  // the lane holding this row's super-block u / 4
+                const int4 sv = scb[h][(u % 4) / 2];
+                const unsigned sm0 = (unsigned)__shfl_sync(0xffffffffu, comp(sv, 2 * (u % 2)), src);  // s = 0, 1
+                const unsigned sm1 = (unsigned)__shfl_sync(0xffffffffu, comp(sv, 2 * (u % 2) + 1), src);  // 2, 3
+                int c[4] = {};
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
+                    const unsigned even = pair_steps(w & 0x0F0F0F0Fu), odd = pair_steps((w >> 4) & 0x0F0F0F0Fu);
+                    c[0] = dp2a_lo(xp[0][kk], even, c[0]);
+                    c[2] = dp2a_hi(xp[2][kk], even, c[2]);
+                    c[1] = dp2a_lo(xp[1][kk], odd, c[1]);
+                    c[3] = dp2a_hi(xp[3][kk], odd, c[3]);
+                }
+                isc[h][hr] += c[0] * sbyte(sm0, 0) + c[1] * sbyte(sm0, 2) + c[2] * sbyte(sm1, 0)
+                            + c[3] * sbyte(sm1, 2);
+                imn[h][hr] += xsum[0] * sbyte(sm0, 1) + xsum[1] * sbyte(sm0, 3) + xsum[2] * sbyte(sm1, 1)
+                            + xsum[3] * sbyte(sm1, 3);
                 if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
                     const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
@@ -174,9 +222,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 }
 #pragma unroll
                 for (int st = 0; st < 8; ++st) {
-                    const unsigned v = sm[st / 2] >> (16 * (st % 2));
-                    isc[h][hr] += c[st] * (int)(v & 0xffu);
-                    imn[h][hr] += xsum[st] * (int)((v >> 8) & 0xffu);
+                    isc[h][hr] += c[st] * ubyte(sm[st / 2], 2 * (st % 2));
+                    imn[h][hr] += xsum[st] * ubyte(sm[st / 2], 2 * (st % 2) + 1);
                 }
                 if (u % 2 == 1) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
@@ -209,6 +256,7 @@ class Variant:
 
     warps: int
     bits: int = 4
+    group: int = 32
     gated: bool = False
     has_res: bool = False
     ss: bool = False
@@ -220,7 +268,7 @@ class Variant:
     pdl: bool = False
 
     def source(self) -> str:
-        flags = dict(WARPS=self.warps, BITS=self.bits, GATED=self.gated, HAS_RES=self.has_res, NORM=False, SS=self.ss,
+        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res, NORM=False, SS=self.ss,
                      ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, MINB=self.min_blocks, PDL=self.pdl)
         return flags_source(flags, SOURCE)
 
@@ -232,7 +280,7 @@ def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) 
     up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
     integer GEMVs) keeps the tensor-core kernel."""
     return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
-            and os.environ.get("S2CONV_INT_DOT", "1") != "0" and (bits, group, kq) in ((4, 32, 8), (2, 16, 16))
+            and os.environ.get("S2CONV_INT_DOT", "1") != "0" and (bits, group, kq) in ((4, 32, 8), (4, 16, 16), (2, 16, 16))
             and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -249,7 +297,7 @@ GEMV = CudaGemv("s2_frag_gemv")
 def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: torch.Tensor, gated: bool = False,
               residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
               zero: torch.Tensor | None = None, gx_out: tuple | None = None, rs_in: tuple | None = None,
-              xmax: int = 32767, bits: int = 4) -> torch.Tensor:
+              xmax: int = 32767, bits: int = 4, group: int = 32) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4) or q2_k (bits 2) weight in the fragment layout with its
     two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual
     and the norm chain as in `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and
@@ -258,8 +306,8 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     tiles = qweight.shape[0] // (2 if gated else 1)
     chunks = qweight.shape[1] // 128
     warps = x.shape[1] // 512
-    v = Variant(warps, bits, gated, residual is not None, ss_out is not None, zero is not None, gx_out is not None,
-                rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps), pdl_capable(x.device))
+    v = Variant(warps, bits, group, gated, residual is not None, ss_out is not None, zero is not None,
+                gx_out is not None, rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps), pdl_capable(x.device))
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)

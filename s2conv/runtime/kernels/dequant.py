@@ -79,8 +79,8 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
 
     GROUP 0: one scale per row (fp8, q8), the codes read as they are stored (row-major layout); otherwise the
     scales (and mins) [rows, groups] with row stride stride_s, or with KQ the two levels of the K-quants: int16
-    sc | m << 8 per group [rows, groups] and fp32 (d, dmin) per KQ groups [rows, n_sup, 2]. FIX: round to bf16 by
-    hand (`common.round_to`: triton's interpreter truncates)."""
+    sc | m << 8 per group (signed bytes) [rows, groups] and fp32 (d, dmin) per KQ groups [rows, n_sup, 2]. FIX:
+    round to bf16 by hand (`common.round_to`: triton's interpreter truncates)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     live = (n < N) & (k < K)  # masks, not clamped indices: the row-major tile's loads and stores stay vectors
@@ -95,9 +95,9 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
     elif KQ > 0:
         v = tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0).to(tl.int32)
         sup = m_ptr + (n * n_sup + k // (GROUP * KQ)) * 2
-        w = code * ((v & 0xFF).to(tl.float32) * tl.load(sup, mask=live, other=0.0))
+        w = code * (((v << 24) >> 24).to(tl.float32) * tl.load(sup, mask=live, other=0.0))  # signed bytes
         if HAS_MIN:
-            w = w - ((v >> 8) & 0xFF).to(tl.float32) * tl.load(sup + 1, mask=live, other=0.0)
+            w = w - (v >> 8).to(tl.float32) * tl.load(sup + 1, mask=live, other=0.0)
     else:
         w = code * tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0.0)
         if HAS_MIN:

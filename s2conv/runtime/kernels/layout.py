@@ -65,14 +65,15 @@ INT_SPECS: dict[str, IntSpec] = {
     "q4_0": IntSpec(4, -8, 7, 8, 32),
     # the other ggml types, from their integer codes (QuantFormat.integer_codes_torch): w = scale * code (- min),
     # scales (and mins) decoded to float32 per group; K-quants per sub-block (d * sc, dmin * m). 5- and 6-bit codes
-    # are int8 codes in the grouped row-major layout (below), and so are q8_0 and Q3_K, whose sub-block scales are
-    # folded into the codes (sc * q fits a byte, negated; one scale per 256 codes).
+    # are int8 codes in the grouped row-major layout (below), and so are q8_0's. Q3_K's 3-bit codes are stored
+    # unsigned (q + 4) in 4-bit fields with its signed sub-block scale sc and 4 sc as the min: the two levels of
+    # the K-quants with mins, in the fragment layout.
     "q4_1": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_0": IntSpec(8, -16, 15, 128, 32),
     "q5_1": IntSpec(8, 0, 31, 0, 32, has_min=True),
     "tq2_0": IntSpec(2, -1, 1, 2, 256),
     "q2_k": IntSpec(2, 0, 3, 0, 16, has_min=True),
-    "q3_k": IntSpec(8, -124, 128, 124, 256),  # codes sc * q (sub-block scale folded in), scale d per 256
+    "q3_k": IntSpec(4, 0, 7, 0, 16, has_min=True),  # w = d * sc * (q + 4) - d * 4 sc
     "q4_k": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_k": IntSpec(8, 0, 31, 0, 32, has_min=True),
     "q6_k": IntSpec(8, -32, 31, 128, 16),
@@ -257,11 +258,11 @@ def dequantize_packed_fragment(bits: int, offset: int, group: int, qweight: torc
 
 
 # ---- the grouped row-major layout ----------------------------------------------------------------------------------
-# 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k, q3_k) stay a plain row-major int8 [N, K]
+# 8-bit codes that fit a signed byte (q8_0, q5_0, q5_1, q5_k, q6_k) stay a plain row-major int8 [N, K]
 # matrix with fp32 scales (and mins) [N, K / group], read by the float GEMV (`triton_float`), as q8 is: per layer
 # at S2's shapes on an H200 (`scripts/probe_rowmajor8.py`) q8_0 took 42.4 us against 50.7 in the interleaved
-# layout's dp2a kernel, q6_k 46.0 against 80.8, q5_k 48.4 against 58.5 (q3_k on an H100: 47.8 against 51.0).
-# Q3_K's folded codes (-124 .. 128) fit a byte negated: they are stored as -code with -scale (`row_major_sign`).
+# layout's dp2a kernel, q6_k 46.0 against 80.8, q5_k 48.4 against 58.5. Codes that fit a byte only negated
+# would be stored as -code with -scale (`row_major_sign`).
 def row_major_sign(spec: IntSpec) -> int:
     """1 where a format's codes fit a signed byte, -1 where their negations do (stored as -code with -scale), 0
     where neither does."""

@@ -531,7 +531,7 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
             return cuda_frag.frag_gemv(
                 x, qweight, scales, mins, gated, residual, chain.get("ss_out"), chain.get("zero_ptr"),
                 (chain["gx_g"], chain["gx_ptr"]) if "gx_ptr" in chain else None,
-                (chain["rs_ptr"], chain["rs_eps"]) if "rs_ptr" in chain else None, bits=bits)
+                (chain["rs_ptr"], chain["rs_eps"]) if "rs_ptr" in chain else None, bits=bits, group=group)
         except RuntimeModelError as e:  # no NVRTC here: this device keeps the tensor-core kernel
             log.warning("%s", e)
     if k % 2 or x.data_ptr() % 4 or x.stride(0) % 2:  # x is read as int32 words (pairs): even rows, aligned

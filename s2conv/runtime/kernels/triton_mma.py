@@ -188,12 +188,12 @@ def _flush(c0, c1, c2, c3, o0, o1, a0, a1, a2, a3, s_ptrs0, s_ptrs2, m_ptrs0, m_
 
 @triton.jit
 def _kq_params(sub_ptrs, sup_ptrs, c, GPC: tl.constexpr, KQ: tl.constexpr):
-    """K-quant scales of one row per lane: sub-block scale and min bytes (sc | m << 8, int16 [L, GPC]) times the
-    super-block's (d, dmin) (fp32 pairs): d * sc, dmin * m, exact in fp32."""
-    v = tl.load(sub_ptrs[:, None] + (c * GPC + tl.arange(0, GPC)[None, :])).to(tl.int32)
+    """K-quant scales of one row per lane: sub-block scale and min signed bytes (sc | m << 8, int16 [L, GPC])
+    times the super-block's (d, dmin) (fp32 pairs): d * sc, dmin * m, exact in fp32."""
+    v = tl.load(sub_ptrs[:, None] + (c * GPC + tl.arange(0, GPC)[None, :])).to(tl.int32)  # m's sign extended
     dm = tl.load(sup_ptrs[:, None] + (2 * ((c * GPC) // KQ) + tl.arange(0, 2)[None, :]))
     d, dmin = tl.split(dm)
-    return (v & 0xFF).to(tl.float32) * d[:, None], ((v >> 8) & 0xFF).to(tl.float32) * dmin[:, None]
+    return ((v << 24) >> 24).to(tl.float32) * d[:, None], (v >> 8).to(tl.float32) * dmin[:, None]
 
 
 @triton.jit
