@@ -169,7 +169,8 @@ def test_graph_replay_with_pdl_matches_eager(fmt):
 
 def test_takes_only_what_it_computes():
     """Two-level scales: q4_k's (4-bit 32-code groups, 8 a super-block), q3_k's (4-bit fields, 16-code groups, 16
-    a super-block) and q2_k's (2-bit 16-code groups, 16 a super-block); K a whole number of 512-code pieces within the register limit; one CUDA row."""
+    a super-block) and q2_k's (2-bit 16-code groups, 16 a super-block); K a whole number of 512-code pieces within
+    the register limit; one CUDA row."""
     from s2conv.runtime.kernels import cuda_common, cuda_frag
     x = torch.zeros(1, 2560, dtype=torch.bfloat16)
     assert not cuda_frag.takes(x, 4, 32, 8, 2560, False)  # a CPU tensor

@@ -1,7 +1,7 @@
 """A hand-written CUDA GEMV (one row of x) for the K-quants with mins, read straight from the fragment layout of
-`layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q2_k: 2-bit codes in 16-code
-groups), so that batched rows keep the tensor-core kernel of `triton_mma` on the same weight. Compiled at load time
-by NVRTC, as `cuda_int`'s kernel, whose epilogue (gate, residual, norm chain) it shares.
+`layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q3_k: its codes + 4 in 4-bit fields,
+16-code groups, signed scale bytes; q2_k: 2-bit codes in 16-code groups), so that batched rows keep the tensor-core
+kernel of `triton_mma` on the same weight. Compiled at load time by NVRTC, as `cuda_int`'s kernel, whose epilogue (gate, residual, norm chain) it shares.
 
 A thread block takes one 16-row tile; warp w takes its 512 codes (8 chunks of 4-bit codes, 4 of 2-bit ones),
 requests all their words (one 16-byte load a chunk and lane) and the warp's scales (the sub-block bytes and (d,
@@ -9,8 +9,8 @@ dmin) of one super-block a lane) before it waits for its producer (PDL), then:
 1. x of its 512 codes as 16-bit integers round(x * inv), inv = XMAX / max |x| over them, in shared memory in k
    order;
 2. lane l = 4 g + q holds rows g and g + 8 of the tile, and of every group the consecutive codes the layout gives
-   it (4-bit: 8 q .. 8 q + 7 of 32; 2-bit: 4 q .. 4 q + 3 of 16): a word's codes are masked into bytes by steps,
-   and a byte permute pairs each step's codes k, k + 1, so that one dp2a takes a pair of one group. Each group's
+   it (32-code groups: 8 q .. 8 q + 7; 16-code groups: 4 q .. 4 q + 3): a word's codes are masked into bytes by
+   steps, and a byte permute pairs each step's codes k, k + 1, so that one dp2a takes a pair of one group. Each group's
    integer dot over the lane's codes is exact; a super-block's dots times their 6- or 4-bit scales sc, and its
    sums of x integers times their mins m, add up in integers (below 2**31), and only then meet (d, dmin) in
    floats (the sums over q complete both);
@@ -268,19 +268,21 @@ class Variant:
     pdl: bool = False
 
     def source(self) -> str:
-        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res, NORM=False, SS=self.ss,
-                     ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16, MINB=self.min_blocks, PDL=self.pdl)
+        flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res,
+                     NORM=False, SS=self.ss, ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16,
+                     MINB=self.min_blocks, PDL=self.pdl)
         return flags_source(flags, SOURCE)
 
 
 def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
     """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
-    in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 2-bit codes in 16-code groups, 16 a
-    super-block (q2_k), K a whole number of 512-code pieces
+    in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 4- or 2-bit codes in 16-code groups,
+    16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces
     up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
     integer GEMVs) keeps the tensor-core kernel."""
     return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
-            and os.environ.get("S2CONV_INT_DOT", "1") != "0" and (bits, group, kq) in ((4, 32, 8), (4, 16, 16), (2, 16, 16))
+            and os.environ.get("S2CONV_INT_DOT", "1") != "0"
+            and (bits, group, kq) in ((4, 32, 8), (4, 16, 16), (2, 16, 16))
             and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -307,7 +309,8 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     chunks = qweight.shape[1] // 128
     warps = x.shape[1] // 512
     v = Variant(warps, bits, group, gated, residual is not None, ss_out is not None, zero is not None,
-                gx_out is not None, rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps), pdl_capable(x.device))
+                gx_out is not None, rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps),
+                pdl_capable(x.device))
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)

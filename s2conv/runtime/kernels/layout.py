@@ -200,9 +200,10 @@ def fragment_unit(bits: int, group: int) -> int:
 
 
 def uses_fragment_layout(spec: IntSpec) -> bool:
-    """Whether a format packs into the fragment layout rather than the interleaved one: 4-bit codes in groups of 32
-    with mins (q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per layer and 6-18% faster whole
-    frames than the Triton GEMV, and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk
+    """Whether a format packs into the fragment layout rather than the interleaved one: 4-bit codes with mins in
+    groups of 32 (q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per layer and 6-18% faster whole
+    frames than the Triton GEMV, or of 16 (q3_k's codes + 4, the min 4 times its signed scale: 5.25 bits a weight
+    where its folded int8 codes took 8.1; batch-1 frames +22%, batch 32 -50% on an H100), and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk
     ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md, sixteenth session). q2 and
     q4_0 (no mins) measured so there too, but take the interleaved layout's CUDA GEMV now (`cuda_int`); q4's
     128-code groups gained 2%, tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""

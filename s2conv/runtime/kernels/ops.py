@@ -224,7 +224,7 @@ def scaled_codes(group: int, has_min: bool) -> bool:
     """SCALED of the float GEMV for int8 codes with a scale per `group` (`triton_float._float_rows_gemv`): each code
     scaled into the running products where the groups carry mins (q5_k per layer on an H200 48.2 -> 46.3 us), the
     products summed per group where they do not (q8_0 42.2 against 43.1 scaled, q6_k 46.0 against 51.8, q3_k 43.3
-    against 47.0); S2CONV_GROUP_SUM=scaled or =grouped forces one form."""
+    against 47.0 while it was row-major); S2CONV_GROUP_SUM=scaled or =grouped forces one form."""
     forced = os.environ.get("S2CONV_GROUP_SUM")
     return bool(group) and (forced == "scaled" if forced in ("scaled", "grouped") else has_min)
 
