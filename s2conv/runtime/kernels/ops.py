@@ -545,8 +545,8 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     warps = config.num_warps if config is not None else 1
     y, part = _outputs(x, n, split, gated)
     programs = triton.cdiv(tiles, warps)
-    grid = (programs, split, triton.cdiv(m, 8))
-    cnt = counters(dev, programs * grid[2]) if part is not None else y
+    grid = (triton.cdiv(m, 8), programs, split)  # batch tiles first: one weight tile's readers share L2
+    cnt = counters(dev, programs * grid[0]) if part is not None else y
     p_arg = part if part is not None else y
     r_arg = residual if residual is not None else y
     launch(mma_linear_kernel, grid, x, qweight, scales, mins if mins is not None else scales, y, p_arg, cnt, r_arg,

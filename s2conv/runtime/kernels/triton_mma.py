@@ -277,7 +277,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                       gx_g=None, gx_ptr=None, GX: tl.constexpr = False, PRE: tl.constexpr = False,
                       KQ: tl.constexpr = 0):
     """y[m, n] = sum_k x[m, k] w[n, k] (x bf16 [M, K], F16: fp16, rows stride_xw int32 words apart) for w in the
-    fragment layout; grid (cdiv(tiles, NW), n_split, cdiv(M, 8)), NW = the launch's num_warps.
+    fragment layout; grid (cdiv(M, 8), cdiv(tiles, NW), n_split), NW = the launch's num_warps.
 
     Warp v of program pid_n owns tile pid_n * NW + v (16 rows; tiles past the weight's are clamped to the last
     one and masked at the store), pid_m batch rows 8 pid_m .. 8 pid_m + 7, pid_k the chunks [pid_k *
@@ -304,9 +304,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     SUB: tl.constexpr = GROUP if GROUP < CH else CH  # codes whose k order is permuted together (layout.py)
     GS: tl.constexpr = GROUP // 16  # steps per scale group
     BIAS: tl.constexpr = 0.0 if F16 else 128.0 + OFF  # what a code pair carries above the code (`_code_pair`)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_m = tl.program_id(0)  # batch tiles vary fastest: the programs reading one weight tile run together
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     i = tl.arange(0, L)
     lane = i % 32
     q = lane % 4
@@ -424,7 +424,7 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
         gx_ptrs = gx_ptr + cols * stride_om + rows
     if PARTIAL:
         finish_split(y, y3, cols * stride_pm + rows, mask, part_ptr, pid_k, stride_ps, N,
-                     cnt_ptr + pid_m * tl.num_programs(0) + pid_n, n_split, out_ptr + cols * stride_om + rows,
+                     cnt_ptr + pid_m * tl.num_programs(1) + pid_n, n_split, out_ptr + cols * stride_om + rows,
                      r_ptr + cols * stride_rm + rows, GATED, HAS_RES, ss_out, SS, SPLIT_MAX, g_ptrs, gx_ptrs, GX)
     else:
         if GATED:
