@@ -113,6 +113,36 @@ def test_replaced_or_reloaded_weights_get_a_new_loop(weights):
     assert model.frame_loop is not loop
 
 
+def test_a_changed_setting_gets_a_new_loop(weights, monkeypatch):
+    """The kernels read S2CONV_* settings at launch, so graphs captured under one setting are not replayed under
+    another (S2CONV_FUSED_SAMPLING would change the tokens a seed gives)."""
+    model = _long_model(weights)
+    prompt = random_prompt(TINY, 8)
+    generate_frames(model, prompt, 4, GREEDY, use_graphs=False)
+    loop = model.frame_loop
+    monkeypatch.setenv("S2CONV_FUSED_SAMPLING", "0")
+    generate_frames(model, prompt, 4, GREEDY, use_graphs=False)
+    assert model.frame_loop is not loop
+    loop = model.frame_loop
+    generate_frames(model, prompt, 4, GREEDY, use_graphs=False)
+    assert model.frame_loop is loop
+
+
+def test_an_outgrown_counter_buffer_stays_alive():
+    """Graphs kept with the model hold the split-K counters' address: a bigger buffer for a later launch must not
+    free the one they use."""
+    import weakref
+
+    from s2conv.runtime.kernels.launch import counters
+    dev = torch.device("cpu")
+    old = counters(dev, 8)
+    ref = weakref.ref(old)
+    grown = counters(dev, old.numel() + 1)
+    assert grown.numel() > old.numel() and counters(dev, 8) is grown
+    del old
+    assert ref() is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, top_p=0.8, top_k=30)])

@@ -193,10 +193,12 @@ def test_fragment_bit_positions(bits, group):
     ("q2_k", 9, 512, False, True, 1, False), ("q2_k", 1, 512, False, False, 1, True),
     ("q2_k", 9, 768, True, False, 3, True), ("q4_k", 1, 512, True, False, 2, True),
     ("q4_k", 9, 256, False, True, 1, True), ("q3_k", 1, 512, True, False, 2, True),
-    ("q3_k", 9, 256, False, True, 1, True)])
+    ("q3_k", 9, 256, False, True, 1, True), ("q3_k", 17, 512, True, False, 2, True),
+    ("q4_1", 16, 224, False, True, 1, False)])
 def test_fragment_kernel(fmt, m, k, gated, residual, split, two_level):
     """The tensor-core kernel of the fragment layout (bf16 x, the decode path of the 2- and 4-bit
-    formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two 8-row batch blocks, with
+    formats with mins, q2_k's 16-code groups: a group per k16 step) at one row and at two or three 8-row batch
+    tiles (9, 16 and 17 rows), with
     K short of a whole unit (masked x), 37 rows
     (a partial tile), split-K finished in the launch, the gate, the residual add and mins: within one bf16 output
     rounding of the reference. two_level: K-quant scales as the file keeps them (bytes under (d, dmin) per

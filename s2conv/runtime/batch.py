@@ -14,7 +14,7 @@ from torch import Tensor
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
-from s2conv.runtime.frame_loop import SPAN_STEP, capture_step, kv_positions
+from s2conv.runtime.frame_loop import SPAN_STEP, capture_step
 from s2conv.runtime.sampling import SamplingParams
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
@@ -150,7 +150,8 @@ def prefill_batch(model: DualARTransformer, tokens: Tensor, offsets: Tensor, max
     sample the first frame [B, 11] (no RAS window). The caller resets `model.max_batch = 0` when done."""
     b, t = tokens.shape[0], tokens.shape[2]
     model.max_batch = 0  # the attention code needs caches of exactly B rows
-    model.setup_caches(b, kv_positions(t, max_new_frames))  # as `generate_frames`: the same attention spans
+    # whole attention spans (a batch's loop is not kept, so no room to grow): the spans equal `generate_frames`'
+    model.setup_caches(b, -(-(t + max_new_frames) // SPAN_STEP) * SPAN_STEP)
     hidden = forward_slow_rows(model, tokens, torch.arange(t, device=tokens.device), offsets, t)
     return sample_frame_rows(model, hidden, params, None)
 
@@ -179,6 +180,9 @@ def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_n
         raise RuntimeModelError(f"longest prompt {t} + max_new_frames {max_new_frames} exceeds max_seq_len "
                                 f"{cfg.max_seq_len}")
     device = tokens.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # its generator, its streams for capture
+            return generate_frames_batch(model, prompts, max_new_frames, params, seed, use_graphs)
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(seed)
     try:

@@ -137,6 +137,9 @@ def generate_frames(model: DualARTransformer, prompt: Tensor, max_new_frames: in
     cfg = model.cfg
     t = check_generation(cfg, prompt, max_new_frames)
     device = prompt.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # its generator, its streams for capture
+            return generate_frames(model, prompt, max_new_frames, params, seed, use_graphs, on_frame)
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
@@ -161,7 +164,8 @@ def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool)
     (`cache_version`), and the address of every tensor the model holds (parameters with their versions, buffers,
     and tensors kept as attributes: the kernels' packed weights, the fused decode's slots and joined copies), so
     that replaced or reloaded weights get new graphs. Tensors that decoding writes (caches, slots) count by
-    address only."""
+    address only. Also every S2CONV_* setting: the kernels read them at launch, so a graph holds the choices made
+    at its capture."""
     found = []
 
     def add(v, version: bool) -> None:
@@ -182,14 +186,15 @@ def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool)
         for name, v in vars(m).items():
             if name not in ("_parameters", "_buffers", "_modules", "frame_loop"):
                 add(v, False)
-    return params, use_graphs, model.cache_version, tuple(found)
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("S2CONV_")))
+    return params, use_graphs, model.cache_version, settings, tuple(found)
 
 
 def frame_loop_for(model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool) -> FrameLoop:
     """The model's FrameLoop for these settings, kept between calls with its captured graphs. A new one (the old
     one and its graphs released first) when `loop_key` differs from the key after its last complete run (other
-    sampling settings, reallocated KV caches, replaced weights) or when it holds fewer than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one
-    every call. Weights changed in place through `.data` without a version bump are not seen: set
+    sampling settings, reallocated KV caches, replaced weights, changed S2CONV_* settings) or when it holds fewer
+    than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one every call. Weights changed in place through `.data` without a version bump are not seen: set
     `model.frame_loop = None` after such surgery."""
     loop = model.frame_loop
     if (loop is None or loop.frames.shape[1] < max_frames or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"

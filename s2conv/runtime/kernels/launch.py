@@ -34,6 +34,7 @@ import torch
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict[torch.device, bool] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # counter buffers outgrown: CUDA graphs captured before may still use them
 
 
 def counters(device: torch.device, n: int) -> torch.Tensor:
@@ -48,6 +49,8 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
         fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return fresh
+        if buf is not None:
+            _RETIRED.append(buf)  # never freed: a kept graph (the frame loop's) holds its address
         _COUNTERS[device] = buf = fresh
     return buf
 
