@@ -25,11 +25,12 @@ SPAN_STEP = 256
 KV_STEP = 1024  # KV cache positions are allocated in these steps by `generate_frames` (about 150 MB for S2 Pro)
 
 
-def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
+def capture_step(step, state: tuple[Tensor, ...], pool=None) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `step()`. Two warm-up calls run first on a side stream (allocator, cuBLAS handles, Triton
     compilation), each followed by restoring the `state` tensors the step advances; the KV slots they wrote are
     rewritten with the same values on replay. The device generator's state is restored too, so the random draws
-    of a decode do not depend on whether its graphs were captured in this call or an earlier one."""
+    of a decode do not depend on whether its graphs were captured in this call or an earlier one. pool: a memory
+    pool shared with other graphs of steps that never run at the same time (`torch.cuda.graph_pool_handle`)."""
     saved = [t.clone() for t in state]
     rng = torch.cuda.get_rng_state()
     try:
@@ -42,7 +43,7 @@ def capture_step(step, state: tuple[Tensor, ...]) -> torch.cuda.CUDAGraph:
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step()
     finally:
         torch.cuda.set_rng_state(rng)
@@ -61,6 +62,9 @@ class FrameLoop:
         self.previous = torch.zeros(1, params.ras_window, dtype=torch.long, device=dev)
         self.frames = torch.zeros(cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # one memory pool for all span graphs: a step leaves nothing alive outside the static buffers above, and
+        # steps run one after another, so they can share their temporaries (kept graphs hold one pool, not one each)
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs and dev.type == "cuda" else None
         self.key = None  # `loop_key` after its last complete run: what its graphs were captured against
 
     def _step(self, span: int) -> None:
@@ -79,7 +83,7 @@ class FrameLoop:
         graph = self.graphs.get(span)
         if graph is None:
             graph = self.graphs[span] = capture_step(lambda: self._step(span),
-                                                     (self.column, self.pos, self.index, self.previous))
+                                                     (self.column, self.pos, self.index, self.previous), self.pool)
         return graph
 
     def _run(self, first: Tensor, start_pos: int, max_frames: int, max_seq: int, on_frame) -> Tensor:
