@@ -165,16 +165,17 @@ def kv_positions(prompt_len: int, max_new_frames: int) -> int:
 
 def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool) -> tuple:
     """What a FrameLoop's graphs were captured against: the sampling settings, the KV caches' allocation
-    (`cache_version`), and the address of every tensor the model holds (parameters with their versions, buffers,
-    and tensors kept as attributes: the kernels' packed weights, the fused decode's slots and joined copies), so
-    that replaced or reloaded weights get new graphs. Tensors that decoding writes (caches, slots) count by
-    address only. Also every S2CONV_* setting: the kernels read them at launch, so a graph holds the choices made
-    at its capture."""
+    (`cache_version`), and the address, dtype and shape of every tensor the model holds (parameters with their
+    versions, buffers, and tensors kept as attributes: the kernels' packed weights, the fused decode's slots and
+    joined copies), so that replaced or reloaded weights get new graphs. Tensors that decoding writes (caches,
+    slots) count without a version. Also every S2CONV_* setting: the kernels read them at launch, so a graph holds
+    the choices made at its capture."""
     found = []
 
     def add(v, version: bool) -> None:
         if isinstance(v, torch.Tensor):
-            found.append((v.data_ptr(), v._version if version and not v.is_inference() else 0))
+            kept = v._version if version and not v.is_inference() else 0
+            found.append((v.data_ptr(), v.dtype, tuple(v.shape), kept))
         elif isinstance(v, (tuple, list)):
             for e in v:
                 add(e, False)
@@ -198,8 +199,8 @@ def frame_loop_for(model: DualARTransformer, params: SamplingParams, max_frames:
     """The model's FrameLoop for these settings, kept between calls with its captured graphs. A new one (the old
     one and its graphs released first) when `loop_key` differs from the key after its last complete run (other
     sampling settings, reallocated KV caches, replaced weights, changed S2CONV_* settings) or when it holds fewer
-    than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one every call. Weights changed in place through `.data` without a version bump are not seen: set
-    `model.frame_loop = None` after such surgery."""
+    than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one every call. Weights changed in place through
+    `.data` without a version bump are not seen: set `model.frame_loop = None` after such surgery."""
     loop = model.frame_loop
     if (loop is None or loop.frames.shape[1] < max_frames or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"
             or loop.key != loop_key(model, params, use_graphs)):
