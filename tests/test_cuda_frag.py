@@ -140,6 +140,7 @@ def test_norm_chain_matches_the_tensor_core_kernel(fmt, gated):
 def test_graph_replay_with_pdl_matches_eager(fmt):
     """A captured chain of GEMVs after a copy node, each x the previous output: the replay matches eager launches
     on new inputs (the first GEMV follows the copy node and goes out plainly, the others with PDL on sm_90+)."""
+    from test_cuda_int import assert_replay_matches_eager
     n = k = 2560
     gen = torch.Generator().manual_seed(5)
     src = _row(k, torch.bfloat16, gen)
@@ -153,18 +154,7 @@ def test_graph_replay_with_pdl_matches_eager(fmt):
             h = _linear(fmt, h, p, False, residual=h)
         return h
 
-    chain()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
-    for seed in range(3):
-        src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out.clone(), chain())
+    assert_replay_matches_eager(chain, src)
 
 
 def test_takes_only_what_it_computes():

@@ -137,6 +137,23 @@ def test_norm_chain_matches_triton(gated, fmt):
 
 
 @pytest.mark.cuda
+def assert_replay_matches_eager(chain, src: torch.Tensor) -> None:
+    """Capture chain() (a chain of launches reading src) on a side stream, then for three new inputs in src the
+    graph's replay equals an eager chain() bit for bit."""
+    chain()  # compiles every variant before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        out = chain()
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in range(3):
+        src.copy_(torch.randn(src.shape, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.clone(), chain())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", list(_CODES))
 def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
@@ -165,19 +182,7 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
                 h = h * 0.5
         return h
 
-    chain()  # compiles every variant before the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
-    for seed in range(3):
-        src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed = out.clone()
-        assert torch.equal(replayed, chain())
+    assert_replay_matches_eager(chain, src)
     if cuda_common.pdl_capable(src.device):
         assert len(pdl_launches) == 5  # every GEMV but the first, which follows the copy node
 
