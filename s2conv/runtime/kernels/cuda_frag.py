@@ -251,9 +251,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 @dataclass(frozen=True)
 class Variant:
     """One compiled specialization: warps (= 512-code pieces of K), code bits and group (4 and 32: q4_k; 4 and 16:
-    q3_k; 2 and 16: q2_k), gated,
-    residual, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), thread blocks per SM for
-    __launch_bounds__, the PDL prologue."""
+    q3_k; 2 and 16: q2_k), gated, residual, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), thread
+    blocks per SM for __launch_bounds__, the PDL prologue."""
 
     warps: int
     bits: int = 4
