@@ -140,63 +140,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 }
             }
     }
-#elif BITS == 4
-    // 3. per chunk u (64 codes): groups 16 (u % 4) + s of super-block u / 4 (s = 0..3), each the lane's 4 codes at
-    // 64 u + 16 s + 4 q .. + 3; w & 0x0F0F0F0F, paired, holds steps 0 and 2, (w >> 4) & 0x0F0F0F0F steps 1 and 3
-    // (a lane's dot of a group is below 4 * 7 * 32767, times |sc| <= 32 over 16 groups below 2**29)
-#pragma unroll
-    for (int u = 0; u < CPW; ++u) {
-        int xp[4][2];  // [s][kk]: the pair at 64 u + 16 s + 4 q + 2 kk
-        int xsum[4];
-#pragma unroll
-        for (int st = 0; st < 4; ++st) {
-            const int2 p = ((const int2*)xs)[16 * u + 4 * st + q];
-            xp[st][0] = p.x;
-            xp[st][1] = p.y;
-            xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
-        }
-#pragma unroll
-        for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                const int src = 2 * (g + 8 * hr) + u / 4;  // the lane holding this row's super-block u / 4
-                const int4 sv = scb[h][(u % 4) / 2];
-                const unsigned sm0 = (unsigned)__shfl_sync(0xffffffffu, comp(sv, 2 * (u % 2)), src);  // s = 0, 1
-                const unsigned sm1 = (unsigned)__shfl_sync(0xffffffffu, comp(sv, 2 * (u % 2) + 1), src);  // 2, 3
-                int c[4] = {};
-#pragma unroll
-                for (int kk = 0; kk < 2; ++kk) {
-                    const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
-                    const unsigned even = pair_steps(w & 0x0F0F0F0Fu), odd = pair_steps((w >> 4) & 0x0F0F0F0Fu);
-                    c[0] = dp2a_lo(xp[0][kk], even, c[0]);
-                    c[2] = dp2a_hi(xp[2][kk], even, c[2]);
-                    c[1] = dp2a_lo(xp[1][kk], odd, c[1]);
-                    c[3] = dp2a_hi(xp[3][kk], odd, c[3]);
-                }
-                isc[h][hr] += c[0] * sbyte(sm0, 0) + c[1] * sbyte(sm0, 2) + c[2] * sbyte(sm1, 0)
-                            + c[3] * sbyte(sm1, 2);
-                imn[h][hr] += xsum[0] * sbyte(sm0, 1) + xsum[1] * sbyte(sm0, 3) + xsum[2] * sbyte(sm1, 1)
-                            + xsum[3] * sbyte(sm1, 3);
-                if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
-                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
-                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
-                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
-                    isc[h][hr] = imn[h][hr] = 0;
-                }
-            }
-    }
 #else
-    // 3. per chunk u (128 codes): groups 8 u + s (s = 0..7), each the lane's 4 codes at 128 u + 16 s + 4 q .. + 3;
-    // (w >> 2 t) & 0x03030303, paired, holds steps t and 4 + t: one dp2a.lo and one dp2a.hi
-    // (a lane's dot of a group is below 4 * 3 * 32767, times sc (4 bits) over 16 groups far below 2**31)
-    const int* xw = (const int*)xs;  // x integer pairs: pair p holds codes 2 p, 2 p + 1
+    // 3. 16-code groups (q3_k: 4-bit fields, q2_k: 2-bit codes): per chunk u (CH = 256 / BITS codes), groups
+    // SPC (u % CPS) + s of super-block u / CPS (s < SPC = CH / 16; CPS = BITS chunks a super-block), each the
+    // lane's 4 codes at CH u + 16 s + 4 q .. + 3; (w >> BITS t) & MASK, paired, holds steps t and SPC / 2 + t: one
+    // dp2a.lo and one dp2a.hi. A lane's dot of a group is below 4 * 7 * 32767, times |sc| <= 32 (q3_k, signed) or
+    // sc < 16 (q2_k) over 16 groups below 2**29.
+#define CH (256 / BITS)
+#define SPC (CH / 16)
+#define CPS BITS
+#define MASK (((1u << BITS) - 1) * 0x01010101u)
+#define SCALE_BYTE(v, i) (BITS == 4 ? sbyte(v, i) : ubyte(v, i))
 #pragma unroll
     for (int u = 0; u < CPW; ++u) {
-        int xp[8][2];  // [s][kk]: the pair at 128 u + 16 s + 4 q + 2 kk
-        int xsum[8];
+        int xp[SPC][2];  // [s][kk]: the pair at CH u + 16 s + 4 q + 2 kk
+        int xsum[SPC];
 #pragma unroll
-        for (int st = 0; st < 8; ++st) {
-            const int2 p = ((const int2*)xw)[32 * u + 4 * st + q];
+        for (int st = 0; st < SPC; ++st) {
+            const int2 p = ((const int2*)xs)[(CH / 4) * u + 4 * st + q];
             xp[st][0] = p.x;
             xp[st][1] = p.y;
             xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
@@ -205,27 +166,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
-                const int src = 2 * (g + 8 * hr) + u / 2;  // the lane holding this row's super-block u / 2
-                unsigned sm[4];  // groups 8 u + 2 i, + 1: (sc, m, sc, m) bytes
+                const int src = 2 * (g + 8 * hr) + u / CPS;  // the lane holding this row's super-block u / CPS
+                unsigned sm[SPC / 2];  // groups SPC (u % CPS) + 2 i, + 1: (sc, m, sc, m) bytes
 #pragma unroll
-                for (int i = 0; i < 4; ++i) sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][u % 2], i), src);
-                int c[8] = {};
+                for (int i = 0; i < SPC / 2; ++i) {
+                    const int word = SPC * (u % CPS) / 2 + i;
+                    sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][word / 4], word % 4), src);
+                }
+                int c[SPC] = {};
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
                     const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
 #pragma unroll
-                    for (int t = 0; t < 4; ++t) {
-                        const unsigned m = pair_steps((w >> (2 * t)) & 0x03030303u);
+                    for (int t = 0; t < SPC / 2; ++t) {
+                        const unsigned m = pair_steps((w >> (BITS * t)) & MASK);
                         c[t] = dp2a_lo(xp[t][kk], m, c[t]);
-                        c[4 + t] = dp2a_hi(xp[4 + t][kk], m, c[4 + t]);
+                        c[SPC / 2 + t] = dp2a_hi(xp[SPC / 2 + t][kk], m, c[SPC / 2 + t]);
                     }
                 }
 #pragma unroll
-                for (int st = 0; st < 8; ++st) {
-                    isc[h][hr] += c[st] * ubyte(sm[st / 2], 2 * (st % 2));
-                    imn[h][hr] += xsum[st] * ubyte(sm[st / 2], 2 * (st % 2) + 1);
+                for (int st = 0; st < SPC; ++st) {
+                    isc[h][hr] += c[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2));
+                    imn[h][hr] += xsum[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2) + 1);
                 }
-                if (u % 2 == 1) {  // the super-block's end: its (d, dmin)
+                if (u % CPS == CPS - 1) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
                     const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
                     acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
