@@ -1,8 +1,10 @@
 """Time a pipeline-like sequence of `generate_frames` calls (prompts growing as a conversation's history does,
 then a second request alike) with the FrameLoop and its CUDA graphs kept between calls and, as the baseline in the
-same process, made anew each call (S2CONV_FRAME_LOOP_CACHE=0).
+same process, made anew each call (S2CONV_FRAME_LOOP_CACHE=0). --vary-sampling: each call samples with another
+temperature and top_p (as a server's requests may), cycling through three pairs.
 
-Usage: python scripts/probe_loop_cache.py [--format q4] [--frames 150] [--prompts 300,520,740,300,520,740]   (a CUDA GPU)
+Usage: python scripts/probe_loop_cache.py [--format q4] [--frames 150] [--prompts 300,520,740,300,520,740]
+       [--vary-sampling]   (a CUDA GPU)
 """
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ from s2conv.runtime.sampling import SamplingParams
 from s2conv.schema import S2Config
 
 
-def sequence(model, prompts, frames: int, params: SamplingParams) -> tuple[list[float], int]:
-    """Seconds per call and frames in all, from fresh KV caches and no kept loop."""
+def sequence(model, prompts, frames: int, settings: list[SamplingParams]) -> tuple[list[float], int]:
+    """Seconds per call and frames in all, from fresh KV caches and no kept loop; call i samples with
+    settings[i % len(settings)]."""
     model.frame_loop, model.max_batch = None, 0
     times, total = [], 0
     for i, p in enumerate(prompts):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        codes = generate_frames(model, p, frames, params, seed=i)
+        codes = generate_frames(model, p, frames, settings[i % len(settings)], seed=i)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         total += codes.shape[1]
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--prompts", default="300,520,740,300,520,740")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vary-sampling", action="store_true")
     args = ap.parse_args()
     cfg = S2Config()
     model = build_model(cfg)
@@ -49,8 +53,10 @@ def main() -> None:
         p = torch.zeros(cfg.num_codebooks + 1, t, dtype=torch.long, device="cuda")
         p[0] = torch.randint(0, cfg.semantic_begin_id, (t,), device="cuda", generator=g)
         prompts.append(p)
-    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=30)
-    print(f"GPU: {torch.cuda.get_device_name()}; {args.format}, prompts {args.prompts}, up to {args.frames} frames")
+    pairs = [(0.8, 0.8), (0.7, 0.9), (1.0, 0.95)] if args.vary_sampling else [(0.8, 0.8)]
+    params = [SamplingParams(temperature=t, top_p=p, top_k=30) for t, p in pairs]
+    print(f"GPU: {torch.cuda.get_device_name()}; {args.format}, prompts {args.prompts}, up to {args.frames} frames, "
+          f"(temperature, top_p) {pairs}")
     sequence(model, prompts, args.frames, params)  # compiles every kernel
     for r in range(args.rounds):
         for keep in ("0", "1"):

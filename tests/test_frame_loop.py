@@ -56,6 +56,10 @@ def test_the_loop_is_kept_between_calls_until_its_settings_or_caches_change(weig
     assert model.frame_loop is loop
     assert torch.equal(generate_frames(model, prompt, 7, params, seed=3, use_graphs=False), a[:, :7])
     assert model.frame_loop is loop  # fewer frames than it holds
+    generate_frames(model, prompt, 12, dataclasses.replace(params, temperature=0.9), seed=3, use_graphs=False)
+    assert model.frame_loop is not loop  # sampling on the CPU is eager: its temperature is part of the key
+    generate_frames(model, prompt, 12, params, seed=3, use_graphs=False)
+    loop = model.frame_loop
     generate_frames(model, prompt, 13, params, seed=3, use_graphs=False)
     assert model.frame_loop is not loop  # more frames than it held
     loop = model.frame_loop
@@ -181,6 +185,34 @@ def test_kept_graphs_decode_later_prompts_as_eager_steps_do(weights, monkeypatch
     assert torch.equal(generate_frames(model, prompts[2], 150, params, seed=2), got[2])
     if not params.greedy:
         assert not torch.equal(generate_frames(model, prompts[2], 150, params, seed=9), got[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_graphs_follow_new_temperature_and_top_p(weights, monkeypatch):
+    """With the fused sampler, a kept loop's graphs read temperature and top_p from a device tensor: calls that
+    change only those reuse the loop without capturing again and decode what eager steps with those settings
+    decode; another top_k gets a new loop."""
+    from s2conv.runtime import frame_loop
+    captures = []
+    capture = frame_loop.capture_step
+    monkeypatch.setattr(frame_loop, "capture_step", lambda *a: (captures.append(1), capture(*a))[1])
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device="cuda")
+    eager_model = DualARTransformer.from_weights(TINY, weights, torch.float32, device="cuda")
+    for m in (model, eager_model):
+        _force_eos_at(m, -1)
+    prompt = random_prompt(TINY, 8).cuda()
+    settings = [SamplingParams(temperature=0.8, top_p=0.8, top_k=30), SamplingParams(temperature=1.5, top_p=0.99,
+                top_k=30, ras_temperature=0.7, ras_top_p=0.6), SamplingParams(temperature=0.3, top_p=0.5, top_k=30)]
+    loop = None
+    for i, params in enumerate(settings + settings[:1]):
+        got = generate_frames(model, prompt, 40, params, seed=i)
+        assert torch.equal(got, generate_frames(eager_model, prompt, 40, params, seed=i, use_graphs=False)), i
+        if i == 0:
+            loop, captured = model.frame_loop, len(captures)
+        assert model.frame_loop is loop and len(captures) == captured, i
+    generate_frames(model, prompt, 40, dataclasses.replace(settings[0], top_k=20), seed=0)
+    assert model.frame_loop is not loop
 
 
 def test_progress_callback_counts_every_kept_frame(weights):

@@ -172,3 +172,38 @@ def test_draw_noise_only_where_the_fused_kernel_samples():
         noise = draw_noise(SamplingParams(top_k=30), 2, 11, torch.device("cuda"), torch.Generator("cuda"))
         assert noise.shape == (11, 2, 30) and noise.dtype == torch.float32
         assert bool(((noise >= 0) & noise.isfinite()).all()) and 0.8 < float(noise.mean()) < 1.2  # Exp(1)
+
+
+@pytest.mark.parametrize("dtype, select", [(torch.bfloat16, True), (torch.float32, False)])
+def test_draws_read_from_a_device_tensor_equal_the_host_pairs(dtype, select):
+    """(temperature, top_p) pairs handed over as a device tensor (what a kept CUDA graph reads at replay) give the
+    tokens of the same pairs rounded on the host, temperature 0 included (floored at 1e-5); the kernel reads the
+    tensor's current contents, so new values change the draws without a new launch setup; a tensor of the wrong
+    shape is refused."""
+    gen = torch.Generator().manual_seed(11)
+    logits = distinct_logits(6, 300, dtype, gen)
+    k = 24
+    vals, idx = torch.topk(logits, k)
+    noise = torch.empty(3, 6, k).exponential_(generator=gen)
+    pairs = [(0.7, 0.93), (0.0, 0.5), (1.3, 1.0)]
+    host = [(_round_to(max(t, 1e-5), dtype), _round_to(p, dtype)) for t, p in pairs]
+    values = torch.tensor(pairs, dtype=torch.float32, device=DEVICE)
+    want = run_kernel(logits, vals, idx, noise, host, k, select)
+    assert torch.equal(run_kernel(logits, vals, idx, noise, values, k, select), want)
+    values.copy_(torch.tensor([[1.0, 1e-6]] * 3))  # top_p below every probability: rank 0 only
+    assert torch.equal(run_kernel(logits, vals, idx, noise, values, k, select), idx[:, 0].expand(3, 6))
+    with pytest.raises(RuntimeModelError, match="draws must be a contiguous fp32 \\[P, 2\\] tensor"):
+        run_kernel(logits, vals, idx, noise, values.double(), k, select)
+
+
+def test_sample_many_takes_its_pairs_from_values():
+    """sample_many's values replace the settings' temperature and top_p in the fused kernel (the settings still
+    give top_k and the number of draws): the tokens of settings with those numbers, for the same noise."""
+    gen = torch.Generator().manual_seed(5)
+    logits = distinct_logits(4, 300, torch.bfloat16, gen).to(DEVICE)
+    noise = torch.empty(2, 4, 20).exponential_(generator=gen).to(DEVICE)
+    a, b = SamplingParams(temperature=0.6, top_p=0.7, top_k=20), SamplingParams(temperature=1.2, top_p=0.95, top_k=20)
+    want = sample_many(logits, [b, a], None, True, noise)
+    values = torch.tensor([[1.2, 0.95], [0.6, 0.7]], device=DEVICE)
+    got = sample_many(logits, [a, a], None, True, noise, values)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -188,40 +188,43 @@ class DualARTransformer(nn.Module):
         return self.fast_output(self.fast_norm(x))
 
     def sample_main(self, logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
-                    previous: Tensor | None, noise: Tensor | None = None) -> Tensor:
+                    previous: Tensor | None, noise: Tensor | None = None, values: Tensor | None = None) -> Tensor:
         """Main token ids [B] from semantic logits, with RAS against previous main tokens [B, W] (None: no RAS).
-        noise: Exp(1) draws for the fused sampler ([>= 2, B, top_k], `sampling.draw_noise`), or None."""
+        noise: Exp(1) draws for the fused sampler ([>= 2, B, top_k], `sampling.draw_noise`), or None; values:
+        its (temperature, top_p) pairs on the device (`sampling.sampling_values`), or None."""
         if previous is None or params.greedy or params.ras_window == 0:
-            return self.semantic_index_to_token(sample(logits, params, generator, noise=noise))
-        token, high = (self.semantic_index_to_token(t) for t in sample_many(logits, [params, params.high()],
-                                                                              generator, noise=noise))
+            return self.semantic_index_to_token(sample(logits, params, generator, noise=noise, values=values))
+        token, high = (self.semantic_index_to_token(t) for t in sample_many(
+            logits, [params, params.high()], generator, noise=noise, values=values))
         cfg = self.cfg
         repeatable = (token >= cfg.semantic_begin_id) & (token <= cfg.semantic_end_id)
         return ras_select(token, high, previous, repeatable)
 
     def sample_frame(self, hidden: Tensor, logits: Tensor, params: SamplingParams,
-                     generator: torch.Generator | None = None, previous: Tensor | None = None) -> Tensor:
-        """Sample one frame column [B, 1 + num_codebooks] = [main token, c0, ..., c_{N-1}] (spec 3.6)."""
+                     generator: torch.Generator | None = None, previous: Tensor | None = None,
+                     values: Tensor | None = None) -> Tensor:
+        """Sample one frame column [B, 1 + num_codebooks] = [main token, c0, ..., c_{N-1}] (spec 3.6). values:
+        the fused sampler reads params' (temperature, top_p) pairs from this device tensor (`sampling_values`)."""
         cfg = self.cfg
         # the frame's randomness in one launch: 2 main-token draws (RAS), then one per fast-AR depth 1 .. N - 1
         noise = draw_noise(params, hidden.shape[0], cfg.num_codebooks + 1, hidden.device, generator)
-        main = self.sample_main(logits, params, generator, previous, noise)
+        main = self.sample_main(logits, params, generator, previous, noise, values)
         self.fast_step(hidden[:, None], 0, output=False)  # fills the fast KV caches at position 0 (no logits)
         code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
         column = [main, code]
         for pos in range(1, cfg.num_codebooks):
             x = self.fast_step(self.fast_embeddings(code)[:, None], pos)
             depth_noise = None if noise is None else noise[pos + 1:]
-            code = sample(self.fast_logits(x[:, 0]), params, generator, noise=depth_noise)
+            code = sample(self.fast_logits(x[:, 0]), params, generator, noise=depth_noise, values=values)
             column.append(code)
         return torch.stack(column, dim=1)
 
     def decode_one_frame(self, tokens: Tensor, input_pos: Tensor, params: SamplingParams,
                          generator: torch.Generator | None = None, previous: Tensor | None = None,
-                         kv_len: int | None = None) -> Tensor:
+                         kv_len: int | None = None, values: Tensor | None = None) -> Tensor:
         """Previous frame column [B, 11, 1] at position input_pos [1] -> next frame column [B, 11]."""
         hidden, logits = self.decode_slow(tokens, input_pos, kv_len)
-        return self.sample_frame(hidden, logits, params, generator, previous)
+        return self.sample_frame(hidden, logits, params, generator, previous, values)
 
 
 def check_generation(cfg: S2Config, prompt: Tensor, max_new_frames: int) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from s2conv.runtime.dual_ar import DualARTransformer, check_generation
-from s2conv.runtime.sampling import SamplingParams
+from s2conv.runtime.sampling import SamplingParams, sampling_values, uses_fused
 
 SPAN_STEP = 256
 KV_STEP = 1024  # KV cache positions are allocated in these steps by `generate_frames` (about 150 MB for S2 Pro)
@@ -55,7 +55,11 @@ class FrameLoop:
 
     def __init__(self, model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool):
         cfg, dev = model.cfg, model.norm.weight.device
-        self.model, self.params, self.use_graphs = model, params, use_graphs
+        self.model, self.use_graphs = model, use_graphs
+        # the fused sampler reads (temperature, top_p) from here when each step runs: a kept loop follows new
+        # values without new graphs (`sampling_key`); None where sampling runs eagerly (those values are in the key)
+        self.values = torch.empty(2, 2, dtype=torch.float32, device=dev) if uses_fused(params, dev) else None
+        self.set_params(params)
         self.column = torch.zeros(1, cfg.num_codebooks + 1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.index = torch.zeros(1, dtype=torch.long, device=dev)  # next free column of `frames`
@@ -67,11 +71,18 @@ class FrameLoop:
         self.pool = torch.cuda.graph_pool_handle() if use_graphs and dev.type == "cuda" else None
         self.key = None  # `loop_key` after its last complete run: what its graphs were captured against
 
+    def set_params(self, params: SamplingParams) -> None:
+        """Sample the next runs with params (of the same `sampling_key`: the graphs stay valid)."""
+        self.params = params
+        if self.values is not None:
+            self.values.copy_(sampling_values(params))  # stream-ordered before the next replay
+
     def _step(self, span: int) -> None:
         """One frame from the static buffers into the static buffers (the body of the graph)."""
         m = self.model
         frame = m.decode_one_frame(self.column, self.pos, self.params, None,
-                                   self.previous if self.params.ras_window else None, kv_len=span)  # [1, 11]
+                                   self.previous if self.params.ras_window else None, kv_len=span,
+                                   values=self.values)  # [1, 11]
         self.frames.index_copy_(1, self.index, frame.T)
         self.column.copy_(frame[:, :, None])
         if self.params.ras_window:
@@ -163,13 +174,21 @@ def kv_positions(prompt_len: int, max_new_frames: int) -> int:
     return -(-(prompt_len + max_new_frames) // KV_STEP) * KV_STEP
 
 
+def sampling_key(params: SamplingParams, device: torch.device) -> tuple:
+    """What of the sampling settings a FrameLoop's graphs hold: with the fused sampler, top_k and the RAS window
+    (its (temperature, top_p) pairs are read from `FrameLoop.values` at run time); otherwise all of them."""
+    if uses_fused(params, device):
+        return "fused", params.top_k, params.ras_window
+    return "eager", params
+
+
 def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool) -> tuple:
-    """What a FrameLoop's graphs were captured against: the sampling settings, the KV caches' allocation
-    (`cache_version`), and the address, dtype and shape of every tensor the model holds (parameters with their
-    versions, buffers, and tensors kept as attributes: the kernels' packed weights, the fused decode's slots and
-    joined copies), so that replaced or reloaded weights get new graphs. Tensors that decoding writes (caches,
-    slots) count without a version. Also every S2CONV_* setting: the kernels read them at launch, so a graph holds
-    the choices made at its capture."""
+    """What a FrameLoop's graphs were captured against: the sampling settings they hold (`sampling_key`), the KV
+    caches' allocation (`cache_version`), and the address, dtype and shape of every tensor the model holds
+    (parameters with their versions, buffers, and tensors kept as attributes: the kernels' packed weights, the fused
+    decode's slots and joined copies), so that replaced or reloaded weights get new graphs. Tensors that decoding
+    writes (caches, slots) count without a version. Also every S2CONV_* setting: the kernels read them at launch,
+    so a graph holds the choices made at its capture."""
     found = []
 
     def add(v, version: bool) -> None:
@@ -192,18 +211,22 @@ def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool)
             if name not in ("_parameters", "_buffers", "_modules", "frame_loop"):
                 add(v, False)
     settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("S2CONV_")))
-    return params, use_graphs, model.cache_version, settings, tuple(found)
+    return (sampling_key(params, model.norm.weight.device), use_graphs, model.cache_version, settings,
+            tuple(found))
 
 
 def frame_loop_for(model: DualARTransformer, params: SamplingParams, max_frames: int, use_graphs: bool) -> FrameLoop:
     """The model's FrameLoop for these settings, kept between calls with its captured graphs. A new one (the old
-    one and its graphs released first) when `loop_key` differs from the key after its last complete run (other
-    sampling settings, reallocated KV caches, replaced weights, changed S2CONV_* settings) or when it holds fewer
-    than max_frames frames. S2CONV_FRAME_LOOP_CACHE=0 makes a new one every call. Weights changed in place through
-    `.data` without a version bump are not seen: set `model.frame_loop = None` after such surgery."""
+    one and its graphs released first) when `loop_key` differs from the key after its last complete run (another
+    top_k or RAS window, or any other sampling setting where sampling runs eagerly; reallocated KV caches,
+    replaced weights, changed S2CONV_* settings) or when it holds fewer than max_frames frames. A kept loop takes
+    the call's temperature and top_p through `FrameLoop.set_params`. S2CONV_FRAME_LOOP_CACHE=0 makes a new one
+    every call. Weights changed in place through `.data` without a version bump are not seen: set
+    `model.frame_loop = None` after such surgery."""
     loop = model.frame_loop
     if (loop is None or loop.frames.shape[1] < max_frames or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"
             or loop.key != loop_key(model, params, use_graphs)):
         model.frame_loop = None
         loop = model.frame_loop = FrameLoop(model, params, max_frames, use_graphs)
+    loop.set_params(params)
     return loop

@@ -89,10 +89,10 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           fused: bool | None = None, noise: Tensor | None = None) -> Tensor:
+           fused: bool | None = None, noise: Tensor | None = None, values: Tensor | None = None) -> Tensor:
     """One token per row of logits [..., V] -> [...] int64; greedy settings take the argmax and use no randomness.
-    noise: as in `sample_many`."""
-    return sample_many(logits, [params], generator, fused, noise)[0]
+    noise, values: as in `sample_many`."""
+    return sample_many(logits, [params], generator, fused, noise, values)[0]
 
 
 def _uses_kernel(device: torch.device, settings: list[SamplingParams], fused: bool | None):
@@ -104,6 +104,20 @@ def _uses_kernel(device: torch.device, settings: list[SamplingParams], fused: bo
             or len(settings) > kernel.MAX_DRAWS:
         return None
     return kernel
+
+
+def uses_fused(params: SamplingParams, device: torch.device) -> bool:
+    """Whether a decode frame with these settings draws through the fused kernel (on CUDA with triton, not greedy),
+    which can read its (temperature, top_p) pairs from a device tensor (`sample_many`'s values)."""
+    settings = [params, params.high()] if params.ras_window else [params]
+    return _uses_kernel(device, settings, None) is not None
+
+
+def sampling_values(params: SamplingParams) -> Tensor:
+    """The (temperature, top_p) pairs of a frame's draws, fp32 [2, 2] on the host: the normal draw, then RAS's high
+    one (`sample_many`'s values)."""
+    high = params.high()
+    return torch.tensor([[params.temperature, params.top_p], [high.temperature, high.top_p]], dtype=torch.float32)
 
 
 def draw_noise(params: SamplingParams, rows: int, draws: int, device: torch.device,
@@ -118,14 +132,18 @@ def draw_noise(params: SamplingParams, rows: int, draws: int, device: torch.devi
 
 
 def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch.Generator | None = None,
-                fused: bool | None = None, noise: Tensor | None = None) -> list[Tensor]:
+                fused: bool | None = None, noise: Tensor | None = None,
+                values: Tensor | None = None) -> list[Tensor]:
     """One token per row of logits [..., V] for each of `settings` (RAS: the normal and the high draw).
 
     fused (default: on CUDA when triton is installed): one noise draw and one Triton kernel for all draws
     (`kernels/sampling.py`; torch.topk first for top_k > 64) instead of about 18 launches per draw. Noise is drawn
     only for the top_k candidates, so a seed gives other tokens than the eager path, from the same distribution.
     noise (optional, fused path only): those Exp(1) draws, fp32 [>= len(settings), rows, >= top_k] (`draw_noise`;
-    the first len(settings) are used) instead of drawing them here. Otherwise each draw runs `logits_to_probs` and
+    the first len(settings) are used) instead of drawing them here. values (optional, fused path only): fp32
+    [>= len(settings), 2] on the logits' device, the draws' (temperature, top_p) pairs, which the kernel reads when
+    it runs instead of the settings' (a kept CUDA graph then serves other values; top_k, greedy or not and the
+    number of draws still come from the settings). Otherwise each draw runs `logits_to_probs` and
     `sample_from_probs` in turn."""
     kernel = _uses_kernel(logits.device, settings, fused)
     if kernel is None:
@@ -147,7 +165,10 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
                                 f"got {tuple(noise.shape)}")
     else:
         noise = noise[:len(settings), :, :k]
-    draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
+    if values is not None:
+        draws = values[:len(settings)]
+    else:
+        draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
     tokens = kernel.topk_sample(rows, vals, idx, noise, draws, top_k)
     return [t.reshape(logits.shape[:-1]) for t in tokens]
 

@@ -72,20 +72,26 @@ def _select_by_threshold(row, cols, V, K, r, scratch_v, scratch_i, BLOCK_V: tl.c
 
 @triton.jit
 def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, K, stride_l, stride_v, stride_i,
-                        stride_eb, stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3,
+                        stride_eb, stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3, d_ptr,
                         BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SELECT: tl.constexpr, FIX: tl.constexpr,
-                        GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128):
+                        GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128, FROM_PTR: tl.constexpr = False):
     """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair.
 
     SELECT: the whole row fits one BLOCK_V tile and the kernel picks the K candidates itself
     (`_select_by_threshold`, scratch sv / si of CAP slots per program; where too many logits tie, K rounds of
     "take the maximum, lowest column first, and mask it out"); torch.topk's radix select costs ~20 us a row on an
-    H100. Otherwise v_ptr / i_ptr hold torch.topk's output."""
+    H100. Otherwise v_ptr / i_ptr hold torch.topk's output.
+    FROM_PTR: the pair is read from d_ptr (fp32 [P, 2], as given) at run time and rounded here as the host rounds
+    t0..p3 (temperature at least 1e-5, both to the logits' dtype), so a captured graph serves any values."""
     b = tl.program_id(0)
     d = tl.program_id(1)
-    t = tl.where(d == 0, t0, tl.where(d == 1, t1, tl.where(d == 2, t2, t3)))
-    top_p = tl.where(d == 0, p0, tl.where(d == 1, p1, tl.where(d == 2, p2, p3)))
     dtype = l_ptr.dtype.element_ty
+    if FROM_PTR:
+        t = _round(tl.maximum(tl.load(d_ptr + 2 * d), 1e-5), dtype, FIX).to(tl.float32)
+        top_p = _round(tl.load(d_ptr + 2 * d + 1), dtype, FIX).to(tl.float32)
+    else:
+        t = tl.where(d == 0, t0, tl.where(d == 1, t1, tl.where(d == 2, t2, t3)))
+        top_p = tl.where(d == 0, p0, tl.where(d == 1, p1, tl.where(d == 2, p2, p3)))
     r = tl.arange(0, BLOCK_K)
     live = r < K
     if SELECT:
@@ -150,13 +156,15 @@ def select_in_kernel(v: int, k: int) -> bool:
 
 
 def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tensor | None, noise: torch.Tensor,
-                draws: list[tuple[float, float]], top_k: int | None = None) -> torch.Tensor:
+                draws: list[tuple[float, float]] | torch.Tensor, top_k: int | None = None) -> torch.Tensor:
     """Column indices [P, B] (int64) of one token per row and draw.
 
     logits [B, V] (bf16, fp16 or fp32; contiguous rows); k = min(top_k, V) candidates: vals, idx [B, k] from
     torch.topk(logits, k) (sorted), or None where `select_in_kernel(V, k)` (then top_k is required); noise fp32
     [P, B, k] of Exp(1) draws; draws: P <= 4 pairs (temperature > 0, top_p), each already rounded to the logits'
-    dtype as the eager filter rounds them. No host synchronisation (CUDA-graph safe).
+    dtype as the eager filter rounds them, or an fp32 [P, 2] tensor on the logits' device holding them unrounded,
+    read by the kernel when it runs (a CUDA graph captured with it follows later values). No host synchronisation
+    (CUDA-graph safe).
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise _fail("logits", "2-D [B, V] with contiguous rows", f"{tuple(logits.shape)} {logits.stride()}")
@@ -173,12 +181,18 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
         if vals.shape != (bsz, k) or idx.shape != (bsz, k) or vals.stride(1) != 1 or idx.stride(1) != 1 or k > v:
             raise _fail("vals / idx", f"[{bsz}, k <= {v}] from torch.topk",
                         f"{tuple(vals.shape)} {tuple(idx.shape)}")
+    from_ptr = isinstance(draws, torch.Tensor)
     if not 1 <= len(draws) <= MAX_DRAWS:
         raise _fail("draws", f"1 to {MAX_DRAWS} (temperature, top_p) pairs", len(draws))
+    if from_ptr and (draws.dim() != 2 or draws.shape[1] != 2 or draws.dtype != torch.float32
+                     or draws.device != logits.device or not draws.is_contiguous()):
+        raise _fail("draws", f"a contiguous fp32 [P, 2] tensor on {logits.device}",
+                    f"{draws.dtype} {tuple(draws.shape)} on {draws.device}")
     if noise.shape != (len(draws), bsz, k) or noise.dtype != torch.float32 or noise.stride(2) != 1:
         raise _fail("noise", f"fp32 [{len(draws)}, {bsz}, {k}]", f"{noise.dtype} {tuple(noise.shape)}")
     out = torch.empty(len(draws), bsz, dtype=torch.int64, device=logits.device)
-    pairs = [float(x) for pair in draws for x in pair] + [1.0, 1.0] * (MAX_DRAWS - len(draws))
+    pairs = [1.0, 1.0] * MAX_DRAWS if from_ptr else (
+        [float(x) for pair in draws for x in pair] + [1.0, 1.0] * (MAX_DRAWS - len(draws)))
     block_k = max(16, triton.next_power_of_2(k))
     block_v = max(16, triton.next_power_of_2(v)) if select else _BLOCK_V
     # candidate selection: groups of 64 logits, at least 64 groups (k <= 64 of them reach the threshold)
@@ -190,8 +204,8 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
     launch(
         _topk_sample_kernel, (bsz, len(draws)),
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
-        noise.stride(1), noise.stride(0), out.stride(0), *pairs, BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
-        FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap,
+        noise.stride(1), noise.stride(0), out.stride(0), *pairs, draws if from_ptr else noise, BLOCK_K=block_k,
+        BLOCK_V=block_v, SELECT=select, FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, FROM_PTR=from_ptr,
         num_warps=_WARPS or (8 if max(block_k, block_v) > 1024 else 4),
         outputs=(out,))
     return out
