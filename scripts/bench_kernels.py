@@ -22,6 +22,7 @@ import triton
 import triton.testing
 
 from s2conv.bench import output_error
+from s2conv.quant_formats import get_format
 from s2conv.runtime.kernels import GATED_KERNELS, INT_SPECS, KERNELS, REPACK, cat_rows, dequantize_packed, layout, ops
 
 SHAPES = [("wqkv", 6144, 2560), ("wo", 2560, 4096), ("w1", 9728, 2560), ("w2", 2560, 9728), ("w13", 9728, 2560)]
@@ -43,6 +44,18 @@ def hbm_bandwidth() -> dict:
     return res
 
 
+def two_level(fmt: str) -> bool:
+    """Whether a format's weights reach its kernel with the file's two-level scales (K-quants with mins in the
+    fragment layout: `IntegerCodes.two_level`, kept by `layout.repack_int`), found by quantizing one super-block.
+    Their fp32 scales and mins per 16 or 32 codes would be 2-4 bits a weight more than the model reads."""
+    spec = INT_SPECS.get(fmt)
+    if spec is None or not layout.uses_fragment_layout(spec):
+        return False
+    qf = get_format(fmt)
+    data = torch.from_numpy(qf.quantize(torch.randn(1, 256)))
+    return qf.integer_codes_torch(data, 256).two_level is not None
+
+
 def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     dev = "cuda"
     if fmt == "bf16":
@@ -56,6 +69,14 @@ def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     spec = INT_SPECS[fmt]
     codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), device=dev, generator=gen, dtype=torch.int8)
     shape = (n, k // spec.group) if spec.group else (n,)
+    if two_level(fmt):  # as the model's weights reach the kernel: sub-block bytes under (d, dmin) per 256 columns
+        sc, m = (torch.randint(0, 64, shape, device=dev, generator=gen, dtype=torch.int16) for _ in range(2))
+        if fmt == "q3_k":  # its signed 6-bit scale sc, the "min" 4 sc, dmin = d (`quant_formats/q3_k.py`)
+            sc, m = sc - 32, 4 * (sc - 32)
+        sup = torch.rand(n, k // 256, 2, device=dev, generator=gen) * 1e-3
+        if fmt == "q3_k":
+            sup[..., 1] = sup[..., 0]
+        return codes, (sc & 0xFF) | (m << 8), sup
     scales = torch.rand(shape, device=dev, generator=gen) * 0.01
     if spec.has_min:
         return codes, scales, torch.rand(shape, device=dev, generator=gen) * 0.01
