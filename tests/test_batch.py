@@ -7,7 +7,7 @@ from s2conv.runtime.batch import generate_frames_batch, left_pad, row_mask
 from s2conv.runtime.dual_ar import DualARTransformer
 from s2conv.runtime.frame_loop import generate_frames
 from s2conv.runtime.sampling import SamplingParams
-from test_runtime_math import TINY, random_prompt, random_s2_weights
+from test_runtime_math import TINY, _force_eos_at, random_prompt, random_s2_weights
 
 GREEDY = SamplingParams(temperature=0)
 LENGTHS = (8, 13, 5)
@@ -41,6 +41,13 @@ def _force_eos_rows(model, eos_calls):
 def _model(weights, eos_calls):
     model = DualARTransformer.from_weights(TINY, weights, torch.float32)
     model.eos_calls = _force_eos_rows(model, eos_calls)
+    return model
+
+
+def _cuda_model(weights):
+    """A model on the GPU whose rows never stop (`_force_eos_at`: a Python constant, which graph capture takes)."""
+    model = DualARTransformer.from_weights(TINY, weights, torch.float32, device="cuda")
+    _force_eos_at(model, -1)
     return model
 
 
@@ -96,6 +103,58 @@ def test_sampled_batch_is_seeded_and_caches_recover(weights, prompts):
     alone = generate_frames(model, prompts[1], 4, GREEDY, use_graphs=False)
     fresh = generate_frames(_model(weights, [-1]), prompts[1], 4, GREEDY, use_graphs=False)
     assert torch.equal(alone, fresh)
+
+
+def test_the_batch_loop_is_kept_for_batches_of_as_many_rows(weights, prompts, monkeypatch):
+    """A second batch of as many prompts (other lengths: other pad offsets) decodes through the same BatchLoop and
+    gives what a fresh model gives; another batch size, other sampling settings (eager on the CPU: all of them
+    count), a batch-1 call in between (its caches hold one row) or S2CONV_FRAME_LOOP_CACHE=0 get a new one."""
+    model = _model(weights, (-1,))
+    other = [random_prompt(TINY, t, seed=30 + i) for i, t in enumerate((4, 9, 11))]
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20)
+    generate_frames_batch(model, prompts, 6, params, seed=1, use_graphs=False)
+    loop = model.batch_loop
+    got = generate_frames_batch(model, other, 6, params, seed=2, use_graphs=False)
+    assert model.batch_loop is loop
+    want = generate_frames_batch(_model(weights, (-1,)), other, 6, params, seed=2, use_graphs=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    generate_frames_batch(model, other[:2], 6, params, use_graphs=False)
+    assert model.batch_loop is not loop  # two rows
+    loop = model.batch_loop
+    generate_frames_batch(model, other[1:], 6, GREEDY, use_graphs=False)
+    assert model.batch_loop is not loop  # other settings
+    loop = model.batch_loop
+    generate_frames(model, prompts[0], 4, GREEDY, use_graphs=False)
+    assert model.batch_loop is None  # one-row caches: the batch loop's graphs would read the old ones
+    generate_frames_batch(model, other[1:], 6, GREEDY, use_graphs=False)
+    loop = model.batch_loop
+    monkeypatch.setenv("S2CONV_FRAME_LOOP_CACHE", "0")
+    generate_frames_batch(model, other[1:], 6, GREEDY, use_graphs=False)
+    assert model.batch_loop is not loop
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_batch_graphs_decode_later_batches_as_eager_steps_do(weights, monkeypatch):
+    """On a GPU the kept BatchLoop's graphs serve later batches with other prompt lengths and other (temperature,
+    top_p): each batch decodes what eager steps on a fresh model decode, and a batch whose spans were captured
+    before captures nothing."""
+    from s2conv.runtime import frame_loop
+    captures = []
+    capture = frame_loop.capture_step
+    monkeypatch.setattr("s2conv.runtime.batch.capture_step", lambda *a: (captures.append(1), capture(*a))[1])
+    model = _cuda_model(weights)
+    batches = [[random_prompt(TINY, t, seed=50 + i + 3 * j).cuda() for i, t in enumerate(lengths)]
+               for j, lengths in enumerate([(20, 90, 60), (70, 30, 100), (10, 40, 80)])]
+    settings = [SamplingParams(temperature=0.8, top_p=0.8, top_k=30), SamplingParams(temperature=1.3, top_p=0.95,
+                top_k=30), SamplingParams(temperature=0.5, top_p=0.6, top_k=30)]
+    for j, (batch, params) in enumerate(zip(batches, settings)):
+        got = generate_frames_batch(model, batch, 40, params, seed=j)
+        want = generate_frames_batch(_cuda_model(weights), batch, 40, params, seed=j, use_graphs=False)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), j
+        if j == 0:
+            loop, captured = model.batch_loop, len(captures)
+        assert model.batch_loop is loop and len(captures) == captured, j
 
 
 def test_batch_rejects_bad_input(weights, prompts):

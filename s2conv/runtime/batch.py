@@ -8,14 +8,16 @@ Prefill runs the eager block code; decode steps use the fused kernels wherever `
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime import fused_decode
 from s2conv.runtime.dual_ar import DualARTransformer
-from s2conv.runtime.frame_loop import SPAN_STEP, capture_step
-from s2conv.runtime.sampling import SamplingParams
+from s2conv.runtime.frame_loop import SPAN_STEP, capture_step, kv_positions, loop_key
+from s2conv.runtime.sampling import SamplingParams, sampling_values, uses_fused
 
 PAD_TOKEN = 0  # any id works: padded slots are masked out of every real query's attention
 
@@ -65,21 +67,28 @@ def forward_slow_rows(model: DualARTransformer, tokens: Tensor, cache_pos: Tenso
 
 
 def sample_frame_rows(model: DualARTransformer, hidden: Tensor, params: SamplingParams,
-                      previous: Tensor | None) -> Tensor:
+                      previous: Tensor | None, values: Tensor | None = None) -> Tensor:
     """`DualARTransformer.sample_frame` for B rows -> frame columns [B, 11]. Every row is at the same depth
     position of the fast AR (no padding there), so its blocks' own forwards serve: the fused kernels where
-    `fused_decode.enable` put them, else eager."""
-    return model.sample_frame(hidden, model.semantic_logits(hidden), params, None, previous)
+    `fused_decode.enable` put them, else eager. values: as in `sample_frame`."""
+    return model.sample_frame(hidden, model.semantic_logits(hidden), params, None, previous, values)
 
 
 class BatchLoop:
-    """Static-buffer batched decode: frames [B, 11, max_frames], `done` [B]; one CUDA graph per span bucket."""
+    """Static-buffer batched decode: frames [B, 11, max_frames], `done` [B]; one CUDA graph per span bucket. The
+    pad offsets and the sampler's (temperature, top_p) are static buffers too (`set_offsets`, `set_params`), so the
+    model keeps the loop, graphs and all, for later batches of as many rows (`batch_loop_for`)."""
 
     def __init__(self, model: DualARTransformer, params: SamplingParams, offsets: Tensor, max_frames: int,
                  use_graphs: bool):
         cfg, dev = model.cfg, offsets.device
         b = offsets.shape[0]
-        self.model, self.params, self.offsets, self.use_graphs = model, params, offsets, use_graphs
+        self.model, self.use_graphs = model, use_graphs
+        self.offsets = offsets.clone()
+        self.values = torch.empty(2, 2, dtype=torch.float32, device=dev) if uses_fused(params, dev) else None
+        self.set_params(params)
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs and dev.type == "cuda" else None
+        self.key = None  # `batch_loop_key` after its last complete run
         self.column = torch.zeros(b, cfg.num_codebooks + 1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.index = torch.zeros(1, dtype=torch.long, device=dev)
@@ -88,13 +97,24 @@ class BatchLoop:
         self.frames = torch.zeros(b, cfg.num_codebooks + 1, max_frames, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
+    def set_params(self, params: SamplingParams) -> None:
+        """Sample the next runs with params (of the same `sampling_key`: the graphs stay valid)."""
+        self.params = params
+        if self.values is not None:
+            self.values.copy_(sampling_values(params))
+
+    def set_offsets(self, offsets: Tensor) -> None:
+        """The next batch's pad offsets [B]."""
+        self.offsets.copy_(offsets)
+
     def _state(self) -> tuple[Tensor, ...]:
         return self.column, self.pos, self.index, self.previous, self.done
 
     def _step(self, span: int) -> None:
         m, eos = self.model, self.model.cfg.eos_token_id
         hidden = forward_slow_rows(m, self.column, self.pos, self.offsets, span)
-        frame = sample_frame_rows(m, hidden, self.params, self.previous if self.params.ras_window else None)
+        frame = sample_frame_rows(m, hidden, self.params, self.previous if self.params.ras_window else None,
+                                  self.values)
         self.frames.index_copy_(2, self.index, frame[:, :, None])
         self.column.copy_(frame[:, :, None])
         if self.params.ras_window:
@@ -106,7 +126,7 @@ class BatchLoop:
     def _graph(self, span: int) -> torch.cuda.CUDAGraph:
         graph = self.graphs.get(span)
         if graph is None:
-            graph = self.graphs[span] = capture_step(lambda: self._step(span), self._state())
+            graph = self.graphs[span] = capture_step(lambda: self._step(span), self._state(), self.pool)
         return graph
 
     def run(self, first: Tensor, start_pos: int, max_frames: int) -> int:
@@ -146,12 +166,11 @@ class BatchLoop:
 
 def prefill_batch(model: DualARTransformer, tokens: Tensor, offsets: Tensor, max_new_frames: int,
                   params: SamplingParams) -> Tensor:
-    """Allocate caches for exactly B rows, run the left-padded prompt tokens [B, 11, T] (pad offsets [B]) and
-    sample the first frame [B, 11] (no RAS window). The caller resets `model.max_batch = 0` when done."""
+    """Caches for exactly B rows (grown in `frame_loop.KV_STEP` steps, as `generate_frames` does, so that later
+    batches of nearby lengths keep them and the kept loop's graphs), run the left-padded prompt tokens [B, 11, T]
+    (pad offsets [B]) and sample the first frame [B, 11] (no RAS window)."""
     b, t = tokens.shape[0], tokens.shape[2]
-    model.max_batch = 0  # the attention code needs caches of exactly B rows
-    # whole attention spans (a batch's loop is not kept, so no room to grow): the spans equal `generate_frames`'
-    model.setup_caches(b, -(-(t + max_new_frames) // SPAN_STEP) * SPAN_STEP)
+    model.setup_caches(b, kv_positions(t, max_new_frames))
     hidden = forward_slow_rows(model, tokens, torch.arange(t, device=tokens.device), offsets, t)
     return sample_frame_rows(model, hidden, params, None)
 
@@ -164,8 +183,8 @@ def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_n
 
     Row b stops at its first <|im_end|> (dropped) or after max_new_frames frames. Sampling draws from the device's
     default generator seeded with `seed` (one stream for the whole batch, so sampled rows differ from a batch-1
-    run; greedy rows equal `generate_frames` of that prompt alone). Caches are reallocated for exactly B rows
-    and marked stale afterwards, so the next `setup_caches` of any size reallocates."""
+    run; greedy rows equal `generate_frames` of that prompt alone). The caches hold exactly B rows; the loop and
+    its CUDA graphs stay with the model for the next batch of B prompts (`batch_loop_for`)."""
     cfg = model.cfg
     if not prompts:
         raise RuntimeModelError("generate_frames_batch needs at least one prompt, got 0")
@@ -185,13 +204,32 @@ def generate_frames_batch(model: DualARTransformer, prompts: list[Tensor], max_n
             return generate_frames_batch(model, prompts, max_new_frames, params, seed, use_graphs)
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     (torch.cuda.manual_seed if device.type == "cuda" else torch.manual_seed)(seed)
-    try:
-        first = prefill_batch(model, tokens, offsets, max_new_frames, params)
-        loop = BatchLoop(model, params, offsets, max_new_frames, use_graphs)
-        n = loop.run(first, t, max_new_frames)
-    finally:
-        model.max_batch = 0  # a later batch-1 call must not reuse these B-row caches
+    first = prefill_batch(model, tokens, offsets, max_new_frames, params)
+    loop = batch_loop_for(model, params, offsets, max_new_frames, use_graphs)
+    n = loop.run(first, t, max_new_frames)
+    loop.key = batch_loop_key(model, params, b, use_graphs)
     frames = loop.frames[:, :, :n]
     is_eos = frames[:, 0] == cfg.eos_token_id                                  # [B, n]
     lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), n).tolist()
     return [frames[i, 1:, :lengths[i]].clone() for i in range(b)]
+
+
+def batch_loop_key(model: DualARTransformer, params: SamplingParams, rows: int, use_graphs: bool) -> tuple:
+    """What a BatchLoop's graphs were captured against: its rows and `frame_loop.loop_key`."""
+    return rows, loop_key(model, params, use_graphs)
+
+
+def batch_loop_for(model: DualARTransformer, params: SamplingParams, offsets: Tensor, max_frames: int,
+                   use_graphs: bool) -> BatchLoop:
+    """The model's BatchLoop for B = len(offsets) rows, kept between calls with its graphs (as `frame_loop_for`
+    keeps the batch-1 loop): a new one when `batch_loop_key` differs from the key after its last complete run or
+    it holds fewer than max_frames frames, or every call with S2CONV_FRAME_LOOP_CACHE=0. A kept loop takes the
+    batch's pad offsets and sampling values."""
+    loop = model.batch_loop
+    if (loop is None or loop.frames.shape[2] < max_frames or os.environ.get("S2CONV_FRAME_LOOP_CACHE", "1") == "0"
+            or loop.key != batch_loop_key(model, params, offsets.shape[0], use_graphs)):
+        model.batch_loop = None
+        loop = model.batch_loop = BatchLoop(model, params, offsets, max_frames, use_graphs)
+    loop.set_offsets(offsets)
+    loop.set_params(params)
+    return loop

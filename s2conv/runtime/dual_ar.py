@@ -46,6 +46,7 @@ class DualARTransformer(nn.Module):
         self.max_batch, self.max_seq = 0, 0
         self.cache_version = 0  # counts KV cache allocations: a CUDA graph captured before the last one is stale
         self.frame_loop = None  # the decode loop `frame_loop.generate_frames` keeps between calls, graphs and all
+        self.batch_loop = None  # the same for `batch.generate_frames_batch`
 
     # ---------------------------------------------------------------- construction
 
@@ -86,10 +87,11 @@ class DualARTransformer(nn.Module):
                              persistent=False)
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
-        """Preallocate the slow KV caches [batch, n_kv, max_seq (rounded up to 8), head_dim] and the fast ones."""
+        """Preallocate the slow KV caches [batch, n_kv, max_seq (rounded up to 8), head_dim] and the fast ones.
+        Caches of another batch size are reallocated: the attention code reads caches of exactly the batch's rows."""
         cfg = self.cfg
         max_seq = min(cfg.max_seq_len, -(-max_seq // 8) * 8)
-        if batch <= self.max_batch and max_seq <= self.max_seq:
+        if batch == self.max_batch and max_seq <= self.max_seq:
             return
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
         for layer in self.layers:
@@ -99,7 +101,7 @@ class DualARTransformer(nn.Module):
                                                cfg.fast_head_dim, dtype, device)
         self.max_batch, self.max_seq = batch, max_seq
         self.cache_version += 1
-        self.frame_loop = None  # its graphs read the old caches: release them (and their memory pools) now
+        self.frame_loop = self.batch_loop = None  # their graphs read the old caches: release them (and pools) now
 
     # ---------------------------------------------------------------- slow AR
 

@@ -208,7 +208,7 @@ def loop_key(model: DualARTransformer, params: SamplingParams, use_graphs: bool)
         for b in m._buffers.values():
             add(b, False)
         for name, v in vars(m).items():
-            if name not in ("_parameters", "_buffers", "_modules", "frame_loop"):
+            if name not in ("_parameters", "_buffers", "_modules", "frame_loop", "batch_loop"):
                 add(v, False)
     settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("S2CONV_")))
     return (sampling_key(params, model.norm.weight.device), use_graphs, model.cache_version, settings,
