@@ -341,18 +341,16 @@ def time_decode_batch(model: DualARTransformer, prompt_len: int, frames: int, ba
         p[0] = torch.randint(0, cfg.semantic_begin_id, (n,), device="cuda", generator=g)
         prompts.append(p)
     tokens, offsets = left_pad(prompts)
-    try:
-        first = prefill_batch(model, tokens, offsets, frames + 8, params)
-        loop = BatchLoop(model, params, offsets, frames, use_graphs=True)
-        rates = []
-        for _ in range(repeats + 1):  # the first run captures the graphs
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            n = loop.run(first, tokens.shape[2], frames)
-            torch.cuda.synchronize()
-            rates.append(batch * n / (time.perf_counter() - t0))
-    finally:
-        model.max_batch = 0  # the next batch-1 timing reallocates its own caches
+    # caches of `batch` rows: the next batch-1 timing's `setup_caches` reallocates its own
+    first = prefill_batch(model, tokens, offsets, frames + 8, params)
+    loop = BatchLoop(model, params, offsets, frames, use_graphs=True)
+    rates = []
+    for _ in range(repeats + 1):  # the first run captures the graphs
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = loop.run(first, tokens.shape[2], frames)
+        torch.cuda.synchronize()
+        rates.append(batch * n / (time.perf_counter() - t0))
     return sorted(rates[1:])[len(rates[1:]) // 2]
 
 

@@ -55,8 +55,6 @@ def profile_format(model, fmt: str, batch: int, frames: int = 7) -> None:
         run()
         torch.cuda.synchronize()
     _report(f"{fmt} batch {max(batch, 1)}", prof, frames)
-    if batch > 1:
-        model.max_batch = 0
 
 
 @torch.inference_mode()
