@@ -74,7 +74,7 @@ def _cases() -> dict:
                         part_ptr="*fp32", ml_ptr="*fp32", qw_ptr="*bf16", kw_ptr="*bf16", f_ptr="*fp32",
                         scale="fp32", eps="fp32", cnt_ptr="*i32", **{name: _I32 for name in _ATTN_ARGS})
     attn_const = dict(HAS_OFFSETS=False, FUSED=True, HAS_NORM=True, D=128, SINGLE=False, FIX=False,
-                      PDL=2, SPLITS=8)  # PDL 2: what Hopper launches (the next CUDA GEMV may launch early)
+                      PDL=3, SPLITS=8)  # PDL 3: what Hopper launches (`launch.early_pdl`)
     cases["attention-per-head"] = ("_decode_attn_kernel", dict(attn_runtime, N_REP=_I32), dict(attn_const,
                                                                                                  BLOCK_N=64), 2)
     cases["attention-per-kv-head"] = ("_decode_attn_gqa_kernel", attn_runtime, dict(

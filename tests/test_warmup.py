@@ -14,7 +14,8 @@ from s2conv.runtime import fused_decode  # noqa: E402
 from s2conv.runtime.dual_ar import DualARTransformer  # noqa: E402
 from s2conv.runtime.frame_loop import generate_frames  # noqa: E402
 from s2conv.runtime.kernels import KERNELS, REPACK  # noqa: E402
-from s2conv.runtime.kernels.launch import compile_launches, distinct_launches, recording  # noqa: E402
+from s2conv.runtime.kernels.launch import (compile_launches, distinct_launches, early_pdl, launch_early,  # noqa: E402
+                                          pdl_args, recording)
 from s2conv.runtime.qlinear import QuantLinear  # noqa: E402
 from s2conv.runtime.sampling import SamplingParams  # noqa: E402
 from s2conv.runtime.warmup import compile_kernels, record_launches  # noqa: E402
@@ -50,6 +51,27 @@ def test_recording_notes_launches_instead_of_running_them():
     assert torch.equal(KERNELS["q4"](x, packed), want)  # after the block, launches run again
     if DEVICE == "cpu":
         assert compile_launches(noted) == 0  # the interpreter compiles nothing
+
+
+def test_a_dry_run_notes_both_forms_of_an_early_launch():
+    """A kernel that waits late (PDL 3) goes out with PDL only inside a capture, and launch_pdl is a compile option:
+    compiling ahead must compile both forms, or the first captured frame would compile one while it synthesizes."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    kernel = Kernel()
+    with recording() as noted:
+        launch_early(kernel, (2,), 1, PDL=3)
+        launch_early(kernel, (2,), 1, PDL=2)  # any other mode: noted once, as given
+    assert [n[3] for n in noted] == [{"PDL": 3, "launch_pdl": True}, {"PDL": 3}, {"PDL": 2}]
+    assert not calls
+    if DEVICE == "cpu":  # not Hopper: no early mode, and no PDL launch outside a capture
+        assert early_pdl(torch.device("cpu")) == pdl_args(torch.device("cpu"))
+        launch_early(kernel, (2,), 1, PDL=2)
+        assert calls == [((2,), (1,), {"PDL": 2})]
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,24 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
     """PDL 1: let the next kernel launch, then wait for the previous one's writes (launch.py); 2: only let the next
-    kernel launch (this one was launched plainly; a CUDA GEMV after it may start early); 0: nothing."""
+    kernel launch (this one was launched plainly; a CUDA GEMV after it may start early); 3: only let the next kernel
+    launch, and wait later, at `pdl_wait` (`launch.launch_early`); 4: wait at `pdl_wait`, then let the next kernel
+    launch; 0: nothing."""
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
-    elif PDL == 2:
+    elif PDL == 2 or PDL == 3:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """PDL 3 and 4: wait here for the previous kernel's writes (a no-op when the launch did not ask for PDL); 4 lets
+    the next kernel launch only now."""
+    if PDL == 3:
+        gdc_wait()
+    elif PDL == 4:
+        gdc_wait()
         gdc_launch_dependents()
 
 

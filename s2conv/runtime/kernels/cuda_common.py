@@ -130,9 +130,11 @@ def _driver():
     return lib
 
 
-def _after_kernel(stream: int) -> bool:
+def after_kernel(stream: int) -> bool:
     """Whether `stream` is capturing and everything the next node depends on is a kernel node."""
     lib = _driver()
+    if lib is None:
+        return False
     status, graph, n = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_size_t()
     capture_id, deps = ctypes.c_uint64(), ctypes.POINTER(ctypes.c_void_p)()
     if lib.cuStreamGetCaptureInfo_v2(ctypes.c_void_p(stream), ctypes.byref(status), ctypes.byref(capture_id),
@@ -195,7 +197,7 @@ class CudaGemv:
             kernel = self.kernel(variant)
             if variant.pdl:
                 stream = torch.cuda.current_stream().cuda_stream
-                if _after_kernel(stream):
+                if after_kernel(stream):
                     _launch_pdl(kernel, grid, threads, shared, list(args), stream)
                     return
             kernel(grid=grid, block=(threads, 1, 1), shared_mem=shared, args=list(args))

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from s2conv.errors import RuntimeModelError
-from s2conv.runtime.kernels.common import pdl_start, round_to as _round
-from s2conv.runtime.kernels.launch import counters, launch, pdl_args
+from s2conv.runtime.kernels.common import pdl_start, pdl_wait, round_to as _round
+from s2conv.runtime.kernels.launch import counters, early_pdl, launch, launch_early, pdl_args
 
 # triton's CPU interpreter rounds fp32 -> bf16 by truncation; the kernels then round to nearest-even by hand so the
 # interpreter matches torch (on GPUs the hardware conversion already does)
@@ -276,8 +276,8 @@ def _rope_head(row_ptr, w_ptr, f_row, eps, D: tl.constexpr, NORM: tl.constexpr, 
     """One head of a qkv row as `_qk_rope_cache_kernel` computes it (RMSNorm, pair rotation, each rounded to
     dtype), in natural order: fp32 [D]."""
     j = tl.arange(0, D // 2)
-    x0 = tl.load(row_ptr + 2 * j).to(tl.float32)
-    x1 = tl.load(row_ptr + 2 * j + 1).to(tl.float32)
+    x0 = tl.load(row_ptr + 2 * j, cache_modifier=".cg").to(tl.float32)  # from L2: the predecessor's output (PDL)
+    x1 = tl.load(row_ptr + 2 * j + 1, cache_modifier=".cg").to(tl.float32)
     if NORM:
         inv = 1.0 / tl.sqrt(tl.sum(x0 * x0 + x1 * x1, axis=0) / D + eps)
         x0 = _round((x0 * inv) * tl.load(w_ptr + 2 * j).to(tl.float32), dtype, FIX).to(tl.float32)
@@ -349,6 +349,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
     ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
     v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    pdl_wait(PDL)  # PDL 3: the keys and values above (older positions) were requested while the projection ran
     if FUSED:
         dtype = o_ptr.dtype.element_ty
         row = q_ptr + b.to(tl.int64) * stride_qkv
@@ -356,14 +357,14 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part_ptr
         g = h // N_REP
         q = _rope_head(row + h * D, qw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
         k_new = _rope_head(row + (H + g) * D, kw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
-        v_new = tl.load(row + (H + HKV + g) * D + offs_d).to(tl.float32)
+        v_new = tl.load(row + (H + HKV + g) * D + offs_d, cache_modifier=".cg").to(tl.float32)
         writer = offs_d < tl.where(h % N_REP + split == 0, D, 0)  # split 0 of the KV head's first query head
         slot = base + pos.to(tl.int64) * D + offs_d
         tl.store(kc_ptr + slot, k_new.to(dtype), mask=writer)
         tl.store(vc_ptr + slot, v_new.to(dtype), mask=writer)
         owner = (start <= pos) & (pos < end)  # this split's range holds key pos
     else:
-        q = tl.load(q_ptr + bh * D + offs_d).to(tl.float32)
+        q = tl.load(q_ptr + bh * D + offs_d, cache_modifier=".cg").to(tl.float32)
     m_i = tl.full([1], -1.0e30, tl.float32)  # finite: an empty split gives weight 0, not NaN
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -426,8 +427,8 @@ def _rope_heads(row_ptr, heads, live, w_ptr, f_row, eps, D: tl.constexpr, NORM: 
     live."""
     j = tl.arange(0, D // 2)
     src = row_ptr + heads[:, None] * D + 2 * j[None, :]
-    x0 = tl.load(src, mask=live[:, None], other=0.0).to(tl.float32)
-    x1 = tl.load(src + 1, mask=live[:, None], other=0.0).to(tl.float32)
+    x0 = tl.load(src, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+    x1 = tl.load(src + 1, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
     if NORM:
         inv = 1.0 / tl.sqrt(tl.sum(x0 * x0 + x1 * x1, axis=1) / D + eps)
         x0 = _round((x0 * inv[:, None]) * tl.load(w_ptr + 2 * j).to(tl.float32)[None, :], dtype, FIX).to(tl.float32)
@@ -492,21 +493,22 @@ def _decode_attn_gqa_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr, o_ptr, part
     ptrs = base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     k = tl.load(kc_ptr + ptrs, mask=valid[:, None], other=0.0)
     v = tl.load(vc_ptr + ptrs, mask=valid[:, None], other=0.0)
+    pdl_wait(PDL)
     dtype = o_ptr.dtype.element_ty
     if FUSED:
         row = q_ptr + b.to(tl.int64) * stride_qkv
         f_row = f_ptr + b * stride_f
         q = _rope_heads(row, heads, live, qw_ptr, f_row, eps, D, HAS_NORM, dtype, FIX)
         k_new = _rope_head(row + (H + g) * D, kw_ptr, f_row, eps, D, HAS_NORM, True, dtype, FIX)
-        v_new = tl.load(row + (H + HKV + g) * D + offs_d).to(tl.float32)
+        v_new = tl.load(row + (H + HKV + g) * D + offs_d, cache_modifier=".cg").to(tl.float32)
         writer = offs_d < tl.where(split == 0, D, 0)  # split 0 of each KV head writes its new key and value
         slot = base + pos.to(tl.int64) * D + offs_d
         tl.store(kc_ptr + slot, k_new.to(dtype), mask=writer)
         tl.store(vc_ptr + slot, v_new.to(dtype), mask=writer)
         owner = (start <= pos) & (pos < end)
     else:
-        q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=live[:, None],
-                    other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
     qd = q.to(dtype)  # exact: the query was rounded to the activation dtype
     m_i = tl.full([QP], -1.0e30, tl.float32)
     l_i = tl.zeros([QP], tl.float32)
@@ -649,7 +651,7 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
     # the splits merged by the last program of each head (one launch, not two: bench/RESULTS.md, thirteenth
     # session); S2CONV_ATTN_MERGE=launch keeps the reduction kernel
     merge_in = not single and os.environ.get("S2CONV_ATTN_MERGE", "") != "launch"
-    launch(
+    launch_early(
         _decode_attn_kernel, (b * h, n_splits),
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, h // n_kv, span, per, n_splits,
@@ -657,7 +659,7 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
         HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
         BLOCK_N=block_n, SINGLE=single, FIX=fix, num_warps=warps, outputs=(out,),
         cnt_ptr=counters(q.device, b * h) if merge_in else pos_t,
-        SPLITS=triton.next_power_of_2(n_splits) if merge_in else 0, **pdl_args(q.device))
+        SPLITS=triton.next_power_of_2(n_splits) if merge_in else 0, **early_pdl(q.device))
     if not single and not merge_in:
         launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
                SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=ATTN_REDUCE_WARPS, outputs=(out,),
@@ -688,7 +690,7 @@ def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, 
     qw, kw, freqs, stride_f, eps = fused_args or (None, None, out, 0, 0.0)
     has_norm = qw is not None
     nr = triton.next_power_of_2(n_rep)
-    launch(
+    launch_early(
         _decode_attn_gqa_kernel, (b * n_kv, n_splits),
         q, k_cache, v_cache, pos_t, pos_t if offsets is None else offsets, out, part, ml,
         qw if has_norm else freqs, kw if has_norm else freqs, freqs, h, n_kv, span, per, n_splits,
@@ -697,7 +699,7 @@ def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, 
         BLOCK_N=block_n, N_REP=n_rep, QP=max(16, nr), SINGLE=single, FIX=_fix(q.dtype), num_warps=ATTN_GQA_WARPS,
         outputs=(out,), cnt_ptr=counters(q.device, b * n_kv) if not single else pos_t,
         SPLITS=triton.next_power_of_2(n_splits) if not single else 0, NR=nr, DOT32=_INTERPRETED,
-        **pdl_args(q.device))
+        **early_pdl(q.device))
     return out
 
 

@@ -22,6 +22,11 @@ still lost 7% on an H200 (251.5 -> 233.8). `S2CONV_PDL=1` turns it on.
 What does pay: the CUDA GEMVs (`cuda_common`) go out with PDL after a kernel, and on Hopper every Triton kernel
 lets its successor launch first thing without waiting itself (PDL 2 in `pdl_args`): q4 frames 311.8 / 313.3 ->
 317.9 / 317.9 on an H100 (bench/RESULTS.md, nineteenth session). `S2CONV_PDL_TRIGGER=0` leaves that out.
+
+And the decode attention goes out with PDL inside graphs (`launch_early`, PDL 3): it requests the cached keys and
+values of earlier positions, which no kernel since the frame's (or fast pass's) last plain launch writes, while the
+qkv projection still runs, and waits only before it reads the projection. q4 frames 328.5 / 329.1 -> 340.2 /
+340.3, fp8 237.0 -> 242.2 / 242.0 on an H100 (twenty-third session; `S2CONV_EARLY_PDL=0` for the old launch).
 """
 from __future__ import annotations
 
@@ -77,6 +82,32 @@ def pdl_args(device: torch.device) -> dict:
     if pdl_enabled(device):
         return {"PDL": 1, "launch_pdl": True}
     return {"PDL": 2 if os.environ.get("S2CONV_PDL_TRIGGER", "1") != "0" and _hopper(device) else 0}
+
+
+def early_pdl(device: torch.device) -> dict:
+    """`pdl_args` for a kernel that requests data older than its predecessor before it waits (`launch_early`): PDL 3
+    on a `_hopper` device (its successor may launch first thing), or 4 with S2CONV_EARLY_PDL=4 (only after the
+    wait); `pdl_args` where S2CONV_PDL=1 or S2CONV_EARLY_PDL=0."""
+    mode = os.environ.get("S2CONV_EARLY_PDL", "3")
+    if pdl_enabled(device) or mode == "0" or not _hopper(device):
+        return pdl_args(device)
+    return {"PDL": 4 if mode == "4" else 3}
+
+
+def launch_early(kernel, grid, *args, outputs: tuple = (), **kwargs) -> None:
+    """`launch` for a kernel with PDL 3 or 4 (`early_pdl`): captured into a CUDA graph right after a kernel node,
+    it goes out with PDL (launch_pdl), so it starts while its predecessor runs and requests the data that no kernel
+    since the last plain launch writes (cached keys and values of earlier positions, the position itself), then waits
+    (`common.pdl_wait`) before it reads the predecessor's output. Elsewhere (eager steps, after a copy node, whose
+    writes griddepcontrol.wait would not wait for) it goes out plainly. A dry run notes both forms (launch_pdl is a
+    compile option): both compile ahead."""
+    if kwargs.get("PDL") in (3, 4):
+        if _recorded is not None:
+            _recorded.append((kernel, grid, args, {**kwargs, "launch_pdl": True}))
+        else:
+            from s2conv.runtime.kernels.cuda_common import after_kernel
+            kwargs["launch_pdl"] = after_kernel(torch.cuda.current_stream().cuda_stream)
+    launch(kernel, grid, *args, outputs=outputs, **kwargs)
 
 
 # ---- compiling ahead: record a dry run's launches, compile their kernels concurrently -------------------------------
