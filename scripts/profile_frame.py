@@ -1,6 +1,6 @@
 """Profile decode frames at full S2 Pro shapes: CUDA kernels per frame and GPU time by kernel, graph-replayed.
 
-Usage: python scripts/profile_frame.py [FORMAT ...] [--batch B]   (FORMAT: bf16, q4, ...; all linears quantized)
+Usage: python scripts/profile_frame.py [FORMAT ...] [--batch B] [--top N]   (FORMAT: bf16, q4, ...; all linears quantized)
        python scripts/profile_frame.py [FORMAT ...] --prefill T     (one prefill of T tokens instead)
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _report(label: str, prof, frames: int, top: int = 25) -> None:
 
 
 @torch.inference_mode()
-def profile_format(model, fmt: str, batch: int, frames: int = 7) -> None:
+def profile_format(model, fmt: str, batch: int, frames: int = 7, top: int = 25) -> None:
     cfg = model.cfg
     params = SamplingParams()
     if batch <= 1:
@@ -54,7 +54,7 @@ def profile_format(model, fmt: str, batch: int, frames: int = 7) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    _report(f"{fmt} batch {max(batch, 1)}", prof, frames)
+    _report(f"{fmt} batch {max(batch, 1)}", prof, frames, top)
 
 
 @torch.inference_mode()
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("formats", nargs="*", default=["bf16"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed, by GPU time")
     args = ap.parse_args()
     for fmt in args.formats:
         model = build_model(S2Config())
@@ -85,7 +86,7 @@ def main() -> None:
         if args.prefill:
             profile_prefill(model, fmt, args.prefill)
         else:
-            profile_format(model, fmt, args.batch)
+            profile_format(model, fmt, args.batch, top=args.top)
         del model
         torch.cuda.empty_cache()
 

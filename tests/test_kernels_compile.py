@@ -97,6 +97,17 @@ def _cases() -> dict:
         cases[f"dequant-{tag}"] = ("_dequant_kernel", runtime, dict(
             LAYOUT=layout, BITS=bits, OFF=off, GROUP=group, HAS_MIN=has_min, KQ=kq, BLOCK_N=16, BLOCK_K=256,
             FIX=False), 4)
+    # a decode frame's small steps (kernels/frame.py): a column's embedding, RAS's main token, the loop's counters
+    cases["frame-embed-column"] = ("_embed_column_kernel", dict(
+        tok_ptr="*i64", e_ptr="*bf16", c_ptr="*bf16", out_ptr="*bf16", inv_scale="fp32",
+        **{name: _I32 for name in ("stride_tb", "stride_tc", "D", "begin", "end", "cb_size")}), dict(
+        N_CB=10, SCALE=True, BLOCK_D=1024, FIX=False, PDL=2), 4)
+    cases["frame-ras-main"] = ("_ras_main_kernel", dict(
+        n_ptr="*i64", h_ptr="*i64", prev_ptr="*i64", out_ptr="*i64",
+        **{name: _I32 for name in ("W", "stride_p", "n_sem", "eos", "begin", "end")}), dict(BLOCK_W=16, PDL=2), 4)
+    cases["frame-finish"] = ("_frame_finish_kernel", dict(
+        f_ptr="*i64", frames_ptr="*i64", idx_ptr="*i64", col_ptr="*i64", prev_ptr="*i64", pos_ptr="*i64",
+        **{name: _I32 for name in ("C", "W", "stride_frames")}), dict(BLOCK_C=16, BLOCK_W=16, RAS=True, PDL=2), 4)
     return cases
 
 
@@ -114,11 +125,11 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from s2conv.runtime.kernels import dequant, fused, triton_float, triton_int, triton_mma
+    from s2conv.runtime.kernels import dequant, frame, fused, triton_float, triton_int, triton_mma
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        modules = (triton_float, triton_int, triton_mma, fused, dequant)
+        modules = (triton_float, triton_int, triton_mma, fused, dequant, frame)
         kernel = next(getattr(m, name) for m in modules if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}

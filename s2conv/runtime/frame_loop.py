@@ -83,6 +83,11 @@ class FrameLoop:
         frame = m.decode_one_frame(self.column, self.pos, self.params, None,
                                    self.previous if self.params.ras_window else None, kv_len=span,
                                    values=self.values)  # [1, 11]
+        ops = m.__dict__.get("_frame_ops")  # `fused_decode.enable`: the steps below in one launch
+        if ops is not None and (frame.is_cuda or m.__dict__["_frame_ops_force"]):
+            ops.frame_finish(frame, self.frames, self.index, self.column,
+                             self.previous if self.params.ras_window else None, self.pos)
+            return
         self.frames.index_copy_(1, self.index, frame.T)
         self.column.copy_(frame[:, :, None])
         if self.params.ras_window:

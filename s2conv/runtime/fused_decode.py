@@ -37,10 +37,12 @@ from torch import Tensor, nn
 
 from s2conv.runtime.layers import RMSNorm, TransformerBlock
 from s2conv.runtime.qlinear import QuantLinear
+from s2conv.runtime.sampling import sample_many
 
 log = logging.getLogger(__name__)
 # the norm chain through integer GEMVs (`_norm_mode` "gx"); 0: norm launches (benchmark baseline)
 _INT_CHAIN = os.environ.get("S2CONV_INT_NORM_CHAIN", "1") != "0"
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _fused():
@@ -84,6 +86,32 @@ def _semantic_logits(self: nn.Module, hidden: Tensor) -> Tensor:
 
         return KERNELS["bf16"](hidden, {"weight": head})
     return type(self).semantic_logits(self, hidden)
+
+
+def _embed(self: nn.Module, tokens: Tensor) -> Tensor:
+    """`embed` of one frame column per row (a decode step's input, on CUDA) in one launch
+    (`kernels.frame.embed_column`, which follows eager CUDA's rounding); otherwise the class method."""
+    emb = self.embeddings.weight
+    if not (tokens.is_cuda and tokens.dim() == 3 and tokens.shape[2] == 1 and emb.dtype in _HALF):
+        return type(self).embed(self, tokens)
+    cfg = self.cfg
+    return self.__dict__["_frame_ops"].embed_column(
+        tokens, emb, self.codebook_embeddings.weight, cfg.semantic_begin_id, cfg.semantic_end_id,
+        cfg.codebook_size, cfg.scale_codebook_embeddings)
+
+
+def _sample_main(self: nn.Module, logits: Tensor, params, generator, previous: Tensor | None,
+                 noise: Tensor | None = None, values: Tensor | None = None) -> Tensor:
+    """`sample_main` with RAS: both draws as before, then their token ids and RAS's choice in one launch
+    (`kernels.frame.ras_main`) instead of about 13 small kernels; otherwise the class method."""
+    on_kernels = logits.is_cuda or self.__dict__["_frame_ops_force"]
+    if previous is None or params.greedy or params.ras_window == 0 or not on_kernels:
+        return type(self).sample_main(self, logits, params, generator, previous, noise, values)
+    normal, high = sample_many(logits, [params, params.high()], generator, noise=noise, values=values)
+    cfg = self.cfg
+    return self.__dict__["_frame_ops"].ras_main(normal, high, previous.contiguous(), cfg.semantic_end_id -
+                                                cfg.semantic_begin_id + 1, cfg.eos_token_id,
+                                                cfg.semantic_begin_id, cfg.semantic_end_id)
 
 
 def _block_forward(self: TransformerBlock, x: Tensor, freqs_cis: Tensor, mask: Tensor,
@@ -437,6 +465,7 @@ def enable(model: nn.Module, force: bool = False) -> bool:
             for a, b in zip(stack, stack[1:]):  # plain attributes, not submodules (that would make a cycle)
                 a.__dict__["_next_block"], b.__dict__["_prev_block"] = b, a
     _join_semantic_head(model, force)
+    _install_frame_ops(model, force)
     log.info("fused decode enabled on %d transformer blocks", n_blocks)
     return True
 
@@ -460,8 +489,27 @@ def _join_semantic_head(model: nn.Module, force: bool) -> None:
                           semantic_logits=types.MethodType(_semantic_logits, model))
 
 
+def _install_frame_ops(model: nn.Module, force: bool) -> None:
+    """A DualARTransformer gets the frame's small steps in one launch each (`kernels.frame`): `embed` of decode
+    columns (CUDA only: its rounding is eager CUDA's), `sample_main` with RAS, and the frame loop's bookkeeping
+    (`frame_loop.FrameLoop` looks for `_frame_ops`). S2CONV_FRAME_OPS=0 leaves them out."""
+    if not all(hasattr(model, a) for a in ("cfg", "embed", "sample_main", "codebook_embeddings")) \
+            or os.environ.get("S2CONV_FRAME_OPS", "1") == "0":
+        return
+    try:
+        from s2conv.runtime.kernels import frame
+    except ImportError as e:
+        log.info("frame kernels unavailable: %s", e)
+        return
+    model.__dict__.update(_frame_ops=frame, _frame_ops_force=force, embed=types.MethodType(_embed, model),
+                          sample_main=types.MethodType(_sample_main, model))
+
+
 def disable(model: nn.Module) -> None:
     """Restore the eager forwards. w1 / w3 keep reading views of the joined weight (same values)."""
+    if "_frame_ops" in model.__dict__:
+        for name in ("_frame_ops", "_frame_ops_force", "embed", "sample_main"):
+            model.__dict__.pop(name, None)
     if "_semantic_head" in model.__dict__:  # only what `_join_semantic_head` installed
         for name in ("semantic_logits", "_semantic_head", "_semantic_head_force", "_semantic_head_key"):
             model.__dict__.pop(name, None)
