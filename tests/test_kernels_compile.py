@@ -97,6 +97,17 @@ def _cases() -> dict:
         cases[f"dequant-{tag}"] = ("_dequant_kernel", runtime, dict(
             LAYOUT=layout, BITS=bits, OFF=off, GROUP=group, HAS_MIN=has_min, KQ=kq, BLOCK_N=16, BLOCK_K=256,
             FIX=False), 4)
+    # the RMSNorm and the fused sampler, as Hopper launches them (PDL 3: `launch.launch_early`)
+    cases["rms-norm-residual"] = ("_rms_norm_kernel", dict(
+        x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", h_ptr="*bf16", y_ptr="*bf16", eps="fp32",
+        **{name: _I32 for name in ("N", "stride_x", "stride_r")}), dict(
+        HAS_RES=True, BLOCK=4096, FIX_X=False, FIX_Y=False, PDL=3), 8)
+    cases["topk-sample-select"] = ("_topk_sample_kernel", dict(
+        l_ptr="*bf16", v_ptr="*fp32", i_ptr="*i64", e_ptr="*fp32", out_ptr="*i64", sv_ptr="*fp32", si_ptr="*i32",
+        d_ptr="*fp32", **{name: _I32 for name in ("V", "K", "stride_l", "stride_v", "stride_i", "stride_eb",
+                                                  "stride_ep", "stride_o")},
+        **{name: "fp32" for name in ("t0", "p0", "t1", "p1", "t2", "p2", "t3", "p3")}), dict(
+        BLOCK_K=32, BLOCK_V=8192, SELECT=True, FIX=False, GROUPS=128, CAP=128, FROM_PTR=True, PDL=3), 8)
     # a decode frame's small steps (kernels/frame.py): a column's embedding, RAS's main token, the loop's counters
     cases["frame-embed-column"] = ("_embed_column_kernel", dict(
         tok_ptr="*i64", e_ptr="*bf16", c_ptr="*bf16", out_ptr="*bf16", inv_scale="fp32",
@@ -125,11 +136,11 @@ def compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from s2conv.runtime.kernels import dequant, frame, fused, triton_float, triton_int, triton_mma
+    from s2conv.runtime.kernels import dequant, frame, fused, sampling, triton_float, triton_int, triton_mma
 
     results = {}
     for case, (name, runtime, constexprs, warps) in CASES.items():
-        modules = (triton_float, triton_int, triton_mma, fused, dequant, frame)
+        modules = (triton_float, triton_int, triton_mma, fused, dequant, frame, sampling)
         kernel = next(getattr(m, name) for m in modules if hasattr(m, name))
         params = inspect.signature(kernel.fn).parameters
         const = {p: v.default for p, v in params.items() if p not in runtime and p not in constexprs}

@@ -66,20 +66,22 @@ def _sm_count(device: torch.device) -> int:
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, N, stride_x, stride_r, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FIX_X: tl.constexpr, FIX_Y: tl.constexpr,
                      PDL: tl.constexpr):
-    """One row: [h = x + r (rounded to x's dtype, stored)]; y = round(round(h * rsqrt(mean(h^2) + eps)) * w)."""
+    """One row: [h = x + r (rounded to x's dtype, stored)]; y = round(round(h * rsqrt(mean(h^2) + eps)) * w).
+    PDL 3 (`launch_early`): the weight is requested before the wait, x and r after it, from L2."""
     pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0, cache_modifier=".cg")
     if HAS_RES:
-        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0, cache_modifier=".cg")
         x = _round(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty, FIX_X)
         tl.store(h_ptr + row * N + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
     normed = _round(xf * inv, x_ptr.dtype.element_ty, FIX_X).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + offs, _round(normed * w, y_ptr.dtype.element_ty, FIX_Y), mask=mask)
 
 
@@ -96,10 +98,10 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     # eager: normed.type_as(x) * weight -> the product takes the promoted dtype (x's in the model)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(n)
-    launch(_rms_norm_kernel, (x2.shape[0],),
-           x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
-           BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4,
-           outputs=(y, h) if residual is not None else (y,), **pdl_args(x.device))
+    launch_early(_rms_norm_kernel, (x2.shape[0],),
+                 x2, r2, weight, h, y, n, x2.stride(0), r2.stride(0), float(eps), HAS_RES=residual is not None,
+                 BLOCK=block, FIX_X=_fix(x.dtype), FIX_Y=_fix(y.dtype), num_warps=8 if block >= 2048 else 4,
+                 outputs=(y, h) if residual is not None else (y,), **early_pdl(x.device, "S2CONV_EARLY_SMALL"))
     return h, y
 
 

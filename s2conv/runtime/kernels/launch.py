@@ -84,11 +84,11 @@ def pdl_args(device: torch.device) -> dict:
     return {"PDL": 2 if os.environ.get("S2CONV_PDL_TRIGGER", "1") != "0" and _hopper(device) else 0}
 
 
-def early_pdl(device: torch.device) -> dict:
+def early_pdl(device: torch.device, switch: str = "S2CONV_EARLY_PDL") -> dict:
     """`pdl_args` for a kernel that requests data older than its predecessor before it waits (`launch_early`): PDL 3
-    on a `_hopper` device (its successor may launch first thing), or 4 with S2CONV_EARLY_PDL=4 (only after the
-    wait); `pdl_args` where S2CONV_PDL=1 or S2CONV_EARLY_PDL=0."""
-    mode = os.environ.get("S2CONV_EARLY_PDL", "3")
+    on a `_hopper` device (its successor may launch first thing), or 4 with switch=4 (only after the wait);
+    `pdl_args` where S2CONV_PDL=1 or the switch (an environment variable) is 0."""
+    mode = os.environ.get(switch, "3")
     if pdl_enabled(device) or mode == "0" or not _hopper(device):
         return pdl_args(device)
     return {"PDL": 4 if mode == "4" else 3}

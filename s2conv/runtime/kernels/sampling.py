@@ -21,7 +21,8 @@ import triton.language as tl
 
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.kernels.fused import _fix, _round
-from s2conv.runtime.kernels.launch import launch
+from s2conv.runtime.kernels.common import pdl_start, pdl_wait
+from s2conv.runtime.kernels.launch import early_pdl, launch_early
 
 _BLOCK_V = 1024  # logits per step of the normalizer loop
 MAX_DRAWS = 4  # (temperature, top_p) pairs per launch
@@ -74,7 +75,8 @@ def _select_by_threshold(row, cols, V, K, r, scratch_v, scratch_i, BLOCK_V: tl.c
 def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, K, stride_l, stride_v, stride_i,
                         stride_eb, stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3, d_ptr,
                         BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SELECT: tl.constexpr, FIX: tl.constexpr,
-                        GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128, FROM_PTR: tl.constexpr = False):
+                        GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128, FROM_PTR: tl.constexpr = False,
+                        PDL: tl.constexpr = 0):
     """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair.
 
     SELECT: the whole row fits one BLOCK_V tile and the kernel picks the K candidates itself
@@ -82,7 +84,10 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
     "take the maximum, lowest column first, and mask it out"); torch.topk's radix select costs ~20 us a row on an
     H100. Otherwise v_ptr / i_ptr hold torch.topk's output.
     FROM_PTR: the pair is read from d_ptr (fp32 [P, 2], as given) at run time and rounded here as the host rounds
-    t0..p3 (temperature at least 1e-5, both to the logits' dtype), so a captured graph serves any values."""
+    t0..p3 (temperature at least 1e-5, both to the logits' dtype), so a captured graph serves any values.
+    PDL 3 (`launch_early`): it starts while its predecessor runs, and waits before it reads anything (the logits
+    and the noise from L2)."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     d = tl.program_id(1)
     dtype = l_ptr.dtype.element_ty
@@ -94,9 +99,12 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
         top_p = tl.where(d == 0, p0, tl.where(d == 1, p1, tl.where(d == 2, p2, p3)))
     r = tl.arange(0, BLOCK_K)
     live = r < K
+    pdl_wait(PDL)  # the noise too may come from the launch just before (sample_many draws it when not given)
+    noise = tl.load(e_ptr + d * stride_ep + b * stride_eb + r, mask=live, other=1.0, cache_modifier=".cg")
     if SELECT:
         cols = tl.arange(0, BLOCK_V)
-        row = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        row = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf"),
+                      cache_modifier=".cg").to(tl.float32)
         top = tl.max(row, axis=0)
         norm = tl.sum(tl.exp(row - top), axis=0)
         slots = (b * tl.num_programs(1) + d) * CAP
@@ -121,14 +129,15 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
                 rest = tl.where(cols == at, float("-inf"), rest)
         v = tl.where(live, v, float("-inf"))
     else:
-        v = tl.load(v_ptr + b * stride_v + r, mask=live, other=float("-inf")).to(tl.float32)
-        idx = tl.load(i_ptr + b * stride_i + r, mask=live, other=0)
+        v = tl.load(v_ptr + b * stride_v + r, mask=live, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+        idx = tl.load(i_ptr + b * stride_i + r, mask=live, other=0, cache_modifier=".cg")
         top = tl.max(v, axis=0)  # = v[0]: topk returns the row maximum first
         # softmax normalizer of the untempered row (eager: softmax over all V sorted logits)
         total = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            lv = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            lv = tl.load(l_ptr + b * stride_l + cols, mask=cols < V, other=float("-inf"),
+                         cache_modifier=".cg").to(tl.float32)
             total += tl.exp(lv - top)
         norm = tl.sum(total, axis=0)
     p = _round(tl.exp(v - top) / norm, dtype, FIX).to(tl.float32)  # eager: softmax in the logits' dtype
@@ -139,7 +148,6 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
     z = tl.where(keep, z, float("-inf"))
     ez = tl.exp(z - tl.max(z, axis=0))
     prob = _round(ez / tl.sum(ez, axis=0), dtype, FIX).to(tl.float32)
-    noise = tl.load(e_ptr + d * stride_ep + b * stride_eb + r, mask=live, other=1.0)
     score = tl.where(keep, prob / noise, -1.0)
     pick = tl.argmax(score, axis=0)
     token = tl.sum(tl.where(r == pick, idx, 0), axis=0)
@@ -201,11 +209,11 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
     slots = cap * bsz * len(draws) if select else 1
     scratch_v = torch.empty(slots, dtype=torch.float32, device=logits.device)
     scratch_i = torch.empty(slots, dtype=torch.int32, device=logits.device)
-    launch(
+    launch_early(
         _topk_sample_kernel, (bsz, len(draws)),
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
         noise.stride(1), noise.stride(0), out.stride(0), *pairs, draws if from_ptr else noise, BLOCK_K=block_k,
         BLOCK_V=block_v, SELECT=select, FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, FROM_PTR=from_ptr,
         num_warps=_WARPS or (8 if max(block_k, block_v) > 1024 else 4),
-        outputs=(out,))
+        outputs=(out,), **early_pdl(logits.device, "S2CONV_EARLY_SMALL"))
     return out
