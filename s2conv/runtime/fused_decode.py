@@ -21,7 +21,9 @@ Every RMSNorm (not the QK-norms) runs the norm kernel at any number of rows, pre
 at one bf16 row, the fast AR's head and the semantic head (its rows joined once: semantic tokens, then
 <|im_end|>) take the Triton GEMV instead of cuBLAS. A single prompt's prefill (`prefill_block`) runs the eager
 block's arithmetic with its QK-norms, RoPE and cache writes in one launch; batched prompts (per-row masks) and CPU
-tensors keep the eager code of `layers.py`. The Linear modules are still called as they are, so every weight
+tensors keep the eager code of `layers.py`. Around the stacks, a decode column's input embedding, RAS's choice of
+the main token and the frame loop's bookkeeping run one kernel each (`kernels/frame.py`, `_install_frame_ops`)
+instead of a dozen small eager kernels each. The Linear modules are still called as they are, so every weight
 format keeps working. `batch.py` runs its decode steps of left-padded rows through `decode_block` too (per-row
 RoPE rows and key offsets) once `enable` swapped the blocks.
 """
