@@ -42,7 +42,9 @@ def _embed_column_kernel(tok_ptr, e_ptr, c_ptr, out_ptr, stride_tb, stride_tc, D
     semantic = (token >= begin) & (token <= end)
     dtype = out_ptr.dtype.element_ty
     vq = tl.zeros([BLOCK_D], tl.float32)
-    for i in tl.static_range(N_CB):  # eager: the codebook rows' sum in fp32, rounded once
+    # eager: the codebook rows' sum in fp32, rounded once (its reduction may add them in another order; the sums
+    # agree whenever the ten values fit fp32's 24 bits together, as embedding rows of similar magnitude do)
+    for i in tl.static_range(N_CB):
         code = tl.load(row + (i + 1) * stride_tc)
         vq += tl.load(c_ptr + (code + i * cb_size) * D + offs, mask=live, other=0.0).to(tl.float32)
     vq = tl.where(semantic, round_to(vq, dtype, FIX).to(tl.float32), 0.0)
