@@ -661,12 +661,19 @@ def _attention(op: str, q: torch.Tensor, fused_args: tuple | None, k_cache, v_ca
         HAS_OFFSETS=offsets is not None, FUSED=fused_args is not None, HAS_NORM=has_norm, D=d,
         BLOCK_N=block_n, SINGLE=single, FIX=fix, num_warps=warps, outputs=(out,),
         cnt_ptr=counters(q.device, b * h) if merge_in else pos_t,
-        SPLITS=triton.next_power_of_2(n_splits) if merge_in else 0, **early_pdl(q.device))
+        SPLITS=triton.next_power_of_2(n_splits) if merge_in else 0, **_attention_pdl(q.device, fused_args))
     if not single and not merge_in:
         launch(_decode_attn_reduce_kernel, (b * h,), part, ml, out, h, n_splits, D=d,
                SPLITS=triton.next_power_of_2(n_splits), FIX=fix, num_warps=ATTN_REDUCE_WARPS, outputs=(out,),
                **pdl_args(q.device))
     return out
+
+
+def _attention_pdl(device: torch.device, fused_args: tuple | None) -> dict:
+    """The attention's PDL mode: early (`launch.early_pdl`) where it builds the new key and value itself (FUSED),
+    so that everything it requests before its wait is older than its predecessor; given q (batched rows), key pos
+    is in the caches already, written by the kernel just before (`qk_norm_rope_cache`): `pdl_args`."""
+    return early_pdl(device) if fused_args is not None else pdl_args(device)
 
 
 def _split_buffers(out: torch.Tensor, rows: int, n_splits: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,7 +708,7 @@ def _attention_gqa(q: torch.Tensor, fused_args: tuple | None, k_cache, v_cache, 
         BLOCK_N=block_n, N_REP=n_rep, QP=max(16, nr), SINGLE=single, FIX=_fix(q.dtype), num_warps=ATTN_GQA_WARPS,
         outputs=(out,), cnt_ptr=counters(q.device, b * n_kv) if not single else pos_t,
         SPLITS=triton.next_power_of_2(n_splits) if not single else 0, NR=nr, DOT32=_INTERPRETED,
-        **early_pdl(q.device))
+        **_attention_pdl(q.device, fused_args))
     return out
 
 

@@ -85,21 +85,21 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
     H100. Otherwise v_ptr / i_ptr hold torch.topk's output.
     FROM_PTR: the pair is read from d_ptr (fp32 [P, 2], as given) at run time and rounded here as the host rounds
     t0..p3 (temperature at least 1e-5, both to the logits' dtype), so a captured graph serves any values.
-    PDL 3 (`launch_early`): it starts while its predecessor runs, and waits before it reads anything (the logits
-    and the noise from L2)."""
+    PDL 3 (`launch_early`): it starts while its predecessor runs, and waits before it reads anything (the values,
+    the noise and the logits, from L2)."""
     pdl_start(PDL)
+    pdl_wait(PDL)  # everything below may come from the launch just before: the values, the noise, the logits
     b = tl.program_id(0)
     d = tl.program_id(1)
     dtype = l_ptr.dtype.element_ty
     if FROM_PTR:
-        t = _round(tl.maximum(tl.load(d_ptr + 2 * d), 1e-5), dtype, FIX).to(tl.float32)
-        top_p = _round(tl.load(d_ptr + 2 * d + 1), dtype, FIX).to(tl.float32)
+        t = _round(tl.maximum(tl.load(d_ptr + 2 * d, cache_modifier=".cg"), 1e-5), dtype, FIX).to(tl.float32)
+        top_p = _round(tl.load(d_ptr + 2 * d + 1, cache_modifier=".cg"), dtype, FIX).to(tl.float32)
     else:
         t = tl.where(d == 0, t0, tl.where(d == 1, t1, tl.where(d == 2, t2, t3)))
         top_p = tl.where(d == 0, p0, tl.where(d == 1, p1, tl.where(d == 2, p2, p3)))
     r = tl.arange(0, BLOCK_K)
     live = r < K
-    pdl_wait(PDL)  # the noise too may come from the launch just before (sample_many draws it when not given)
     noise = tl.load(e_ptr + d * stride_ep + b * stride_eb + r, mask=live, other=1.0, cache_modifier=".cg")
     if SELECT:
         cols = tl.arange(0, BLOCK_V)
