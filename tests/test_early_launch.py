@@ -27,6 +27,20 @@ def _spy(monkeypatch) -> list:
     return seen
 
 
+def _capture(chain, seen: list) -> tuple:
+    """(graph, its output) of chain() captured on a side stream, after an eager run that compiles its kernels;
+    `seen` then holds the capture's early launches only."""
+    chain()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    del seen[:]
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        out = chain()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out
+
+
 def test_a_layer_chain_with_early_attention_replays_as_eager(monkeypatch):
     """Three slow-AR-shaped layers (q4 wqkv GEMV -> attention with qk-norm, RoPE and cache write -> q4 wo GEMV with
     the residual, then the RMSNorm) captured once, replayed at five positions with new inputs and new cached keys
@@ -57,14 +71,7 @@ def test_a_layer_chain_with_early_attention_replays_as_eager(monkeypatch):
             x = cuda_int.int_gemv(y.view(1, H * D), wo["qweight"], wo["scales"], residual=x)
         return fused.rms_norm(x, g, 1e-6)
 
-    chain()  # compiles every kernel before the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    del seen[:]
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, out = _capture(chain, seen)
     if early_pdl(src.device).get("PDL") == 3:  # Hopper: the attentions and the norm went out with PDL
         assert seen.count(("_decode_attn_kernel", True)) == 3 and seen.count(("_rms_norm_kernel", True)) == 1
     for step in range(5):
@@ -101,14 +108,7 @@ def test_the_sampler_after_its_noise_draw_replays_as_eager(monkeypatch):
         noise.exponential_()  # the default generator: graph-safe
         return topk_sample(scaled, None, None, noise, draws, 30)
 
-    chain()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    del seen[:]
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, out = _capture(chain, seen)
     if early_pdl(logits.device).get("PDL") == 3:
         assert seen == [("_topk_sample_kernel", True)]
     picks = set()
