@@ -111,8 +111,8 @@ def _sample_main(self: nn.Module, logits: Tensor, params, generator, previous: T
         return type(self).sample_main(self, logits, params, generator, previous, noise, values)
     normal, high = sample_many(logits, [params, params.high()], generator, noise=noise, values=values)
     cfg = self.cfg
-    return self.__dict__["_frame_ops"].ras_main(normal, high, previous.contiguous(), cfg.semantic_end_id -
-                                                cfg.semantic_begin_id + 1, cfg.eos_token_id,
+    n_semantic = cfg.semantic_end_id - cfg.semantic_begin_id + 1  # the <|im_end|> column of `semantic_logits`
+    return self.__dict__["_frame_ops"].ras_main(normal, high, previous.contiguous(), n_semantic, cfg.eos_token_id,
                                                 cfg.semantic_begin_id, cfg.semantic_end_id)
 
 
