@@ -136,16 +136,23 @@ def test_norm_chain_matches_triton(gated, fmt):
         assert ss_c.item() == pytest.approx(0.5 + y_c.float().pow(2).sum().item(), rel=1e-4)
 
 
-def assert_replay_matches_eager(chain, src: torch.Tensor) -> None:
-    """Capture chain() (a chain of launches reading src) on a side stream, then for three new inputs in src the
-    graph's replay equals an eager chain() bit for bit."""
-    chain()  # compiles every variant before the capture
+def capture(chain) -> tuple:
+    """(graph, its output) of chain() captured on a side stream; run chain() once before, so that every kernel is
+    compiled first."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
         out = chain()
     torch.cuda.current_stream().wait_stream(side)
+    return graph, out
+
+
+def assert_replay_matches_eager(chain, src: torch.Tensor) -> None:
+    """Capture chain() (a chain of launches reading src) on a side stream, then for three new inputs in src the
+    graph's replay equals an eager chain() bit for bit."""
+    chain()  # compiles every variant before the capture
+    graph, out = capture(chain)
     for seed in range(3):
         src.copy_(torch.randn(src.shape, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
         graph.replay()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_cuda_int import _cuda_row, _packed
+from test_cuda_int import _cuda_row, _packed, capture
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,25 +20,11 @@ def _spy(monkeypatch) -> list:
     seen, real = [], launch_mod.launch
 
     def spying(kernel, grid, *args, outputs=(), **kwargs):
-        if kwargs.get("PDL") in (3, 4):
+        if kwargs.get("PDL") == 3:
             seen.append((getattr(kernel, "__name__", str(kernel)), kwargs.get("launch_pdl", False)))
         return real(kernel, grid, *args, outputs=outputs, **kwargs)
     monkeypatch.setattr(launch_mod, "launch", spying)
     return seen
-
-
-def _capture(chain, seen: list) -> tuple:
-    """(graph, its output) of chain() captured on a side stream, after an eager run that compiles its kernels;
-    `seen` then holds the capture's early launches only."""
-    chain()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    del seen[:]
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
-    return graph, out
 
 
 def test_a_layer_chain_with_early_attention_replays_as_eager(monkeypatch):
@@ -71,7 +57,9 @@ def test_a_layer_chain_with_early_attention_replays_as_eager(monkeypatch):
             x = cuda_int.int_gemv(y.view(1, H * D), wo["qweight"], wo["scales"], residual=x)
         return fused.rms_norm(x, g, 1e-6)
 
-    graph, out = _capture(chain, seen)
+    chain()  # compiles every kernel before the capture
+    del seen[:]  # the capture's early launches only
+    graph, out = capture(chain)
     if early_pdl(src.device).get("PDL") == 3:  # Hopper: the attentions and the norm went out with PDL
         assert seen.count(("_decode_attn_kernel", True)) == 3 and seen.count(("_rms_norm_kernel", True)) == 1
     for step in range(5):
@@ -108,7 +96,9 @@ def test_the_sampler_after_its_noise_draw_replays_as_eager(monkeypatch):
         noise.exponential_()  # the default generator: graph-safe
         return topk_sample(scaled, None, None, noise, draws, 30)
 
-    graph, out = _capture(chain, seen)
+    chain()  # compiles every kernel before the capture
+    del seen[:]  # the capture's early launches only
+    graph, out = capture(chain)
     if early_pdl(logits.device).get("PDL") == 3:
         assert seen == [("_topk_sample_kernel", True)]
     picks = set()

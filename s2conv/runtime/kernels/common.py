@@ -11,8 +11,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 def pdl_start(PDL: tl.constexpr):
     """PDL 1: let the next kernel launch, then wait for the previous one's writes (launch.py); 2: only let the next
     kernel launch (this one was launched plainly; a CUDA GEMV after it may start early); 3: only let the next kernel
-    launch, and wait later, at `pdl_wait` (`launch.launch_early`); 4: wait at `pdl_wait`, then let the next kernel
-    launch; 0: nothing."""
+    launch, and wait later, at `pdl_wait` (`launch.launch_early`); 0: nothing."""
     if PDL == 1:
         gdc_launch_dependents()
         gdc_wait()
@@ -22,13 +21,9 @@ def pdl_start(PDL: tl.constexpr):
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """PDL 3 and 4: wait here for the previous kernel's writes (a no-op when the launch did not ask for PDL); 4 lets
-    the next kernel launch only now."""
+    """PDL 3: wait here for the previous kernel's writes (a no-op when the launch did not ask for PDL)."""
     if PDL == 3:
         gdc_wait()
-    elif PDL == 4:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit

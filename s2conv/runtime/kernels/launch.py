@@ -85,23 +85,22 @@ def pdl_args(device: torch.device) -> dict:
 
 
 def early_pdl(device: torch.device, switch: str = "S2CONV_EARLY_PDL") -> dict:
-    """`pdl_args` for a kernel that requests data older than its predecessor before it waits (`launch_early`): PDL 3
-    on a `_hopper` device (its successor may launch first thing), or 4 with switch=4 (only after the wait);
-    `pdl_args` where S2CONV_PDL=1 or the switch (an environment variable) is 0."""
-    mode = os.environ.get(switch, "3")
-    if pdl_enabled(device) or mode == "0" or not _hopper(device):
+    """`pdl_args` for a kernel that waits for its predecessor late (`launch_early`): PDL 3 on a `_hopper` device;
+    `pdl_args` where S2CONV_PDL=1 or the switch (an environment variable) is 0. (Letting the next kernel launch only
+    after the wait, rather than first thing, gained less: bench/RESULTS.md, twenty-third session.)"""
+    if pdl_enabled(device) or os.environ.get(switch, "1") == "0" or not _hopper(device):
         return pdl_args(device)
-    return {"PDL": 4 if mode == "4" else 3}
+    return {"PDL": 3}
 
 
 def launch_early(kernel, grid, *args, outputs: tuple = (), **kwargs) -> None:
-    """`launch` for a kernel with PDL 3 or 4 (`early_pdl`): captured into a CUDA graph right after a kernel node,
+    """`launch` for a kernel with PDL 3 (`early_pdl`): captured into a CUDA graph right after a kernel node,
     it goes out with PDL (launch_pdl), so it starts while its predecessor runs and requests the data that no kernel
     since the last plain launch writes (cached keys and values of earlier positions, the position itself), then waits
     (`common.pdl_wait`) before it reads the predecessor's output. Elsewhere (eager steps, after a copy node, whose
     writes griddepcontrol.wait would not wait for) it goes out plainly. A dry run notes both forms (launch_pdl is a
     compile option): both compile ahead."""
-    if kwargs.get("PDL") in (3, 4):
+    if kwargs.get("PDL") == 3:
         if _recorded is not None:
             _recorded.append((kernel, grid, args, {**kwargs, "launch_pdl": True}))
         else:
