@@ -14,7 +14,8 @@ from s2conv.runtime.kernels.cuda_int import Variant, max_blocks, min_blocks
 _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True), dict(gated=True, norm=True),
           dict(has_res=True, ss=True, zero=True, gx=True), dict(gated=True, rs=True),
           dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True),
-          dict(gated=True, norm=True, pdl=True), dict(has_res=True, ss=True, zero=True, gx=True, pdl=True)]
+          dict(gated=True, norm=True, pdl=True), dict(has_res=True, ss=True, zero=True, gx=True, pdl=True),
+          dict(half_scales=True), dict(gated=True, norm=True, half_scales=True)]
 
 
 _CODES = {"q4": dict(bits=4, group=128, offset=8), "q4_0": dict(bits=4, group=32, offset=8),

@@ -42,6 +42,8 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple:
     codes = torch.randint(spec.code_min, spec.code_max + 1, (n, k), generator=gen, dtype=torch.int16)
     shape = (n, k // spec.group) if spec.group else (n,)
     scales = torch.rand(shape, generator=gen) * 0.1 + 0.01
+    if spec.half_scales:  # fp16 in the file (q4_0): the interleaved layout keeps them so
+        scales = scales.half().float()
     if spec.has_min:
         return codes, scales, torch.rand(shape, generator=gen) * 0.1
     return codes, scales
@@ -262,6 +264,24 @@ def test_q8_repacks_row_major_and_back():
         REPACK["q8"](torch.full((2, 32), -128), torch.ones(2))
     with pytest.raises(QuantFormatError, match="scales"):
         REPACK["q8"](codes, torch.ones(4))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_fp16_scales_give_what_fp32_scales_give(m):
+    """q4_0's scales are fp16 in its files: its packing keeps them fp16 (0.5 bits a weight less to read) where they
+    are fp16 values, fp32 where not, and the kernels give bit for bit what the same values in fp32 give."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 48, 1024
+    codes, scales = make_weight("q4_0", n, k, gen)
+    packed = {name: t.to(DEVICE) for name, t in REPACK["q4_0"](codes, scales).items()}
+    assert packed["scales"].dtype == torch.float16
+    assert REPACK["q4_0"](codes, scales + 1e-9)["scales"].dtype == torch.float32  # not fp16 values: kept exact
+    as_fp32 = dict(packed, scales=packed["scales"].float())
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    assert torch.equal(KERNELS["q4_0"](x, packed), KERNELS["q4_0"](x, as_fp32))
+    assert torch.equal(GATED_KERNELS["q4_0"](x, cat_rows(packed, packed)),
+                       GATED_KERNELS["q4_0"](x, cat_rows(as_fp32, as_fp32)))
+    assert torch.equal(dequantize_packed("q4_0", packed, k), dequantize_packed("q4_0", as_fp32, k))
 
 
 def test_repack_rejects_bad_input():

@@ -43,6 +43,9 @@ __device__ __forceinline__ u16 f_to_x(float f) {
 #endif
     return h;
 }
+__device__ __forceinline__ float half_to_f(u16 v) {  // an fp16 scale (HALF_S)
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+}
 __device__ __forceinline__ int dp2a_lo(int a, unsigned b, int c) {
     int d; asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }

@@ -106,7 +106,8 @@ __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
 // holds word l / 4 of rows 4 (l % 4) .. + 3, word u * 8 + l / 4 of the block at load u (NLOAD = 2 BITS loads:
 // a block is 16 BITS words a row, `layout.pack_int_codes`).
-// qw: int32 words [HALVES * n_pad, W]; scales fp32 [HALVES * N, stride_s], one per GROUP codes (SPB per block);
+// qw: int32 words [HALVES * n_pad, W]; scales fp32 (fp16 with HALF_S) [HALVES * N, stride_s], one per GROUP codes
+// (SPB per block);
 // x, res, y, g, gx_*: the activations' 16-bit dtype. Shared memory, per warp: its block's x integers in the order
 // of the words' fields (4-bit: [64 words][8] u16; 2- and 3-bit: [32 two-bit words][16] u16, the 1-bit words of
 // 3-bit codes meet the same x) and the bias of each (word, scale group) [BIASES]; then the warps' row sums
@@ -148,8 +149,29 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #pragma unroll
         for (int u = 0; u < NLOAD; ++u)
             wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + u * 8 + lane / 4));
-        const float* sl = scales + (long long)(h * N + min(row0 + lane / 2, N - 1)) * stride_s + SPB * b
-                        + (lane & 1) * SPL;
+        const long long s_at = (long long)(h * N + min(row0 + lane / 2, N - 1)) * stride_s + SPB * b
+                             + (lane & 1) * SPL;
+#if HALF_S  // fp16 scales: SPL halves in one load (16, 8, 4 or 2 bytes), each to a float
+        const u16* sh = (const u16*)scales + s_at;
+#if SPL == 8
+        const int4 u = *(const int4*)sh;
+        const int uw[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) scl[h][j] = half_to_f((u16)(uw[j / 2] >> (16 * (j % 2))));
+#elif SPL == 4
+        const int2 u = *(const int2*)sh;
+        const int uw[2] = {u.x, u.y};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) scl[h][j] = half_to_f((u16)(uw[j / 2] >> (16 * (j % 2))));
+#elif SPL == 2
+        const unsigned u = *(const unsigned*)sh;
+        scl[h][0] = half_to_f((u16)u);
+        scl[h][1] = half_to_f((u16)(u >> 16));
+#else
+        scl[h][0] = half_to_f(*sh);
+#endif
+#else
+        const float* sl = scales + s_at;
 #if SPL == 8
         const float4 s4 = *(const float4*)sl, s4b = *(const float4*)(sl + 4);
         scl[h][0] = s4.x;
@@ -172,6 +194,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
         scl[h][1] = s2.y;
 #else
         scl[h][0] = *sl;
+#endif
 #endif
     }
     pdl_wait();  // everything above read constants only; x, res, rs_in and every write come after the producer
@@ -366,7 +389,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 class Variant:
     """One compiled specialization: warps (= 512-code blocks of K), code bits, codes per scale, gated, residual,
     folded RMSNorm, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), the code offset, thread blocks per
-    SM the registers must allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`)."""
+    SM the registers must allow (__launch_bounds__), the PDL prologue (sm_90+, `pdl_capable`), fp16 scales (else
+    fp32: `layout.repack_int`)."""
 
     warps: int
     bits: int = 4
@@ -382,11 +406,12 @@ class Variant:
     offset: int = 8
     min_blocks: int = 1
     pdl: bool = False
+    half_scales: bool = False
 
     def source(self) -> str:
         flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res,
                      NORM=self.norm, SS=self.ss, ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16,
-                     OFF=self.offset, MINB=self.min_blocks, PDL=self.pdl)
+                     OFF=self.offset, MINB=self.min_blocks, PDL=self.pdl, HALF_S=self.half_scales)
         return flags_source(flags, SOURCE)
 
 
@@ -426,10 +451,11 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
     group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
     scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
     at once: 4 for 64-code groups, 2 for 128, 1 for 256)."""
-    vec = min(4, 256 // group)
+    vec = 256 // group if scales.dtype == torch.float16 else min(4, 256 // group)
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
-            and scales.data_ptr() % (4 * vec) == 0 and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
+            and scales.data_ptr() % (scales.element_size() * vec) == 0 and qweight.data_ptr() % 16 == 0
+            and x.data_ptr() % 16 == 0)
 
 
 GEMV = CudaGemv("s2_int_gemv")
@@ -453,7 +479,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
     warps = words // (16 * bits)
     v = Variant(warps, bits, group, gated, residual is not None, norm_weight is not None, ss_out is not None,
                 zero is not None, gx_out is not None, rs_in is not None, x.dtype == torch.float16, offset,
-                min_blocks(gated, warps), pdl_capable(x.device))
+                min_blocks(gated, warps), pdl_capable(x.device), scales.dtype == torch.float16)
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)

@@ -99,7 +99,7 @@ def _dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_q, stride_s, n_su
         if HAS_MIN:
             w = w - (v >> 8).to(tl.float32) * tl.load(sup + 1, mask=live, other=0.0)
     else:
-        w = code * tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0.0)
+        w = code * tl.load(s_ptr + n * stride_s + k // GROUP, mask=live, other=0.0).to(tl.float32)
         if HAS_MIN:
             w = w - tl.load(m_ptr + n * stride_s + k // GROUP, mask=live, other=0.0)
     tl.store(out_ptr + n.to(tl.int64) * K + k, round_to(w, out_ptr.dtype.element_ty, FIX), mask=live)

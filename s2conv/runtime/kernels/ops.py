@@ -385,7 +385,9 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     n = rows // 2 if gated else rows
     n_pad = padded_rows(n)
     _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * n_pad, words), dev)
-    _check_tensor(op, "scales", scales, torch.float32, (rows, n_blocks * BLOCK_K // group), dev)
+    half = scales.dtype == torch.float16  # `layout.repack_int` keeps a file's fp16 scales (q4_0)
+    _check_tensor(op, "scales", scales, torch.float16 if half else torch.float32, (rows, n_blocks * BLOCK_K // group),
+                  dev)
     _check_residual(op, residual, x, n, gated)
     _check_gx(op, chain, x, n)
     if gated and m > GEMV_MAX_M and n_pad == n and config is None:

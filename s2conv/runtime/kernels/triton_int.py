@@ -53,15 +53,15 @@ def _xq(xv, P: tl.constexpr, NB: tl.constexpr, XMUL: tl.constexpr):
 @triton.jit
 def _load_scales(s_tile, g, valid, GPW: tl.constexpr, NWIN: tl.constexpr):
     """The scale tiles of the (up to 4) windows of one block: window v reads group g + v * GPW of each column."""
-    s0 = tl.load(s_tile + g, mask=valid, other=0.0)
+    s0 = tl.load(s_tile + g, mask=valid, other=0.0).to(tl.float32)  # fp32 or fp16 scales (`layout.repack_int`)
     s1 = s0
     s2 = s0
     s3 = s0
     if NWIN > 1:
-        s1 = tl.load(s_tile + g + GPW, mask=valid, other=0.0)
+        s1 = tl.load(s_tile + g + GPW, mask=valid, other=0.0).to(tl.float32)
     if NWIN > 2:
-        s2 = tl.load(s_tile + g + 2 * GPW, mask=valid, other=0.0)
-        s3 = tl.load(s_tile + g + 3 * GPW, mask=valid, other=0.0)
+        s2 = tl.load(s_tile + g + 2 * GPW, mask=valid, other=0.0).to(tl.float32)
+        s3 = tl.load(s_tile + g + 3 * GPW, mask=valid, other=0.0).to(tl.float32)
     return s0, s1, s2, s3
 
 
@@ -586,7 +586,7 @@ def _int_rows_gemm(x_cols, m_mask, w_rows, s_rows, K, b_start, b_end, BITS: tl.c
                 else:
                     acc_g += part
                 if tl.constexpr(i) % SPG == SPG - 1:
-                    acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG)[:, None]
+                    acc += acc_g * tl.load(s_rows + b * (_BLOCK_K // GROUP) + s // SPG).to(tl.float32)[:, None]
     return acc
 
 
