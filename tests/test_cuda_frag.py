@@ -19,7 +19,7 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=Tr
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("warps", [1, 5, 19, "max"])
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 16), (2, 16)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 16), (2, 16)])
 @pytest.mark.parametrize("flags", _FLAGS, ids=lambda f: "-".join(f) or "plain")
 def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, bits, group, flags):
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
@@ -32,7 +32,7 @@ def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, bits, group, 
     assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
 
 
-_BITS = {"q4_k": (4, 32), "q3_k": (4, 16), "q2_k": (2, 16)}
+_BITS = {"q4_k": (4, 32), "q3_k": (3, 16), "q2_k": (2, 16)}
 
 
 def _kq(fmt: str, n: int, k: int, gen: torch.Generator):
@@ -158,7 +158,7 @@ def test_graph_replay_with_pdl_matches_eager(fmt):
 
 
 def test_takes_only_what_it_computes():
-    """Two-level scales: q4_k's (4-bit 32-code groups, 8 a super-block), q3_k's (4-bit fields, 16-code groups, 16
+    """Two-level scales: q4_k's (4-bit 32-code groups, 8 a super-block), q3_k's (3-bit 16-code groups, 16
     a super-block) and q2_k's (2-bit 16-code groups, 16 a super-block); K a whole number of 512-code pieces within
     the register limit; one CUDA row."""
     from s2conv.runtime.kernels import cuda_common, cuda_frag
@@ -168,7 +168,8 @@ def test_takes_only_what_it_computes():
         xc = x.cuda()
         assert cuda_frag.takes(xc, 4, 32, 8, 2560, False) and cuda_frag.takes(xc, 4, 32, 8, 9728, False)
         assert not cuda_frag.takes(xc, 4, 32, 0, 2560, False)  # fp32 scales and mins (q4_1)
-        assert cuda_frag.takes(xc, 2, 16, 16, 2560, False) and cuda_frag.takes(xc, 4, 16, 16, 2560, False)
-        assert not cuda_frag.takes(xc, 2, 16, 8, 2560, False) and not cuda_frag.takes(xc, 4, 16, 8, 2560, False)
+        assert cuda_frag.takes(xc, 2, 16, 16, 2560, False) and cuda_frag.takes(xc, 3, 16, 16, 2560, False)
+        assert not cuda_frag.takes(xc, 2, 16, 8, 2560, False) and not cuda_frag.takes(xc, 3, 16, 8, 2560, False)
+        assert not cuda_frag.takes(xc, 4, 16, 16, 2560, False)  # 4-bit codes in 16-code groups: no such path
         assert not cuda_frag.takes(xc, 4, 32, 8, 2304, False)  # not whole 512-code pieces
         assert not cuda_frag.takes(xc, 4, 32, 8, 9728, True)  # gated: more words than the registers hold

@@ -142,8 +142,10 @@ def test_repack_roundtrip(fmt, k):
         codes = packed["weight"].to(torch.int16) * layout.row_major_sign(spec)
     elif layout.uses_fragment_layout(spec):  # q4_1, q4_k, q3_k, q2_k: tiles of 16 rows, chunks of 256 / bits codes
         unit = layout.fragment_unit(spec.bits, spec.group)
-        chunks = -(-k // unit) * unit // (256 // spec.bits)
-        assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * 128)
+        chunks = -(-k // unit) * unit // layout.fragment_chunk(spec.bits)
+        # bits * 16 rows * chunk codes a chunk: 128 words for 2- and 4-bit codes, 192 for 3-bit
+        words = {2: 128, 3: 192, 4: 128}[spec.bits]
+        assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, chunks * words)
         codes = layout.unpack_fragment_codes(packed["qweight"], spec.bits, spec.offset, k, 5, spec.group)
     else:
         assert packed["qweight"].shape == (layout.padded_rows(5), layout.padded_k(k) * spec.bits // 32)
@@ -293,6 +295,12 @@ def test_repack_rejects_bad_input():
         REPACK["q2"](torch.zeros(2, 96, dtype=torch.int8), torch.ones(2, 1))
     with pytest.raises(QuantFormatError, match="needs mins"):
         REPACK["q4_k"](torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 2))
+    codes, sub, sup = make_two_level("q3_k", 2, 256, torch.Generator().manual_seed(0))
+    REPACK["q3_k"](codes, sub, sup)
+    with pytest.raises(QuantFormatError, match="min 4 sc and dmin = d"):  # what the 3-bit CUDA GEMV assumes
+        REPACK["q3_k"](codes, sub + (1 << 8), sup)
+    with pytest.raises(QuantFormatError, match="min 4 sc and dmin = d"):
+        REPACK["q3_k"](codes, sub, sup * torch.tensor([1.0, 2.0]))
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------

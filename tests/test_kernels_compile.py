@@ -44,8 +44,8 @@ def _cases() -> dict:
                 HAS_SCALE=weight != "*bf16", EVEN_K=even_k, GATED=True, PARTIAL=True, BLOCK_N=8, BLOCK_K=512,
                 PDL=False, HAS_RES=False, PIPE=1 if group == 16 else 3, ASM=True, GROUP=group, HAS_MIN=has_min,
                 SCALED=has_min), 4)
-    # q2 (no mins), q4_k (scales and mins a chunk ahead), q2_k (two-level scales)
-    for bits, group, has_min, kq in [(2, 64, False, 0), (4, 32, True, 0), (2, 16, True, 16)]:
+    # q2 (no mins), q4_k (scales and mins a chunk ahead), q2_k and q3_k (two-level scales; q3_k's high bits)
+    for bits, group, has_min, kq in [(2, 64, False, 0), (4, 32, True, 0), (2, 16, True, 16), (3, 16, True, 16)]:
         runtime = dict(x_ptr="*bf16", out_ptr="*bf16", r_ptr="*bf16", w_ptr="*i32", s_ptr="*i16" if kq else "*fp32",
                        m_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32", **{name: _I32 for name in _MMA_ARGS})
         cases[f"mma-{bits}bit-g{group}{'-kq' if kq else ''}"] = ("mma_linear_kernel", runtime, dict(
@@ -91,7 +91,8 @@ def _cases() -> dict:
     for tag, q, layout, bits, off, group, has_min, kq in [("fp8", "*fp8e4nv", 0, 8, 0, 0, False, 0),
                                                           ("int8-mins", "*i8", 0, 8, 0, 32, True, 0),
                                                           ("interleaved-3bit", "*i32", 1, 3, 4, 128, False, 0),
-                                                          ("fragment-kq", "*i32", 2, 2, 0, 16, True, 16)]:
+                                                          ("fragment-kq", "*i32", 2, 2, 0, 16, True, 16),
+                                                          ("fragment-3bit", "*i32", 2, 3, 0, 16, True, 16)]:
         runtime = dict(q_ptr=q, s_ptr="*i16" if kq else "*fp32", m_ptr="*fp32", out_ptr="*bf16", N=_I32, K=_I32,
                        stride_q=_I32, stride_s=_I32, n_sup=_I32)
         cases[f"dequant-{tag}"] = ("_dequant_kernel", runtime, dict(

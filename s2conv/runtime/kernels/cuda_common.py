@@ -58,6 +58,11 @@ __device__ __forceinline__ int4 ld_stream(const int4* p) {  // read once: keep i
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+__device__ __forceinline__ int2 ld_stream(const int2* p) {
+    int2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.s32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
 // what the previous kernel wrote (x, the residual, rs_in), read through L2 only: under PDL this grid started before
 // that kernel finished, and a read-only-cache load (what `const __restrict__` compiles to) returned stale values
 __device__ __forceinline__ u16 ld_fresh(const u16* p) { return __ldcg(p); }

@@ -1,10 +1,11 @@
 """A hand-written CUDA GEMV (one row of x) for the K-quants with mins, read straight from the fragment layout of
-`layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q3_k: its codes + 4 in 4-bit fields,
+`layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q3_k: its 3-bit codes + 4 in
 16-code groups, signed scale bytes; q2_k: 2-bit codes in 16-code groups), so that batched rows keep the tensor-core
 kernel of `triton_mma` on the same weight. Compiled at load time by NVRTC, as `cuda_int`'s kernel, whose epilogue (gate, residual, norm chain) it shares.
 
-A thread block takes one 16-row tile; warp w takes its 512 codes (8 chunks of 4-bit codes, 4 of 2-bit ones),
-requests all their words (one 16-byte load a chunk and lane) and the warp's scales (the sub-block bytes and (d,
+A thread block takes one 16-row tile; warp w takes its 512 codes (8 chunks of 4-bit codes, 4 of 2- or 3-bit
+ones), requests all their words (one 16-byte load a chunk and lane, and for 3-bit codes an 8-byte load of their
+high bits) and the warp's scales (the sub-block bytes and (d,
 dmin) of one super-block a lane) before it waits for its producer (PDL), then:
 1. x of its 512 codes as 16-bit integers round(x * inv), inv = XMAX / max |x| over them, in shared memory in k
    order;
@@ -27,12 +28,18 @@ import torch
 from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
 from s2conv.runtime.kernels.cuda_int import EPILOGUE, max_blocks, max_k, min_blocks
 from s2conv.runtime.kernels.launch import launch, recording_active
+from s2conv.runtime.kernels.layout import fragment_chunk_words
 
 SOURCE = r"""  // after cuda_common.PRELUDE
 __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // byte i of v: q4_k's and q2_k's scale and min bytes are unsigned (up to 63), q3_k's signed
-__device__ __forceinline__ int ubyte(unsigned v, int i) { return (int)((v >> (8 * i)) & 0xffu); }
-__device__ __forceinline__ int sbyte(unsigned v, int i) { return (int)(v << (24 - 8 * i)) >> 24; }
+// (one byte permute each: selector nibble 4 picks the zero operand's byte, 8 | i replicates byte i's sign bit)
+__device__ __forceinline__ int ubyte(unsigned v, int i) {
+    int r; asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(v), "r"(0x4440 | i)); return r;
+}
+__device__ __forceinline__ int sbyte(unsigned v, int i) {
+    int r; asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(v), "r"(i + (8 | i) * 0x1110)); return r;
+}
 __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c, d] -> [a, c, b, d]
     unsigned r; asm("prmt.b32 %0, %1, 0, 0x3120;" : "=r"(r) : "r"(m)); return r;
 }
@@ -44,7 +51,9 @@ __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c,
 // (sc | m << 8 per group); dm: fp32 [HALVES * N, stride_m / 2, 2] (d, dmin per 256 codes: KQ groups). Shared
 // memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16].
 #define HALVES (GATED ? 2 : 1)
-#define CPW (2 * BITS)       // chunks a warp takes (512 codes)
+#define CH (BITS == 3 ? 128 : 256 / BITS)  // codes a chunk (layout.fragment_chunk)
+#define CPW (512 / CH)       // chunks a warp takes (512 codes)
+#define CWV (CH * BITS / 8)  // int4 vectors a tile's chunk: one a lane (3-bit: then the high bits, half one a lane)
 #define KQ (256 / GROUP)      // groups a super-block
 #define SBV (KQ / 8)         // int4 vectors of sub-block bytes a super-block
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
@@ -60,13 +69,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     // 1. this warp's words and scales, all requested first
     pdl_launch_dependents();
     int4 wr[HALVES][CPW];
+#if BITS == 3
+    int2 hb[HALVES][CPW];  // the high bits: word kk of the lane's 8 bytes for words 2 kk + h of wr
+#endif
     int4 scb[HALVES][SBV];  // sub-block bytes of row row0 + lane / 2, super-block lane % 2 of this warp's 512 codes
     float2 sdm[HALVES];  // its (d, dmin)
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
-        const int4* base = qw + ((long long)(h * tiles + blockIdx.x) * chunks + CPW * b) * 32 + lane;
+        const int4* base = qw + ((long long)(h * tiles + blockIdx.x) * chunks + CPW * b) * CWV;
 #pragma unroll
-        for (int u = 0; u < CPW; ++u) wr[h][u] = ld_stream(base + 32 * u);
+        for (int u = 0; u < CPW; ++u) wr[h][u] = ld_stream(base + CWV * u + lane);
+#if BITS == 3
+#pragma unroll
+        for (int u = 0; u < CPW; ++u) hb[h][u] = ld_stream((const int2*)(base + CWV * u + 32) + lane);
+#endif
         const long long row = h * N + min(row0 + lane / 2, N - 1);
 #pragma unroll
         for (int v = 0; v < SBV; ++v) scb[h][v] = sub[(row * stride_s + 2 * KQ * b) / 8 + SBV * (lane & 1) + v];
@@ -101,7 +117,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     }
     __syncwarp();
     float acc[HALVES][2] = {};
-    int isc[HALVES][2] = {}, imn[HALVES][2] = {};  // a super-block's sums of sc * dot and m * sum(x), in integers
+    int isc[HALVES][2] = {};  // a super-block's sums of sc * dot, in integers
+#if BITS != 3
+    int imn[HALVES][2] = {};  // ... and of m * sum(x) (q3_k: its dots hold them)
+#endif
 #if BITS == 4 && GROUP == 32
     // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7; a lane's
     // dot of a group is below 8 * 15 * 32767, times sc (6 bits) over the 8 groups of a super-block below 2**31
@@ -140,17 +159,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 }
             }
     }
+#elif BITS == 4
+#error "4-bit codes take 32-code groups here (q4_k)"
 #else
-    // 3. 16-code groups (q3_k: 4-bit fields, q2_k: 2-bit codes): per chunk u (CH = 256 / BITS codes), groups
-    // SPC (u % CPS) + s of super-block u / CPS (s < SPC = CH / 16; CPS = BITS chunks a super-block), each the
-    // lane's 4 codes at CH u + 16 s + 4 q .. + 3; (w >> BITS t) & MASK, paired, holds steps t and SPC / 2 + t: one
-    // dp2a.lo and one dp2a.hi. A lane's dot of a group is below 4 * 7 * 32767, times |sc| <= 32 (q3_k, signed) or
-    // sc < 16 (q2_k) over 16 groups below 2**29.
-#define CH (256 / BITS)
+    // 3. 16-code groups (q3_k: 3-bit codes, q2_k: 2-bit ones): per chunk u (CH = 128 codes), groups
+    // SPC (u % CPS) + s of super-block u / CPS (s < SPC = CH / 16; CPS = 2 chunks a super-block), each the
+    // lane's 4 codes at CH u + 16 s + 4 q .. + 3; (w >> 2 t) & MASK, paired, holds steps t and SPC / 2 + t (3-bit:
+    // with the high bits ORed in above them, (hw >> 4 h + t) & 0x01010101 shifted by 2: layout.py): one dp2a.lo
+    // and one dp2a.hi. A lane's dot of a group is below 4 * 7 * 32767, times |sc| <= 32 (q3_k, signed) or sc < 16
+    // (q2_k) over 16 groups below 2**29.
 #define SPC (CH / 16)
-#define CPS BITS
-#define MASK (((1u << BITS) - 1) * 0x01010101u)
-#define SCALE_BYTE(v, i) (BITS == 4 ? sbyte(v, i) : ubyte(v, i))
+#define CPS (256 / CH)
+#define MASK 0x03030303u
+#define SCALE_BYTE(v, i) (BITS == 3 ? sbyte(v, i) : ubyte(v, i))
 #pragma unroll
     for (int u = 0; u < CPW; ++u) {
         int xp[SPC][2];  // [s][kk]: the pair at CH u + 16 s + 4 q + 2 kk
@@ -161,6 +182,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
             xp[st][0] = p.x;
             xp[st][1] = p.y;
             xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
+#if BITS == 3
+            xsum[st] *= -4;  // q3_k: its min is 4 sc with dmin = d (`layout.repack_int` checks): the dots start there
+#endif
         }
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
@@ -173,13 +197,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                     const int word = SPC * (u % CPS) / 2 + i;
                     sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][word / 4], word % 4), src);
                 }
-                int c[SPC] = {};
+                int c[SPC];
+#pragma unroll
+                for (int st = 0; st < SPC; ++st) c[st] = BITS == 3 ? xsum[st] : 0;
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
                     const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
+#if BITS == 3
+                    const unsigned hw = (unsigned)(kk == 0 ? hb[h][u].x : hb[h][u].y);
+#endif
 #pragma unroll
                     for (int t = 0; t < SPC / 2; ++t) {
-                        const unsigned m = pair_steps((w >> (BITS * t)) & MASK);
+#if BITS == 3
+                        const unsigned hi = ((hw >> (4 * hr + t)) & 0x01010101u) << 2;
+                        const unsigned m = pair_steps(((w >> (2 * t)) & MASK) | hi);
+#else
+                        const unsigned m = pair_steps((w >> (2 * t)) & MASK);
+#endif
                         c[t] = dp2a_lo(xp[t][kk], m, c[t]);
                         c[SPC / 2 + t] = dp2a_hi(xp[SPC / 2 + t][kk], m, c[SPC / 2 + t]);
                     }
@@ -187,13 +221,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #pragma unroll
                 for (int st = 0; st < SPC; ++st) {
                     isc[h][hr] += c[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2));
+#if BITS != 3
                     imn[h][hr] += xsum[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2) + 1);
+#endif
                 }
                 if (u % CPS == CPS - 1) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+#if BITS == 3
+                    acc[h][hr] += d * (float)isc[h][hr];
+                    isc[h][hr] = 0;
+#else
                     const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
                     acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
                     isc[h][hr] = imn[h][hr] = 0;
+#endif
                 }
             }
     }
@@ -214,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled specialization: warps (= 512-code pieces of K), code bits and group (4 and 32: q4_k; 4 and 16:
+    """One compiled specialization: warps (= 512-code pieces of K), code bits and group (4 and 32: q4_k; 3 and 16:
     q3_k; 2 and 16: q2_k), gated, residual, norm chain flags (`ops.norm_chain_args`), fp16 x (else bf16), thread
     blocks per SM for __launch_bounds__, the PDL prologue."""
 
@@ -240,13 +281,13 @@ class Variant:
 
 def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
     """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
-    in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 4- or 2-bit codes in 16-code groups,
+    in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 3- or 2-bit codes in 16-code groups,
     16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces
     up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
     integer GEMVs) keeps the tensor-core kernel."""
     return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
             and os.environ.get("S2CONV_INT_DOT", "1") != "0"
-            and (bits, group, kq) in ((4, 32, 8), (4, 16, 16), (2, 16, 16))
+            and (bits, group, kq) in ((4, 32, 8), (3, 16, 16), (2, 16, 16))
             and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
 
 
@@ -264,13 +305,13 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
               residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
               zero: torch.Tensor | None = None, gx_out: tuple | None = None, rs_in: tuple | None = None,
               xmax: int = 32767, bits: int = 4, group: int = 32) -> torch.Tensor:
-    """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4) or q2_k (bits 2) weight in the fragment layout with its
+    """y [1, N] = x [1, K] @ W^T for a q4_k (bits 4), q3_k (3) or q2_k (2) weight in the fragment layout with its
     two-level scales (sub-block bytes int16 [R, groups], (d, dmin) fp32 [R, super-blocks, 2]); gated, residual
     and the norm chain as in `cuda_int.int_gemv` (`ops.fragment_linear_impl` checks the arguments, `takes` and
     `aligned` first). xmax: x's integer range, at most 32767 (a super-block's integer sums then stay below 2**31)."""
     n = sub.shape[0] // (2 if gated else 1)
     tiles = qweight.shape[0] // (2 if gated else 1)
-    chunks = qweight.shape[1] // 128
+    chunks = qweight.shape[1] // fragment_chunk_words(bits)
     warps = x.shape[1] // 512
     v = Variant(warps, bits, group, gated, residual is not None, ss_out is not None, zero is not None,
                 gx_out is not None, rs_in is not None, x.dtype == torch.float16, min_blocks(gated, warps),

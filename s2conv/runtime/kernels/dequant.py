@@ -21,7 +21,8 @@ import triton.language as tl
 from s2conv.runtime.kernels.common import round_to
 from s2conv.runtime.kernels.launch import launch
 from s2conv.errors import RuntimeModelError
-from s2conv.runtime.kernels.layout import INT_SPECS, fragment_unit, uses_fragment_layout, uses_row_major_layout
+from s2conv.runtime.kernels.layout import (INT_SPECS, fragment_chunk, fragment_chunk_words, fragment_unit,
+                                          uses_fragment_layout, uses_row_major_layout)
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # rows of x from which the launchers dequantize once and call cuBLAS (S2CONV_PREFILL_M overrides it)
@@ -55,19 +56,28 @@ def _interleaved_code(q_ptr, n, k, live, words_per_row, BITS: tl.constexpr):
 @triton.jit
 def _fragment_code(q_ptr, n, k, live, stride_q, BITS: tl.constexpr, GROUP: tl.constexpr):
     """Unsigned code (n, k) of the fragment layout (`pack_fragment_codes`): row n = 16 tile + 8 h + g; in chunk
-    k // CHUNK, k = sub j + 4 SPS q + 4 s' + 2 kk + e sits in word (4 g + q) * 4 + 2 kk + h of the chunk's 128,
-    at bit 16 e + BITS (j SPS + s')."""
-    CHUNK: tl.constexpr = 256 // BITS
+    k // CHUNK, k = sub j + 4 SPS q + 4 s' + 2 kk + e sits in word (4 g + q) * 4 + 2 kk + h of the chunk's first
+    128, at bit 16 e + BITS (j SPS + s') (3-bit: the low two bits so, the high one in word 128 + 2 (4 g + q) + kk
+    at bit 16 e + 8 (step // 4) + 4 h + step % 4)."""
+    CHUNK: tl.constexpr = 128 if BITS == 3 else 256 // BITS
+    CW: tl.constexpr = CHUNK * BITS // 2  # words per chunk
+    LOW: tl.constexpr = 2 if BITS == 3 else BITS
     SUB: tl.constexpr = GROUP if GROUP < CHUNK else CHUNK
     SPS: tl.constexpr = SUB // 16
     r = n % 16
     kc = k % CHUNK
     rem = kc % SUB
     r2 = rem % (4 * SPS)
-    word = (4 * (r % 8) + rem // (4 * SPS)) * 4 + 2 * ((r2 % 4) // 2) + r // 8
-    bit = 16 * (r2 % 2) + BITS * ((kc // SUB) * SPS + r2 // 4)
-    w = tl.load(q_ptr + (n // 16).to(tl.int64) * stride_q + (k // CHUNK) * 128 + word, mask=live, other=0)
-    return (w >> bit) & ((1 << BITS) - 1)
+    lane = 4 * (r % 8) + rem // (4 * SPS)
+    kk = (r2 % 4) // 2
+    step = (kc // SUB) * SPS + r2 // 4
+    base = q_ptr + (n // 16).to(tl.int64) * stride_q + (k // CHUNK) * CW
+    w = tl.load(base + lane * 4 + 2 * kk + r // 8, mask=live, other=0)
+    code = (w >> (16 * (r2 % 2) + LOW * step)) & ((1 << LOW) - 1)
+    if BITS == 3:
+        hw = tl.load(base + 128 + 2 * lane + kk, mask=live, other=0)
+        code = code | (((hw >> (16 * (r2 % 2) + 8 * (step // 4) + 4 * (r // 8) + step % 4)) & 1) << 2)
+    return code
 
 
 @triton.jit
@@ -113,7 +123,7 @@ def _check_k(fmt: str, layout: int, q: torch.Tensor, bits: int, group: int, k: i
         hi = q.shape[1] * 32 // bits  # K padded to whole 512-code blocks
         lo = hi - 511
     else:
-        hi = q.shape[1] // 128 * (256 // bits)  # K padded to whole units of max(chunk, group) codes
+        hi = q.shape[1] // fragment_chunk_words(bits) * fragment_chunk(bits)  # K padded to whole units
         lo = hi - fragment_unit(bits, group) + 1
     if not lo <= k <= hi:
         raise RuntimeModelError(f"dequantize {fmt}: K (columns of x) must be in [{lo}, {hi}] for this weight, "

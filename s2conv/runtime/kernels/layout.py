@@ -68,14 +68,14 @@ INT_SPECS: dict[str, IntSpec] = {
     # the other ggml types, from their integer codes (QuantFormat.integer_codes_torch): w = scale * code (- min),
     # scales (and mins) decoded to float32 per group; K-quants per sub-block (d * sc, dmin * m). 5- and 6-bit codes
     # are int8 codes in the grouped row-major layout (below), and so are q8_0's. Q3_K's 3-bit codes are stored
-    # unsigned (q + 4) in 4-bit fields with its signed sub-block scale sc and 4 sc as the min: the two levels of
+    # unsigned (q + 4) with its signed sub-block scale sc and 4 sc as the min: the two levels of
     # the K-quants with mins, in the fragment layout.
     "q4_1": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_0": IntSpec(8, -16, 15, 128, 32),
     "q5_1": IntSpec(8, 0, 31, 0, 32, has_min=True),
     "tq2_0": IntSpec(2, -1, 1, 2, 256),
     "q2_k": IntSpec(2, 0, 3, 0, 16, has_min=True),
-    "q3_k": IntSpec(4, 0, 7, 0, 16, has_min=True),  # w = d * sc * (q + 4) - d * 4 sc
+    "q3_k": IntSpec(3, 0, 7, 0, 16, has_min=True),  # w = d * sc * (q + 4) - d * 4 sc
     "q4_k": IntSpec(4, 0, 15, 0, 32, has_min=True),
     "q5_k": IntSpec(8, 0, 31, 0, 32, has_min=True),
     "q6_k": IntSpec(8, -32, 31, 128, 16),
@@ -185,41 +185,64 @@ def unpack_int_codes(qweight: torch.Tensor, bits: int, offset: int, k: int, n: i
 
 
 # ---- the fragment layout (tensor-core GEMV, triton_mma.py) --------------------------------------------------------
-# For 2- and 4-bit codes. Rows are cut into tiles of 16, K into chunks of 256 / bits codes (16 / bits k16 steps of
-# mma.sync m16n8k16; K padded with zero codes to a whole number of units, max(chunk, group) codes). A tile's chunk
-# is 32 lanes x 4 int32 words, lane-major (one coalesced 16-byte load per lane): lane l = 4 g + q holds, for every
-# step s of the chunk, its A-fragment pairs: word 2 kk + h, bits [bits s, + bits) and [16 + bits s, + bits), the
-# codes of row 16 tile + 8 h + g at k and k + 1, k = chunk start + sub j + 4 (sub / 16) q + 4 s' + 2 kk, where
-# sub = min(group, chunk) codes, j = s // (sub / 16) and s' = s % (sub / 16). That order (not the plain one)
-# gives each lane contiguous x in a sub-chunk, and keeps every step inside one scale group. Codes are stored
-# unsigned (code + offset). qweight: int32 [cdiv(N, 16), chunks * 128].
-FRAGMENT_BITS = (2, 4)
+# For 2-, 3- and 4-bit codes. Rows are cut into tiles of 16, K into chunks of 256 / bits codes (128 for 3-bit: the
+# 2-bit chunk of its low bits; 16 / bits k16 steps of mma.sync m16n8k16, 8 for 3-bit; K padded with zero codes to
+# a whole number of units, max(chunk, group) codes). A tile's chunk is 32 lanes x 4 int32 words, lane-major (one
+# coalesced 16-byte load per lane): lane l = 4 g + q holds, for every step s of the chunk, its A-fragment pairs:
+# word 2 kk + h, bits [bits s, + bits) and [16 + bits s, + bits), the codes of row 16 tile + 8 h + g at k and
+# k + 1, k = chunk start + sub j + 4 (sub / 16) q + 4 s' + 2 kk, where sub = min(group, chunk) codes,
+# j = s // (sub / 16) and s' = s % (sub / 16). That order (not the plain one) gives each lane contiguous x in a
+# sub-chunk, and keeps every step inside one scale group. Codes are stored unsigned (code + offset).
+# 3-bit codes: the chunk's 128 words hold their low two bits as 2-bit codes, and 64 words after them (an 8-byte
+# load per lane: words 128 + 2 l + kk) the high bits: that of word 2 kk + h's code at k + e of step s sits at bit
+# 16 e + 8 (s // 4) + 4 h + s % 4, where one shift and one mask put it beside the low bits both kernels extract
+# (`triton_mma._code_pair`, cuda_frag's byte lanes). 3 bits a weight where 4-bit fields took 4.
+# qweight: int32 [cdiv(N, 16), chunks * fragment_chunk_words(bits)].
+FRAGMENT_BITS = (2, 3, 4)
+
+
+def fragment_chunk(bits: int) -> int:
+    """Codes a row of a tile has in one chunk of the fragment layout: 256 / bits (3-bit: 128)."""
+    return 128 if bits == 3 else 256 // bits
+
+
+def fragment_chunk_words(bits: int) -> int:
+    """int32 words of one tile's chunk: 128 (3-bit: 128 + 64 for the high bits)."""
+    return fragment_chunk(bits) * bits // 2
 
 
 def fragment_unit(bits: int, group: int) -> int:
-    """K granularity of the fragment layout: max(chunk, group) codes (chunk = 256 / bits)."""
-    return max(256 // bits, group)
+    """K granularity of the fragment layout: max(chunk, group) codes (`fragment_chunk`)."""
+    return max(fragment_chunk(bits), group)
 
 
 def uses_fragment_layout(spec: IntSpec) -> bool:
     """Whether a format packs into the fragment layout rather than the interleaved one: 4-bit codes with mins in
     groups of 32 (q4_1, q4_k), where the tensor-core kernel measured 6-20% faster per layer and 6-18% faster whole
-    frames than the Triton GEMV, or of 16 (q3_k's codes + 4, the min 4 times its signed scale: 5.25 bits a weight
-    where its folded int8 codes took 8.1; batch-1 frames +22%, batch 32 -50% on an H100), and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk
-    ahead (H100, per layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md, sixteenth session). q2 and
-    q4_0 (no mins) measured so there too, but take the interleaved layout's CUDA GEMV now (`cuda_int`); q4's
-    128-code groups gained 2%, tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""
+    frames than the Triton GEMV, or of 16: q3_k's 3-bit codes + 4 with the min 4 times its signed scale (in 4-bit
+    fields, 5.25 bits a weight where folded int8 codes took 8.1, it ran batch-1 frames +22% and batch 32 -50% on
+    an H100), and q2_k (16-code groups with mins) since its scales and mins are loaded a chunk ahead (H100, per
+    layer 91.1 -> 83.5 us, frames 135 -> 145/s: bench/RESULTS.md, sixteenth session). q2 and q4_0 (no mins)
+    measured so there too, but take the interleaved layout's CUDA GEMV now (`cuda_int`); q4's 128-code groups
+    gained 2%, tq2_0 (256) ran slower. The layout itself takes any group of whole k16 steps."""
     return spec.bits in FRAGMENT_BITS and spec.has_min and spec.group in (16, 32)
 
 
 def _fragment_view(bits: int, group: int):
-    chunk = 256 // bits
+    chunk = fragment_chunk(bits)
     sub = min(group, chunk)
     return chunk, sub, sub // 16
 
 
+def _high_shifts(device) -> torch.Tensor:
+    """Bit of the 3-bit codes' high bits [h, step, e] in their word (see the layout notes above)."""
+    h, s, e = torch.arange(2)[:, None, None], torch.arange(8)[None, :, None], torch.arange(2)[None, None, :]
+    return (16 * e + 8 * (s // 4) + 4 * h + s % 4).to(device)
+
+
 def pack_fragment_codes(codes: torch.Tensor, bits: int, offset: int, group: int) -> torch.Tensor:
-    """Signed codes [N, K] -> qweight int32 [cdiv(N, 16), chunks * 128] in the fragment layout."""
+    """Signed codes [N, K] -> qweight int32 [cdiv(N, 16), chunks * fragment_chunk_words(bits)] in the fragment
+    layout."""
     n, k = codes.shape
     chunk, sub, sps = _fragment_view(bits, group)
     unit = fragment_unit(bits, group)
@@ -229,8 +252,14 @@ def pack_fragment_codes(codes: torch.Tensor, bits: int, offset: int, group: int)
     # [tile, h, g, chunk, j, q, s', kk, e] -> [tile, chunk, g, q, kk, h, j, s', e]
     u = u.view(tiles, 2, 8, kp // chunk, chunk // sub, 4, sps, 2, 2).permute(0, 3, 2, 5, 7, 1, 4, 6, 8)
     steps = chunk // 16
-    sh = (16 * torch.arange(2, device=u.device)[None, :] + bits * torch.arange(steps, device=u.device)[:, None])
-    words = (u.reshape(*u.shape[:6], steps, 2) << sh).sum(dim=(-2, -1))  # [tile, chunk, g, q, kk, h]
+    u = u.reshape(*u.shape[:6], steps, 2)  # [tile, chunk, g, q, kk, h, step, e]
+    low = 2 if bits == 3 else bits
+    sh = (16 * torch.arange(2, device=u.device)[None, :] + low * torch.arange(steps, device=u.device)[:, None])
+    words = ((u & ((1 << low) - 1)) << sh).sum(dim=(-2, -1))  # [tile, chunk, g, q, kk, h]
+    words = words.reshape(tiles, kp // chunk, 128)
+    if bits == 3:
+        high = (((u >> 2) & 1) << _high_shifts(u.device)).sum(dim=(-3, -2, -1))  # [tile, chunk, g, q, kk]
+        words = torch.cat([words, high.reshape(tiles, kp // chunk, 64)], dim=2)
     return _to_int32(words).reshape(tiles, -1).contiguous()
 
 
@@ -239,9 +268,14 @@ def unpack_fragment_codes(qweight: torch.Tensor, bits: int, offset: int, k: int,
     tiles = qweight.shape[0]
     chunk, sub, sps = _fragment_view(bits, group)
     steps = chunk // 16
-    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(tiles, -1, 8, 4, 2, 2)  # [tile, chunk, g, q, kk, h]
-    sh = (16 * torch.arange(2, device=words.device)[None, :] + bits * torch.arange(steps, device=words.device)[:, None])
-    u = (words[..., None, None] >> sh) & ((1 << bits) - 1)  # [tile, chunk, g, q, kk, h, step, e]
+    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(tiles, -1, fragment_chunk_words(bits))
+    low = 2 if bits == 3 else bits
+    sh = (16 * torch.arange(2, device=words.device)[None, :] + low * torch.arange(steps, device=words.device)[:, None])
+    lw = words[:, :, :128].reshape(tiles, -1, 8, 4, 2, 2)  # [tile, chunk, g, q, kk, h]
+    u = (lw[..., None, None] >> sh) & ((1 << low) - 1)  # [tile, chunk, g, q, kk, h, step, e]
+    if bits == 3:
+        hw = words[:, :, 128:].reshape(tiles, -1, 8, 4, 2)  # [tile, chunk, g, q, kk]
+        u = u | (((hw[..., None, None, None] >> _high_shifts(words.device)) & 1) << 2)
     u = u.reshape(*u.shape[:6], chunk // sub, sps, 2)  # [tile, chunk, g, q, kk, h, j, s', e]
     u = u.permute(0, 5, 2, 1, 6, 3, 7, 4, 8).reshape(tiles * 16, -1)  # -> [tile, h, g, chunk, j, q, s', kk, e]
     return (u[:n, :k] - offset).to(torch.int16)
@@ -321,6 +355,10 @@ def repack_int(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
                 or mins.shape[1] == 0 or scales.shape[1] % mins.shape[1]:
             raise QuantFormatError(f"repack_{fmt}: two-level scales need a format with mins and (d, dmin) pairs "
                                    f"[N, super-blocks, 2], got {None if mins is None else tuple(mins.shape)}")
+        if spec.bits == 3:  # Q3_K's form, which cuda_frag's 3-bit path assumes: min 4 sc, dmin = d
+            v = scales.to(torch.int32)
+            if not (torch.equal(v >> 8, 4 * ((v << 24) >> 24)) and torch.equal(mins[..., 0], mins[..., 1])):
+                raise QuantFormatError(f"repack_{fmt}: two-level scales must have the min 4 sc and dmin = d")
         if uses_fragment_layout(spec) and k % 256 == 0:  # whole super-blocks: whole units (64 or 128 codes)
             return {"qweight": pack_fragment_codes(codes, spec.bits, spec.offset, spec.group),
                     "scales": scales.contiguous(), "mins": mins.to(torch.float32).contiguous()}

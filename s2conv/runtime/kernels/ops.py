@@ -20,7 +20,8 @@ from s2conv.quant_formats.base import two_level_scales
 from s2conv.runtime.kernels import cuda_frag, cuda_int, fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
-                                          fragment_unit, padded_rows, uses_fragment_layout)
+                                          fragment_chunk, fragment_chunk_words, fragment_unit, padded_rows,
+                                          uses_fragment_layout)
 from s2conv.runtime.kernels.triton_float import float_gemm_kernel, float_gemv_kernel, splitk_reduce_kernel
 from s2conv.runtime.kernels.triton_int import int_gemm_kernel, int_gemv_kernel
 from s2conv.runtime.kernels.triton_mma import mma_linear_kernel
@@ -338,7 +339,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     rs_in: Optional[tuple] = None) -> torch.Tensor:
     """y [M, N] (x's dtype) = x [M, K] @ W^T for W in the integer layout of layout.py (16 interleaved rows), or in
     its fragment layout where `layout.uses_fragment_layout` says so (then `fragment_linear_impl`, qweight
-    [(2 if gated else 1) * cdiv(N, 16), chunks * 128]).
+    [(2 if gated else 1) * cdiv(N, 16), chunks * layout.fragment_chunk_words(bits)]).
 
     scales fp32 [R, n_blocks * 512 // group] (groups of 32 codes or more); qweight int32
     [padded_rows(R), n_blocks * 16 * bits]; mins: only for the fragment layout's formats. R = N, or 2N with
@@ -468,27 +469,29 @@ def fragment_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
                          mins: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int_linear_impl` for weights in the fragment layout (layout.py): the tensor-core kernel of triton_mma.py
     for bf16/fp16 x at any M (8 rows a program), split-K finished in the launch. qweight int32 [(2 if gated) *
-    cdiv(N, 16), chunks * 128], scales (and mins, formats with mins) fp32 [R, chunks * chunk // group]. fp32 x
-    takes the reference path (the whole weight dequantized at every call, then x @ W^T: exact to fp32 rounding,
-    slow). An odd K runs on x padded with a zero column. chain: `norm_chain_args` (one row)."""
+    cdiv(N, 16), chunks * fragment_chunk_words(bits)], scales (and mins, formats with mins) fp32 [R, chunks *
+    chunk // group]. fp32 x takes the reference path (the whole weight dequantized at every call, then x @ W^T:
+    exact to fp32 rounding, slow). An odd K runs on x padded with a zero column. chain: `norm_chain_args` (one
+    row)."""
     op = "s2conv::int_linear"
     dev = qweight.device
     chain = chain or {}
-    chunk = 256 // bits
+    chunk, cw = fragment_chunk(bits), fragment_chunk_words(bits)
     rows = scales.shape[0] if scales.dim() == 2 else 0
     if gated and rows % 2:
         raise _fail(op, "rows of gated scales", "even (w1 over w3)", rows)
     n = rows // 2 if gated else rows
     tiles = -(-n // 16)
-    if qweight.dim() != 2 or qweight.shape[1] % 128 or qweight.shape[1] == 0:
-        raise _fail(op, "qweight shape", "[tiles, a positive multiple of 128] (fragment layout)", tuple(qweight.shape))
-    chunks = qweight.shape[1] // 128
+    if qweight.dim() != 2 or qweight.shape[1] % cw or qweight.shape[1] == 0:
+        raise _fail(op, "qweight shape", f"[tiles, a positive multiple of {cw}] (fragment layout)",
+                    tuple(qweight.shape))
+    chunks = qweight.shape[1] // cw
     kp = chunks * chunk
     unit = fragment_unit(bits, group)
     m, k = x.shape
     if kp % unit or not kp - unit < k <= kp:
         raise _fail(op, "K (columns of x)", f"in ({kp - unit}, {kp}] for this qweight", k)
-    _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * tiles, chunks * 128), dev)
+    _check_tensor(op, "qweight", qweight, torch.int32, ((2 if gated else 1) * tiles, chunks * cw), dev)
     kq = 0  # groups per super-block of two-level scales (`layout.repack_int`)
     if scales.dtype == torch.int16:
         n_sup = mins.shape[1] if mins is not None and mins.dim() == 3 else 0

@@ -79,17 +79,27 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, F16: tl.constexpr, ASM: tl.cons
 
 
 @triton.jit
-def _code_pair(w, s: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+def _code_pair(w, hw, s: tl.constexpr, H: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, F16: tl.constexpr,
+               ASM: tl.constexpr):
     """Step s's code pair of stored words w: bits [BITS s, + BITS) and [16 + BITS s, + BITS) OR-ed into the
     mantissa of 128.0 (0x4300): the bf16 pair (128 + u, 128 + u'), exact (the kernel takes 128 + OFF times the
     sum of x back out per group). F16: the fp16 pair (1024 + u, ..) (0x6400) less 1024 + OFF by one sub.f16x2,
-    the codes themselves (with fp16 x, taking 1024 + OFF times the sum of x out lost too many bits)."""
-    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+    the codes themselves (with fp16 x, taking 1024 + OFF times the sum of x out lost too many bits).
+    3-bit: w holds the low two bits of the codes, hw (the high-bit word of w's kk) their high bits at bits
+    8 (s // 4) + 4 H + s % 4 and 16 more (H: w's row half h; layout.py)."""
+    LOW: tl.constexpr = 2 if BITS == 3 else BITS
+    MASK: tl.constexpr = ((1 << LOW) - 1) * 0x00010001
     MAGIC: tl.constexpr = 0x64006400 if F16 else 0x43004300
     if s == 0:
         u = w & MASK
     else:
-        u = (w >> (BITS * s)) & MASK
+        u = (w >> (LOW * s)) & MASK
+    if BITS == 3:
+        HS: tl.constexpr = 8 * (s // 4) + 4 * H + s % 4
+        if HS == 0:
+            u = u | ((hw & 0x00010001) << 2)
+        else:
+            u = u | (((hw >> HS) & 0x00010001) << 2)
     if not F16:
         return u | MAGIC
     if ASM:
@@ -281,8 +291,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
 
     Warp v of program pid_n owns tile pid_n * NW + v (16 rows; tiles past the weight's are clamped to the last
     one and masked at the store), pid_m batch rows 8 pid_m .. 8 pid_m + 7, pid_k the chunks [pid_k *
-    chunks_per_split, + chunks_per_split) (a chunk: 256 / BITS codes, one 16-byte load per lane; chunks_per_split
-    covers whole scale groups). w: int32 [tiles, n_chunks * 128], stride_wt its row stride. HAS_MIN: m_ptr holds
+    chunks_per_split, + chunks_per_split) (a chunk: 256 / BITS codes, one 16-byte load per lane, 3-bit: 128
+    codes, and an 8-byte load of their high bits; chunks_per_split covers whole scale groups). w: int32 [tiles,
+    n_chunks * CW] (`layout.fragment_chunk_words`), stride_wt its row stride. HAS_MIN: m_ptr holds
     mins shaped like the scales (w = scale * code - min). GATED: w3's tiles from tile w3_tiles on
     (their scales N rows down); y = silu(x w1^T) * (x w3^T).
     PARTIAL (split-K in one launch): fp32 partial sums to part[pid_k, m, :] (gated: w3's at column N + n), then
@@ -299,8 +310,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     if RS:
         ss_in = tl.load(rs_ptr)  # loaded first, used last
     L: tl.constexpr = 32 * NW
-    SPC: tl.constexpr = 16 // BITS  # k16 steps per chunk
+    SPC: tl.constexpr = 8 if BITS == 3 else 16 // BITS  # k16 steps per chunk
     CH: tl.constexpr = 16 * SPC  # codes per chunk
+    CW: tl.constexpr = CH * BITS // 2  # int32 words per chunk (layout.fragment_chunk_words)
     SUB: tl.constexpr = GROUP if GROUP < CH else CH  # codes whose k order is permuted together (layout.py)
     GS: tl.constexpr = GROUP // 16  # steps per scale group
     BIAS: tl.constexpr = 0.0 if F16 else 128.0 + OFF  # what a code pair carries above the code (`_code_pair`)
@@ -316,6 +328,9 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     w_ptrs = (w_ptr + tl.minimum(tile, tl.cdiv(N, 16) - 1)[:, None].to(tl.int64) * stride_wt + lane[:, None] * 4
               + tl.arange(0, 4)[None, :])  # [L, 4]: one 16-byte load per lane
     w3_ptrs = w_ptrs + w3_tiles.to(tl.int64) * stride_wt
+    h_ptrs = (w_ptr + tl.minimum(tile, tl.cdiv(N, 16) - 1)[:, None].to(tl.int64) * stride_wt + 128 + lane[:, None] * 2
+              + tl.arange(0, 2)[None, :])  # [L, 2]: 3-bit codes' high bits, one 8-byte load per lane
+    h3_ptrs = h_ptrs + w3_tiles.to(tl.int64) * stride_wt
     s_ptrs0 = s_ptr + tl.minimum(row0, N - 1) * stride_sn
     s_ptrs2 = s_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
     stride_mn = stride_sn
@@ -341,10 +356,16 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     # register double buffering: chunk c + 1's words and x load while chunk c computes (triton's shared-memory
     # pipeline, unrolled steps of 2-8 chunks and weight words two chunks ahead were no faster at the splits the
     # launcher picks: bench/RESULTS.md, twelfth session)
-    words = tl.load(w_ptrs + c_start * 128)
+    words = tl.load(w_ptrs + c_start * CW)
     words3 = words
     if GATED:
-        words3 = tl.load(w3_ptrs + c_start * 128)
+        words3 = tl.load(w3_ptrs + c_start * CW)
+    highs, highs3 = words, words  # 3-bit: the high-bit words [L, 2]
+    if BITS == 3:
+        highs = tl.load(h_ptrs + c_start * CW)
+        highs3 = highs
+        if GATED:
+            highs3 = tl.load(h3_ptrs + c_start * CW)
     (x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7,
      y7) = _x_chunk(x_lane, c_start, q, x_live, bound, CH, SUB, SPC, EVEN_K)
     GPC: tl.constexpr = SPC // GS if GS <= SPC else 1  # scale groups per chunk
@@ -354,10 +375,16 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                                                                c_start, GPC, HAS_MIN, KQ, GATED)
     for c in range(c_start, c_end):
         cn = tl.minimum(c + 1, c_end - 1)
-        nwords = tl.load(w_ptrs + cn * 128)
+        nwords = tl.load(w_ptrs + cn * CW)
         nwords3 = nwords
         if GATED:
-            nwords3 = tl.load(w3_ptrs + cn * 128)
+            nwords3 = tl.load(w3_ptrs + cn * CW)
+        nhighs, nhighs3 = highs, highs3
+        if BITS == 3:
+            nhighs = tl.load(h_ptrs + cn * CW)
+            nhighs3 = nhighs
+            if GATED:
+                nhighs3 = tl.load(h3_ptrs + cn * CW)
         if PRE_S:
             nsc0, nsc2, nmn0, nmn2, nsd0, nsd2, nmd0, nmd2 = _chunk_params(
                 s_ptrs0, s_ptrs2, m_ptrs0, m_ptrs2, s3_off, m3_off, cn, GPC, HAS_MIN, KQ, GATED)
@@ -369,15 +396,23 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
         v02, v13 = tl.split(tl.reshape(words3, (L, 2, 2)))
         v0, v2 = tl.split(v02)
         v1, v3 = tl.split(v13)
+        hk0, hk1 = w0, w2  # the high-bit words of kk = 0 and 1 (3-bit), else unused
+        hv0, hv1 = v0, v2
+        if BITS == 3:
+            hk0, hk1 = tl.split(highs)
+            hv0, hv1 = tl.split(highs3)
         for s in tl.static_range(SPC):
             b0, b1 = _pick(s, x0, y0, x1, y1, x2, y2, x3, y3, x4, y4, x5, y5, x6, y6, x7, y7)
-            c0, c1, c2, c3 = _mma(_code_pair(w0, s, BITS, OFF, F16, ASM), _code_pair(w1, s, BITS, OFF, F16, ASM),
-                                  _code_pair(w2, s, BITS, OFF, F16, ASM), _code_pair(w3, s, BITS, OFF, F16, ASM),
-                                  b0, b1, c0, c1, c2, c3, F16, ASM)
+            c0, c1, c2, c3 = _mma(_code_pair(w0, hk0, s, 0, BITS, OFF, F16, ASM),
+                                  _code_pair(w1, hk0, s, 1, BITS, OFF, F16, ASM),
+                                  _code_pair(w2, hk1, s, 0, BITS, OFF, F16, ASM),
+                                  _code_pair(w3, hk1, s, 1, BITS, OFF, F16, ASM), b0, b1, c0, c1, c2, c3, F16, ASM)
             if GATED:
-                e0, e1, e2, e3 = _mma(_code_pair(v0, s, BITS, OFF, F16, ASM), _code_pair(v1, s, BITS, OFF, F16, ASM),
-                                      _code_pair(v2, s, BITS, OFF, F16, ASM), _code_pair(v3, s, BITS, OFF, F16, ASM),
-                                      b0, b1, e0, e1, e2, e3, F16, ASM)
+                e0, e1, e2, e3 = _mma(_code_pair(v0, hv0, s, 0, BITS, OFF, F16, ASM),
+                                      _code_pair(v1, hv0, s, 1, BITS, OFF, F16, ASM),
+                                      _code_pair(v2, hv1, s, 0, BITS, OFF, F16, ASM),
+                                      _code_pair(v3, hv1, s, 1, BITS, OFF, F16, ASM), b0, b1, e0, e1, e2, e3, F16,
+                                      ASM)
             if not F16 or HAS_MIN:  # sum of x per batch column: for the 128 + OFF of the bf16 pairs, the mins
                 o0, o1, _o2, _o3 = _mma(ones, ones, ones, ones, b0, b1, o0, o1, zf, zf, F16, ASM)
             if PRE_S:
@@ -402,6 +437,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
                 c0, c1, c2, c3, e0, e1, e2, e3, o0, o1 = zf, zf, zf, zf, zf, zf, zf, zf, zf, zf
         words = nwords
         words3 = nwords3
+        highs = nhighs
+        highs3 = nhighs3
         if PRE_S:
             sc0, sc2, mn0, mn2, sd0, sd2, md0, md2 = nsc0, nsc2, nmn0, nmn2, nsd0, nsd2, nmd0, nmd2
         x0, y0, x1, y1, x2, y2, x3, y3 = n0, m0, n1, m1, n2, m2, n3, m3
