@@ -328,8 +328,8 @@ def mma_linear_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, part_ptr, cnt_ptr, r_
     w_ptrs = (w_ptr + tl.minimum(tile, tl.cdiv(N, 16) - 1)[:, None].to(tl.int64) * stride_wt + lane[:, None] * 4
               + tl.arange(0, 4)[None, :])  # [L, 4]: one 16-byte load per lane
     w3_ptrs = w_ptrs + w3_tiles.to(tl.int64) * stride_wt
-    h_ptrs = (w_ptr + tl.minimum(tile, tl.cdiv(N, 16) - 1)[:, None].to(tl.int64) * stride_wt + 128 + lane[:, None] * 2
-              + tl.arange(0, 2)[None, :])  # [L, 2]: 3-bit codes' high bits, one 8-byte load per lane
+    h_ptrs = (w_ptr + tl.minimum(tile, tl.cdiv(N, 16) - 1)[:, None].to(tl.int64) * stride_wt + 128
+              + lane[:, None] * 2 + tl.arange(0, 2)[None, :])  # [L, 2]: 3-bit codes' high bits, 8 bytes a lane
     h3_ptrs = h_ptrs + w3_tiles.to(tl.int64) * stride_wt
     s_ptrs0 = s_ptr + tl.minimum(row0, N - 1) * stride_sn
     s_ptrs2 = s_ptr + tl.minimum(row0 + 8, N - 1) * stride_sn
