@@ -34,12 +34,11 @@ SOURCE = r"""  // after cuda_common.PRELUDE
 __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // byte i of v: q4_k's and q2_k's scale and min bytes are unsigned (up to 63), q3_k's signed
 // (one byte permute each: selector nibble 4 picks the zero operand's byte, 8 | i replicates byte i's sign bit)
-__device__ __forceinline__ int ubyte(unsigned v, int i) {
-    int r; asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(v), "r"(0x4440 | i)); return r;
+__device__ __forceinline__ int permute(unsigned v, unsigned sel) {
+    int r; asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(v), "r"(sel)); return r;
 }
-__device__ __forceinline__ int sbyte(unsigned v, int i) {
-    int r; asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(v), "r"(i + (8 | i) * 0x1110)); return r;
-}
+__device__ __forceinline__ int ubyte(unsigned v, int i) { return permute(v, 0x4440u | i); }
+__device__ __forceinline__ int sbyte(unsigned v, int i) { return permute(v, i + (8 | i) * 0x1110u); }
 __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c, d] -> [a, c, b, d]
     unsigned r; asm("prmt.b32 %0, %1, 0, 0x3120;" : "=r"(r) : "r"(m)); return r;
 }
@@ -66,6 +65,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     const int row0 = blockIdx.x * 16;
     short* xs = (short*)(smem + b * 64);
     float* sums = (float*)(smem + WARPS * 64);
+#if BITS == 2
+    int* xgroup = (int*)(sums + WARPS * HALVES * 16) + 32 * b;  // q2_k: its 32 groups' sums of x integers
+#endif
     // 1. this warp's words and scales, all requested first
     pdl_launch_dependents();
     int4 wr[HALVES][CPW];
@@ -114,6 +116,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
             w[e] = (__float2int_rn(v[2 * e] * inv) & 0xffff) | (__float2int_rn(v[2 * e + 1] * inv) << 16);
         ((int4*)xs)[2 * lane] = make_int4(w[0], w[1], w[2], w[3]);
         ((int4*)xs)[2 * lane + 1] = make_int4(w[4], w[5], w[6], w[7]);
+#if BITS == 2
+        int gs = 0;  // q2_k: the sum of x integers of 16-code group `lane` of the warp's 512 codes
+#pragma unroll
+        for (int e = 0; e < 8; ++e) gs = dp2a_lo(w[e], 0x0101u, gs);
+        xgroup[lane] = gs;
+#endif
     }
     __syncwarp();
     float acc[HALVES][2] = {};
@@ -172,20 +180,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #define CPS (256 / CH)
 #define MASK 0x03030303u
 #define SCALE_BYTE(v, i) (BITS == 3 ? sbyte(v, i) : ubyte(v, i))
+#if BITS == 2
+    const unsigned msel = 0x4440u | (2 * (q & 1) + 1);  // the min byte of groups q, q + 4 in their words
+#endif
 #pragma unroll
     for (int u = 0; u < CPW; ++u) {
         int xp[SPC][2];  // [s][kk]: the pair at CH u + 16 s + 4 q + 2 kk
-        int xsum[SPC];
+#if BITS == 3
+        int xsum[SPC];  // -4 times the sum of the lane's 4 x integers of group s
+#endif
 #pragma unroll
         for (int st = 0; st < SPC; ++st) {
             const int2 p = ((const int2*)xs)[(CH / 4) * u + 4 * st + q];
             xp[st][0] = p.x;
             xp[st][1] = p.y;
-            xsum[st] = dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
 #if BITS == 3
-            xsum[st] *= -4;  // q3_k: its min is 4 sc with dmin = d (`layout.repack_int` checks): the dots start there
+            // its min is 4 sc with dmin = d (`layout.repack_int` checks): the dots start from -4 sum(x)
+            xsum[st] = -4 * dp2a_lo(p.y, 0x0101u, dp2a_lo(p.x, 0x0101u, 0));
 #endif
         }
+#if BITS == 2
+        // q2_k's mins: lane q takes groups q and q + 4 of the chunk whole (their sums of x from step 2; the sums
+        // over the 4 lanes q complete the other groups), rather than every group's 4 codes it holds
+        const int xg0 = xgroup[SPC * u + q], xg1 = xgroup[SPC * u + q + 4];
+#endif
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
@@ -199,7 +217,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 }
                 int c[SPC];
 #pragma unroll
-                for (int st = 0; st < SPC; ++st) c[st] = BITS == 3 ? xsum[st] : 0;
+                for (int st = 0; st < SPC; ++st) {
+#if BITS == 3
+                    c[st] = xsum[st];
+#else
+                    c[st] = 0;
+#endif
+                }
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
                     const unsigned w = (unsigned)comp(wr[h][u], 2 * kk + hr);
@@ -219,12 +243,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                     }
                 }
 #pragma unroll
-                for (int st = 0; st < SPC; ++st) {
-                    isc[h][hr] += c[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2));
-#if BITS != 3
-                    imn[h][hr] += xsum[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2) + 1);
+                for (int st = 0; st < SPC; ++st) isc[h][hr] += c[st] * SCALE_BYTE(sm[st / 2], 2 * (st % 2));
+#if BITS == 2
+                imn[h][hr] += xg0 * permute(q & 2 ? sm[1] : sm[0], msel) + xg1 * permute(q & 2 ? sm[3] : sm[2], msel);
 #endif
-                }
                 if (u % CPS == CPS - 1) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
 #if BITS == 3
@@ -319,7 +341,7 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4
+    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4 + (warps * 128 if bits == 2 else 0)
     unused = y
     launch(GEMV, (tiles, 1, 1), v, 32 * warps, shared, qweight, sub, dm, x, y,
            unused if residual is None else residual, unused if ss_out is None else ss_out,
