@@ -65,8 +65,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     const int row0 = blockIdx.x * 16;
     short* xs = (short*)(smem + b * 64);
     float* sums = (float*)(smem + WARPS * 64);
-#if BITS == 2
-    int* xgroup = (int*)(sums + WARPS * HALVES * 16) + 32 * b;  // q2_k: its 32 groups' sums of x integers
+#if BITS != 3
+    int* xgroup = (int*)(sums + WARPS * HALVES * 16) + 32 * b;  // its groups' sums of x integers (q4_k 16, q2_k 32)
 #endif
     // 1. this warp's words and scales, all requested first
     pdl_launch_dependents();
@@ -116,11 +116,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
             w[e] = (__float2int_rn(v[2 * e] * inv) & 0xffff) | (__float2int_rn(v[2 * e + 1] * inv) << 16);
         ((int4*)xs)[2 * lane] = make_int4(w[0], w[1], w[2], w[3]);
         ((int4*)xs)[2 * lane + 1] = make_int4(w[4], w[5], w[6], w[7]);
-#if BITS == 2
-        int gs = 0;  // q2_k: the sum of x integers of 16-code group `lane` of the warp's 512 codes
+#if BITS != 3
+        int gs = 0;  // the sum of x integers of 16-code group `lane` of the warp's 512 codes
 #pragma unroll
         for (int e = 0; e < 8; ++e) gs = dp2a_lo(w[e], 0x0101u, gs);
+#if BITS == 4
+        gs += __shfl_xor_sync(0xffffffffu, gs, 1);  // q4_k: of 32-code group lane / 2
+        if (!(lane & 1)) xgroup[lane / 2] = gs;
+#else
         xgroup[lane] = gs;
+#endif
 #endif
     }
     __syncwarp();
@@ -132,15 +137,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #if BITS == 4 && GROUP == 32
     // 3. per chunk u: groups 2 u + j (j = 0, 1), each the lane's 8 codes at 64 u + 32 j + 8 q .. + 7; a lane's
     // dot of a group is below 8 * 15 * 32767, times sc (6 bits) over the 8 groups of a super-block below 2**31
+    // mins per whole group: lanes q = 0, 1 take group 2 u + q (its sum of x from step 2), the sums over the four
+    // lanes q complete the two
+    const unsigned msel = 0x4440u | (2 * (q & 1) + 1);  // the min byte of group 2 u + q in its word
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
         const int4 x0 = ((const int4*)xs)[8 * u + q], x1 = ((const int4*)xs)[8 * u + 4 + q];
-        int xsum0 = 0, xsum1 = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            xsum0 = dp2a_lo(comp(x0, i), 0x0101u, xsum0);
-            xsum1 = dp2a_lo(comp(x1, i), 0x0101u, xsum1);
-        }
+        const int xg = q < 2 ? xgroup[2 * u + q] : 0;
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
@@ -158,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                     c1 = dp2a_hi(comp(x1, 2 + kk), odd, c1);    // step 3
                 }
                 isc[h][hr] += c0 * ubyte(sm, 0) + c1 * ubyte(sm, 2);
-                imn[h][hr] += xsum0 * ubyte(sm, 1) + xsum1 * ubyte(sm, 3);
+                imn[h][hr] += xg * permute(sm, msel);
                 if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
                     const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
                     const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
@@ -341,7 +344,7 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4 + (warps * 128 if bits == 2 else 0)
+    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4 + (warps * 128 if bits != 3 else 0)
     unused = y
     launch(GEMV, (tiles, 1, 1), v, 32 * warps, shared, qweight, sub, dm, x, y,
            unused if residual is None else residual, unused if ss_out is None else ss_out,
