@@ -103,6 +103,27 @@ def test_matches_reference(mode, n, k, dtype, fmt):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", list(_CODES))
+@pytest.mark.parametrize("sign", [1, -1])
+def test_largest_integer_dots_stay_exact(fmt, sign):
+    """Every code at the end of its range farthest from 0 and every x the same +-1 (scaled to the integer range's
+    end): the integer dots the kernel converts through floats reach their largest size (`exact_xmax`), and the
+    output is still x W^T to bf16 rounding."""
+    from s2conv.runtime.kernels import INT_SPECS, REPACK, dequantize_packed
+    from s2conv.runtime.kernels.cuda_int import int_gemv
+    spec, c = INT_SPECS[fmt], _CODES[fmt]
+    n, k = 32, 2560
+    far = spec.code_min if -spec.code_min >= spec.code_max else spec.code_max
+    codes = torch.full((n, k), far, dtype=torch.int8)
+    packed = REPACK[fmt](codes.cuda(), torch.full((n, k // spec.group), 0.01).cuda())
+    x = _cuda_row(k, torch.bfloat16, torch.Generator().manual_seed(0)) * 0 + sign
+    want = x.float() @ dequantize_packed(fmt, packed, k).T
+    y = int_gemv(x, packed["qweight"], packed["scales"], offset=c["offset"], bits=c["bits"], group=c["group"])
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(_CODES))
 @pytest.mark.parametrize("gated", [False, True])
 def test_norm_chain_matches_triton(gated, fmt):
     """ss_out, zero, gx_out and rs_in as `ops.int_linear_impl` documents them: the dispatcher's CUDA path against

@@ -324,25 +324,33 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
             for (int r = 0; r < 4; ++r)
 #pragma unroll
                 for (int gi = 0; gi < GPW; ++gi) st[h][r][gi] = SCALE(h, r, t * GPW + gi);
+        // the lane's two-bit words 16 t + l / 4 (hw = 0) and 16 t + 8 + l / 4 (hw = 1) meet the same scale groups:
+        // one integer dot per group over both (its sum exact: `exact_xmax`), one conversion
+        int xp[2][8];
+        int b0[GPW];
 #pragma unroll
         for (int hw = 0; hw < 2; ++hw) {
             const int j = 16 * t + 8 * hw + lane / 4;  // the two-bit word, 0..31
             const int4 xa = xs[2 * j], xb = xs[2 * j + 1];
-            const int xp[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-            int b0[GPW];
+            xp[hw][0] = xa.x; xp[hw][1] = xa.y; xp[hw][2] = xa.z; xp[hw][3] = xa.w;
+            xp[hw][4] = xb.x; xp[hw][5] = xb.y; xp[hw][6] = xb.z; xp[hw][7] = xb.w;
+        }
 #pragma unroll
-            for (int gi = 0; gi < GPW; ++gi) b0[gi] = bias[j * GPW + gi];
+        for (int gi = 0; gi < GPW; ++gi)
+            b0[gi] = bias[(16 * t + lane / 4) * GPW + gi] + bias[(16 * t + 8 + lane / 4) * GPW + gi] - 0x4B400000;
 #pragma unroll
-            for (int h = 0; h < HALVES; ++h)
+        for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
+            for (int r = 0; r < 4; ++r) {
+                int c[GPW];
+#pragma unroll
+                for (int gi = 0; gi < GPW; ++gi) c[gi] = b0[gi];
+#pragma unroll
+                for (int hw = 0; hw < 2; ++hw) {
                     const unsigned lo = (unsigned)comp(wr[h][2 * t + hw], r);
 #if BITS == 3
                     const unsigned hi = (unsigned)comp(wr[h][4 + hw], r);
 #endif
-                    int c[GPW];
-#pragma unroll
-                    for (int gi = 0; gi < GPW; ++gi) c[gi] = b0[gi];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {  // fields 4 e .. 4 e + 3, in scale group e * GPW / 4
                         unsigned codes = (lo >> (2 * e)) & 0x03030303u;
@@ -350,13 +358,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
                         codes |= ((hi >> (4 * t + e)) & 0x01010101u) << 2;
 #endif
                         const int gi = e * GPW / 4;
-                        c[gi] = dp2a_lo(xp[2 * e], codes, c[gi]);
-                        c[gi] = dp2a_hi(xp[2 * e + 1], codes, c[gi]);
+                        c[gi] = dp2a_lo(xp[hw][2 * e], codes, c[gi]);
+                        c[gi] = dp2a_hi(xp[hw][2 * e + 1], codes, c[gi]);
                     }
-#pragma unroll
-                    for (int gi = 0; gi < GPW; ++gi) acc[h][r] += exact(c[gi]) * st[h][r][gi];
                 }
-        }
+#pragma unroll
+                for (int gi = 0; gi < GPW; ++gi) acc[h][r] += exact(c[gi]) * st[h][r][gi];
+            }
     }
 #endif
 #pragma unroll
@@ -458,6 +466,15 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
             and x.data_ptr() % 16 == 0)
 
 
+def exact_xmax(bits: int, offset: int, group: int) -> int:
+    """The largest x integer range 2**b - 1 (b <= 15) under which every integer dot the kernel converts stays
+    below 2**22 (`exact`): 8 codes for q4 (a word), 4 for 32-code groups of 4-bit codes (two fields of two words),
+    and for 2- and 3-bit codes a group's fields in both of a lane's words, 2 * group / 16."""
+    codes = (8 if group == 128 else 4) if bits == 4 else 2 * min(group // 16, 16)
+    bound = (2**22 - 1) // (codes * max(offset, (1 << bits) - 1 - offset))
+    return 2 ** min(15, (bound + 1).bit_length() - 1) - 1
+
+
 GEMV = CudaGemv("s2_int_gemv")
 
 
@@ -470,9 +487,10 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
     per `group` codes (what `ops.int_linear_impl` takes for q4, q3, q2 and tq2_0; it checks the arguments, `takes` and
     `aligned` first). gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added;
     norm_weight: x first through fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the
-    norm chain of `ops.norm_chain_args`. xmax: the integer range of x (`ops.int_dot_xmax`: each (word, scale group)
-    integer dot stays below 2**22). Goes through `launch.launch`: a dry run notes it (and compiling ahead compiles
-    its variant) instead of running it."""
+    norm chain of `ops.norm_chain_args`. xmax: the integer range of x, at most `exact_xmax` (taken where larger).
+    Goes through `launch.launch`: a dry run notes it (and compiling ahead compiles its variant) instead of running
+    it."""
+    xmax = min(xmax, exact_xmax(bits, offset, group))
     n = scales.shape[0] // (2 if gated else 1)
     words = qweight.shape[1]
     n_pad = qweight.shape[0] // (2 if gated else 1)
