@@ -48,7 +48,8 @@ __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c,
 // the codes at k and k + 1 of step s: 4-bit: k = 64 chunk + 32 j + 8 q + 4 s' + 2 kk, s = 2 j + s' (32-code
 // groups j); 2-bit: k = 128 chunk + 16 s + 4 q + 2 kk (16-code groups s)); sub: int16 [HALVES * N, stride_s]
 // (sc | m << 8 per group); dm: fp32 [HALVES * N, stride_m / 2, 2] (d, dmin per 256 codes: KQ groups). Shared
-// memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16].
+// memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16], then (q4_k, q2_k) each
+// warp's sums of x integers per scale group [WARPS][32].
 #define HALVES (GATED ? 2 : 1)
 #define CH (BITS == 3 ? 128 : 256 / BITS)  // codes a chunk (layout.fragment_chunk)
 #define CPW (512 / CH)       // chunks a warp takes (512 codes)
