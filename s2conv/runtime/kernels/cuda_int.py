@@ -481,16 +481,14 @@ GEMV = CudaGemv("s2_int_gemv")
 def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated: bool = False,
              residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
              ss_out: torch.Tensor | None = None, zero: torch.Tensor | None = None, gx_out: tuple | None = None,
-             rs_in: tuple | None = None, offset: int = 8, xmax: int = 32767, bits: int = 4,
+             rs_in: tuple | None = None, offset: int = 8, bits: int = 4,
              group: int = 128) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W^T (x's dtype) for a weight of `bits`-bit codes in the interleaved layout, one scale
     per `group` codes (what `ops.int_linear_impl` takes for q4, q3, q2 and tq2_0; it checks the arguments, `takes` and
     `aligned` first). gated: silu(x W1^T) * (x W3^T) from `cat_rows(w1, w3)`; residual [1, N]: added;
     norm_weight: x first through fish-speech's RMSNorm (eps norm_eps), folded in; ss_out, zero, gx_out, rs_in: the
-    norm chain of `ops.norm_chain_args`. xmax: the integer range of x, at most `exact_xmax` (taken where larger).
-    Goes through `launch.launch`: a dry run notes it (and compiling ahead compiles its variant) instead of running
-    it."""
-    xmax = min(xmax, exact_xmax(bits, offset, group))
+    norm chain of `ops.norm_chain_args`. x is scaled to the integer range `exact_xmax`. Goes through
+    `launch.launch`: a dry run notes it (and compiling ahead compiles its variant) instead of running it."""
     n = scales.shape[0] // (2 if gated else 1)
     words = qweight.shape[1]
     n_pad = qweight.shape[0] // (2 if gated else 1)
@@ -510,5 +508,5 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
            unused if ss_out is None else ss_out, unused if zero is None else zero,
            unused if gx_out is None else gx_out[0], unused if gx_out is None else gx_out[1],
            unused if rs_in is None else rs_in[0], n, x.shape[1], words, n_pad, scales.stride(0), float(eps),
-           float(xmax), outputs=(y,))
+           float(exact_xmax(bits, offset, group)), outputs=(y,))
     return y

@@ -401,7 +401,7 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if _cuda_gemv(x, bits, offset, group, False, k, config, gated) and cuda_int.aligned(x, qweight, scales, group):
         try:
             return cuda_int.int_gemv(x, qweight, scales, gated, residual, norm_weight, norm_eps, ss_out, zero,
-                                     gx_out, rs_in, offset, int_dot_xmax(bits, offset, group), bits, group)
+                                     gx_out, rs_in, offset, bits, group)
         except RuntimeModelError as e:  # no NVRTC here: this device keeps the Triton kernel (cuda_common.available)
             log.warning("%s", e)
     cfg = config or TUNED.get(_int_key(x, scales, bits, group, False, gated)) or default_config(
