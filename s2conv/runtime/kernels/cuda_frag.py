@@ -16,7 +16,8 @@ dmin) of one super-block a lane) before it waits for its producer (PDL), then:
    sums of x integers times their mins m, add up in integers (below 2**31), and only then meet (d, dmin) in
    floats (the sums over q complete both);
 3. the sub-block bytes (sc | m << 8) and (d, dmin) of row R's super-block s sit in lane 2 R + s after the loads;
-   the lanes that need them take them by shuffles and decode them.
+   each lane puts them in shared memory, where the lanes that need them read them (one 16-byte read for a row's 8
+   groups of a chunk, where shuffles took one instruction a 4-byte word) and decode them.
 """
 from __future__ import annotations
 
@@ -66,9 +67,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
     const int row0 = blockIdx.x * 16;
     short* xs = (short*)(smem + b * 64);
     float* sums = (float*)(smem + WARPS * 64);
+    int* xgroups = (int*)(sums + WARPS * HALVES * 16);
 #if BITS != 3
-    int* xgroup = (int*)(sums + WARPS * HALVES * 16) + 32 * b;  // its groups' sums of x integers (q4_k 16, q2_k 32)
+    int* xgroup = xgroups + 32 * b;  // its groups' sums of x integers (q4_k 16, q2_k 32)
 #endif
+    // the warp's scales as the lanes loaded them (lane 2 R + s: row R's super-block s), for every lane to read
+    int4* sub_s = (int4*)(xgroups + WARPS * 32) + b * HALVES * 32 * SBV;
+    float2* dm_s = (float2*)((int4*)(xgroups + WARPS * 32) + WARPS * HALVES * 32 * SBV) + b * HALVES * 32;
     // 1. this warp's words and scales, all requested first
     pdl_launch_dependents();
     int4 wr[HALVES][CPW];
@@ -129,6 +134,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #endif
 #endif
     }
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+#pragma unroll
+        for (int v = 0; v < SBV; ++v) sub_s[(h * 32 + lane) * SBV + v] = scb[h][v];
+        dm_s[h * 32 + lane] = sdm[h];
+    }
     __syncwarp();
     float acc[HALVES][2] = {};
     int isc[HALVES][2] = {};  // a super-block's sums of sc * dot, in integers
@@ -150,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {  // row g + 8 hr
                 const int src = 2 * (g + 8 * hr) + u / 4;  // the lane holding this row's super-block u / 4
-                const unsigned sm = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][0], u % 4), src);
+                const unsigned sm = ((const unsigned*)(sub_s + (h * 32 + src) * SBV))[u % 4];
                 int c0 = 0, c1 = 0;
 #pragma unroll
                 for (int kk = 0; kk < 2; ++kk) {
@@ -164,9 +175,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 isc[h][hr] += c0 * ubyte(sm, 0) + c1 * ubyte(sm, 2);
                 imn[h][hr] += xg * permute(sm, msel);
                 if (u % 4 == 3) {  // the super-block's end: its (d, dmin)
-                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
-                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
-                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
+                    const float2 dd = dm_s[h * 32 + src];
+                    acc[h][hr] += dd.x * (float)isc[h][hr] - dd.y * (float)imn[h][hr];
                     isc[h][hr] = imn[h][hr] = 0;
                 }
             }
@@ -213,12 +223,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
                 const int src = 2 * (g + 8 * hr) + u / CPS;  // the lane holding this row's super-block u / CPS
-                unsigned sm[SPC / 2];  // groups SPC (u % CPS) + 2 i, + 1: (sc, m, sc, m) bytes
-#pragma unroll
-                for (int i = 0; i < SPC / 2; ++i) {
-                    const int word = SPC * (u % CPS) / 2 + i;
-                    sm[i] = (unsigned)__shfl_sync(0xffffffffu, comp(scb[h][word / 4], word % 4), src);
-                }
+                // groups SPC (u % CPS) + 2 i, + 1: (sc, m, sc, m) bytes (vector u % CPS of the super-block's two)
+                const int4 sv = sub_s[(h * 32 + src) * SBV + u % CPS];
+                const unsigned sm[SPC / 2] = {(unsigned)sv.x, (unsigned)sv.y, (unsigned)sv.z, (unsigned)sv.w};
                 int c[SPC];
 #pragma unroll
                 for (int st = 0; st < SPC; ++st) {
@@ -252,13 +259,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_frag_gemv(
                 imn[h][hr] += xg0 * permute(q & 2 ? sm[1] : sm[0], msel) + xg1 * permute(q & 2 ? sm[3] : sm[2], msel);
 #endif
                 if (u % CPS == CPS - 1) {  // the super-block's end: its (d, dmin)
-                    const float d = __shfl_sync(0xffffffffu, sdm[h].x, src);
+                    const float2 dd = dm_s[h * 32 + src];
 #if BITS == 3
-                    acc[h][hr] += d * (float)isc[h][hr];
+                    acc[h][hr] += dd.x * (float)isc[h][hr];
                     isc[h][hr] = 0;
 #else
-                    const float dmin = __shfl_sync(0xffffffffu, sdm[h].y, src);
-                    acc[h][hr] += d * (float)isc[h][hr] - dmin * (float)imn[h][hr];
+                    acc[h][hr] += dd.x * (float)isc[h][hr] - dd.y * (float)imn[h][hr];
                     isc[h][hr] = imn[h][hr] = 0;
 #endif
                 }
@@ -308,13 +314,21 @@ class Variant:
 def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
     """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
     in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 3- or 2-bit codes in 16-code groups,
-    16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces
-    up to what the registers hold and `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other
-    integer GEMVs) keeps the tensor-core kernel."""
+    16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces up to what the registers hold and
+    `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other integer GEMVs) keeps the
+    tensor-core kernel."""
     return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
             and os.environ.get("S2CONV_INT_DOT", "1") != "0"
             and (bits, group, kq) in ((4, 32, 8), (3, 16, 16), (2, 16, 16))
             and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
+
+
+def shared_bytes(warps: int, bits: int, gated: bool) -> int:
+    """Shared memory of a launch: per warp its x integers (1 KB), group sums of x (128 bytes), and per weight half
+    its row sums (64 bytes) and its lanes' scales (the sub-block bytes and (d, dmin) of 32 (row, super-block)
+    pairs)."""
+    sbv = 1 if bits == 4 else 2  # int4 vectors of sub-block bytes a super-block
+    return warps * (1024 + 128 + (2 if gated else 1) * (16 * 4 + 32 * (16 * sbv + 8)))
 
 
 def aligned(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: torch.Tensor) -> bool:
@@ -345,7 +359,7 @@ def frag_gemv(x: torch.Tensor, qweight: torch.Tensor, sub: torch.Tensor, dm: tor
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    shared = warps * 1024 + warps * (2 if gated else 1) * 16 * 4 + (warps * 128 if bits != 3 else 0)
+    shared = shared_bytes(warps, bits, gated)
     unused = y
     launch(GEMV, (tiles, 1, 1), v, 32 * warps, shared, qweight, sub, dm, x, y,
            unused if residual is None else residual, unused if ss_out is None else ss_out,
