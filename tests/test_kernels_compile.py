@@ -103,12 +103,15 @@ def _cases() -> dict:
         x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", h_ptr="*bf16", y_ptr="*bf16", eps="fp32",
         **{name: _I32 for name in ("N", "stride_x", "stride_r")}), dict(
         HAS_RES=True, BLOCK=4096, FIX_X=False, FIX_Y=False, PDL=3), 8)
-    cases["topk-sample-select"] = ("_topk_sample_kernel", dict(
-        l_ptr="*bf16", v_ptr="*fp32", i_ptr="*i64", e_ptr="*fp32", out_ptr="*i64", sv_ptr="*fp32", si_ptr="*i32",
-        d_ptr="*fp32", **{name: _I32 for name in ("V", "K", "stride_l", "stride_v", "stride_i", "stride_eb",
-                                                  "stride_ep", "stride_o")},
-        **{name: "fp32" for name in ("t0", "p0", "t1", "p1", "t2", "p2", "t3", "p3")}), dict(
-        BLOCK_K=32, BLOCK_V=8192, SELECT=True, FIX=False, GROUPS=128, CAP=128, FROM_PTR=True, PDL=3), 8)
+    for embed in (False, True):  # a fast-AR depth's draw also copies its code's embedding row (`sample_embed`)
+        cases[f"topk-sample-select{'-embed' if embed else ''}"] = ("_topk_sample_kernel", dict(
+            l_ptr="*bf16", v_ptr="*fp32", i_ptr="*i64", e_ptr="*fp32", out_ptr="*i64", sv_ptr="*fp32",
+            si_ptr="*i32", d_ptr="*fp32", t_ptr="*bf16", x_ptr="*bf16",
+            **{name: _I32 for name in ("V", "K", "stride_l", "stride_v", "stride_i", "stride_eb", "stride_ep",
+                                       "stride_o", "D", "stride_t")},
+            **{name: "fp32" for name in ("t0", "p0", "t1", "p1", "t2", "p2", "t3", "p3")}), dict(
+            BLOCK_K=32, BLOCK_V=8192, SELECT=True, FIX=False, GROUPS=128, CAP=128, FROM_PTR=True, EMBED=embed,
+            BLOCK_D=1024, PDL=3), 8)
     # a decode frame's small steps (kernels/frame.py): a column's embedding, RAS's main token, the loop's counters
     cases["frame-embed-column"] = ("_embed_column_kernel", dict(
         tok_ptr="*i64", e_ptr="*bf16", c_ptr="*bf16", out_ptr="*bf16", inv_scale="fp32",

@@ -12,7 +12,8 @@ DEVICE = kernel_device()  # before the kernels are imported
 
 from s2conv.errors import RuntimeModelError  # noqa: E402
 from s2conv.runtime.kernels.sampling import topk_sample  # noqa: E402
-from s2conv.runtime.sampling import SamplingParams, _round_to, draw_noise, logits_to_probs, sample_many  # noqa: E402
+from s2conv.runtime.sampling import (  # noqa: E402
+    SamplingParams, _round_to, draw_noise, logits_to_probs, sample_embed, sample_many)
 
 
 def distinct_logits(b: int, v: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -207,3 +208,41 @@ def test_sample_many_takes_its_pairs_from_values():
     values = torch.tensor([[1.2, 0.95], [0.6, 0.7]], device=DEVICE)
     got = sample_many(logits, [a, a], None, True, noise, values)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("select", [False, True], ids=["torch_topk", "in_kernel"])
+def test_kernel_hands_over_the_table_rows_of_its_tokens(select):
+    """With a table the kernel also copies the table rows of draw 0's tokens (the next decode step's input, where a
+    gather launch followed the draw): the tokens are those drawn without it, the rows equal table[tokens] bit for
+    bit, at a width the copy loop does not divide; a table with fewer rows than logits is refused."""
+    gen = torch.Generator().manual_seed(5)
+    logits = distinct_logits(5, 300, torch.bfloat16, gen)
+    k = 24
+    vals, idx = torch.topk(logits, k)
+    noise = torch.empty(2, 5, k).exponential_(generator=gen)
+    draws = [(0.8, 0.8), (1.0, 0.95)]
+    table = torch.randn(303, 1100, generator=gen).to(torch.bfloat16).to(DEVICE)
+    args = [t.to(DEVICE) for t in (logits, vals, idx, noise)]
+    if select:
+        args[1] = args[2] = None
+    want = topk_sample(*args, draws, k)
+    tokens, rows = topk_sample(*args, draws, k, table)
+    assert torch.equal(tokens.cpu(), want.cpu())
+    assert rows.dtype == table.dtype and torch.equal(rows.cpu(), table.cpu()[want[0].cpu()])
+    with pytest.raises(RuntimeModelError, match="table must be \\[>= 300, D\\]"):
+        topk_sample(*args, draws, k, table[:299])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_sample_embed_returns_the_tokens_and_their_rows(fused):
+    """`sample_embed` (a fast-AR depth's draw and the next depth's input) gives `sample`'s tokens for the same noise
+    and the table's rows of them, the fused kernel and the eager fallback alike, for logits with leading dims."""
+    gen = torch.Generator().manual_seed(9)
+    logits = distinct_logits(6, 300, torch.float32, gen).reshape(2, 3, 300).to(DEVICE)
+    table = torch.randn(300, 40, generator=gen).to(DEVICE)
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20)
+    noise = torch.empty(1, 6, 20).exponential_(generator=gen).to(DEVICE) if fused else None
+    tokens, rows = sample_embed(logits, params, table, torch.Generator(DEVICE).manual_seed(3), fused, noise)
+    want = sample_many(logits, [params], torch.Generator(DEVICE).manual_seed(3), fused, noise)[0]
+    assert tokens.shape == (2, 3) and torch.equal(tokens, want)
+    assert rows.shape == (2, 3, 40) and torch.equal(rows, table[want])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from s2conv.errors import RuntimeModelError
 from s2conv.runtime.layers import KVCache, RMSNorm, TransformerBlock, causal_mask
 from s2conv.runtime.rope import precompute_freqs_cis
-from s2conv.runtime.sampling import SamplingParams, draw_noise, ras_select, sample, sample_many
+from s2conv.runtime.sampling import SamplingParams, draw_noise, ras_select, sample, sample_embed, sample_many
 from s2conv.schema import S2Config
 
 
@@ -214,10 +214,16 @@ class DualARTransformer(nn.Module):
         self.fast_step(hidden[:, None], 0, output=False)  # fills the fast KV caches at position 0 (no logits)
         code = torch.clamp(main - cfg.semantic_begin_id, 0, cfg.codebook_size - 1)
         column = [main, code]
+        x_in = self.fast_embeddings(code)
         for pos in range(1, cfg.num_codebooks):
-            x = self.fast_step(self.fast_embeddings(code)[:, None], pos)
+            x = self.fast_step(x_in[:, None], pos)
             depth_noise = None if noise is None else noise[pos + 1:]
-            code = sample(self.fast_logits(x[:, 0]), params, generator, noise=depth_noise, values=values)
+            logits = self.fast_logits(x[:, 0])
+            if pos + 1 < cfg.num_codebooks:  # the code's embedding is the next depth's input: drawn together
+                code, x_in = sample_embed(logits, params, self.fast_embeddings.weight, generator, noise=depth_noise,
+                                          values=values)
+            else:
+                code = sample(logits, params, generator, noise=depth_noise, values=values)
             column.append(code)
         return torch.stack(column, dim=1)
 

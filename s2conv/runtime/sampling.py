@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from s2conv.errors import RuntimeModelError
@@ -150,6 +151,26 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
         return [torch.argmax(logits, dim=-1) if p.greedy else
                 sample_from_probs(logits_to_probs(logits, p.temperature, p.top_p, p.top_k), generator)
                 for p in settings]
+    return _fused_draws(kernel, logits, settings, generator, noise, values)[0]
+
+
+def sample_embed(logits: Tensor, params: SamplingParams, table: Tensor, generator: torch.Generator | None = None,
+                 fused: bool | None = None, noise: Tensor | None = None,
+                 values: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`sample` and the table's rows of the tokens drawn: (tokens [...], rows [..., D]) = (t, F.embedding(t, table)),
+    the next decode step's input. The fused kernel copies the rows itself (no gather launch after it)."""
+    kernel = _uses_kernel(logits.device, [params], fused)
+    if kernel is None:
+        tokens = sample(logits, params, generator, fused)
+        return tokens, F.embedding(tokens, table)
+    (tokens,), rows = _fused_draws(kernel, logits, [params], generator, noise, values, table)
+    return tokens, rows.reshape(*logits.shape[:-1], table.shape[1])
+
+
+def _fused_draws(kernel, logits: Tensor, settings: list[SamplingParams], generator: torch.Generator | None,
+                 noise: Tensor | None, values: Tensor | None,
+                 table: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """`sample_many`'s fused path: (tokens per setting, the table's rows of the first setting's tokens or None)."""
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()
     top_k = settings[0].top_k
     k = min(top_k, rows.shape[-1])
@@ -169,8 +190,9 @@ def sample_many(logits: Tensor, settings: list[SamplingParams], generator: torch
         draws = values[:len(settings)]
     else:
         draws = [(_round_to(max(p.temperature, 1e-5), rows.dtype), _round_to(p.top_p, rows.dtype)) for p in settings]
-    tokens = kernel.topk_sample(rows, vals, idx, noise, draws, top_k)
-    return [t.reshape(logits.shape[:-1]) for t in tokens]
+    out = kernel.topk_sample(rows, vals, idx, noise, draws, top_k, table)
+    tokens, embedded = out if table is not None else (out, None)
+    return [t.reshape(logits.shape[:-1]) for t in tokens], embedded
 
 
 def _fused_kernel():

@@ -73,9 +73,10 @@ def _select_by_threshold(row, cols, V, K, r, scratch_v, scratch_i, BLOCK_V: tl.c
 
 @triton.jit
 def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, K, stride_l, stride_v, stride_i,
-                        stride_eb, stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3, d_ptr,
-                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SELECT: tl.constexpr, FIX: tl.constexpr,
-                        GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128, FROM_PTR: tl.constexpr = False,
+                        stride_eb, stride_ep, stride_o, t0, p0, t1, p1, t2, p2, t3, p3, d_ptr, t_ptr, x_ptr, D,
+                        stride_t, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SELECT: tl.constexpr,
+                        FIX: tl.constexpr, GROUPS: tl.constexpr = 64, CAP: tl.constexpr = 128,
+                        FROM_PTR: tl.constexpr = False, EMBED: tl.constexpr = False, BLOCK_D: tl.constexpr = 16,
                         PDL: tl.constexpr = 0):
     """Program (row b, draw d): the column index of row b's token under the d-th (temperature, top_p) pair.
 
@@ -85,6 +86,8 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
     H100. Otherwise v_ptr / i_ptr hold torch.topk's output.
     FROM_PTR: the pair is read from d_ptr (fp32 [P, 2], as given) at run time and rounded here as the host rounds
     t0..p3 (temperature at least 1e-5, both to the logits' dtype), so a captured graph serves any values.
+    EMBED: draw 0's program also copies row `token` of the table t_ptr (D wide) into row b of x_ptr, the next
+    step's input, where a separate gather launch would follow.
     PDL 3 (`launch_early`): it starts while its predecessor runs, and waits before it reads anything (the values,
     the noise and the logits, from L2)."""
     pdl_start(PDL)
@@ -152,6 +155,11 @@ def _topk_sample_kernel(l_ptr, v_ptr, i_ptr, e_ptr, out_ptr, sv_ptr, si_ptr, V, 
     pick = tl.argmax(score, axis=0)
     token = tl.sum(tl.where(r == pick, idx, 0), axis=0)
     tl.store(out_ptr + d * stride_o + b, token)
+    if EMBED:
+        if d == 0:
+            for start in range(0, D, BLOCK_D):
+                c = start + tl.arange(0, BLOCK_D)
+                tl.store(x_ptr + b * D + c, tl.load(t_ptr + token * stride_t + c, mask=c < D), mask=c < D)
 
 
 def _fail(what: str, expected: str, got) -> RuntimeModelError:
@@ -164,8 +172,10 @@ def select_in_kernel(v: int, k: int) -> bool:
 
 
 def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tensor | None, noise: torch.Tensor,
-                draws: list[tuple[float, float]] | torch.Tensor, top_k: int | None = None) -> torch.Tensor:
-    """Column indices [P, B] (int64) of one token per row and draw.
+                draws: list[tuple[float, float]] | torch.Tensor, top_k: int | None = None,
+                table: torch.Tensor | None = None):
+    """Column indices [P, B] (int64) of one token per row and draw; with a table [>= V, D] (contiguous rows, on
+    the logits' device) also its rows of draw 0's tokens, [B, D] in the table's dtype: (tokens, rows).
 
     logits [B, V] (bf16, fp16 or fp32; contiguous rows); k = min(top_k, V) candidates: vals, idx [B, k] from
     torch.topk(logits, k) (sorted), or None where `select_in_kernel(V, k)` (then top_k is required); noise fp32
@@ -198,7 +208,12 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
                     f"{draws.dtype} {tuple(draws.shape)} on {draws.device}")
     if noise.shape != (len(draws), bsz, k) or noise.dtype != torch.float32 or noise.stride(2) != 1:
         raise _fail("noise", f"fp32 [{len(draws)}, {bsz}, {k}]", f"{noise.dtype} {tuple(noise.shape)}")
+    if table is not None and (table.dim() != 2 or table.shape[0] < v or table.stride(1) != 1
+                              or table.device != logits.device):
+        raise _fail("table", f"[>= {v}, D] with contiguous rows on {logits.device}",
+                    f"{tuple(table.shape)} {table.stride()} on {table.device}")
     out = torch.empty(len(draws), bsz, dtype=torch.int64, device=logits.device)
+    rows = None if table is None else torch.empty(bsz, table.shape[1], dtype=table.dtype, device=logits.device)
     pairs = [1.0, 1.0] * MAX_DRAWS if from_ptr else (
         [float(x) for pair in draws for x in pair] + [1.0, 1.0] * (MAX_DRAWS - len(draws)))
     block_k = max(16, triton.next_power_of_2(k))
@@ -212,8 +227,11 @@ def topk_sample(logits: torch.Tensor, vals: torch.Tensor | None, idx: torch.Tens
     launch_early(
         _topk_sample_kernel, (bsz, len(draws)),
         logits, vals, idx, noise, out, scratch_v, scratch_i, v, k, logits.stride(0), vals.stride(0), idx.stride(0),
-        noise.stride(1), noise.stride(0), out.stride(0), *pairs, draws if from_ptr else noise, BLOCK_K=block_k,
-        BLOCK_V=block_v, SELECT=select, FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, FROM_PTR=from_ptr,
+        noise.stride(1), noise.stride(0), out.stride(0), *pairs, draws if from_ptr else noise,
+        out if table is None else table, out if rows is None else rows, 0 if table is None else table.shape[1],
+        0 if table is None else table.stride(0), BLOCK_K=block_k, BLOCK_V=block_v, SELECT=select,
+        FIX=_fix(logits.dtype), GROUPS=groups, CAP=cap, FROM_PTR=from_ptr, EMBED=table is not None,
+        BLOCK_D=1024 if table is None else min(1024, max(16, triton.next_power_of_2(table.shape[1]))),
         num_warps=_WARPS or (8 if max(block_k, block_v) > 1024 else 4),
-        outputs=(out,), **early_pdl(logits.device, "S2CONV_EARLY_SMALL"))
-    return out
+        outputs=(out,) if rows is None else (out, rows), **early_pdl(logits.device, "S2CONV_EARLY_SMALL"))
+    return out if table is None else (out, rows)
