@@ -2,10 +2,15 @@
 steps made free (their launch skipped, their output wrong), against the unchanged model in the same process.
 
   final     the final RMSNorms (slow and fast) return their input: what chaining them into the heads could save
-  embed     the fast AR's codebook-embedding gather returns a fixed buffer: what folding it into the sampler could
+  embed     the fast AR's codebook-embedding gathers return a fixed buffer (since `sampling.sample_embed`, only the
+            first depth's, from the main token, is still a gather launch)
   first     each stack's first-block attention norm returns its input (float formats launch it)
+  fast_attn the fast AR's decode attention (with its QK-norm, RoPE and cache write) returns a fixed buffer: what
+            moving it into a GEMV's launch could save at most
+  slow_attn the same for the slow AR's attention
 
-Usage: python scripts/probe_launch_cuts.py [--formats q4,fp8] [--frames 100] [--rounds 2]   (a CUDA GPU)
+Usage: python scripts/probe_launch_cuts.py [--formats q4,fp8] [--frames 100] [--rounds 2]
+       [--cuts 'final;embed;first;fast_attn;slow_attn']   (a CUDA GPU)
 Not a benchmark of anything that runs correctly: an estimate of what a change could gain at most.
 """
 from __future__ import annotations
@@ -18,17 +23,27 @@ from s2conv.bench import build_model, quantize_model, time_decode
 from s2conv.schema import S2Config
 
 
-class _NoNorm:
-    """The fused kernel table with `rms_norm` returning its input."""
+class _Cut:
+    """The fused kernel table with `rms_norm` returning its input (norm) and `rope_attention` a fixed buffer of its
+    output's shape (attn)."""
 
-    def __init__(self, kernels):
-        self._k = kernels
+    def __init__(self, kernels, norm: bool, attn: bool):
+        self._k, self._norm, self._attn, self._out = kernels, norm, attn, {}
 
     def __getattr__(self, name):
         return getattr(self._k, name)
 
     def rms_norm(self, x, weight, eps):
-        return x
+        return x if self._norm else self._k.rms_norm(x, weight, eps)
+
+    def rope_attention(self, qkv, qw, kw, freqs, k_cache, v_cache, pos, span, n_head, n_kv_head, eps, offsets=None):
+        if not self._attn:
+            return self._k.rope_attention(qkv, qw, kw, freqs, k_cache, v_cache, pos, span, n_head, n_kv_head, eps,
+                                          offsets=offsets)
+        shape = (*qkv.shape[:-1], n_head * k_cache.shape[-1])
+        if shape not in self._out:
+            self._out[shape] = torch.zeros(shape, dtype=qkv.dtype, device=qkv.device)
+        return self._out[shape]
 
 
 def cut(model, what: set[str]):
@@ -44,10 +59,12 @@ def cut(model, what: set[str]):
         buf = emb.weight[:1].clone()
         emb.forward = lambda code: buf.expand(code.shape[0], -1)
         undo.append(lambda: emb.__dict__.pop("forward"))
-    if "first" in what:
-        for block in (model.layers[0], model.fast_layers[0]):
+    for i, block in enumerate([*model.layers, *model.fast_layers]):
+        first = block is model.layers[0] or block is model.fast_layers[0]
+        attn = "fast_attn" in what if i >= len(model.layers) else "slow_attn" in what
+        if (first and "first" in what) or attn:
             old = block._fused
-            block._fused = _NoNorm(old)
+            block._fused = _Cut(old, first and "first" in what, attn)
             undo.append(lambda b=block, k=old: setattr(b, "_fused", k))
     return lambda: [u() for u in reversed(undo)]
 
@@ -57,10 +74,15 @@ def main() -> None:
     ap.add_argument("--formats", default="q4,fp8")
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cuts", default="final;embed;first;final,embed,first",
+                    help="variants, ';' between them, ',' between the cuts of one (the unchanged model runs too)")
     args = ap.parse_args()
+    variants = [set()] + [set(v.split(",")) for v in args.cuts.split(";")]
+    unknown = set().union(*variants) - {"final", "embed", "first", "fast_attn", "slow_attn"}
+    if unknown:
+        raise SystemExit(f"unknown cuts: {sorted(unknown)}")
     print(torch.cuda.get_device_name())
     cfg = S2Config()
-    variants = [set(), {"final"}, {"embed"}, {"first"}, {"final", "embed", "first"}]
     for fmt in args.formats.split(","):
         model = build_model(cfg)
         if fmt != "bf16":
