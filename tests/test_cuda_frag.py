@@ -70,7 +70,8 @@ def test_matches_reference(fmt, dtype, n, k, mode, monkeypatch):
 
     from s2conv.runtime.kernels import cat_rows, cuda_frag
     gated = mode == "gated"
-    if gated and k > max_blocks(True) * 512:
+    if gated and (k > max_blocks(True) * 512 or cuda_frag.shared_bytes(k // 512, _BITS[fmt][0], True)
+                  > cuda_frag.SHARED_MAX):
         pytest.skip("beyond the gated kernel's limit")
     calls = []
     gemv = cuda_frag.frag_gemv
@@ -173,3 +174,7 @@ def test_takes_only_what_it_computes():
         assert not cuda_frag.takes(xc, 4, 16, 16, 2560, False)  # 4-bit codes in 16-code groups: no such path
         assert not cuda_frag.takes(xc, 4, 32, 8, 2304, False)  # not whole 512-code pieces
         assert not cuda_frag.takes(xc, 4, 32, 8, 9728, True)  # gated: more words than the registers hold
+        # scales through shared memory: q2_k and q3_k fit 48 KB up to S2's K = 9728 (gated 6144), q4_k further
+        assert cuda_frag.takes(xc, 2, 16, 16, 9728, False) and not cuda_frag.takes(xc, 2, 16, 16, 10240, False)
+        assert cuda_frag.takes(xc, 3, 16, 16, 6144, True) and not cuda_frag.takes(xc, 3, 16, 16, 6656, True)
+        assert cuda_frag.takes(xc, 4, 32, 8, 12288, False)

@@ -214,14 +214,15 @@ def test_sample_many_takes_its_pairs_from_values():
 def test_kernel_hands_over_the_table_rows_of_its_tokens(select):
     """With a table the kernel also copies the table rows of draw 0's tokens (the next decode step's input, where a
     gather launch followed the draw): the tokens are those drawn without it, the rows equal table[tokens] bit for
-    bit, at a width the copy loop does not divide; a table with fewer rows than logits is refused."""
+    bit, at a width the copy loop does not divide, from a table whose row stride is not its width (a column
+    slice); a table with fewer rows than logits is refused."""
     gen = torch.Generator().manual_seed(5)
     logits = distinct_logits(5, 300, torch.bfloat16, gen)
     k = 24
     vals, idx = torch.topk(logits, k)
     noise = torch.empty(2, 5, k).exponential_(generator=gen)
     draws = [(0.8, 0.8), (1.0, 0.95)]
-    table = torch.randn(303, 1100, generator=gen).to(torch.bfloat16).to(DEVICE)
+    table = torch.randn(303, 1152, generator=gen).to(torch.bfloat16).to(DEVICE)[:, :1100]
     args = [t.to(DEVICE) for t in (logits, vals, idx, noise)]
     if select:
         args[1] = args[2] = None

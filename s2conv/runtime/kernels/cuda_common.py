@@ -203,8 +203,6 @@ class CudaGemv:
     def __getitem__(self, grid: tuple):
         def run(variant, threads: int, shared: int, *args) -> None:
             kernel = self.kernel(variant)
-            if shared >= 48 * 1024 and getattr(kernel, "_max_shared_mem_bytes", 0) < shared:
-                kernel.set_shared_memory_config(shared)  # CUDA asks for it per function above 48 KB
             if variant.pdl:
                 stream = torch.cuda.current_stream().cuda_stream
                 if after_kernel(stream):

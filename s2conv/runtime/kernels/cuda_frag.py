@@ -16,8 +16,9 @@ dmin) of one super-block a lane) before it waits for its producer (PDL), then:
    sums of x integers times their mins m, add up in integers (below 2**31), and only then meet (d, dmin) in
    floats (the sums over q complete both);
 3. the sub-block bytes (sc | m << 8) and (d, dmin) of row R's super-block s sit in lane 2 R + s after the loads;
-   each lane puts them in shared memory, where the lanes that need them read them (one 16-byte read for a row's 8
-   groups of a chunk, where shuffles took one instruction a 4-byte word) and decode them.
+   each lane puts them in shared memory, where the lanes that need them read them (q2_k, q3_k: one 16-byte read
+   for a row's 8 groups of a chunk, where shuffles took one instruction a 4-byte word; q4_k: one 4-byte read, as
+   many as the shuffles were) and decode them.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ __device__ __forceinline__ unsigned pair_steps(unsigned m) {  // bytes [a, b, c,
 // the codes at k and k + 1 of step s: 4-bit: k = 64 chunk + 32 j + 8 q + 4 s' + 2 kk, s = 2 j + s' (32-code
 // groups j); 2-bit: k = 128 chunk + 16 s + 4 q + 2 kk (16-code groups s)); sub: int16 [HALVES * N, stride_s]
 // (sc | m << 8 per group); dm: fp32 [HALVES * N, stride_m / 2, 2] (d, dmin per 256 codes: KQ groups). Shared
-// memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16], then (q4_k, q2_k) each
-// warp's sums of x integers per scale group [WARPS][32].
+// memory: per warp its 512 x integers (k order), then the row sums [WARPS][HALVES * 16], then each warp's sums of
+// x integers per scale group [WARPS][32] (q4_k, q2_k; q3_k leaves them unused), then the scales as the lanes loaded
+// them: sub-block bytes int4 [WARPS][HALVES][32][SBV] and (d, dmin) float2 [WARPS][HALVES][32].
 #define HALVES (GATED ? 2 : 1)
 #define CH (BITS == 3 ? 128 : 256 / BITS)  // codes a chunk (layout.fragment_chunk)
 #define CPW (512 / CH)       // chunks a warp takes (512 codes)
@@ -314,13 +316,18 @@ class Variant:
 def takes(x: torch.Tensor, bits: int, group: int, kq: int, k: int, gated: bool) -> bool:
     """Whether `frag_gemv` takes this one-row linear (`ops.fragment_linear_impl` asks): `available(x)`, 4-bit codes
     in 32-code groups with two-level scales of 8 groups a super-block (q4_k), or 3- or 2-bit codes in 16-code groups,
-    16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces up to what the registers hold and
-    `cuda_int.max_k`; S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other integer GEMVs) keeps the
+    16 a super-block (q3_k, q2_k), K a whole number of 512-code pieces up to what the registers hold,
+    `cuda_int.max_k` and the 48 KB of shared memory a launch gets without asking (q2_k, q3_k: K <= 9728, all of
+    S2's; gated 6144); S2CONV_CUDA_FRAG=0 (or S2CONV_INT_DOT=0, as for the other integer GEMVs) keeps the
     tensor-core kernel."""
     return (available(x) and os.environ.get("S2CONV_CUDA_FRAG", "1") != "0"
             and os.environ.get("S2CONV_INT_DOT", "1") != "0"
             and (bits, group, kq) in ((4, 32, 8), (3, 16, 16), (2, 16, 16))
-            and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512))
+            and k % 512 == 0 and 0 < k <= min(max_k(x.device), max_blocks(gated) * 512)
+            and shared_bytes(k // 512, bits, gated) <= SHARED_MAX)
+
+
+SHARED_MAX = 48 * 1024  # a launch's shared memory without cudaFuncSetAttribute
 
 
 def shared_bytes(warps: int, bits: int, gated: bool) -> int:
