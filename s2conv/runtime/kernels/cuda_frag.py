@@ -1,7 +1,8 @@
 """A hand-written CUDA GEMV (one row of x) for the K-quants with mins, read straight from the fragment layout of
 `layout.py` with their two-level scales (q4_k: 4-bit codes in 32-code groups; q3_k: its 3-bit codes + 4 in
 16-code groups, signed scale bytes; q2_k: 2-bit codes in 16-code groups), so that batched rows keep the tensor-core
-kernel of `triton_mma` on the same weight. Compiled at load time by NVRTC, as `cuda_int`'s kernel, whose epilogue (gate, residual, norm chain) it shares.
+kernel of `triton_mma` on the same weight. Compiled at load time by NVRTC, as `cuda_int`'s kernel, whose epilogue
+(gate, residual, norm chain) it shares.
 
 A thread block takes one 16-row tile; warp w takes its 512 codes (8 chunks of 4-bit codes, 4 of 2- or 3-bit
 ones), requests all their words (one 16-byte load a chunk and lane, and for 3-bit codes an 8-byte load of their
