@@ -15,7 +15,9 @@ shuffles later), then prepares only its own block's x while those are in flight:
 2. per word (4-bit) or per 2-bit word and scale group (2-bit; 3-bit: the 2-bit word's low bits ORed with the
    1-bit word's high bits, shifted into place, so a code is again one byte): dp2a (two multiply-adds each)
    starting from the bias; the float with the result's bits minus 2**23 + 2**22 is the exact integer dot
-   (`triton_int`'s trick), times the group scale / inv;
+   (`triton_int`'s trick), times the group scale / inv. q4_0's 32-code groups: a lane loads 8 consecutive words
+   of its rows instead (a group's codes lie 2 a word across 16 words), so its 16 codes of each of 4 groups add up
+   in one integer before their one conversion and scale, and it reads those scales itself (no shuffles);
 3. the row sums over lanes (shuffles) and warps (one barrier), then warp 0's epilogue: the RMSNorm factor (a
    folded norm, or the chain's rs_in), silu(w1) * w3 when gated, the residual, the chain's outputs.
 
@@ -118,8 +120,18 @@ __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 
 #define NLOAD (2 * BITS)
 #define SPB (512 / GROUP)
 #define GPW (256 / GROUP)  // 2- and 3-bit: scale groups a two-bit word's 16 fields (slots) span
-#define BIASES (BITS == 4 ? (GROUP == 32 ? 128 : 64) : 32 * GPW)
+#define LANE_GROUPS (BITS == 4 && GROUP == 32)  // q4_0: a lane's words hold 16 codes of each of its groups
+#define BIASES (BITS == 4 ? (LANE_GROUPS ? 32 : 64) : 32 * GPW)
 #define SPL (SPB / 2)  // scales a lane loads
+#if LANE_GROUPS
+// lane l takes words 8 (l / 4) + u (u = 0..7) of its rows: fields 2 p and 2 p + 1 of those 8 words are 16 codes of
+// scale group 4 (l / 8) + p, so each (row, group) dot is one integer over 16 codes and the lane reads its own scales
+#define WORD(u) (8 * (lane >> 2) + (u))
+// where row 4 q + r's scales of the lane's groups 4 (l / 8) .. + 3 start
+#define SG_AT(h, r) ((long long)((h) * N + min(row0 + 4 * q + (r), N - 1)) * stride_s + SPB * b + 4 * (lane >> 3))
+#else
+#define WORD(u) ((u) * 8 + lane / 4)  // a warp load covers 8 consecutive words
+#endif
 // the scale of group i (of the block's SPB) for row 4 q + r, from the lane that loaded it: a warp loads its 16
 // rows' scales coalesced, SPL a lane, rather than each lane its 4 rows' (4 SPB scales, 4 rows a load)
 #define SCALE(h, r, i) __shfl_sync(0xffffffffu, scl[h][(i) % SPL], 2 * (4 * q + (r)) + (i) / SPL)
@@ -143,22 +155,28 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     pdl_launch_dependents();  // the next GEMV may start its own weight loads while this one runs
     const int4* wbase = qw + (long long)blockIdx.x * 4 * W + q;
     int4 wr[HALVES][NLOAD];
+#if LANE_GROUPS && HALF_S
+    uint2 sg[HALVES][4];  // row 4 q + r's scales of groups 4 (l / 8) .. + 3: 4 halves (fp32 ones: read at use, as
+                          // the registers hold no more beside the gated kernel's words)
+#elif !LANE_GROUPS
     float scl[HALVES][SPL];  // the block's scales of row row0 + lane / 2, half lane % 2 (SCALE hands them out)
+#endif
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
 #pragma unroll
         for (int u = 0; u < NLOAD; ++u)
-            wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + u * 8 + lane / 4));
+            wr[h][u] = ld_stream(wbase + h * ((long long)n_pad * W / 4) + 4 * (b * 16 * BITS + WORD(u)));
+#if LANE_GROUPS
+#if HALF_S
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sg[h][r] = *(const uint2*)((const u16*)scales + SG_AT(h, r));
+#endif
+#else
         const long long s_at = (long long)(h * N + min(row0 + lane / 2, N - 1)) * stride_s + SPB * b
                              + (lane & 1) * SPL;
-#if HALF_S  // fp16 scales: SPL halves in one load (16, 8, 4 or 2 bytes), each to a float
+#if HALF_S  // fp16 scales: SPL halves in one load (8, 4 or 2 bytes), each to a float
         const u16* sh = (const u16*)scales + s_at;
-#if SPL == 8
-        const int4 u = *(const int4*)sh;
-        const int uw[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) scl[h][j] = half_to_f((u16)(uw[j / 2] >> (16 * (j % 2))));
-#elif SPL == 4
+#if SPL == 4
         const int2 u = *(const int2*)sh;
         const int uw[2] = {u.x, u.y};
 #pragma unroll
@@ -172,17 +190,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #endif
 #else
         const float* sl = scales + s_at;
-#if SPL == 8
-        const float4 s4 = *(const float4*)sl, s4b = *(const float4*)(sl + 4);
-        scl[h][0] = s4.x;
-        scl[h][1] = s4.y;
-        scl[h][2] = s4.z;
-        scl[h][3] = s4.w;
-        scl[h][4] = s4b.x;
-        scl[h][5] = s4b.y;
-        scl[h][6] = s4b.z;
-        scl[h][7] = s4b.w;
-#elif SPL == 4
+#if SPL == 4
         const float4 s4 = *(const float4*)sl;
         scl[h][0] = s4.x;
         scl[h][1] = s4.y;
@@ -194,6 +202,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
         scl[h][1] = s2.y;
 #else
         scl[h][0] = *sl;
+#endif
 #endif
 #endif
     }
@@ -230,14 +239,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #pragma unroll
     for (int e = 0; e < 16; ++e) xq[((lane >> 3) * 16 + e) * 8 + (lane & 7)] = (u16)(short)__float2int_rn(v[e] * inv);
     __syncwarp();
-#if GROUP == 32
-    // per (octet o, column c, group p) = (i / 32, i / 4 % 8, i % 4): fields 2 p, 2 p + 1 of words 16 o + c and
-    // 16 o + 8 + c (a lane's two words of octet o, whose integer dots add up per group)
+#if LANE_GROUPS
+    {  // bias 4 m + p (lane i = 4 m + p): fields 2 p, 2 p + 1 of words 8 m .. 8 m + 7, the lanes 4 m .. 4 m + 3's
+        // 16 codes of group p of their octet
+        int s = 0;
 #pragma unroll
-    for (int i = lane; i < 128; i += 32) {
-        const int ja = 16 * (i >> 5) + ((i >> 2) & 7), p = i & 3;
-        const int a = ((const int*)xs)[ja * 4 + p], c = ((const int*)xs)[(ja + 8) * 4 + p];
-        bias[i] = 0x4B400000 - OFF * ((short)(a & 0xffff) + (a >> 16) + (short)(c & 0xffff) + (c >> 16));
+        for (int u = 0; u < 8; ++u) {
+            const int a = ((const int*)xs)[(8 * (lane >> 2) + u) * 4 + (lane & 3)];
+            s += (short)(a & 0xffff) + (a >> 16);
+        }
+        bias[lane] = 0x4B400000 - OFF * s;
     }
 #else
 #pragma unroll
@@ -267,50 +278,64 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     __syncwarp();
     // 3. the dot products, 4 rows a lane: each (word, scale group) integer dot is exact, then times its scale
     float acc[HALVES][4] = {};
-#if BITS == 4 && GROUP == 32
-    // words 16 o + l / 4 and 16 o + 8 + l / 4 (loads 2 o, 2 o + 1) hold fields of octet o's slots 8 o .. 8 o + 7;
-    // fields 2 p, 2 p + 1 (one dp2a) are scale group 4 o + p, so each group's dot is exact over the two words
-#pragma unroll
-    for (int o = 0; o < 4; ++o) {
-        const int ja = 16 * o + lane / 4;
-        const int4 xa = xs[ja], xb = xs[ja + 8];
-        const int4 b4 = ((const int4*)bias)[o * 8 + lane / 4];
-        float st[HALVES][4][4];
-#pragma unroll
-        for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int p = 0; p < 4; ++p) st[h][r][p] = SCALE(h, r, 4 * o + p);
+#if LANE_GROUPS
+    {
+        // the lane's words 8 (l / 4) + u: fields 2 p, 2 p + 1 (one dp2a) are 2 of the 16 codes of group 4 (l / 8) + p
+        // it holds, so each (row, group) dot adds up over all 8 words before its one conversion and scale
+        const int4 b4 = ((const int4*)bias)[lane >> 2];
+        int c[HALVES][4][4];
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const unsigned wa = (unsigned)comp(wr[h][2 * o], r), wb = (unsigned)comp(wr[h][2 * o + 1], r);
-                const unsigned la = wa & 0x0F0F0F0Fu, ha = (wa >> 4) & 0x0F0F0F0Fu;
-                const unsigned lb = wb & 0x0F0F0F0Fu, hb = (wb >> 4) & 0x0F0F0F0Fu;
-                acc[h][r] += exact(dp2a_lo(xb.x, lb, dp2a_lo(xa.x, la, b4.x))) * st[h][r][0]
-                           + exact(dp2a_hi(xb.y, lb, dp2a_hi(xa.y, la, b4.y))) * st[h][r][1]
-                           + exact(dp2a_lo(xb.z, hb, dp2a_lo(xa.z, ha, b4.z))) * st[h][r][2]
-                           + exact(dp2a_hi(xb.w, hb, dp2a_hi(xa.w, ha, b4.w))) * st[h][r][3];
+                c[h][r][0] = b4.x;
+                c[h][r][1] = b4.y;
+                c[h][r][2] = b4.z;
+                c[h][r][3] = b4.w;
             }
-    }
-#elif BITS == 4
-    float st[HALVES][4];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {  // word u * 8 + l / 4, in scale group u / 2
-        const int j = u * 8 + lane / 4;
-        const int4 xv = xs[j];
-        const int b0 = bias[j];
-        if (u % 2 == 0)
+        for (int u = 0; u < 8; ++u) {
+            const int4 xv = xs[WORD(u)];
 #pragma unroll
             for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) st[h][r] = SCALE(h, r, u / 2);
+                for (int r = 0; r < 4; ++r) {
+                    const unsigned w = (unsigned)comp(wr[h][u], r);
+                    const unsigned lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+                    c[h][r][0] = dp2a_lo(xv.x, lo, c[h][r][0]);
+                    c[h][r][1] = dp2a_hi(xv.y, lo, c[h][r][1]);
+                    c[h][r][2] = dp2a_lo(xv.z, hi, c[h][r][2]);
+                    c[h][r][3] = dp2a_hi(xv.w, hi, c[h][r][3]);
+                }
+        }
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[h][r] += exact(dot_word((unsigned)comp(wr[h][u], r), xv, b0)) * st[h][r];
+            for (int r = 0; r < 4; ++r) {
+#if HALF_S
+                const float s0 = half_to_f((u16)sg[h][r].x), s1 = half_to_f((u16)(sg[h][r].x >> 16));
+                const float s2 = half_to_f((u16)sg[h][r].y), s3 = half_to_f((u16)(sg[h][r].y >> 16));
+#else
+                const float4 sf = *(const float4*)(scales + SG_AT(h, r));
+                const float s0 = sf.x, s1 = sf.y, s2 = sf.z, s3 = sf.w;
+#endif
+                acc[h][r] = exact(c[h][r][0]) * s0 + exact(c[h][r][1]) * s1 + exact(c[h][r][2]) * s2
+                          + exact(c[h][r][3]) * s3;
+            }
+    }
+#elif BITS == 4
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {  // words 16 v + l / 4 and 16 v + 8 + l / 4 (loads 2 v, 2 v + 1): scale group v
+        const int j = 16 * v + lane / 4;
+        const int4 xa = xs[j], xb = xs[j + 8];
+        const int b0 = bias[j] + bias[j + 8] - 0x4B400000;  // one integer dot over both words (`exact_xmax`)
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int c = dot_word((unsigned)comp(wr[h][2 * v], r), xa, b0);
+                acc[h][r] += exact(dot_word((unsigned)comp(wr[h][2 * v + 1], r), xb, c)) * SCALE(h, r, v);
+            }
     }
 #else
     // two-bit word (t, w) = load 2 t + w / 8 holds fields i of slots 16 t + i (i = 0..15) at bit 8 (i % 4) + 2 (i / 4);
@@ -468,9 +493,9 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
 
 def exact_xmax(bits: int, offset: int, group: int) -> int:
     """The largest x integer range 2**b - 1 (b <= 15) under which every integer dot the kernel converts stays
-    below 2**22 (`exact`): 8 codes for q4 (a word), 4 for 32-code groups of 4-bit codes (two fields of two words),
-    and for 2- and 3-bit codes a group's fields in both of a lane's words, 2 * group / 16."""
-    codes = (8 if group == 128 else 4) if bits == 4 else 2 * min(group // 16, 16)
+    below 2**22 (`exact`): 16 codes for 4-bit ones (q4: a lane's two words of a group; q4_0: two fields of a lane's
+    8 words), and for 2- and 3-bit codes a group's fields in both of a lane's words, 2 * group / 16."""
+    codes = 16 if bits == 4 else 2 * min(group // 16, 16)
     bound = (2**22 - 1) // (codes * max(offset, (1 << bits) - 1 - offset))
     return 2 ** min(15, (bound + 1).bit_length() - 1) - 1
 
@@ -499,7 +524,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gated
     if not recording_active():
         GEMV.check(v, x.device)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    biases = (128 if group == 32 else 64) if bits == 4 else 32 * (256 // group)
+    biases = (32 if group == 32 else 64) if bits == 4 else 32 * (256 // group)
     shared = warps * (64 * 16 + biases * 4) + warps * (2 if gated else 1) * 16 * 4  # < 48 KB up to `max_blocks`
     eps = rs_in[1] if rs_in is not None else norm_eps
     unused = y
