@@ -4,7 +4,11 @@ with programmatic dependent launch (PDL) inside CUDA graphs.
 
 PDL: a GEMV captured right after another kernel goes out with cuLaunchKernelEx and the programmatic-serialization
 attribute. It starts while that kernel still runs, requests its weights and scales (constants), and waits
-(griddepcontrol.wait) before it reads anything a producer wrote, which it reads through L2 (`ld_fresh`). Each GEMV
+(griddepcontrol.wait) before it reads anything a producer wrote, which it reads through L2 (`ld_fresh`). Found in
+the SASS (`tests/test_pdl_load_order.py`): ptxas schedules the wait (ACQBULK) above the weight loads written
+before it, so they go out only once the producer has finished, unless S2CONV_PDL_FENCE (1: a second
+launch_dependents before the wait, 2: a no-instruction fence) pins them ahead; off by default until measured on
+whole frames. Each GEMV
 lets its successor launch first thing (griddepcontrol.launch_dependents), and so do the Triton kernels on Hopper
 (`launch.pdl_args`, PDL 2). Only after a kernel node: griddepcontrol.wait waits for prerequisite *grids*, so after
 a copy or memset node (torch's copy_ of a token, a zeroed buffer) the GEMV would read x before it is written.
@@ -76,6 +80,14 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 __device__ __forceinline__ void pdl_wait() {
 #if PDL
+#if PDL_FENCE == 1
+    // without this, ptxas schedules the wait (ACQBULK) above every load of the constants before it, so they would
+    // go out only after the producer finished; a second launch_dependents (idempotent) keeps them ahead
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#elif PDL_FENCE == 2
+    // the same ordering from a fence that compiles to no instruction on sm_90 (shared::cluster scope only)
+    asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;" ::: "memory");
+#endif
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
@@ -85,8 +97,10 @@ _FAILED: set = set()
 
 
 def flags_source(flags: dict, source: str) -> str:
-    """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude."""
-    return "".join(f"#define {k} {int(v)}\n" for k, v in flags.items()) + PRELUDE + source
+    """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude; PDL_FENCE (the
+    fence before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 0 (none) (experiment)."""
+    fence = {"PDL_FENCE": int(os.environ.get("S2CONV_PDL_FENCE", "0"))}
+    return "".join(f"#define {k} {int(v)}\n" for k, v in {**fence, **flags}.items()) + PRELUDE + source
 
 
 def available(x: torch.Tensor) -> bool:
