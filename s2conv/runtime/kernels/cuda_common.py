@@ -99,7 +99,7 @@ _FAILED: set = set()
 def flags_source(flags: dict, source: str) -> str:
     """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude; PDL_FENCE (the
     fence before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 0 (none) (experiment)."""
-    fence = {"PDL_FENCE": int(os.environ.get("S2CONV_PDL_FENCE", "0"))}
+    fence = {"PDL_FENCE": {"1": 1, "2": 2}.get(os.environ.get("S2CONV_PDL_FENCE", "0"), 0)}  # other values: 0
     return "".join(f"#define {k} {int(v)}\n" for k, v in {**fence, **flags}.items()) + PRELUDE + source
 
 
