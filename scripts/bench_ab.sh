@@ -18,7 +18,7 @@ if [[ -n "${ENVS:-}" ]]; then
     for r in $(seq "$rounds"); do
         for setting in "${settings[@]}"; do
             read -r -a assignments <<< "$setting"
-            env "${assignments[@]}" python3 -m s2conv.bench "$@" 2>&1 | pick | sed "s/^/$setting $r /"
+            env "${assignments[@]}" python3 -m s2conv.bench "$@" 2>&1 | pick | awk -v p="$setting $r " '{print p $0}'
         done
     done
     exit 0

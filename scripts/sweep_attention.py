@@ -1,13 +1,15 @@
-"""Whole-frame sweep of the Triton decode attention's launch shape: keys per loop step, warps per program and
-programs per SM (the key splits, `fused.attention_splits`), each timed on the graph-replayed frame loop
+"""Whole-frame sweep of the slow AR's Triton decode attention launch shape: keys per loop step, warps per program
+and programs per SM (the key splits, `fused.attention_splits`), each timed on the graph-replayed frame loop
 (`bench.time_decode`) against the shipped setting in the same process. The attention launches early under PDL
 beside the GEMVs, so a shape is judged on frames rather than on launches in isolation (`probe_attention.py`).
+The fast AR's attention (~10 keys) keeps its shape; spans above `fused.ATTN_GQA_SPAN` take the per-KV-head
+kernel, which this does not sweep.
 
   --shapes 'BLOCK_N,WARPS,PER_SM;...'   WARPS 0: one per 32 keys of a step (the default rule)
-  --prompts 256,900                      prompt lengths (the slow AR's spans follow them)
+  --prompts 256,700                      prompt lengths (the slow AR's spans follow them)
 
 Usage: python scripts/sweep_attention.py [--formats q4] [--frames 100] [--rounds 2]
-       [--shapes '32,1,4;16,1,8;64,1,4;64,4,4'] [--prompts 256,900]   (a CUDA GPU)
+       [--shapes '32,1,4;16,1,8;64,1,4;64,4,4'] [--prompts 256,700]   (a CUDA GPU)
 """
 from __future__ import annotations
 
@@ -21,19 +23,27 @@ from s2conv.schema import S2Config
 
 
 def set_shape(block_n: int, warps: int, per_sm: int):
-    """Point the per-query-head attention at this shape; returns a function that restores the shipped one."""
-    saved = fused.ATTN_BLOCK_N, fused.ATTN_WARPS, fused.attention_splits
-    shipped = saved[2]
+    """Point the slow AR's per-query-head attention (spans of 64 keys and more; the fast AR's ~10 keys keep the
+    shipped shape) at this shape; returns a function that restores the shipped one. Spans above
+    `fused.ATTN_GQA_SPAN` go to the per-KV-head kernel, whose shape this does not touch."""
+    shipped_attention, shipped_splits = fused._attention, fused.attention_splits
 
-    def splits(span, rows, device, block_n=fused.ATTN_BLOCK_N, per_sm_=None, max_splits=None):
+    def splits(span, rows, device, block_n_=fused.ATTN_BLOCK_N, per_sm_=None, max_splits=None):
         # the grouped kernel passes its own programs per SM; the per-query-head one leaves the default
-        return shipped(span, rows, device, block_n, per_sm if per_sm_ is None else per_sm_, max_splits)
+        return shipped_splits(span, rows, device, block_n_, per_sm if per_sm_ is None else per_sm_, max_splits)
 
-    fused.ATTN_BLOCK_N, fused.ATTN_WARPS, fused.attention_splits = block_n, warps or None, splits
+    def attention(op, q, fused_args, k_cache, v_cache, pos, span, *rest):
+        if min(span or k_cache.shape[2], k_cache.shape[2]) < 64:
+            return shipped_attention(op, q, fused_args, k_cache, v_cache, pos, span, *rest)
+        saved = fused.ATTN_BLOCK_N, fused.ATTN_WARPS
+        fused.ATTN_BLOCK_N, fused.ATTN_WARPS, fused.attention_splits = block_n, warps or None, splits
+        try:
+            return shipped_attention(op, q, fused_args, k_cache, v_cache, pos, span, *rest)
+        finally:
+            (fused.ATTN_BLOCK_N, fused.ATTN_WARPS), fused.attention_splits = saved, shipped_splits
 
-    def restore():
-        fused.ATTN_BLOCK_N, fused.ATTN_WARPS, fused.attention_splits = saved
-    return restore
+    fused._attention = attention
+    return lambda: setattr(fused, "_attention", shipped_attention)
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """The CUDA GEMVs request their weights before the PDL wait, in the machine code (on the CPU, with nvcc and triton's
-bundled cuobjdump): every weight-word load (ld.global.nc.L1::no_allocate, SASS LDG.E.NA) comes before ACQBULK
-(griddepcontrol.wait), every load of x (ld.global.cg, LDG.E.STRONG.GPU) after it. Without the ordering asm in
-`cuda_common.pdl_wait` (S2CONV_PDL_FENCE=0), ptxas schedules the wait above all of them."""
+bundled cuobjdump): every load of weight words and scales (ld.global.nc, SASS LDG...CONSTANT; the words'
+LDG.E.NA) comes before ACQBULK (griddepcontrol.wait), every load of x and the residual (ld.global.cg,
+LDG...STRONG.GPU) after it. Without the ordering asm in `cuda_common.pdl_wait` (S2CONV_PDL_FENCE=0), ptxas
+schedules the wait above all of them. (nvcc's ptxas stands in for the NVRTC that compiles the kernels at run
+time.)"""
 from __future__ import annotations
 
 import os
@@ -18,7 +20,7 @@ _FORMATS = {"q4": (cuda_int, dict(bits=4, group=128, offset=8)),
             "q3": (cuda_int, dict(bits=3, group=128, offset=4)), "q2": (cuda_int, dict(bits=2, group=64, offset=2)),
             "tq2_0": (cuda_int, dict(bits=2, group=256, offset=2)), "q4_k": (cuda_frag, dict(bits=4, group=32)),
             "q3_k": (cuda_frag, dict(bits=3, group=16)), "q2_k": (cuda_frag, dict(bits=2, group=16))}
-_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
 def _cuobjdump() -> str | None:
@@ -32,7 +34,7 @@ def _cuobjdump() -> str | None:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("fmt", list(_FORMATS))
-@pytest.mark.parametrize("gated,fence", [(False, 1), (True, 1), (False, 2)])
+@pytest.mark.parametrize("gated,fence", [(False, 1), (True, 1), (False, 2), (True, 2)])
 def test_weight_loads_go_out_before_the_pdl_wait(tmp_path, monkeypatch, fmt, gated, fence):
     monkeypatch.setenv("S2CONV_PDL_FENCE", str(fence))
     module, kw = _FORMATS[fmt]
@@ -43,9 +45,13 @@ def test_weight_loads_go_out_before_the_pdl_wait(tmp_path, monkeypatch, fmt, gat
     assert r.returncode == 0, r.stderr[-2000:]
     sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True).stdout
     ops = [m.group(1) for m in _OPCODE.finditer(sass)]
+    assert ops.count("ACQBULK") == 1, "no PDL wait (ACQBULK) in the SASS, or several"
     wait = ops.index("ACQBULK")
     weights = [i for i, op in enumerate(ops) if op.startswith("LDG.E.NA")]
+    constants = [i for i, op in enumerate(ops) if op.startswith("LDG") and "CONSTANT" in op]  # weights and scales
     fresh = [i for i, op in enumerate(ops) if op.startswith("LDG") and "STRONG.GPU" in op]
     assert len(weights) >= 2 * v.bits * (2 if gated else 1)  # a lane's weight words: 2 bits 16-byte loads a half
-    assert max(weights) < wait, f"{sum(i > wait for i in weights)} of {len(weights)} weight loads after the wait"
+    assert len(constants) > len(weights)  # the scales too
+    late = sum(i > wait for i in constants)
+    assert late == 0, f"{late} of {len(constants)} weight and scale loads after the wait"
     assert fresh and min(fresh) > wait  # x and the residual only after it

@@ -94,12 +94,18 @@ __device__ __forceinline__ void pdl_wait() {
 """
 
 _FAILED: set = set()
+_WARNED: set = set()  # S2CONV_PDL_FENCE values already warned about
 
 
 def flags_source(flags: dict, source: str) -> str:
     """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude; PDL_FENCE (the
-    fence before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 0 (none) (experiment)."""
-    fence = {"PDL_FENCE": {"1": 1, "2": 2}.get(os.environ.get("S2CONV_PDL_FENCE", "0"), 0)}  # other values: 0
+    fence before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 0 (none) (experiment; read when a variant
+    first compiles: kernels compiled before a change of the variable keep the old value)."""
+    value = os.environ.get("S2CONV_PDL_FENCE", "0")
+    if value not in ("0", "1", "2") and value not in _WARNED:
+        _WARNED.add(value)
+        log.warning("S2CONV_PDL_FENCE=%r is not 0, 1 or 2: taken as 0", value)
+    fence = {"PDL_FENCE": int(value) if value in ("1", "2") else 0}
     return "".join(f"#define {k} {int(v)}\n" for k, v in {**fence, **flags}.items()) + PRELUDE + source
 
 

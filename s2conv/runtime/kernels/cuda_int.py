@@ -10,11 +10,11 @@ lane, twice that when gated; the 16 rows' scales in one coalesced load, handed t
 shuffles later), then prepares only its own block's x while those are in flight:
 1. x of the block as 16-bit integers round(x * inv), inv = XMAX / max |x| over the block (a per-block scale,
    found by warp shuffles: no wait on other warps), stored in shared memory in the order of a word's fields, so
-   16-byte loads give the x integers that a word's codes meet; per word and scale group also the bias
+   16-byte loads give the x integers that a word's codes meet; per integer dot (below) also the bias
    0x4B400000 - OFF * sum(its x integers) (the code offset's correction);
-2. per word (4-bit) or per 2-bit word and scale group (2-bit; 3-bit: the 2-bit word's low bits ORed with the
-   1-bit word's high bits, shifted into place, so a code is again one byte): dp2a (two multiply-adds each)
-   starting from the bias; the float with the result's bits minus 2**23 + 2**22 is the exact integer dot
+2. per two words of a scale group (q4), or per 2-bit word and scale group (2-bit; 3-bit: the 2-bit word's low bits
+   ORed with the 1-bit word's high bits, shifted into place, so a code is again one byte): dp2a (two multiply-adds
+   each) starting from the bias; the float with the result's bits minus 2**23 + 2**22 is the exact integer dot
    (`triton_int`'s trick), times the group scale / inv. q4_0's 32-code groups: a lane loads 8 consecutive words
    of its rows instead (a group's codes lie 2 a word across 16 words), so its 16 codes of each of 4 groups add up
    in one integer before their one conversion and scale, and it reads those scales itself (no shuffles);
@@ -22,9 +22,10 @@ shuffles later), then prepares only its own block's x while those are in flight:
    folded norm, or the chain's rs_in), silu(w1) * w3 when gated, the residual, the chain's outputs.
 
 On Hopper and later, a GEMV captured into a CUDA graph right after another kernel goes out with programmatic
-dependent launch (PDL, `cuda_common`): it starts while its producer still runs, requests its weights, and waits
-(griddepcontrol.wait) before it reads x. Each GEMV lets its successor launch first thing, so consecutive GEMVs
-overlap one's tail with the next one's weight loads.
+dependent launch (PDL, `cuda_common`): it starts while its producer still runs and waits (griddepcontrol.wait)
+before it reads x; its weight loads are written before the wait, but ptxas schedules them after it unless
+S2CONV_PDL_FENCE pins them (`cuda_common.pdl_wait`). Each GEMV lets its successor launch first thing, so
+consecutive GEMVs overlap one's tail with the next one's start.
 
 H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
 GEMV without it, wo 6.0 against 6.3, w1|w3 12.6 against 13.9; at K = 9728 (w2) 11.3 against 9.2. Without PDL,
@@ -106,13 +107,13 @@ __device__ __forceinline__ int comp(int4 v, int i) { return i == 0 ? v.x : i == 
 
 // One thread block per 16-row tile of the output; warp w takes 512-code block w of the tile's rows, so
 // blockDim = 32 * n_blocks. A warp load covers 8 consecutive words of the 16 rows (512 contiguous bytes): lane l
-// holds word l / 4 of rows 4 (l % 4) .. + 3, word u * 8 + l / 4 of the block at load u (NLOAD = 2 BITS loads:
-// a block is 16 BITS words a row, `layout.pack_int_codes`).
+// holds word l / 4 of rows 4 (l % 4) .. + 3, word WORD(u) of the block at load u (u * 8 + l / 4; q4_0:
+// 8 (l / 4) + u) (NLOAD = 2 BITS loads: a block is 16 BITS words a row, `layout.pack_int_codes`).
 // qw: int32 words [HALVES * n_pad, W]; scales fp32 (fp16 with HALF_S) [HALVES * N, stride_s], one per GROUP codes
 // (SPB per block);
 // x, res, y, g, gx_*: the activations' 16-bit dtype. Shared memory, per warp: its block's x integers in the order
 // of the words' fields (4-bit: [64 words][8] u16; 2- and 3-bit: [32 two-bit words][16] u16, the 1-bit words of
-// 3-bit codes meet the same x) and the bias of each (word, scale group) [BIASES]; then the warps' row sums
+// 3-bit codes meet the same x) and the bias of each integer dot [BIASES]; then the warps' row sums
 // [WARPS][HALVES * 16].
 // x is scaled to integers per block (inv = XMAX / max |x| over the block's 512 codes), so a warp prepares its
 // own x without waiting on the other warps: the one block-wide barrier is before the final sums.
@@ -212,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #endif
     // 2. the block's x: lane l takes the 16 codes of slot l (k = 512 b + 16 l + e), the block's max |x| by
     // shuffles, the integers stored where the words' fields meet them (4-bit: field l % 8 of word 16 (l / 8) + e;
-    // 2-bit words: field l % 16 of word 16 (l / 16) + e); then the bias of each (word, scale group)
+    // 2-bit words: field l % 16 of word 16 (l / 16) + e); then the bias of each integer dot
     // (K is a whole number of blocks and x is 16-byte aligned: `aligned`)
     const int k0 = b * 512 + 16 * lane;
     int4 xr[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
@@ -276,7 +277,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     }
 #endif
     __syncwarp();
-    // 3. the dot products, 4 rows a lane: each (word, scale group) integer dot is exact, then times its scale
+    // 3. the dot products, 4 rows a lane: each integer dot (codes of one scale group) is exact, then times its
+    // scale
     float acc[HALVES][4] = {};
 #if LANE_GROUPS
     {
@@ -483,7 +485,7 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
     """The memory layout the kernel's loads assume: K a whole number of 512-code blocks with a scale for every
     group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
     scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
-    at once: 4 for 64-code groups, 2 for 128, 1 for 256)."""
+    at once: 4 for 64-code groups, 2 for 128, 1 for 256; q4_0's fp16 scales 4 at a time, checked as 8)."""
     vec = 256 // group if scales.dtype == torch.float16 else min(4, 256 // group)
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
