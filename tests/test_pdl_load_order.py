@@ -2,7 +2,7 @@
 bundled cuobjdump): every load of weight words and scales (ld.global.nc, SASS LDG...CONSTANT; the words'
 LDG.E.NA) comes before ACQBULK (griddepcontrol.wait), every load of x and the residual (ld.global.cg,
 LDG...STRONG.GPU) after it. Without the ordering asm in `cuda_common.pdl_wait` (S2CONV_PDL_FENCE=0), ptxas
-schedules the wait above all of them. (nvcc's ptxas stands in for the NVRTC that compiles the kernels at run
+schedules the wait above all of them (q4 frames 6.5% slower on an H100). (nvcc's ptxas stands in for the NVRTC that compiles the kernels at run
 time.)"""
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def _cuobjdump() -> str | None:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("fmt", list(_FORMATS))
-@pytest.mark.parametrize("gated,fence", [(False, 1), (True, 1), (False, 2), (True, 2)])
-def test_weight_loads_go_out_before_the_pdl_wait(tmp_path, monkeypatch, fmt, gated, fence):
-    monkeypatch.setenv("S2CONV_PDL_FENCE", str(fence))
+@pytest.mark.parametrize("gated", [False, True])
+def test_weight_loads_go_out_before_the_pdl_wait(tmp_path, monkeypatch, fmt, gated):
+    monkeypatch.delenv("S2CONV_PDL_FENCE", raising=False)  # the default
     module, kw = _FORMATS[fmt]
     v = module.Variant(5, **kw, gated=gated, has_res=True, pdl=True, min_blocks=module.min_blocks(gated, 5))
     src, cubin = tmp_path / "k.cu", tmp_path / "k.cubin"

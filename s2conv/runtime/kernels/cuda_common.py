@@ -6,9 +6,8 @@ PDL: a GEMV captured right after another kernel goes out with cuLaunchKernelEx a
 attribute. It starts while that kernel still runs, requests its weights and scales (constants), and waits
 (griddepcontrol.wait) before it reads anything a producer wrote, which it reads through L2 (`ld_fresh`). Found in
 the SASS (`tests/test_pdl_load_order.py`): ptxas schedules the wait (ACQBULK) above the weight loads written
-before it, so they go out only once the producer has finished, unless S2CONV_PDL_FENCE (1: a second
-launch_dependents before the wait, 2: a no-instruction fence) pins them ahead; off by default until measured on
-whole frames. Each GEMV
+before it, so they would go out only once the producer has finished; a second launch_dependents just before the
+wait pins them ahead (q4 frames +6.5% on an H100; S2CONV_PDL_FENCE=0 leaves it out, for comparisons). Each GEMV
 lets its successor launch first thing (griddepcontrol.launch_dependents), and so do the Triton kernels on Hopper
 (`launch.pdl_args`, PDL 2). Only after a kernel node: griddepcontrol.wait waits for prerequisite *grids*, so after
 a copy or memset node (torch's copy_ of a token, a zeroed buffer) the GEMV would read x before it is written.
@@ -80,13 +79,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 __device__ __forceinline__ void pdl_wait() {
 #if PDL
-#if PDL_FENCE == 1
+#if PDL_FENCE
     // without this, ptxas schedules the wait (ACQBULK) above every load of the constants before it, so they would
-    // go out only after the producer finished; a second launch_dependents (idempotent) keeps them ahead
+    // go out only after the producer finished; a second launch_dependents (idempotent) keeps them ahead. (A
+    // no-instruction fence.acquire.sync_restrict::shared::cluster.cluster orders them too, but measured slower.)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#elif PDL_FENCE == 2
-    // the same ordering from a fence that compiles to no instruction on sm_90 (shared::cluster scope only)
-    asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;" ::: "memory");
 #endif
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -99,13 +96,13 @@ _WARNED: set = set()  # S2CONV_PDL_FENCE values already warned about
 
 def flags_source(flags: dict, source: str) -> str:
     """A kernel source with its compile-time flags as #defines (booleans as 0 / 1) and the prelude; PDL_FENCE (the
-    fence before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 0 (none) (experiment; read when a variant
-    first compiles: kernels compiled before a change of the variable keep the old value)."""
-    value = os.environ.get("S2CONV_PDL_FENCE", "0")
-    if value not in ("0", "1", "2") and value not in _WARNED:
+    ordering before the PDL wait, `pdl_wait`) from S2CONV_PDL_FENCE, default 1 (0 leaves it out, for comparisons;
+    read when a variant first compiles: kernels compiled before a change of the variable keep the old value)."""
+    value = os.environ.get("S2CONV_PDL_FENCE", "1")
+    if value not in ("0", "1") and value not in _WARNED:
         _WARNED.add(value)
-        log.warning("S2CONV_PDL_FENCE=%r is not 0, 1 or 2: taken as 0", value)
-    fence = {"PDL_FENCE": int(value) if value in ("1", "2") else 0}
+        log.warning("S2CONV_PDL_FENCE=%r is not 0 or 1: taken as 1", value)
+    fence = {"PDL_FENCE": value != "0"}
     return "".join(f"#define {k} {int(v)}\n" for k, v in {**fence, **flags}.items()) + PRELUDE + source
 
 

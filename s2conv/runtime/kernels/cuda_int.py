@@ -23,8 +23,8 @@ shuffles later), then prepares only its own block's x while those are in flight:
 
 On Hopper and later, a GEMV captured into a CUDA graph right after another kernel goes out with programmatic
 dependent launch (PDL, `cuda_common`): it starts while its producer still runs and waits (griddepcontrol.wait)
-before it reads x; its weight loads are written before the wait, but ptxas schedules them after it unless
-S2CONV_PDL_FENCE pins them (`cuda_common.pdl_wait`). Each GEMV lets its successor launch first thing, so
+before it reads x; its weight loads go out before the wait (pinned there, `cuda_common.pdl_wait`: ptxas would
+otherwise schedule them after it). Each GEMV lets its successor launch first thing, so
 consecutive GEMVs overlap one's tail with the next one's start.
 
 H200, S2's shapes (bench/RESULTS.md, eighteenth session): wqkv with its norm 6.6 us against 6.7 for the Triton
