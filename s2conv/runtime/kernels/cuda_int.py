@@ -207,6 +207,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
 #endif
 #endif
     }
+#if NORM
+    // the norm weight's 16 values at this lane's slot of x (k = 512 b + 16 l + e), a constant too
+    const int4 gr[2] = {*(const int4*)(g + b * 512 + 16 * lane), *(const int4*)(g + b * 512 + 16 * lane + 8)};
+#endif
     pdl_wait();  // everything above read constants only; x, res, rs_in and every write come after the producer
 #if ZERO
     if (tid == 0 && blockIdx.x == 0) *zero = 0.f;  // a consumed sum-of-squares slot, free for the next step
@@ -215,12 +219,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
     // shuffles, the integers stored where the words' fields meet them (4-bit: field l % 8 of word 16 (l / 8) + e;
     // 2-bit words: field l % 16 of word 16 (l / 16) + e); then the bias of each integer dot
     // (K is a whole number of blocks and x is 16-byte aligned: `aligned`)
-    const int k0 = b * 512 + 16 * lane;
+    const int k0 = b * 512 + 16 * lane;  // below K: a launch has one warp per block of K (`aligned`)
+#if X_GUARD
+    // a guard that never fails, kept where its removal measured slower (q2 frames -5%, q3 -0.5% on an H100,
+    // though it costs ~32 instructions; cause not found): it changes how ptxas schedules what follows
     int4 xr[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
     if (k0 < K) {
         xr[0] = ld_fresh((const int4*)(x + k0));
         xr[1] = ld_fresh((const int4*)(x + k0 + 8));
     }
+#else
+    const int4 xr[2] = {ld_fresh((const int4*)(x + k0)), ld_fresh((const int4*)(x + k0 + 8))};
+#endif
     const u16* xh = (const u16*)xr;
     float v[16], amax = 0.f;
 #pragma unroll
@@ -228,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_int_gemv(
         v[e] = x_to_f(xh[e]);
 #if NORM
         sq += v[e] * v[e];
-        v[e] *= k0 < K ? x_to_f(g[k0 + e]) : 0.f;
+        v[e] *= x_to_f(((const u16*)gr)[e]);
 #endif
         amax = fmaxf(amax, fabsf(v[e]));
     }
@@ -446,7 +456,8 @@ class Variant:
     def source(self) -> str:
         flags = dict(WARPS=self.warps, BITS=self.bits, GROUP=self.group, GATED=self.gated, HAS_RES=self.has_res,
                      NORM=self.norm, SS=self.ss, ZERO=self.zero, GX=self.gx, RS=self.rs, XF16=self.fp16,
-                     OFF=self.offset, MINB=self.min_blocks, PDL=self.pdl, HALF_S=self.half_scales)
+                     OFF=self.offset, MINB=self.min_blocks, PDL=self.pdl, HALF_S=self.half_scales,
+                     X_GUARD=self.bits < 4 and self.group < 256)  # q2, q3: see the kernel
         return flags_source(flags, SOURCE)
 
 
@@ -481,16 +492,19 @@ def max_k(device: torch.device) -> int:
     return int(os.environ.get("S2CONV_CUDA_GEMV_MAX_K", default))
 
 
-def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int = 128) -> bool:
+def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int = 128,
+            norm_weight: torch.Tensor | None = None) -> bool:
     """The memory layout the kernel's loads assume: K a whole number of 512-code blocks with a scale for every
     group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
     scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
-    at once: 4 for 64-code groups, 2 for 128, 1 for 256; q4_0's fp16 scales 4 at a time, checked as 8)."""
+    at once: 4 for 64-code groups, 2 for 128, 1 for 256; q4_0's fp16 scales 4 at a time, checked as 8), and a
+    folded norm's weight contiguous and 16-byte aligned (read like x)."""
     vec = 256 // group if scales.dtype == torch.float16 else min(4, 256 // group)
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
             and scales.data_ptr() % (scales.element_size() * vec) == 0 and qweight.data_ptr() % 16 == 0
-            and x.data_ptr() % 16 == 0)
+            and x.data_ptr() % 16 == 0
+            and (norm_weight is None or (norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0)))
 
 
 def exact_xmax(bits: int, offset: int, group: int) -> int:

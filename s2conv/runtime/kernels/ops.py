@@ -398,7 +398,8 @@ def int_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         # longest kernel of a cold start), and the plain one is the same kernel as the model's other linears
         both = int_linear_impl(x, qweight, scales, None, bits, offset, group, False)
         return fused.silu_mul(both[:, :n], both[:, n:])
-    if _cuda_gemv(x, bits, offset, group, False, k, config, gated) and cuda_int.aligned(x, qweight, scales, group):
+    if (_cuda_gemv(x, bits, offset, group, False, k, config, gated)
+            and cuda_int.aligned(x, qweight, scales, group, norm_weight)):
         try:
             return cuda_int.int_gemv(x, qweight, scales, gated, residual, norm_weight, norm_eps, ss_out, zero,
                                      gx_out, rs_in, offset, bits, group)
