@@ -2,8 +2,8 @@
 bundled cuobjdump): every load of weight words and scales (ld.global.nc, SASS LDG...CONSTANT; the words'
 LDG.E.NA) comes before ACQBULK (griddepcontrol.wait), every load of x and the residual (ld.global.cg,
 LDG...STRONG.GPU) after it. Without the ordering asm in `cuda_common.pdl_wait` (S2CONV_PDL_FENCE=0), ptxas
-schedules the wait above all of them (q4 frames 6.5% slower on an H100). (nvcc's ptxas stands in for the NVRTC that compiles the kernels at run
-time.)"""
+schedules the wait above all of them (q4 frames 6.5% slower on an H100). (nvcc's ptxas stands in for the NVRTC
+that compiles the kernels at run time.)"""
 from __future__ import annotations
 
 import os
@@ -13,13 +13,14 @@ import subprocess
 
 import pytest
 
-from s2conv.runtime.kernels import cuda_frag, cuda_int
+from s2conv.runtime.kernels import cuda_frag, cuda_int, cuda_rows
 
 _FORMATS = {"q4": (cuda_int, dict(bits=4, group=128, offset=8)),
             "q4_0": (cuda_int, dict(bits=4, group=32, offset=8, half_scales=True)),
             "q3": (cuda_int, dict(bits=3, group=128, offset=4)), "q2": (cuda_int, dict(bits=2, group=64, offset=2)),
             "tq2_0": (cuda_int, dict(bits=2, group=256, offset=2)), "q4_k": (cuda_frag, dict(bits=4, group=32)),
-            "q3_k": (cuda_frag, dict(bits=3, group=16)), "q2_k": (cuda_frag, dict(bits=2, group=16))}
+            "q3_k": (cuda_frag, dict(bits=3, group=16)), "q2_k": (cuda_frag, dict(bits=2, group=16)),
+            "fp8": (cuda_rows, dict(fp8=True, norm=True)), "q8": (cuda_rows, dict(fp8=False, norm=True))}
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
@@ -50,7 +51,8 @@ def test_weight_loads_go_out_before_the_pdl_wait(tmp_path, monkeypatch, fmt, gat
     weights = [i for i, op in enumerate(ops) if op.startswith("LDG.E.NA")]
     constants = [i for i, op in enumerate(ops) if op.startswith("LDG") and "CONSTANT" in op]  # weights and scales
     fresh = [i for i, op in enumerate(ops) if op.startswith("LDG") and "STRONG.GPU" in op]
-    assert len(weights) >= 2 * v.bits * (2 if gated else 1)  # a lane's weight words: 2 bits 16-byte loads a half
+    # a lane's weight words, 16-byte loads: 2 bits a half (interleaved layouts), 8 (row-major 8-bit codes: a row each)
+    assert len(weights) >= (8 if module is cuda_rows else 2 * v.bits) * (2 if gated else 1)
     assert len(constants) > len(weights)  # the scales too
     late = sum(i > wait for i in constants)
     assert late == 0, f"{late} of {len(constants)} weight and scale loads after the wait"

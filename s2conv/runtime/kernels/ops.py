@@ -17,7 +17,7 @@ import triton
 
 from s2conv.errors import RuntimeModelError
 from s2conv.quant_formats.base import two_level_scales
-from s2conv.runtime.kernels import cuda_frag, cuda_int, fused
+from s2conv.runtime.kernels import cuda_frag, cuda_int, cuda_rows, fused
 from s2conv.runtime.kernels.launch import counters, launch, pdl_args
 from s2conv.runtime.kernels.layout import (BLOCK_K, ROWS, WORDS, IntSpec, dequantize_packed_fragment,
                                           fragment_chunk, fragment_chunk_words, fragment_unit, padded_rows,
@@ -610,6 +610,12 @@ def float_linear_impl(x: torch.Tensor, weight: torch.Tensor, scales: Optional[to
     n = rows // 2 if gated else rows
     _check_residual(op, residual, x, n, gated)
     _check_gx(op, chain, x, n)
+    if (m == 1 and config is None and scales is not None and cuda_rows.takes(x, weight, True, group, k, gated)
+            and cuda_rows.aligned(x, weight, scales, norm_ss)):
+        try:
+            return cuda_rows.rows8_gemv(x, weight, scales, gated, residual, ss_out, zero, norm_ss, gx_out)
+        except RuntimeModelError as e:  # no NVRTC here: this device keeps the Triton kernel (cuda_common.available)
+            log.warning("%s", e)
     cfg = config or TUNED.get(_float_key(x, weight, scales is not None, gated, group)) or default_config(
         "float", 8 if weight.dtype in (torch.float8_e4m3fn, torch.int8) else 16, n, k, m, dev, gated, group)
     # no K step wider than K (small models, tests), nor narrower than a scale group
