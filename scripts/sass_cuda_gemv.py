@@ -1,5 +1,5 @@
-"""SASS instructions of the hand-written CUDA GEMVs (`cuda_int`, `cuda_frag`), without a GPU: compile each
-format's variant for sm_90 with nvcc, disassemble it with triton's bundled cuobjdump, and count the kernel's
+"""SASS instructions of the hand-written CUDA GEMVs (`cuda_int`, `cuda_frag`, `cuda_rows`), without a GPU: compile
+each format's variant for sm_90 with nvcc, disassemble it with triton's bundled cuobjdump, and count the kernel's
 instructions by opcode, with the registers ptxas reports. A warp takes one 512-code block and the loops over it
 are unrolled, so the count is close to what a thread executes.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import triton.backends.nvidia as nvidia_backend
 
-from s2conv.runtime.kernels import cuda_frag, cuda_int
+from s2conv.runtime.kernels import cuda_frag, cuda_int, cuda_rows
 from s2conv.runtime.kernels.layout import INT_SPECS
 
 # format -> (module, Variant keyword arguments beside warps and the flags)
@@ -35,6 +35,8 @@ FORMATS = {
     "q4_k": (cuda_frag, dict(bits=4, group=32)),
     "q3_k": (cuda_frag, dict(bits=INT_SPECS["q3_k"].bits, group=16)),
     "q2_k": (cuda_frag, dict(bits=2, group=16)),
+    "fp8": (cuda_rows, dict(fp8=True)),
+    "q8": (cuda_rows, dict(fp8=False)),
 }
 _OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 

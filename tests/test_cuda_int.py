@@ -238,6 +238,19 @@ def test_a_call_the_cuda_gemv_cannot_take_still_gets_its_norm(monkeypatch):
     _close(y, _rms(x, g, 1e-6) @ w.T)
 
 
+def test_aligned_refuses_a_norm_weight_the_kernel_cannot_read():
+    """The folded norm's weight is read 16 bytes at a time as x's 16-bit dtype: an offset view or another dtype
+    stays on Triton (CPU tensors: the check reads only shapes, pointers, strides and dtypes)."""
+    from s2conv.runtime.kernels import cuda_int
+    k = 2560
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    qweight, scales = torch.zeros(16, k // 8, dtype=torch.int32), torch.ones(16, k // 128)
+    g = torch.ones(k + 8, dtype=torch.bfloat16)
+    assert cuda_int.aligned(x, qweight, scales, 128, g[:k])
+    assert not cuda_int.aligned(x, qweight, scales, 128, g[1:k + 1])  # 2 bytes past a 16-byte boundary
+    assert not cuda_int.aligned(x, qweight, scales, 128, g[:k].float())
+
+
 def test_takes_only_what_it_computes():
     """The dispatcher's gate: 4-bit codes in groups of 32 or 128, 2- and 3-bit ones in groups of 64, 128 or 256, no mins, K up
     to the limit, one 16-bit CUDA row."""

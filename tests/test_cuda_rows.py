@@ -86,10 +86,15 @@ def test_matches_reference(mode, n, k, dtype, fmt):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["fp8", "q8"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_norm_chain_matches_triton(fmt, gated):
+def test_norm_chain_matches_triton(monkeypatch, fmt, gated):
     """ss_out, zero, norm_ss and gx_out as `ops.float_linear_impl` documents them: the dispatcher's CUDA path
     against the Triton GEMV (forced by an explicit config) on the same inputs."""
-    from s2conv.runtime.kernels import ops
+    from s2conv.runtime.kernels import cuda_common, cuda_rows, ops
+    if not cuda_common.pdl_capable(torch.device("cuda")):
+        pytest.skip("the CUDA GEMV takes fp8 and q8 only where it can launch with PDL")
+    calls = []
+    rows8_gemv = cuda_rows.rows8_gemv
+    monkeypatch.setattr(cuda_rows, "rows8_gemv", lambda *a, **kw: (calls.append(1), rows8_gemv(*a, **kw))[1])
     n, k = (2560, 2560) if not gated else (1024, 2560)
     gen = torch.Generator().manual_seed(11)
     x = _row(k, torch.bfloat16, gen, fmt)
@@ -109,6 +114,7 @@ def test_norm_chain_matches_triton(fmt, gated):
             chain.update(ss_out=ss_out, gx_out=(g_out, gx), residual=res)
         y = ops.float_linear_impl(x, codes, scales, gated, config, **chain)
         outs.append((y, ss_out.clone(), zero.clone(), gx.clone()))
+    assert calls == [1]  # the dispatcher took the CUDA GEMV once, the explicit config Triton
     (y_c, ss_c, z_c, gx_c), (y_t, ss_t, z_t, gx_t) = outs
     _close(y_c, y_t)
     assert z_c.item() == 0.0 and z_t.item() == 0.0
@@ -156,6 +162,20 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
         assert torch.equal(out.clone(), chain())
     if cuda_common.pdl_capable(src.device):
         assert len(pdl_launches) == len(weights) - 1
+
+
+def test_aligned_refuses_a_norm_weight_the_kernel_cannot_read():
+    """The input norm's weight is read 16 bytes at a time as x's 16-bit dtype: an offset view or another dtype
+    stays on Triton (CPU tensors: the check reads only pointers, strides and dtypes)."""
+    from s2conv.runtime.kernels import cuda_rows
+    k = 2560
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    w, scales = torch.zeros(8, k, dtype=torch.int8), torch.ones(8)
+    g = torch.ones(k + 8, dtype=torch.bfloat16)
+    ss = torch.ones(1)
+    assert cuda_rows.aligned(x, w, scales, (ss, g[:k], 1e-6))
+    assert not cuda_rows.aligned(x, w, scales, (ss, g[1:k + 1], 1e-6))  # 2 bytes past a 16-byte boundary
+    assert not cuda_rows.aligned(x, w, scales, (ss, g[:k].float(), 1e-6))
 
 
 def test_takes_only_what_it_computes():

@@ -2,7 +2,7 @@
 bundled cuobjdump): every load of weight words and scales (ld.global.nc, SASS LDG...CONSTANT; the words'
 LDG.E.NA) comes before ACQBULK (griddepcontrol.wait), every load of x and the residual (ld.global.cg,
 LDG...STRONG.GPU) after it. Without the ordering asm in `cuda_common.pdl_wait` (S2CONV_PDL_FENCE=0), ptxas
-schedules the wait above all of them (q4 frames 6.5% slower on an H100). (nvcc's ptxas stands in for the NVRTC
+schedules the wait above all of them (q4 frames 6.1% slower on an H100). (nvcc's ptxas stands in for the NVRTC
 that compiles the kernels at run time.)"""
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 
 from s2conv.runtime.kernels import cuda_frag, cuda_int, cuda_rows
 
-_FORMATS = {"q4": (cuda_int, dict(bits=4, group=128, offset=8)),
-            "q4_0": (cuda_int, dict(bits=4, group=32, offset=8, half_scales=True)),
-            "q3": (cuda_int, dict(bits=3, group=128, offset=4)), "q2": (cuda_int, dict(bits=2, group=64, offset=2)),
+_FORMATS = {"q4": (cuda_int, dict(bits=4, group=128, offset=8, norm=True)),
+            "q4_0": (cuda_int, dict(bits=4, group=32, offset=8, half_scales=True, norm=True)),
+            "q3": (cuda_int, dict(bits=3, group=128, offset=4, norm=True)),
+            "q2": (cuda_int, dict(bits=2, group=64, offset=2, norm=True)),
             "tq2_0": (cuda_int, dict(bits=2, group=256, offset=2)), "q4_k": (cuda_frag, dict(bits=4, group=32)),
             "q3_k": (cuda_frag, dict(bits=3, group=16)), "q2_k": (cuda_frag, dict(bits=2, group=16)),
             "fp8": (cuda_rows, dict(fp8=True, norm=True)), "q8": (cuda_rows, dict(fp8=False, norm=True))}

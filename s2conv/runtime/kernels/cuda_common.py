@@ -1,6 +1,7 @@
-"""What hand-written CUDA GEMVs share (`cuda_int`, for 2- to 4-bit codes, is the one so far): the device helpers every
-kernel source starts with (`PRELUDE`), compiling each variant with NVRTC once per device, and the launch, plain or
-with programmatic dependent launch (PDL) inside CUDA graphs.
+"""What the hand-written CUDA GEMVs share (`cuda_int`: 2- to 4-bit codes; `cuda_frag`: the k-quants' fragment layout;
+`cuda_rows`: row-major 8-bit codes): the device helpers every kernel source starts with (`PRELUDE`), compiling each
+variant with NVRTC once per device, and the launch, plain or with programmatic dependent launch (PDL) inside CUDA
+graphs.
 
 PDL: a GEMV captured right after another kernel goes out with cuLaunchKernelEx and the programmatic-serialization
 attribute. It starts while that kernel still runs, requests its weights and scales (constants), and waits

@@ -498,13 +498,14 @@ def aligned(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group:
     group of them (a lane reads 16 x values at once, unmasked), contiguous x and qweight, both 16-byte aligned, and
     scales whose rows split into whole vectors of 256 / group floats (a lane loads half a block's scales of one row
     at once: 4 for 64-code groups, 2 for 128, 1 for 256; q4_0's fp16 scales 4 at a time, checked as 8), and a
-    folded norm's weight contiguous and 16-byte aligned (read like x)."""
+    folded norm's weight contiguous, 16-byte aligned and in x's dtype (read like x)."""
     vec = 256 // group if scales.dtype == torch.float16 else min(4, 256 // group)
     return (x.shape[1] % 512 == 0 and scales.shape[1] * group >= x.shape[1] and x.is_contiguous()
             and qweight.is_contiguous() and scales.stride(1) == 1 and scales.stride(0) % vec == 0
             and scales.data_ptr() % (scales.element_size() * vec) == 0 and qweight.data_ptr() % 16 == 0
             and x.data_ptr() % 16 == 0
-            and (norm_weight is None or (norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0)))
+            and (norm_weight is None or (norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0
+                                         and norm_weight.dtype == x.dtype)))
 
 
 def exact_xmax(bits: int, offset: int, group: int) -> int:

@@ -235,19 +235,21 @@ def min_blocks(gated: bool, warps: int) -> int:
 def takes(x: torch.Tensor, weight: torch.Tensor, has_scale: bool, group: int, k: int, gated: bool) -> bool:
     """Whether `rows8_gemv` takes this linear (`ops.float_linear_impl` asks): `available(x)`, fp8 e4m3 (on sm_90+)
     or int8 codes with a scale per row (no groups), K a multiple of 16 within `max_blocks`, unless
-    S2CONV_CUDA_ROWS=0."""
+    S2CONV_CUDA_ROWS=0. Only where the launch can use PDL (`pdl_capable`): without it (below sm_90,
+    S2CONV_CUDA_PDL=0) this kernel measured no faster than Triton."""
     if not (available(x) and has_scale and group == 0 and k % 16 == 0 and 0 < k <= max_blocks(gated) * 512
-            and os.environ.get("S2CONV_CUDA_ROWS", "1") != "0"):
+            and os.environ.get("S2CONV_CUDA_ROWS", "1") != "0" and pdl_capable(x.device)):
         return False
     return weight.dtype == torch.int8 or (weight.dtype == torch.float8_e4m3fn and capability(x.device) >= 9)
 
 
 def aligned(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm_ss: tuple | None = None) -> bool:
     """The memory layout the kernel's 16-byte loads assume: contiguous 16-byte aligned x, weight and input norm
-    weight (norm_ss[1]), contiguous scales."""
+    weight (norm_ss[1], in x's dtype: read as 16-bit values), contiguous scales."""
     g = None if norm_ss is None else norm_ss[1]
     return (x.is_contiguous() and weight.is_contiguous() and scales.is_contiguous() and x.data_ptr() % 16 == 0
-            and weight.data_ptr() % 16 == 0 and (g is None or (g.is_contiguous() and g.data_ptr() % 16 == 0)))
+            and weight.data_ptr() % 16 == 0
+            and (g is None or (g.is_contiguous() and g.data_ptr() % 16 == 0 and g.dtype == x.dtype)))
 
 
 GEMV = CudaGemv("s2_rows8_gemv")
