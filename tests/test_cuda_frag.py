@@ -4,13 +4,13 @@ the reference weight and the tensor-core kernel, norm chain and graph replay inc
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from s2conv.runtime.kernels.cuda_frag import Variant
 from s2conv.runtime.kernels.cuda_int import max_blocks, min_blocks
+from test_cuda_int import assert_compiles_without_spills
 
 _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=True, zero=True, gx=True),
           dict(gated=True, rs=True), dict(rs=True, has_res=True, ss=True, gx=True), dict(fp16=True, has_res=True),
@@ -23,13 +23,8 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(has_res=True, ss=Tr
 @pytest.mark.parametrize("flags", _FLAGS, ids=lambda f: "-".join(f) or "plain")
 def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, bits, group, flags):
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
-    src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, bits, group, **flags,
-                           min_blocks=min_blocks(flags.get("gated", False), warps)).source())
-    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
-                        str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+    assert_compiles_without_spills(Variant(warps, bits, group, **flags,
+                                           min_blocks=min_blocks(flags.get("gated", False), warps)).source(), tmp_path)
 
 
 _BITS = {"q4_k": (4, 32), "q3_k": (3, 16), "q2_k": (2, 16)}

@@ -23,6 +23,16 @@ _CODES = {"q4": dict(bits=4, group=128, offset=8), "q4_0": dict(bits=4, group=32
           "q2": dict(bits=2, group=64, offset=2), "tq2_0": dict(bits=2, group=256, offset=2)}
 
 
+def assert_compiles_without_spills(source: str, tmp_path) -> None:
+    """nvcc compiles a CUDA GEMV's kernel source for sm_90 without warnings and without register spills."""
+    src = tmp_path / "k.cu"
+    src.write_text(source)
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
+                        str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("warps", [1, 5, 19, "max"])
 @pytest.mark.parametrize("fmt", list(_CODES))
@@ -30,13 +40,8 @@ _CODES = {"q4": dict(bits=4, group=128, offset=8), "q4_0": dict(bits=4, group=32
 def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, fmt, flags):
     """Up to `max_blocks` warps: the registers hold a lane's words without spilling (one more warp gated spills)."""
     warps = min(max_blocks(flags.get("gated", False)), 24 if warps == "max" else warps)
-    src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, **_CODES[fmt], **flags,
-                           min_blocks=min_blocks(flags.get("gated", False), warps)).source())
-    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
-                        str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+    assert_compiles_without_spills(Variant(warps, **_CODES[fmt], **flags,
+                                           min_blocks=min_blocks(flags.get("gated", False), warps)).source(), tmp_path)
 
 
 def _cuda_row(k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -4,12 +4,13 @@ reference path and the Triton float GEMV, eager and graph-replayed with PDL."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from s2conv.runtime.kernels.cuda_rows import Variant, max_blocks, min_blocks
+from test_cuda_int import _close as close
+from test_cuda_int import _cuda_row, assert_compiles_without_spills, assert_replay_matches_eager
 
 _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True, gated=True, zero=True),
           dict(norm=True, has_res=True, ss=True, gx=True, zero=True), dict(fp16=True, has_res=True),
@@ -23,12 +24,7 @@ _FLAGS = [dict(), dict(gated=True), dict(has_res=True), dict(norm=True, gated=Tr
 def test_variant_compiles_for_sm90_without_spills(tmp_path, warps, fp8, flags):
     gated = flags.get("gated", False)
     warps = min(max_blocks(gated), 24 if warps == "max" else warps)
-    src = tmp_path / "k.cu"
-    src.write_text(Variant(warps, fp8, **flags, min_blocks=min_blocks(gated, warps)).source())
-    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-Werror", "all-warnings", str(src), "-o",
-                        str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+    assert_compiles_without_spills(Variant(warps, fp8, **flags, min_blocks=min_blocks(gated, warps)).source(), tmp_path)
 
 
 def _weight(fmt: str, rows: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,16 +38,15 @@ def _weight(fmt: str, rows: int, k: int, gen: torch.Generator) -> tuple[torch.Te
 
 
 def _row(k: int, dtype: torch.dtype, gen: torch.Generator, fmt: str) -> torch.Tensor:
-    from s2conv.runtime.kernels.cuda_common import available, capability
-    x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
-    if not available(x) or (fmt == "fp8" and capability(x.device) < 9):
-        pytest.skip("no NVRTC, or a GPU below what the format needs")
+    from s2conv.runtime.kernels.cuda_common import capability
+    x = _cuda_row(k, dtype, gen)
+    if fmt == "fp8" and capability(x.device) < 9:
+        pytest.skip("fp8 e4m3 conversion needs sm_90")
     return x
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-2) -> None:
-    err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-    assert err < tol, err
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    close(a, b, tol=1e-2)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "q8"])
@@ -148,18 +143,7 @@ def test_graph_replay_with_pdl_matches_eager(monkeypatch, fmt):
             h = rows8_gemv(h, codes, scales, residual=h)
         return h
 
-    chain()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = chain()
-    torch.cuda.current_stream().wait_stream(side)
-    for seed in range(3):
-        src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(src.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out.clone(), chain())
+    assert_replay_matches_eager(chain, src)
     if cuda_common.pdl_capable(src.device):
         assert len(pdl_launches) == len(weights) - 1
 

@@ -91,6 +91,33 @@ __device__ __forceinline__ void pdl_wait() {
 }
 """
 
+# the end of every GEMV kernel, inside warp 0's `if (live) {` for output row row0 + lane once t[] holds the row's
+# finished sums (t[1]: w3's when GATED), with `float o = 0.f` declared before it: silu(w1) * w3 when gated,
+# rounding, + residual (rounded again, as eager h + linear(x)), the store; GX: the output times the next norm's
+# weight too; SS: the sum of squares of warp 0's outputs, added to ss_out. It closes the `if` and the kernel.
+STORE_ROWS = r"""#if GATED
+        o = t[0] / (1.f + __expf(-t[0])) * t[1];
+#else
+        o = t[0];
+#endif
+        o = x_to_f(f_to_x(o));
+#if HAS_RES
+        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
+#endif
+        y[row0 + lane] = f_to_x(o);
+#if GX
+        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
+#endif
+    }
+#if SS
+    float o2 = o * o;
+#pragma unroll
+    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
+    if (lane == 0) atomicAdd(ss_out, o2);
+#endif
+}
+"""
+
 _FAILED: set = set()
 _WARNED: set = set()  # S2CONV_PDL_FENCE values already warned about
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2conv.runtime.kernels.cuda_common import CudaGemv, available, flags_source, pdl_capable
+from s2conv.runtime.kernels.cuda_common import STORE_ROWS, CudaGemv, available, flags_source, pdl_capable
 from s2conv.runtime.kernels.launch import launch, recording_active
 
 EPILOGUE = r"""  // after the row sums are in sums[warp][HALVES][16]: warp 0 finishes the tile's rows
@@ -70,28 +70,7 @@ EPILOGUE = r"""  // after the row sums are in sums[warp][HALVES][16]: warp 0 fin
             for (int w = 0; w < WARPS; ++w) s += sums[w * HALVES * 16 + h * 16 + lane];
             t[h] = s * out_scale;
         }
-#if GATED
-        o = t[0] / (1.f + __expf(-t[0])) * t[1];
-#else
-        o = t[0];
-#endif
-        o = x_to_f(f_to_x(o));
-#if HAS_RES
-        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
-#endif
-        y[row0 + lane] = f_to_x(o);
-#if GX
-        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
-#endif
-    }
-#if SS
-    float o2 = o * o;
-#pragma unroll
-    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
-    if (lane == 0) atomicAdd(ss_out, o2);
-#endif
-}
-"""
+""" + STORE_ROWS
 
 SOURCE = r"""  // after cuda_common.PRELUDE
 // the 4 codes' products of one 4-bit word (fields 0..7 at byte i % 4, nibble i / 4) with x pairs xv, from c

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2conv.runtime.kernels.cuda_common import CudaGemv, available, capability, flags_source, pdl_capable
+from s2conv.runtime.kernels.cuda_common import STORE_ROWS, CudaGemv, available, capability, flags_source, pdl_capable
 from s2conv.runtime.kernels.launch import launch, recording_active
 
 SOURCE = r"""  // after cuda_common.PRELUDE
@@ -172,28 +172,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) s2_rows8_gemv(
             for (int wi = 0; wi < WARPS; ++wi) s += sums[wi][h * ROWS + lane];
             t[h] = s * row_scale[h];
         }
-#if GATED
-        o = t[0] / (1.f + __expf(-t[0])) * t[1];
-#else
-        o = t[0];
-#endif
-        o = x_to_f(f_to_x(o));
-#if HAS_RES
-        o = x_to_f(f_to_x(o + x_to_f(ld_fresh(res + row0 + lane))));
-#endif
-        y[row0 + lane] = f_to_x(o);
-#if GX
-        gx_buf[row0 + lane] = f_to_x(o * x_to_f(gx_g[row0 + lane]));
-#endif
-    }
-#if SS
-    float o2 = o * o;
-#pragma unroll
-    for (int d = 16; d; d >>= 1) o2 += __shfl_xor_sync(0xffffffffu, o2, d);
-    if (lane == 0) atomicAdd(ss_out, o2);
-#endif
-}
-"""
+""" + STORE_ROWS
 
 
 @dataclass(frozen=True)
